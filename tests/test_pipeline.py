@@ -16,6 +16,13 @@ from dedup_batch.cli import main
 from dedup_batch.demo import DEMO_EPS, make_demo
 
 
+def assert_one_error_line(stderr: str) -> str:
+    """The CLI's failure output: exactly one ``error:`` line and no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
 def files_under(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
 
@@ -222,8 +229,7 @@ def test_max_delete_refuses_with_exit_3_and_deletes_nothing(
     )
     assert code == 3
     assert files_under(base / "photos") == before
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:")
+    assert_one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(
@@ -238,8 +244,7 @@ def test_max_delete_refuses_with_exit_3_and_deletes_nothing(
 )
 def test_usage_errors_exit_2_with_one_line(args: list[str], match: str, capsys) -> None:
     assert main([*args, "--n-workers", "1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0], err
+    assert match in assert_one_error_line(capsys.readouterr().err)
 
 
 def test_bad_input_exits_2_before_anything_is_deleted(demo: dict, tmp_path: Path, capsys) -> None:
@@ -265,8 +270,7 @@ def test_bad_input_exits_2_before_anything_is_deleted(demo: dict, tmp_path: Path
         ]
     )
     assert code == 2
-    err = capsys.readouterr().err
-    assert "part-9999.parquet" in err and len(err.strip().splitlines()) == 1
+    assert "part-9999.parquet" in assert_one_error_line(capsys.readouterr().err)
     assert files_under(base / "photos") == before
 
 
