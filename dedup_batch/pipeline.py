@@ -6,6 +6,7 @@ Every stage takes the client as an argument; :func:`dask_client` makes one from 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -159,7 +160,9 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
         buf = io.BytesIO()
         table.to_parquet(buf, index=False)
         write_url(join_url(spec.out, "plan.parquet"), buf.getvalue(), so)
-        write_url(join_url(spec.out, "job.yaml"), spec.to_yaml().encode(), so)
+        # A local root is recorded absolute, so 'apply DIR' works from any directory.
+        recorded = dataclasses.replace(spec, root=store.root_path) if store.is_local else spec
+        write_url(join_url(spec.out, "job.yaml"), recorded.to_yaml().encode(), so)
     summary["timings"] = timer.timings
     _write_summary(spec.out, summary, so)
     return PlanResult(spec.out, table, summary)
