@@ -20,14 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import helm_python
+import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions
 
-helm_python = pytest.importorskip("helm_python")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-from kubernetes_validate.utils import all_versions  # noqa: E402
-
-from dedup_batch.config import KEEP_POLICIES, LOG_FORMATS, METRICS, MODES, JobSpec  # noqa: E402
+from dedup_batch.config import KEEP_POLICIES, LOG_FORMATS, METRICS, MODES, JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "dedup-batch"
