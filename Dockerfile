@@ -62,5 +62,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /scratch
 USER 10001:10001
 
+# Stopping the container (pod deletion, activeDeadlineSeconds) sends SIGINT through tini: the
+# CLI treats it as an interruption, closes its Dask cluster and exits 130 ("re-run to resume");
+# `dask scheduler` and `dask worker` shut down cleanly on it too.
+STOPSIGNAL SIGINT
+
 ENTRYPOINT ["/usr/bin/tini", "--", "dedup-batch"]
 CMD ["--help"]

@@ -172,6 +172,8 @@ def test_final_stage_is_minimal_and_unprivileged() -> None:
     assert re.search(r"\btini=\S+", apt[0])
     users = [a for w, a in final if w == "USER"]
     assert users == ["10001:10001"]
+    # a stop becomes KeyboardInterrupt in the CLI: it closes its Dask cluster, exits 130
+    assert ("STOPSIGNAL", "SIGINT") in final
 
 
 def test_entrypoint_tini_and_cli() -> None:

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -702,10 +703,15 @@ def test_example_job_spec_round_trips_through_the_configmap(rendered) -> None:
         JobSpec.from_mapping(_job_spec_from_configmap(docs), source=name)
 
 
-def _write_png(path: Path, color: tuple[int, int, int], size: int) -> None:
+def _write_png(path: Path, size: int, *, noise: bool) -> None:
+    import numpy as np
     from PIL import Image
 
-    Image.new("RGB", (size, size), color).save(path)
+    rng = np.random.default_rng(size)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if noise else None
+    if pixels is None:
+        pixels = np.full((size, size, 3), 200, dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
 
 
 @pytest.mark.slow
@@ -720,9 +726,10 @@ def test_configmap_spec_plans_with_the_cli(rendered, tmp_path) -> None:
     images = tmp_path / "images"
     images.mkdir()
     # a and b are near-duplicates (cosine distance ~1e-4); a is larger, so largest-size keeps it
-    _write_png(images / "a.png", (200, 10, 10), 64)
-    _write_png(images / "b.png", (200, 10, 10), 16)
-    _write_png(images / "c.png", (10, 10, 200), 16)
+    _write_png(images / "a.png", 64, noise=True)
+    _write_png(images / "b.png", 16, noise=False)
+    _write_png(images / "c.png", 16, noise=True)
+    assert (images / "a.png").stat().st_size > (images / "b.png").stat().st_size
     emb = np.array([[1.0, 0.0, 0.0], [1.0, 0.01, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
     features = tmp_path / "features.npz"
     np.savez(features, paths=np.array(["a.png", "b.png", "c.png"]), embeddings=emb)
@@ -762,3 +769,45 @@ def test_configmap_spec_plans_with_the_cli(rendered, tmp_path) -> None:
     assert dropped == ["b.png"]
     # a plan is a dry run: every image is still there
     assert sorted(p.name for p in images.iterdir()) == ["a.png", "b.png", "c.png"]
+
+
+def _doc_helm_installs() -> list[list[str]]:
+    """The `helm install` commands of docs/kubernetes.md, as argument lists."""
+    text = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            if line.strip().startswith("helm install"):
+                commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def test_documented_installs_are_valid(chart) -> None:
+    """Every `helm install` in docs/kubernetes.md passes the schema and renders valid objects
+    (with -f spec-values.yaml standing for the example job spec)."""
+    commands = _doc_helm_installs()
+    assert len(commands) >= 4  # local, external, chart, apply
+    modes = set()
+    for argv in commands:
+        values: dict[str, Any] = {}
+        if "-f" in argv:
+            assert argv[argv.index("-f") + 1] == "spec-values.yaml"
+            values["jobSpec"] = _example_spec()
+        for i, arg in enumerate(argv):
+            if arg == "--set":
+                _deep_merge(values, helm_python.parse_set_string(argv[i + 1]))
+        chart.validate_schema(values)
+        docs, _ = _render(chart, values)
+        for doc in docs:
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+        modes.add(values.get("dask", {}).get("mode", "local"))
+    assert modes == {"local", "external", "chart"}
