@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for the dedup-batch job, the Dask scheduler and the Dask workers.
 #
 #   docker build -t dedup-batch:0.1.0 .
