@@ -54,7 +54,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -240,9 +240,13 @@ class StageTimer:
 
 
 def track(
-    futures: Iterable[Any], stage_or_name: Stage | str, *, unit: str = "tasks"
+    futures: Iterable[Any],
+    stage_or_name: Stage | str,
+    *,
+    unit: str = "tasks",
+    weights: Sequence[int] | None = None,
 ) -> Iterator[Any]:
-    """Yield ``futures`` as they finish, advancing a stage by one for each.
+    """Yield ``futures`` as they finish, advancing a stage for each.
 
     Parameters
     ----------
@@ -251,29 +255,37 @@ def track(
         (the scheduler tells us as each finishes: works with any cluster, unlike
         ``dask.diagnostics.ProgressBar``, which only sees the local schedulers).
     stage_or_name : Stage or str
-        A running stage to advance, or the name of a new stage opened for these futures with
-        ``total=len(futures)``.
+        A running stage to advance, or the name of a new stage opened for these futures.
     unit : str
         Display unit when a new stage is opened.
+    weights : sequence of int, optional
+        How many items each future stands for (e.g. images per batch), in the order of
+        ``futures``; the stage advances by that much and its total is their sum. Default 1 each.
 
     Yields
     ------
     future
-        Each future once it is done (call ``.result()`` to get its value or its error).
+        Each future once it is done, failed ones included (``.result()`` raises their error).
     """
     futs = list(futures)
+    if weights is None:
+        weights = [1] * len(futs)
+    if len(weights) != len(futs):
+        raise ValueError(f"track: {len(weights)} weights for {len(futs)} futures")
     if isinstance(stage_or_name, str):
-        with stage(stage_or_name, total=len(futs), unit=unit) as st:
-            yield from _as_completed(futs, st)
+        with stage(stage_or_name, total=int(sum(weights)), unit=unit) as st:
+            yield from _as_completed(futs, weights, st)
     else:
         if stage_or_name.total is None:
-            stage_or_name.set_total(len(futs))
-        yield from _as_completed(futs, stage_or_name)
+            stage_or_name.set_total(int(sum(weights)))
+        yield from _as_completed(futs, weights, stage_or_name)
 
 
-def _as_completed(futs: list[Any], st: Stage) -> Iterator[Any]:
+def _as_completed(futs: list[Any], weights: Sequence[int], st: Stage) -> Iterator[Any]:
     if not futs:
         return
+    # Position by identity: distributed futures of equal keys compare equal.
+    weight_of = {id(f): int(w) for f, w in zip(futs, weights, strict=True)}
     if all(isinstance(f, concurrent.futures.Future) for f in futs):
         done_iter: Iterable[Any] = concurrent.futures.as_completed(futs)
     else:
@@ -283,7 +295,7 @@ def _as_completed(futs: list[Any], st: Stage) -> Iterator[Any]:
         # where the caller can handle it; the bar still counts it as finished.
         done_iter = as_completed(futs, raise_errors=False)
     for fut in done_iter:
-        st.advance(1)
+        st.advance(weight_of.get(id(fut), 1))
         yield fut
 
 

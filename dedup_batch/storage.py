@@ -181,3 +181,93 @@ def _one_line(exc: BaseException) -> str:
 def open_store(root: str, storage_options: Mapping[str, Any] | None = None) -> Store:
     """Open ``root`` with ``storage_options`` (see :class:`Store`)."""
     return Store(root, storage_options)
+
+
+# -- byte-level reads and writes (reports, sweeps, plan directories) ---------------------------
+def read_bytes(store: Store, fs_path: str, max_bytes: int | None = None) -> bytes:
+    """Read the object at ``fs_path`` (from :meth:`Store.resolve`) whole.
+
+    Parameters
+    ----------
+    store : Store
+        The store the path belongs to.
+    fs_path : str
+        Exact filesystem path; never glob-expanded.
+    max_bytes : int, optional
+        Refuse objects larger than this many bytes (reads at most ``max_bytes + 1`` bytes, one
+        ranged GET on S3, so a huge object costs no more than the cap).
+
+    Raises
+    ------
+    FileNotFoundError
+        The object does not exist.
+    InputError
+        The object is larger than ``max_bytes``.
+    StorageError
+        Access denied or the backend failed.
+    """
+    try:
+        if max_bytes is None:
+            return store.fs.cat_file(fs_path)
+        with store.fs.open(fs_path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise
+    except PermissionError as exc:
+        raise StorageError(f"cannot read {store.url(fs_path)!r}: access denied "
+                           f"({_one_line(exc)})") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(fs_path) from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {store.url(fs_path)!r}: {_one_line(exc)}") from None
+    if len(data) > max_bytes:
+        from .errors import InputError  # imported here: this block is additive to the module
+
+        raise InputError(f"{store.url(fs_path)!r} is larger than {max_bytes} bytes")
+    return data
+
+
+def join_url(base: str, name: str) -> str:
+    """``base`` (a folder path or URL) joined with the relative ``name`` by one ``/``."""
+    return base.rstrip("/") + "/" + name.lstrip("/")
+
+
+def read_url(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """Read a whole object given by URL or local path (``FileNotFoundError`` if absent)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open {url!r}: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {url!r}: {_one_line(exc)}") from None
+
+
+def write_url(url: str, data: bytes | str,
+              storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write ``data`` (str is UTF-8 encoded) to ``url``, creating local folders; return ``url``."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        parent = posixpath.dirname(path)
+        if parent and _protocols(fs)[0] in ("file", "local"):
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, payload)
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open {url!r}: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot write {url!r}: {_one_line(exc)}") from None
+    return url
+
+
+def url_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether an object exists at ``url`` (exact name, no glob expansion)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        return bool(fs.exists(path))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open {url!r}: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise StorageError(f"cannot reach {url!r}: {_one_line(exc)}") from None

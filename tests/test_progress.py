@@ -241,3 +241,12 @@ def test_bad_settings_rejected():
         configure_logging("xml")
     with pytest.raises(ValueError, match="heartbeat"):
         configure_logging("text", heartbeat_s=0)
+
+
+def test_track_weights_advance_by_items(dask_client):
+    futs = dask_client.map(len, [[1] * k for k in (3, 5, 7)], pure=False)
+    with stage("thumbs", unit="images") as st:
+        assert sorted(f.result() for f in track(futs, st, weights=[3, 5, 7])) == [3, 5, 7]
+        assert st.total == 15 and st.done == 15
+    with pytest.raises(ValueError, match="2 weights for 3 futures"):
+        list(track(futs, "x", weights=[1, 2]))
