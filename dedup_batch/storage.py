@@ -214,8 +214,9 @@ def read_bytes(store: Store, fs_path: str, max_bytes: int | None = None) -> byte
     except FileNotFoundError:
         raise
     except PermissionError as exc:
-        raise StorageError(f"cannot read {store.url(fs_path)!r}: access denied "
-                           f"({_one_line(exc)})") from None
+        raise StorageError(
+            f"cannot read {store.url(fs_path)!r}: access denied ({_one_line(exc)})"
+        ) from None
     except IsADirectoryError:
         raise FileNotFoundError(fs_path) from None
     except OSError as exc:
@@ -245,8 +246,7 @@ def read_url(url: str, storage_options: Mapping[str, Any] | None = None) -> byte
         raise StorageError(f"cannot read {url!r}: {_one_line(exc)}") from None
 
 
-def write_url(url: str, data: bytes | str,
-              storage_options: Mapping[str, Any] | None = None) -> str:
+def write_url(url: str, data: bytes | str, storage_options: Mapping[str, Any] | None = None) -> str:
     """Write ``data`` (str is UTF-8 encoded) to ``url``, creating local folders; return ``url``."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
