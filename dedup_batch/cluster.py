@@ -18,9 +18,18 @@ __all__ = ["DBSCAN", "dbscan"]
 class DBSCAN(ClusterMixin, BaseEstimator):
     """Drop-in for :class:`sklearn.cluster.DBSCAN` (same parameters, same results)."""
 
-    def __init__(self, eps: float = 0.5, *, min_samples: int = 5, metric: Any = "euclidean",
-                 metric_params: dict | None = None, algorithm: str = "auto", leaf_size: int = 30,
-                 p: float | None = None, n_jobs: int | None = None) -> None:
+    def __init__(
+        self,
+        eps: float = 0.5,
+        *,
+        min_samples: int = 5,
+        metric: Any = "euclidean",
+        metric_params: dict | None = None,
+        algorithm: str = "auto",
+        leaf_size: int = 30,
+        p: float | None = None,
+        n_jobs: int | None = None,
+    ) -> None:
         self.eps = eps
         self.min_samples = min_samples
         self.metric = metric
@@ -38,8 +47,9 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         return self
 
 
-def dbscan(X: Any, eps: float = 0.5, *, min_samples: int = 5, metric: Any = "minkowski",
-           **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+def dbscan(
+    X: Any, eps: float = 0.5, *, min_samples: int = 5, metric: Any = "minkowski", **kwargs: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """Functional form: ``(core_sample_indices, labels)``."""
     est = DBSCAN(eps, min_samples=min_samples, metric=metric, **kwargs).fit(X)
     return est.core_sample_indices_, est.labels_

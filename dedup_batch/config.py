@@ -23,7 +23,13 @@ from .storage import redact
 __all__ = ["KEEP_POLICIES", "METRICS", "MODES", "JobSpec", "load_spec"]
 
 KEEP_POLICIES = (
-    "first-path", "last-path", "largest-size", "smallest-size", "newest", "oldest", "centroid",
+    "first-path",
+    "last-path",
+    "largest-size",
+    "smallest-size",
+    "newest",
+    "oldest",
+    "centroid",
 )
 METRICS = ("euclidean", "cosine")
 MODES = ("plan", "apply")
@@ -97,6 +103,7 @@ class JobSpec:
     # -- validation ------------------------------------------------------------------------
     def validate(self, *, source: str = "job spec") -> None:
         """Check types and ranges; normalise scalars given where lists are expected."""
+
         def bad(key: str, what: str) -> ConfigError:
             return ConfigError(f"{source}: '{key}' {what}")
 
@@ -162,7 +169,9 @@ class JobSpec:
             value = getattr(self, key)
             if value is None or value == []:
                 flag = "--" + key.replace("_", "-")
-                raise ConfigError(f"{source}: '{key}' is required: pass {flag} or set it in --config")
+                raise ConfigError(
+                    f"{source}: '{key}' is required: pass {flag} or set it in --config"
+                )
 
     # -- derived ---------------------------------------------------------------------------
     def keeper_distance(self) -> float | None:

@@ -452,14 +452,14 @@ def build_report(
                 first_body = body
                 continue
             title = f"dedup-batch report, page {k + 1} of {n_pages}"
-            storage.write_url(
+            _write(
                 storage.join_url(plan_dir, pages[k]), html_page(title, nav + body + nav), options
             )
     overview = _overview_html(
         plan, clusters, shown, summary, settings, counts, n_pages, max_members, store
     )
     nav = _nav_html(pages, 0)
-    url = storage.write_url(
+    url = _write(
         storage.join_url(plan_dir, "report.html"),
         html_page("dedup-batch report", overview + nav + first_body + nav),
         options,
@@ -501,7 +501,12 @@ def _update_summary(plan_dir: str, options: Mapping[str, Any], entries: Mapping[
     except ValueError as exc:
         raise InputError(f"{url}: cannot parse ({_one_line(exc)}); fix or delete it") from None
     summary.update(entries)
-    storage.write_url(url, json.dumps(summary, indent=2, default=str) + "\n", options)
+    _write(url, json.dumps(summary, indent=2, default=str) + "\n", options)
+
+
+def _write(url: str, text: str, options: Mapping[str, Any]) -> str:
+    storage.write_url(url, text.encode("utf-8"), options)
+    return url
 
 
 def _non_secret(options: Mapping[str, Any]) -> dict[str, Any]:

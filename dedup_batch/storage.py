@@ -12,6 +12,7 @@ Paths are always handled as exact names: nothing here expands glob patterns, so 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from collections.abc import Mapping
 from typing import Any
@@ -21,14 +22,25 @@ import pandas as pd
 
 from .errors import ScopeError, StorageError
 
-__all__ = ["Store", "open_store", "redact"]
+__all__ = ["Store", "join_url", "open_store", "read_url", "redact", "url_exists", "write_url"]
 
 log = logging.getLogger(__name__)
 
 #: storage_options keys whose values are secrets: never logged, written or shown in errors.
 SECRET_KEYS = frozenset(
-    {"key", "secret", "token", "password", "session_token", "aws_secret_access_key",
-     "aws_access_key_id", "aws_session_token", "client_kwargs", "sas_token", "account_key"}
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_secret_access_key",
+        "aws_access_key_id",
+        "aws_session_token",
+        "client_kwargs",
+        "sas_token",
+        "account_key",
+    }
 )
 
 
@@ -100,9 +112,7 @@ class Store:
             raise ScopeError(f"empty or non-text path {path!r}")
         if "://" in path:
             proto = path.split("://", 1)[0]
-            if proto not in self.protocols and not (
-                self.is_local and proto == "file"
-            ):
+            if proto not in self.protocols and not (self.is_local and proto == "file"):
                 raise ScopeError(f"path {path!r} is on {proto}://, outside root {self.root!r}")
             full = self.fs._strip_protocol(path)
         elif self.is_local and posixpath.isabs(path):
@@ -124,7 +134,7 @@ class Store:
         prefix = self.root_path if self.root_path.endswith("/") else self.root_path + "/"
         if not full.startswith(prefix):
             raise ScopeError(f"{full!r} is not under root {self.root!r}")
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def url(self, full: str) -> str:
         """A URL for the filesystem path ``full`` (``s3://bucket/key``, ``/abs/path``)."""
@@ -155,8 +165,11 @@ class Store:
                 f"cannot list root {self.root!r}: {_one_line(exc)}; "
                 "check endpoint_url and credentials"
             ) from None
-        rows = [(name, *_stat(info)) for name, info in found.items()
-                if info.get("type", "file") == "file"]
+        rows = [
+            (name, *_stat(info))
+            for name, info in found.items()
+            if info.get("type", "file") == "file"
+        ]
         df = pd.DataFrame(rows, columns=["fs_path", "size", "mtime", "etag"])
         df["size"] = df["size"].astype("int64")
         df["mtime"] = df["mtime"].astype("float64")
@@ -183,7 +196,47 @@ def open_store(root: str, storage_options: Mapping[str, Any] | None = None) -> S
     return Store(root, storage_options)
 
 
-# -- byte-level reads and writes (reports, sweeps, plan directories) ---------------------------
+# -- whole-file I/O by URL (plan directories, job specs, reports) ---------------------------
+def _url_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    # Options such as endpoint_url belong to remote backends: never hand them to local files.
+    return {} if "://" not in url or url.startswith("file://") else dict(storage_options or {})
+
+
+def join_url(base: str, *names: str) -> str:
+    """``base`` joined with ``names`` by ``/`` (works for local paths and URLs)."""
+    return "/".join([base.rstrip("/"), *names])
+
+
+def read_url(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole content of ``url``; a missing file raises :class:`FileNotFoundError`."""
+    fs, path = fsspec.core.url_to_fs(url, **_url_options(url, storage_options))
+    return fs.cat_file(path)
+
+
+def write_url(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` to ``url`` whole, creating parent folders where the backend has them.
+
+    Local files are written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    fs, path = fsspec.core.url_to_fs(url, **_url_options(url, storage_options))
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if "file" in _protocols(fs) or "local" in _protocols(fs):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def url_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``url`` names an existing file or folder."""
+    fs, path = fsspec.core.url_to_fs(url, **_url_options(url, storage_options))
+    return bool(fs.exists(path))
+
+
+# -- reads of single images (report thumbnails, sweep pairs) ---------------------------------
 def read_bytes(store: Store, fs_path: str, max_bytes: int | None = None) -> bytes:
     """Read the object at ``fs_path`` (from :meth:`Store.resolve`) whole.
 
@@ -226,48 +279,3 @@ def read_bytes(store: Store, fs_path: str, max_bytes: int | None = None) -> byte
 
         raise InputError(f"{store.url(fs_path)!r} is larger than {max_bytes} bytes")
     return data
-
-
-def join_url(base: str, name: str) -> str:
-    """``base`` (a folder path or URL) joined with the relative ``name`` by one ``/``."""
-    return base.rstrip("/") + "/" + name.lstrip("/")
-
-
-def read_url(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """Read a whole object given by URL or local path (``FileNotFoundError`` if absent)."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-        return fs.cat_file(path)
-    except FileNotFoundError:
-        raise
-    except (ImportError, ValueError) as exc:
-        raise StorageError(f"cannot open {url!r}: {_one_line(exc)}") from None
-    except OSError as exc:
-        raise StorageError(f"cannot read {url!r}: {_one_line(exc)}") from None
-
-
-def write_url(url: str, data: bytes | str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """Write ``data`` (str is UTF-8 encoded) to ``url``, creating local folders; return ``url``."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-        parent = posixpath.dirname(path)
-        if parent and _protocols(fs)[0] in ("file", "local"):
-            fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, payload)
-    except (ImportError, ValueError) as exc:
-        raise StorageError(f"cannot open {url!r}: {_one_line(exc)}") from None
-    except OSError as exc:
-        raise StorageError(f"cannot write {url!r}: {_one_line(exc)}") from None
-    return url
-
-
-def url_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether an object exists at ``url`` (exact name, no glob expansion)."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-        return bool(fs.exists(path))
-    except (ImportError, ValueError) as exc:
-        raise StorageError(f"cannot open {url!r}: {_one_line(exc)}") from None
-    except OSError as exc:
-        raise StorageError(f"cannot reach {url!r}: {_one_line(exc)}") from None

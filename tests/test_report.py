@@ -106,14 +106,16 @@ def write_plan_dir(
         },
         "timings": {"load": 1.25, "cluster": 3.5, "select": 0.2},
     }
-    storage.write_url(storage.join_url(plan_dir, "summary.json"), json.dumps(summary), options)
+    storage.write_url(
+        storage.join_url(plan_dir, "summary.json"), json.dumps(summary).encode(), options
+    )
     job = {
         "root": root,
         "eps": eps,
         "metric": "euclidean",
         "storage_options": {"secret": "***", "anon": False},
     }
-    storage.write_url(storage.join_url(plan_dir, "job.yaml"), yaml.safe_dump(job), options)
+    storage.write_url(storage.join_url(plan_dir, "job.yaml"), yaml.safe_dump(job).encode(), options)
 
 
 def write_images_local(root: Path, rows=PLAN_ROWS) -> None:

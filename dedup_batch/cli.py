@@ -1,0 +1,383 @@
+"""The ``dedup-batch`` command: a thin argparse layer over :mod:`dedup_batch.pipeline`.
+
+Every job option is a flag here and a key in the job spec (``--config``); flags override the
+file. Errors the user can fix print one line and exit 2 (usage/input), 3 (safety limit refused)
+or 4 (finished, but some objects were not deleted); anything else exits 1, with a traceback only
+under ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import KEEP_POLICIES, METRICS, JobSpec, load_spec
+from .errors import ConfigError, DedupError
+
+__all__ = ["main"]
+
+log = logging.getLogger("dedup_batch.cli")
+
+EXIT_INCOMPLETE = 4
+EXIT_INTERRUPTED = 130
+
+
+# -- argument groups -------------------------------------------------------------------------
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="job spec file (keys as these flags, with _); flags override it",
+    )
+    p.add_argument(
+        "--storage-option",
+        "-o",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 "
+        "(repeatable; dotted keys nest: client_kwargs.region_name=eu-west-1)",
+    )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS, else a "
+        "LocalCluster on this machine)",
+    )
+    p.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
+    p.add_argument("--threads-per-worker", type=int, help="LocalCluster threads per worker")
+
+
+def _add_plan(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plan")
+    g.add_argument(
+        "--features",
+        action="append",
+        metavar="URL",
+        help="feature shards: path, URL or glob (repeatable), e.g. "
+        "'./features/*.parquet' or 's3://bkt/features/part-*.parquet'",
+    )
+    g.add_argument(
+        "--root",
+        metavar="URL",
+        help="the image collection the feature paths are relative to; nothing "
+        "outside it is ever deleted",
+    )
+    g.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        default=None,
+        help="read pandas pickle shards (.pkl): unpickling runs code from the file, "
+        "so only for files you trust",
+    )
+    g.add_argument(
+        "--eps",
+        type=float,
+        help="DBSCAN eps: the largest distance at which two "
+        "images count as near-duplicates (required)",
+    )
+    g.add_argument("--min-samples", type=int, help="DBSCAN min_samples (default 1)")
+    g.add_argument("--metric", choices=METRICS, help="distance metric (default euclidean)")
+    g.add_argument(
+        "--keep",
+        choices=KEEP_POLICIES,
+        help="which image of a cluster to keep (default first-path: the smallest "
+        "path; last-path is the notebook's choice)",
+    )
+    g.add_argument(
+        "--protect",
+        action="append",
+        metavar="PREFIX",
+        help="never delete objects under PREFIX (relative to root); they are "
+        "preferred as keepers (repeatable)",
+    )
+    g.add_argument(
+        "--max-keeper-distance",
+        metavar="D",
+        help="chain guard: add keepers until every deleted image is within D of its "
+        "keeper (default: eps; 'none' = one keeper per cluster, as the notebook)",
+    )
+    g.add_argument("--out", metavar="DIR", help="plan directory (default ./dedup-plan)")
+    g.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        default=None,
+        help="do not write report.html",
+    )
+
+
+def _add_apply(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("apply")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=None,
+        help="touch nothing; report what would be deleted",
+    )
+    g.add_argument(
+        "--max-delete",
+        type=int,
+        metavar="N",
+        help="refuse the whole apply (exit 3) if the plan deletes more than N objects",
+    )
+    g.add_argument(
+        "--max-delete-fraction",
+        type=float,
+        metavar="F",
+        help="refuse the whole apply (exit 3) if it deletes more than this fraction "
+        "of the plan's paths",
+    )
+    g.add_argument(
+        "--trash",
+        metavar="URL",
+        help="move duplicates under URL (keeping their relative paths) instead of deleting them",
+    )
+    g.add_argument("--batch-size", type=int, help="objects per delete request (<= 1000)")
+    g.add_argument("--concurrency", type=int, help="delete batches in flight at most")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dedup-batch",
+        description="Remove near-duplicate images: DBSCAN over their embeddings, one keeper per "
+        "cluster, parallel deletes on Dask. Nothing is deleted without 'apply' or "
+        "'run --apply'.",
+    )
+    p.add_argument("--version", action="version", version=f"dedup-batch {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="log lines as text (default) or one JSON object per line",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser(
+        "plan",
+        help="cluster the features and write a plan (deletes nothing)",
+        description="Load, cluster, choose keepers and write plan.parquet, "
+        "summary.json and job.yaml to --out. Deletes nothing.",
+    )
+    _add_common(sp)
+    _add_plan(sp)
+    sp.set_defaults(func=_cmd_plan)
+
+    sp = sub.add_parser(
+        "apply",
+        help="delete the duplicates listed in a plan",
+        description="Delete the keep=False objects of the plan in DIR, in "
+        "batches on Dask workers. Journaled: re-run to resume.",
+    )
+    sp.add_argument("plan_dir", metavar="DIR", help="plan directory written by 'plan'")
+    _add_common(sp)
+    _add_apply(sp)
+    sp.set_defaults(func=_cmd_apply)
+
+    sp = sub.add_parser(
+        "run",
+        help="plan, then apply with --apply (or mode: apply)",
+        description="Plan; then apply only when --apply is given or the job "
+        "spec says 'mode: apply'. Re-running resumes.",
+    )
+    _add_common(sp)
+    _add_plan(sp)
+    _add_apply(sp)
+    sp.add_argument(
+        "--apply",
+        action="store_true",
+        help="delete the duplicates after planning (default: plan only)",
+    )
+    sp.set_defaults(func=_cmd_run)
+
+    sp = sub.add_parser(
+        "demo",
+        help="build a small example collection and plan it",
+        description="Write a folder of images with near-duplicates and their "
+        "features, then plan it (and apply with --apply).",
+    )
+    sp.add_argument(
+        "--dir",
+        default="./demo-data",
+        help="where to build it (default ./demo-data; rebuilt each time)",
+    )
+    sp.add_argument("--images", type=int, default=120, help="distinct images (default 120)")
+    sp.add_argument("--apply", action="store_true", help="also delete the duplicates")
+    sp.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
+    sp.set_defaults(func=_cmd_demo)
+    return p
+
+
+# -- spec assembly -------------------------------------------------------------------------
+_SPEC_FLAGS = (
+    "features",
+    "root",
+    "allow_pickle",
+    "eps",
+    "min_samples",
+    "metric",
+    "keep",
+    "protect",
+    "max_keeper_distance",
+    "out",
+    "report",
+    "dry_run",
+    "max_delete",
+    "max_delete_fraction",
+    "trash",
+    "batch_size",
+    "concurrency",
+    "scheduler",
+    "n_workers",
+    "threads_per_worker",
+    "log_format",
+)
+
+
+def _spec(args: argparse.Namespace) -> JobSpec:
+    base: dict[str, Any] = {}
+    source = "flags"
+    if getattr(args, "config", None):
+        base = load_spec(args.config)
+        source = args.config
+    spec = JobSpec.from_mapping(base, source=source)
+    overrides = {k: getattr(args, k) for k in _SPEC_FLAGS if getattr(args, k, None) is not None}
+    options = dict(spec.storage_options)
+    options.update(_storage_options(getattr(args, "storage_option", None) or []))
+    overrides["storage_options"] = options
+    spec = spec.merged(overrides, source="flags") if overrides else spec
+    if spec.log_format != (args.log_format or "text"):  # the job spec may ask for JSON logs
+        from .progress import configure_logging
+
+        configure_logging(spec.log_format, logging.getLogger("dedup_batch").level)
+    return spec
+
+
+def _storage_options(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--storage-option {item.split('=')[0]!r}: expected KEY=VALUE")
+        value = yaml.safe_load(raw) if raw else ""
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+# -- commands ------------------------------------------------------------------------------
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .pipeline import dask_client, plan
+
+    spec = _spec(args)
+    with dask_client(spec) as client:
+        result = plan(spec, client)
+    _print_plan(result.summary, result.out)
+    print(f"dry run: nothing deleted. To delete: dedup-batch apply {result.out}")
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .pipeline import apply, dask_client
+
+    spec = _spec(args)
+    with dask_client(spec) as client:
+        result = apply(args.plan_dir, spec, client)
+    return _print_apply(result)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import dask_client, run
+
+    spec = _spec(args)
+    with dask_client(spec) as client:
+        planned, applied = run(spec, client, apply_now=args.apply)
+    _print_plan(planned.summary, planned.out, reused=planned.reused)
+    if applied is None:
+        print(f"dry run: nothing deleted. To delete: dedup-batch apply {planned.out}")
+        return 0
+    return _print_apply(applied)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    code = 0
+    planned, applied = run_demo(
+        args.dir, n_images=args.images, apply_now=args.apply, n_workers=args.n_workers
+    )
+    _print_plan(planned.summary, planned.out)
+    if applied is None:
+        print(f"dry run: nothing deleted. To delete: dedup-batch apply {planned.out}")
+    else:
+        code = _print_apply(applied)
+    return code
+
+
+def _print_plan(summary: dict[str, Any], out: str, *, reused: bool = False) -> None:
+    c = summary["counts"]
+    mb = summary["reclaimable_bytes"] / 1e6
+    print(
+        f"plan{' (reused)' if reused else ''}: {c['paths']:,} images in {c['clusters']:,} "
+        f"clusters ({c['duplicate_clusters']:,} with duplicates); keep {c['keep']:,}, "
+        f"delete {c['delete']:,} ({mb:,.1f} MB) -> {out}"
+    )
+    if c.get("missing"):
+        print(f"note: {c['missing']:,} feature paths have no object under the root")
+
+
+def _print_apply(result: Any) -> int:
+    info = result.to_dict()
+    counts = {k: v for k, v in info.items() if isinstance(v, int) and not isinstance(v, bool)}
+    print("apply: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    if not result.ok:
+        print(
+            "apply finished, but some objects were not deleted: see completion-report.csv",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    from .progress import configure_logging
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    configure_logging(args.log_format or "text", level)
+    # distributed's own INFO chatter (worker start/stop) drowns the job's lines
+    logging.getLogger("distributed").setLevel(logging.DEBUG if args.debug else logging.ERROR)
+    try:
+        return int(args.func(args) or 0)
+    except DedupError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: say so in one line, traceback only with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc} (re-run with --debug for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return 1

@@ -1,0 +1,132 @@
+"""The built-in example: a folder of images with near-duplicates, and their features.
+
+Each distinct image is a smooth random colour field; some get near-duplicates (re-encoded at
+another JPEG quality, brightened, slightly cropped and resized, or saved as PNG), as a real
+photo library has. The features are a real (if simple) embedding of each *written* file: the
+16x16 grey thumbnail, centred and scaled to unit length (256 dimensions, as in the seed
+notebook), so near-duplicates land close together and distinct images far apart.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import JobSpec
+from .errors import ConfigError
+
+__all__ = ["DEMO_EPS", "embed_image", "make_demo", "run_demo"]
+
+#: Distinct demo images sit ~1.4 apart (random unit vectors); their edits within ~0.15.
+DEMO_EPS = 0.3
+_MARKER = ".dedup-batch-demo"
+_ALBUMS = ("holiday 2024", "family", "scans [old]")
+
+
+def embed_image(data: Any) -> np.ndarray:
+    """256-d embedding of an image (file path or PIL image): unit-length centred 16x16 grey."""
+    from PIL import Image
+
+    img = data if isinstance(data, Image.Image) else Image.open(data)
+    grey = np.asarray(img.convert("L").resize((16, 16), Image.Resampling.BILINEAR), np.float64)
+    v = grey.ravel() - grey.mean()
+    norm = np.linalg.norm(v)
+    return (v / norm if norm else v).astype(np.float32)
+
+
+def make_demo(
+    directory: str | Path, *, n_images: int = 120, seed: int = 0, shards: int = 4
+) -> dict[str, Any]:
+    """Build the example under ``directory``: ``photos/`` and ``features/part-*.parquet``.
+
+    ``directory`` is wiped and rebuilt, but only if it is empty or was made by this function
+    (it holds a marker file): the demo never deletes a folder it did not create.
+
+    Returns a dict with ``root``, ``features`` (glob), ``images``, ``duplicates`` (how many
+    near-duplicate files were written) and ``groups`` (relative path -> original's path).
+    """
+    from PIL import Image, ImageEnhance
+
+    base = Path(directory)
+    if base.exists() and any(base.iterdir()):
+        if not (base / _MARKER).exists():
+            raise ConfigError(
+                f"{base} exists and was not made by 'dedup-batch demo': choose an "
+                "empty or new --dir"
+            )
+        shutil.rmtree(base)
+    photos, feats = base / "photos", base / "features"
+    photos.mkdir(parents=True)
+    feats.mkdir()
+    (base / _MARKER).write_text("made by dedup-batch demo; safe to delete\n")
+
+    rng = np.random.default_rng(seed)
+    groups: dict[str, str] = {}
+    n_dupes = 0
+    for i in range(n_images):
+        album = _ALBUMS[i % len(_ALBUMS)]
+        (photos / album).mkdir(exist_ok=True)
+        small = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((96, 96), Image.Resampling.BICUBIC)
+        name = f"{album}/IMG_{i:04d}.jpg"
+        img.save(photos / name, quality=92)
+        groups[name] = name
+        # about a third of the images get 1-3 near-duplicates
+        for k in range(int(rng.integers(1, 4)) if rng.random() < 0.35 else 0):
+            kind = ("recompressed", "brighter", "cropped", "png")[int(rng.integers(0, 4))]
+            if kind == "recompressed":
+                dup, ext = img, ".jpg"
+            elif kind == "brighter":
+                dup, ext = ImageEnhance.Brightness(img).enhance(1.15), ".jpg"
+            elif kind == "cropped":
+                dup, ext = img.crop((3, 3, 93, 93)).resize((96, 96)), ".jpg"
+            else:
+                dup, ext = img, ".png"
+            dname = f"{album}/IMG_{i:04d} ({kind} {k + 1}){ext}"
+            dup.save(photos / dname, **({"quality": 60} if ext == ".jpg" else {}))
+            groups[dname] = name
+            n_dupes += 1
+
+    paths = sorted(groups)
+    X = np.stack([embed_image(photos / p) for p in paths])
+    frame = pd.DataFrame(
+        X, index=pd.Index(paths, name="path"), columns=[str(c) for c in range(X.shape[1])]
+    )
+    for s, part in enumerate(np.array_split(np.arange(len(paths)), shards)):
+        frame.iloc[part].to_parquet(feats / f"part-{s:04d}.parquet")
+    return {
+        "root": str(photos),
+        "features": str(feats / "part-*.parquet"),
+        "images": len(paths),
+        "duplicates": n_dupes,
+        "groups": groups,
+    }
+
+
+def run_demo(
+    directory: str | Path = "./demo-data",
+    *,
+    n_images: int = 120,
+    apply_now: bool = False,
+    n_workers: int | None = None,
+) -> tuple[Any, Any]:
+    """Build the example, plan it on a LocalCluster (and apply it when ``apply_now``)."""
+    from .pipeline import dask_client, run
+
+    info = make_demo(directory, n_images=n_images)
+    spec = JobSpec.from_mapping(
+        {
+            "features": [info["features"]],
+            "root": info["root"],
+            "eps": DEMO_EPS,
+            "out": str(Path(directory) / "plan"),
+            "n_workers": n_workers,
+        },
+        source="demo",
+    )
+    with dask_client(spec) as client:
+        return run(spec, client, apply_now=apply_now)

@@ -1,0 +1,319 @@
+"""Orchestration: plan (load → cluster → select → write) and apply, on a Dask client.
+
+Every stage takes the client as an argument; :func:`dask_client` makes one from the job spec
+(an existing scheduler, or a ``LocalCluster`` sized to the machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.util import find_spec
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import __version__
+from .apply import ApplyResult, apply_plan
+from .cluster import DBSCAN
+from .config import JobSpec
+from .errors import ConfigError, InputError, StorageError
+from .load import load_features
+from .progress import StageTimer
+from .select import select_keepers
+from .storage import Store, join_url, read_url, url_exists, write_url
+
+__all__ = ["PlanResult", "apply", "dask_client", "plan", "run"]
+
+log = logging.getLogger(__name__)
+
+#: Spec keys that only affect apply: a plan made with other values is still the same plan.
+_APPLY_KEYS = frozenset(
+    {
+        "mode",
+        "dry_run",
+        "max_delete",
+        "max_delete_fraction",
+        "trash",
+        "batch_size",
+        "concurrency",
+        "scheduler",
+        "n_workers",
+        "threads_per_worker",
+        "log_format",
+        "report",
+    }
+)
+
+
+@dataclass
+class PlanResult:
+    """What :func:`plan` produced: the plan table, its summary, and where they were written."""
+
+    out: str
+    plan: pd.DataFrame
+    summary: dict[str, Any]
+    reused: bool = False
+
+
+@contextmanager
+def dask_client(spec: JobSpec) -> Iterator[Any]:
+    """A ``distributed.Client`` for the job.
+
+    ``spec.scheduler`` (or ``$DASK_SCHEDULER_ADDRESS``) connects to that cluster; otherwise a
+    ``LocalCluster`` of worker processes starts on this machine and stops on exit. Worker
+    processes (not threads) keep a crashing or memory-hungry task from taking the job down.
+    """
+    from distributed import Client, LocalCluster
+
+    address = spec.scheduler_address()
+    if address:
+        try:
+            client = Client(address, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise StorageError(
+                f"cannot reach the Dask scheduler at {address}: {exc}; check --scheduler"
+            ) from None
+        log.info(
+            "dask: connected to %s (%d workers)",
+            address,
+            len(client.scheduler_info().get("workers", {})),
+        )
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cpus = os.cpu_count() or 1
+    n_workers = spec.n_workers or max(1, min(cpus, 8))
+    threads = spec.threads_per_worker or 2  # I/O-bound stages (reads, deletes) overlap waits
+    dashboard = "127.0.0.1:0" if find_spec("bokeh") else None
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=dashboard,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        log.info(
+            "dask: LocalCluster with %d workers x %d threads%s",
+            n_workers,
+            threads,
+            f", dashboard {client.dashboard_link}" if dashboard else "",
+        )
+        yield client
+
+
+def plan(spec: JobSpec, client: Any = None) -> PlanResult:
+    """Load, cluster and select, then write the plan to ``spec.out``. Deletes nothing.
+
+    Refuses an ``out`` that already holds an apply journal: that plan is being carried out,
+    and a new plan written over it could not be resumed safely.
+    """
+    spec.require("features", "root", "eps")
+    timer = StageTimer()
+    store = Store(spec.root, spec.storage_options)  # type: ignore[arg-type]
+    so = spec.storage_options
+    if url_exists(join_url(spec.out, "journal"), so):
+        raise ConfigError(
+            f"{spec.out} holds an apply journal from an earlier plan: finish it with "
+            f"'dedup-batch apply {spec.out}', or choose another --out"
+        )
+    started = time.time()
+    with timer.stage("load"):
+        feats = load_features(
+            spec.features,
+            store=store,
+            storage_options=so,
+            allow_pickle=spec.allow_pickle,
+            client=client,
+        )
+    with timer.stage("list"):
+        objects, protected = _objects(store, feats.paths, spec.protect)
+    with timer.stage("cluster"):
+        labels = _cluster(feats.X, spec, client)
+    with timer.stage("select"):
+        table = select_keepers(
+            feats.paths,
+            feats.X,
+            labels,
+            objects,
+            policy=spec.keep,
+            protected=protected,
+            max_keeper_distance=spec.keeper_distance(),
+            metric=spec.metric,
+        )
+    summary = _summary(spec, table, feats.shards, feats.X.shape, timer.timings, started)
+    with timer.stage("write"):
+        buf = io.BytesIO()
+        table.to_parquet(buf, index=False)
+        write_url(join_url(spec.out, "plan.parquet"), buf.getvalue(), so)
+        # A local root is recorded absolute, so 'apply DIR' works from any directory.
+        recorded = dataclasses.replace(spec, root=store.root_path) if store.is_local else spec
+        write_url(join_url(spec.out, "job.yaml"), recorded.to_yaml().encode(), so)
+    summary["timings"] = timer.timings
+    _write_summary(spec.out, summary, so)
+    return PlanResult(spec.out, table, summary)
+
+
+def apply(plan_dir: str, spec: JobSpec, client: Any = None) -> ApplyResult:
+    """Carry out the plan in ``plan_dir`` (see :func:`dedup_batch.apply.apply_plan`).
+
+    The root and the non-secret storage options come from the plan's ``job.yaml``; secrets and
+    overrides come from ``spec`` (flags, the job spec, or the environment).
+    """
+    so = spec.storage_options
+    planned = _planned_spec(plan_dir, so)
+    options = {k: v for k, v in planned.storage_options.items() if v != "***"}
+    options.update(so)
+    store = Store(planned.root, options)  # type: ignore[arg-type]
+    result = apply_plan(
+        plan_dir,
+        store=store,
+        dry_run=spec.dry_run,
+        max_delete=spec.max_delete,
+        max_delete_fraction=spec.max_delete_fraction,
+        trash=spec.trash,
+        batch_size=spec.batch_size,
+        concurrency=spec.concurrency,
+        client=client,
+        plan_storage_options=so,
+    )
+    if not spec.dry_run:
+        summary = json.loads(read_url(join_url(plan_dir, "summary.json"), so))
+        summary["apply"] = result.to_dict()
+        _write_summary(plan_dir, summary, so)
+    return result
+
+
+def run(
+    spec: JobSpec, client: Any = None, *, apply_now: bool = False
+) -> tuple[PlanResult, ApplyResult | None]:
+    """Plan, then apply when ``apply_now`` or ``spec.mode == "apply"``.
+
+    When ``spec.out`` already holds a plan made from the same settings (a Kubernetes Job whose
+    pod started twice, a re-run after a crash), that plan is reused and its apply resumed:
+    re-planning after a partial delete could choose differently.
+    """
+    result = _reusable_plan(spec) or plan(spec, client)
+    if not (apply_now or spec.mode == "apply"):
+        return result, None
+    return result, apply(result.out, spec, client)
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _objects(
+    store: Store, paths: np.ndarray, protect: list[str]
+) -> tuple[pd.DataFrame, np.ndarray]:
+    listing = store.list_objects()
+    full = [store.resolve(p) for p in paths]
+    objects = listing.reindex(full)
+    objects["exists"] = objects["size"].notna().to_numpy()
+    missing = int((~objects["exists"]).sum())
+    if missing:
+        log.warning(
+            "%d of %d feature paths have no object under %s: they are never kept",
+            missing,
+            len(paths),
+            store.root,
+        )
+    prefixes = [_protect_prefix(store, p) for p in protect]
+    protected = np.array([any(f.startswith(pre) for pre in prefixes) for f in full], dtype=bool)
+    return objects.reset_index(drop=True), protected
+
+
+def _protect_prefix(store: Store, prefix: str) -> str:
+    # A prefix is relative to root or an absolute path/URL under it, matched as a string prefix
+    # (S3 semantics: "albums/2019" protects "albums/2019/x.jpg" and "albums/2019-b/y.jpg").
+    if prefix in (".", "./", ""):
+        return store.root_path.rstrip("/") + "/"
+    return store.resolve(prefix)
+
+
+def _cluster(X: np.ndarray, spec: JobSpec, client: Any) -> np.ndarray:
+    est = DBSCAN(eps=spec.eps, min_samples=spec.min_samples, metric=spec.metric)  # type: ignore[arg-type]
+    if client is None:
+        return est.fit(X).labels_
+    with client.as_current():
+        return est.fit(X).labels_
+
+
+def _summary(
+    spec: JobSpec,
+    table: pd.DataFrame,
+    shards: tuple[str, ...],
+    shape: tuple[int, ...],
+    timings: dict[str, float],
+    started: float,
+) -> dict[str, Any]:
+    clusters = table.loc[table["cluster"] >= 0, "cluster"]
+    sizes = clusters.value_counts()
+    by_size = sizes.value_counts().sort_index()
+    delete = table[~table["keep"]]
+    return {
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "root": spec.root,
+        "features": {"shards": len(shards), "rows": int(shape[0]), "dim": int(shape[1])},
+        "counts": {
+            "paths": len(table),
+            "clusters": int(sizes.size),
+            "duplicate_clusters": int((sizes > 1).sum()),
+            "noise": int((table["cluster"] < 0).sum()),
+            "keep": int(table["keep"].sum()),
+            "delete": len(delete),
+            "missing": int((~table["exists"]).sum()),
+            # keepers beyond one per cluster: chain guard and protected objects
+            "extra_keepers": int(table["keep"].sum() - sizes.size - (table["cluster"] < 0).sum()),
+        },
+        "clusters_by_size": {str(k): int(v) for k, v in by_size.items()},
+        "largest_cluster": int(sizes.max()) if sizes.size else 0,
+        "reclaimable_bytes": int(delete["size"].fillna(0).sum()),
+        "settings": spec.to_dict(),
+        "timings": timings,
+    }
+
+
+def _write_summary(out: str, summary: dict[str, Any], so: dict[str, Any]) -> None:
+    write_url(join_url(out, "summary.json"), json.dumps(summary, indent=2).encode(), so)
+
+
+def _planned_spec(plan_dir: str, so: dict[str, Any]) -> JobSpec:
+    url = join_url(plan_dir, "job.yaml")
+    try:
+        data = yaml.safe_load(read_url(url, so))
+    except FileNotFoundError:
+        raise InputError(
+            f"{plan_dir} is not a plan directory (no job.yaml): run 'dedup-batch plan' first"
+        ) from None
+    return JobSpec.from_mapping(data, source=url)
+
+
+def _reusable_plan(spec: JobSpec) -> PlanResult | None:
+    so = spec.storage_options
+    if not url_exists(join_url(spec.out, "plan.parquet"), so):
+        return None
+    try:
+        planned = _planned_spec(spec.out, so)
+    except (InputError, ConfigError):
+        return None
+    mine = {k: v for k, v in spec.to_dict().items() if k not in _APPLY_KEYS}
+    theirs = {k: v for k, v in planned.to_dict().items() if k not in _APPLY_KEYS}
+    if mine != theirs:
+        return None
+    log.info("%s already holds a plan from the same settings: reusing it", spec.out)
+    table = pd.read_parquet(io.BytesIO(read_url(join_url(spec.out, "plan.parquet"), so)))
+    summary = json.loads(read_url(join_url(spec.out, "summary.json"), so))
+    return PlanResult(spec.out, table, summary, reused=True)

@@ -1,0 +1,83 @@
+"""Job spec: keys, validation, flags-over-file merge, secret redaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dedup_batch.config import JobSpec, load_spec
+from dedup_batch.errors import ConfigError
+
+
+def test_defaults_are_a_dry_run_with_chain_guard_at_eps() -> None:
+    spec = JobSpec.from_mapping({"eps": 0.4})
+    assert spec.mode == "plan" and not spec.dry_run
+    assert spec.min_samples == 1 and spec.keep == "first-path"
+    assert spec.keeper_distance() == 0.4
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"epz": 1}, "unknown key 'epz'"),
+        ({"eps": -1}, "'eps' must be a positive number"),
+        ({"eps": "abc"}, "'eps' must be a number"),
+        ({"metric": "manhattan"}, "'metric' must be one of"),
+        ({"keep": "random"}, "'keep' must be one of"),
+        ({"mode": "delete"}, "'mode' must be 'plan'"),
+        ({"max_delete": -3}, "'max_delete' must be >= 0"),
+        ({"max_delete_fraction": 2}, "between 0 and 1"),
+        ({"batch_size": 5000}, "at most 1000"),
+        ({"features": [1, 2]}, "'features' must be a list"),
+        ({"storage_options": "x"}, "'storage_options' must be a mapping"),
+        ({"allow_pickle": "yes"}, "'allow_pickle' must be true or false"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        JobSpec.from_mapping(data, source="job.yaml")
+
+
+def test_yaml_null_and_none_disable_the_chain_guard(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_text("eps: 0.3\nmax_keeper_distance: null\nfeatures: ./f/*.parquet\n")
+    spec = JobSpec.from_mapping(load_spec(str(f)))
+    assert spec.keeper_distance() is None and spec.features == ["./f/*.parquet"]
+    assert JobSpec.from_mapping({"eps": 1, "max_keeper_distance": "none"}).keeper_distance() is None
+    assert JobSpec.from_mapping({"eps": 1, "max_keeper_distance": "0.5"}).keeper_distance() == 0.5
+
+
+def test_flags_override_the_file() -> None:
+    spec = JobSpec.from_mapping({"eps": 0.3, "keep": "newest", "out": "a"})
+    merged = spec.merged({"eps": 0.5, "out": None})
+    assert merged.eps == 0.5 and merged.keep == "newest" and merged.out == "a"
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(str(tmp_path / "nope.yaml"))
+
+
+def test_required_keys_say_which_flag() -> None:
+    with pytest.raises(ConfigError, match="'eps' is required: pass --eps"):
+        JobSpec.from_mapping({}).require("eps")
+
+
+def test_secrets_are_redacted_in_yaml() -> None:
+    spec = JobSpec.from_mapping(
+        {
+            "storage_options": {
+                "key": "AKIDEXAMPLE",
+                "secret": "s3cr3t-value",
+                "endpoint_url": "http://127.0.0.1:9",
+            }
+        }
+    )
+    text = spec.to_yaml()
+    assert "s3cr3t-value" not in text and "AKIDEXAMPLE" not in text
+    assert "http://127.0.0.1:9" in text

@@ -1,0 +1,286 @@
+"""End to end on local files: the demo, the notebook's behaviour, run/resume, CLI exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.cluster import DBSCAN
+
+from dedup_batch.cli import main
+from dedup_batch.demo import DEMO_EPS, make_demo
+
+
+def assert_one_error_line(stderr: str) -> str:
+    """The CLI's failure output: exactly one ``error:`` line and no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("demo") / "data"
+    return make_demo(base, n_images=30, seed=3) | {"base": base}
+
+
+def fresh_copy(demo: dict, tmp_path: Path) -> tuple[Path, str]:
+    """A private copy of the demo photos + features (tests delete from it)."""
+    dst = tmp_path / "data"
+    shutil.copytree(demo["base"], dst)
+    return dst, str(dst / "features" / "part-*.parquet")
+
+
+def test_plan_then_apply_removes_exactly_the_near_duplicates(
+    demo: dict, tmp_path: Path, capsys
+) -> None:
+    base, features = fresh_copy(demo, tmp_path)
+    photos, out = base / "photos", tmp_path / "plan"
+    before = files_under(photos)
+    code = main(
+        [
+            "plan",
+            "--features",
+            features,
+            "--root",
+            str(photos),
+            "--eps",
+            str(DEMO_EPS),
+            "--out",
+            str(out),
+            "--n-workers",
+            "1",
+        ]
+    )
+    assert code == 0
+    assert files_under(photos) == before  # plan deletes nothing
+    assert "dry run: nothing deleted" in capsys.readouterr().out
+    plan = pd.read_parquet(out / "plan.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    groups = demo["groups"]
+    # one keeper per original, and each deleted file is a copy of its keeper's original
+    assert plan["keep"].sum() == len(set(groups.values()))
+    dup = plan[~plan["keep"]]
+    assert all(groups[p] == groups[k] for p, k in zip(dup["path"], dup["keeper"], strict=True))
+    assert summary["counts"]["delete"] == demo["duplicates"] == len(dup)
+    assert summary["reclaimable_bytes"] == sum((photos / p).stat().st_size for p in dup["path"])
+    assert set(summary["timings"]) >= {"load", "list", "cluster", "select"}
+
+    assert main(["apply", str(out), "--n-workers", "1"]) == 0
+    assert files_under(photos) == before - set(dup["path"])
+    # a second apply of a finished plan is a no-op
+    assert main(["apply", str(out), "--n-workers", "1"]) == 0
+    assert files_under(photos) == before - set(dup["path"])
+
+
+def notebook(features: pd.DataFrame, photos: Path, eps: float) -> None:
+    """The seed notebook, verbatim in spirit: sklearn DBSCAN, keep the largest path."""
+    labels = DBSCAN(min_samples=1, eps=eps).fit_predict(features)
+    for label in set(labels):
+        paths = sorted(features.index[labels == label], reverse=True)
+        for path in paths[1:]:
+            os.remove(os.path.join(photos, path))
+
+
+@pytest.mark.parametrize("eps", [DEMO_EPS, 0.75, 1.0])
+def test_notebook_settings_delete_exactly_what_the_notebook_deleted(
+    demo: dict, tmp_path: Path, eps: float
+) -> None:
+    # The notebook's layout: a folder of images + features.pkl (index = relative path,
+    # 256 float columns named 0..255). eps 0.75 and 1.0 chain distinct images together.
+    base, _ = fresh_copy(demo, tmp_path)
+    frames = [pd.read_parquet(f) for f in sorted((base / "features").glob("*.parquet"))]
+    features = pd.concat(frames)
+    features.columns = range(features.shape[1])
+    features.index.name = None
+    pkl = base / "features.pkl"
+    features.to_pickle(pkl)
+    theirs = tmp_path / "theirs"
+    shutil.copytree(base / "photos", theirs)
+    notebook(features, theirs, eps)
+
+    code = main(
+        [
+            "run",
+            "--features",
+            str(pkl),
+            "--allow-pickle",
+            "--root",
+            str(base / "photos"),
+            "--eps",
+            str(eps),
+            "--keep",
+            "last-path",
+            "--max-keeper-distance",
+            "none",
+            "--out",
+            str(tmp_path / "plan"),
+            "--apply",
+            "--n-workers",
+            "1",
+        ]
+    )
+    assert code == 0
+    assert files_under(base / "photos") == files_under(theirs)
+    assert len(files_under(theirs)) < len(features)
+
+
+def test_chain_guard_keeps_more_than_the_notebook_when_clusters_chain(
+    demo: dict, tmp_path: Path
+) -> None:
+    base, features = fresh_copy(demo, tmp_path)
+    args = [
+        "plan",
+        "--features",
+        features,
+        "--root",
+        str(base / "photos"),
+        "--eps",
+        "1.0",
+        "--n-workers",
+        "1",
+    ]
+    assert main([*args, "--out", str(tmp_path / "guarded")]) == 0
+    assert main([*args, "--out", str(tmp_path / "loose"), "--max-keeper-distance", "none"]) == 0
+    guarded = pd.read_parquet(tmp_path / "guarded" / "plan.parquet")
+    loose = pd.read_parquet(tmp_path / "loose" / "plan.parquet")
+    assert guarded["keep"].sum() > loose["keep"].sum()
+    assert guarded.loc[~guarded["keep"], "distance_to_keeper"].max() <= 1.0
+    assert loose.loc[~loose["keep"], "distance_to_keeper"].max() > 1.0
+
+
+def test_run_with_job_spec_and_resume(demo: dict, tmp_path: Path) -> None:
+    base, features = fresh_copy(demo, tmp_path)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        f"features: ['{features}']\nroot: '{base / 'photos'}'\neps: {DEMO_EPS}\n"
+        f"out: '{tmp_path / 'plan'}'\nmode: apply\nn_workers: 1\n"
+    )
+    before = files_under(base / "photos")
+    assert main(["run", "--config", str(spec), "--dry-run"]) == 0
+    assert files_under(base / "photos") == before
+    assert main(["run", "--config", str(spec)]) == 0
+    after = files_under(base / "photos")
+    assert len(after) == len(before) - demo["duplicates"]
+    # a second run (a Job's pod started twice) reuses the plan and deletes nothing else
+    assert main(["run", "--config", str(spec)]) == 0
+    assert files_under(base / "photos") == after
+
+
+def test_protect_prefix_is_never_deleted(demo: dict, tmp_path: Path) -> None:
+    base, features = fresh_copy(demo, tmp_path)
+    photos = base / "photos"
+    assert (
+        main(
+            [
+                "run",
+                "--features",
+                features,
+                "--root",
+                str(photos),
+                "--eps",
+                str(DEMO_EPS),
+                "--protect",
+                "family/",
+                "--out",
+                str(tmp_path / "p"),
+                "--apply",
+                "--n-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    protected = {p for p in demo["groups"] if p.startswith("family/")}
+    assert protected <= files_under(photos)
+
+
+def test_max_delete_refuses_with_exit_3_and_deletes_nothing(
+    demo: dict, tmp_path: Path, capsys
+) -> None:
+    base, features = fresh_copy(demo, tmp_path)
+    before = files_under(base / "photos")
+    code = main(
+        [
+            "run",
+            "--features",
+            features,
+            "--root",
+            str(base / "photos"),
+            "--eps",
+            str(DEMO_EPS),
+            "--out",
+            str(tmp_path / "p"),
+            "--apply",
+            "--max-delete",
+            "1",
+            "--n-workers",
+            "1",
+        ]
+    )
+    assert code == 3
+    assert files_under(base / "photos") == before
+    assert_one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["plan", "--root", "."], "'features' is required"),
+        (["plan", "--features", "x.parquet", "--root", "."], "'eps' is required"),
+        (["plan", "--features", "x.parquet", "--root", ".", "--eps", "-1"], "positive number"),
+        (["plan", "--config", "/nonexistent/job.yaml"], "job spec not found"),
+        (["apply", "/nonexistent/plan"], "not a plan directory"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args: list[str], match: str, capsys) -> None:
+    assert main([*args, "--n-workers", "1"]) == 2
+    assert match in assert_one_error_line(capsys.readouterr().err)
+
+
+def test_bad_input_exits_2_before_anything_is_deleted(demo: dict, tmp_path: Path, capsys) -> None:
+    base, _ = fresh_copy(demo, tmp_path)
+    bad = pd.read_parquet(next((base / "features").glob("*.parquet")))
+    bad.iloc[2, 5] = np.nan
+    bad.to_parquet(base / "features" / "part-9999.parquet")
+    before = files_under(base / "photos")
+    code = main(
+        [
+            "run",
+            "--features",
+            str(base / "features" / "*.parquet"),
+            "--root",
+            str(base / "photos"),
+            "--eps",
+            str(DEMO_EPS),
+            "--out",
+            str(tmp_path / "p"),
+            "--apply",
+            "--n-workers",
+            "1",
+        ]
+    )
+    assert code == 2
+    assert "part-9999.parquet" in assert_one_error_line(capsys.readouterr().err)
+    assert files_under(base / "photos") == before
+
+
+def test_demo_command(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--dir", str(tmp_path / "d"), "--images", "12", "--n-workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "plan:" in out and "dedup-batch apply" in out
+    assert (tmp_path / "d" / "plan" / "plan.parquet").exists()
+    # never wipes a folder it did not make
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("x")
+    assert main(["demo", "--dir", str(tmp_path / "mine"), "--n-workers", "1"]) == 2
+    assert (tmp_path / "mine" / "precious.txt").exists()
