@@ -365,8 +365,9 @@ def build_report(
         Folder or URL holding ``plan.parquet`` (``summary.json`` and ``job.yaml`` are used when
         present). The pages are written here.
     store : Store, optional
-        Where the images are. Default: ``Store(job.yaml root, job.yaml storage_options)``
-        (credentials then come from the environment, as ``job.yaml`` holds none).
+        Where the images are. Default: ``Store(root, options)`` with ``root`` from
+        ``job.yaml`` and its non-secret storage options updated with ``storage_options``
+        (credentials come from there or from the environment: ``job.yaml`` holds none).
     client : distributed.Client, optional
         Make thumbnails on its workers (else a local thread pool).
     storage_options : mapping, optional
@@ -408,7 +409,9 @@ def build_report(
                 f"{plan_dir}: job.yaml names no 'root'; pass the image root "
                 "(--root) to build the report"
             )
-        store = storage.Store(root, _non_secret(job.get("storage_options") or {}))
+        # job.yaml holds the non-secret options; secrets come from the caller or the environment
+        image_options = {**_non_secret(job.get("storage_options") or {}), **options}
+        store = storage.Store(root, image_options)
     settings = {**(job or {}), **(summary.get("settings") or {})}
     clusters = _rank_clusters(plan)
     shown = clusters.iloc[: clusters_per_page * max_pages]
