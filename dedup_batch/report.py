@@ -583,7 +583,8 @@ _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;
 color:var(--ink);margin:0 auto;max-width:1400px;padding:16px 24px;background:#fff}
 h1{font-size:22px;margin:4px 0 2px}h2{font-size:17px;margin:26px 0 8px}
-.sub{color:var(--mute);margin:0 0 14px;word-break:break-all}
+.sub{color:var(--mute);margin:0 0 14px;overflow-wrap:anywhere}
+.cols{display:flex;flex-wrap:wrap;gap:10px 60px}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0}
 .card{border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:130px}
 .card b{display:block;font-size:20px}.card span{color:var(--mute);font-size:12px}
@@ -794,8 +795,9 @@ def _overview_html(
     return (
         f'<h1>dedup-batch report</h1><p class="sub">{esc(store.root)}</p>'
         f'<div class="cards">{card_html}</div>{charts}'
-        f'<h2>Settings</h2><table class="kv">{kv}</table>'
-        + (f'<h2>Timings</h2><table class="kv">{tt}</table>' if tt else "")
+        f'<div class="cols"><div><h2>Settings</h2><table class="kv">{kv}</table></div>'
+        + (f'<div><h2>Timings</h2><table class="kv">{tt}</table></div>' if tt else "")
+        + "</div>"
         + f'<h2>Clusters, riskiest first</h2><p class="sub">Ordered by the largest distance '
         f"from a deleted image to its keeper, then by size. Green: kept; red dashed: to delete; "
         f"distances in amber are at least 80% of eps. Up to {max_members} images a cluster."
@@ -851,8 +853,14 @@ def _size_hist_png(sizes: np.ndarray) -> bytes:
     else:  # log-spaced bins: a few huge clusters must not flatten the rest
         bins = np.unique(np.round(np.geomspace(1.5, top + 0.5, 30)))
         ax.set_xscale("log")
-    ax.hist(sizes, bins=bins, color="#0969da", edgecolor="white")
-    ax.set_yscale("log")
+    counts, _, _ = ax.hist(sizes, bins=bins, color="#0969da", edgecolor="white")
+    if counts.max() > 50:  # many small clusters and few big ones: keep the big ones visible
+        ax.set_yscale("log")
+    if top <= 30:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("cluster size (images)")
     ax.set_ylabel("clusters")
     ax.set_title(f"Cluster sizes ({len(sizes):,} clusters with duplicates)", fontsize=10)
