@@ -12,7 +12,8 @@ import argparse
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -144,6 +145,93 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
     g.add_argument("--concurrency", type=int, help="delete batches in flight at most")
 
 
+def _add_report_caps(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("report size")
+    g.add_argument(
+        "--clusters-per-page",
+        type=int,
+        default=50,
+        metavar="N",
+        help="clusters on each report page (default 50)",
+    )
+    g.add_argument(
+        "--max-pages",
+        type=int,
+        default=20,
+        metavar="N",
+        help="report pages at most; riskier clusters come first (default 20)",
+    )
+    g.add_argument(
+        "--max-members",
+        type=int,
+        default=24,
+        metavar="N",
+        help="thumbnails per cluster at most: keepers, then the farthest (default 24)",
+    )
+    g.add_argument(
+        "--thumb-px", type=int, default=160, metavar="PX", help="thumbnail size (default 160)"
+    )
+
+
+def _add_sweep(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sweep")
+    g.add_argument(
+        "--features",
+        action="append",
+        metavar="URL",
+        help="feature shards: path, URL or glob (repeatable)",
+    )
+    g.add_argument(
+        "--root",
+        metavar="URL",
+        help="the image collection the feature paths are relative to",
+    )
+    g.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        default=None,
+        help="read pandas pickle shards (.pkl): runs code from the file",
+    )
+    g.add_argument("--eps-min", type=float, required=True, help="smallest eps to try")
+    g.add_argument("--eps-max", type=float, required=True, help="largest eps to try")
+    g.add_argument("--steps", type=int, default=20, help="eps values from min to max (default 20)")
+    g.add_argument(
+        "--eps",
+        type=float,
+        help="the eps to look at closely: marked on the plots, pairs.html shows the "
+        "pairs just inside and outside it (default: the job's eps, else mid-range)",
+    )
+    g.add_argument("--min-samples", type=int, help="DBSCAN min_samples (default 1)")
+    g.add_argument("--metric", choices=METRICS, help="distance metric (default euclidean)")
+    g.add_argument(
+        "--keep",
+        choices=("first-path", "last-path"),
+        help="keeper policy used to score deletions with --truth (default first-path)",
+    )
+    g.add_argument(
+        "--truth",
+        metavar="CSV",
+        help="labelled CSV (path,group): print precision, recall and F1 of the "
+        "deletions at each eps; a deletion is right when it shares its keeper's group",
+    )
+    g.add_argument(
+        "-k",
+        "--k",
+        dest="k",
+        type=int,
+        help="neighbour rank for the k-distance plot (default min_samples)",
+    )
+    g.add_argument(
+        "--pairs", type=int, default=12, help="pairs shown on each side of --eps (default 12)"
+    )
+    g.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write (default: DIR/sweep under the plan directory --out of the "
+        "job spec, i.e. ./dedup-plan/sweep)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dedup-batch",
@@ -198,6 +286,35 @@ def _parser() -> argparse.ArgumentParser:
         help="delete the duplicates after planning (default: plan only)",
     )
     sp.set_defaults(func=_cmd_run)
+
+    sp = sub.add_parser(
+        "report",
+        help="(re)build report.html for a plan directory",
+        description="Write report.html (and report-2.html... for big plans) into DIR: "
+        "totals, histograms, and the clusters as thumbnail grids, riskiest first. "
+        "Self-contained: opens from a bucket or a laptop with no server.",
+    )
+    sp.add_argument("plan_dir", metavar="DIR", help="plan directory written by 'plan'")
+    _add_common(sp)
+    sp.add_argument(
+        "--root",
+        metavar="URL",
+        help="image root (default: the 'root' recorded in DIR/job.yaml)",
+    )
+    _add_report_caps(sp)
+    sp.set_defaults(func=_cmd_report)
+
+    sp = sub.add_parser(
+        "sweep",
+        help="show how clusters and deletions move with eps (choose eps)",
+        description="Cluster the features at every eps from --eps-min to --eps-max in one "
+        "pass and write sweep.csv, sweep.png, k-distance.png and pairs.html (pairs just "
+        "inside and just outside --eps). With --truth, print precision, recall and F1 "
+        "of the deletions at each eps. Deletes nothing.",
+    )
+    _add_common(sp)
+    _add_sweep(sp)
+    sp.set_defaults(func=_cmd_sweep)
 
     sp = sub.add_parser(
         "demo",
@@ -255,6 +372,9 @@ def _spec(args: argparse.Namespace) -> JobSpec:
     options.update(_storage_options(getattr(args, "storage_option", None) or []))
     overrides["storage_options"] = options
     spec = spec.merged(overrides, source="flags") if overrides else spec
+    from .progress import register_secrets
+
+    register_secrets(spec.storage_options)  # scrubbed from every log line from here on
     if spec.log_format != (args.log_format or "text"):  # the job spec may ask for JSON logs
         from .progress import configure_logging
 
@@ -309,6 +429,85 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"dry run: nothing deleted. To delete: dedup-batch apply {planned.out}")
         return 0
     return _print_apply(applied)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+    from .storage import Store
+
+    spec = _spec(args)
+    so = spec.storage_options
+    store = Store(spec.root, so) if spec.root else None
+    with _optional_client(spec) as client:
+        result = build_report(
+            args.plan_dir,
+            store=store,
+            client=client,
+            storage_options=so,
+            clusters_per_page=args.clusters_per_page,
+            max_pages=args.max_pages,
+            max_members=args.max_members,
+            thumb_px=args.thumb_px,
+        )
+    bad = {k: v for k, v in result.thumbnails.items() if k != "ok"}
+    print(
+        f"report: {result.clusters_shown:,} of {result.clusters_total:,} clusters with "
+        f"duplicates on {len(result.pages)} page(s) -> {result.url}"
+    )
+    if bad:
+        print("note: placeholders for " + ", ".join(f"{v} {k}" for k, v in sorted(bad.items())))
+    return 0
+
+
+@contextmanager
+def _optional_client(spec: JobSpec) -> Iterator[Any]:
+    """A client on ``--scheduler`` when one is given, else none (the report uses threads)."""
+    address = spec.scheduler_address()
+    if not address:
+        yield None
+        return
+    from distributed import Client
+
+    from .progress import log_dashboard
+
+    with Client(address) as client:
+        log_dashboard(client)
+        yield client
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .pipeline import dask_client
+    from .report import _update_summary
+    from .storage import Store, join_url, url_exists
+    from .sweep import eps_range, run_sweep
+
+    spec = _spec(args)
+    spec.require("features", "root")
+    eps_values = eps_range(args.eps_min, args.eps_max, args.steps)
+    out = args.out or join_url(spec.out, "sweep")
+    so = spec.storage_options
+    with dask_client(spec) as client:
+        result = run_sweep(
+            spec.features,
+            out=out,
+            store=Store(spec.root, so),  # type: ignore[arg-type]
+            eps_values=eps_values,
+            metric=spec.metric,
+            min_samples=spec.min_samples,
+            k=args.k,
+            truth=args.truth,
+            keep=args.keep or "first-path",
+            pairs_eps=spec.eps,  # --eps, or the job spec's eps
+            n_pairs=args.pairs,
+            storage_options=so,
+            allow_pickle=spec.allow_pickle,
+            client=client,
+        )
+    if not args.out and url_exists(join_url(spec.out, "summary.json"), so):
+        _update_summary(spec.out, so, {"sweep": {**result.summary_entry(), "dir": "sweep"}})
+    print(result.format_table())
+    print("sweep: wrote " + ", ".join(result.files.values()))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

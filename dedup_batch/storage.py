@@ -234,3 +234,48 @@ def url_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bo
     """Whether ``url`` names an existing file or folder."""
     fs, path = fsspec.core.url_to_fs(url, **_url_options(url, storage_options))
     return bool(fs.exists(path))
+
+
+# -- reads of single images (report thumbnails, sweep pairs) ---------------------------------
+def read_bytes(store: Store, fs_path: str, max_bytes: int | None = None) -> bytes:
+    """Read the object at ``fs_path`` (from :meth:`Store.resolve`) whole.
+
+    Parameters
+    ----------
+    store : Store
+        The store the path belongs to.
+    fs_path : str
+        Exact filesystem path; never glob-expanded.
+    max_bytes : int, optional
+        Refuse objects larger than this many bytes (reads at most ``max_bytes + 1`` bytes, one
+        ranged GET on S3, so a huge object costs no more than the cap).
+
+    Raises
+    ------
+    FileNotFoundError
+        The object does not exist.
+    InputError
+        The object is larger than ``max_bytes``.
+    StorageError
+        Access denied or the backend failed.
+    """
+    try:
+        if max_bytes is None:
+            return store.fs.cat_file(fs_path)
+        with store.fs.open(fs_path, "rb") as fh:
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise
+    except PermissionError as exc:
+        raise StorageError(
+            f"cannot read {store.url(fs_path)!r}: access denied ({_one_line(exc)})"
+        ) from None
+    except IsADirectoryError:
+        raise FileNotFoundError(fs_path) from None
+    except OSError as exc:
+        raise StorageError(f"cannot read {store.url(fs_path)!r}: {_one_line(exc)}") from None
+    if len(data) > max_bytes:
+        from .errors import InputError  # imported here: this block is additive to the module
+
+        raise InputError(f"{store.url(fs_path)!r} is larger than {max_bytes} bytes")
+    return data

@@ -1,0 +1,902 @@
+"""The HTML report of a plan: totals, histograms and clusters as thumbnail grids.
+
+``report.html`` (and, for big plans, ``report-2.html``, ``report-3.html``...) is written into the
+plan directory. Every page is self-contained, so it opens from a bucket or a laptop with no
+server: inline CSS, thumbnails and charts as base64 ``data:`` URIs, one small inline script (it
+only marks which thumbnails decoded), and a Content-Security-Policy that forbids loading anything
+from the network. Every path is HTML-escaped.
+
+Clusters come riskiest first: the largest distance from a deleted member to its keeper, then the
+biggest clusters. Output is bounded: at most ``clusters_per_page`` clusters a page,
+``max_pages`` pages and ``max_members`` thumbnails a cluster (keepers first, then the farthest
+members); the first page says what was left out.
+
+Thumbnails are made where the images are read: one task per batch of images on the Dask
+workers when a client is given, a thread pool otherwise. Each image is read through the job's
+:class:`~dedup_batch.storage.Store` (local, S3, any fsspec URL), decoded by Pillow (JPEG in draft
+mode, which decodes at 1/2, 1/4 or 1/8 scale for a fraction of the memory and time) and shrunk
+with ``thumbnail()``. A missing, unreadable, oversized or out-of-root image becomes a labelled
+placeholder and is counted; it never stops the report.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import datetime as _dt
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from . import storage
+from .errors import ConfigError, InputError, ScopeError, StorageError
+from .progress import Stage, stage, track
+
+__all__ = [
+    "ReportResult",
+    "Thumb",
+    "build_report",
+    "make_thumbnails",
+    "thumbnail_jpeg",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+#: Longest side of a thumbnail, in pixels: large enough to judge a near-duplicate by eye, small
+#: enough (~4-8 KB as JPEG) that a page of 50 clusters stays a few megabytes.
+THUMB_PX = 160
+#: JPEG quality of thumbnails (Pillow scale 1-95).
+THUMB_QUALITY = 75
+#: Images larger than this are not read for a thumbnail (placeholder "too large").
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+#: Images per thumbnail task: big enough that task overhead (~1 ms) is small against reading
+#: and decoding (~5-50 ms an image), small enough to spread a page over many workers.
+THUMB_BATCH = 32
+#: Threads for thumbnails when no Dask client is given (reading is mostly I/O wait).
+THUMB_THREADS = 8
+CLUSTERS_PER_PAGE = 50
+MAX_PAGES = 20
+MAX_MEMBERS = 24
+
+#: Placeholder labels, by thumbnail status.
+STATUS_LABELS = {
+    "missing": "missing",
+    "unreadable": "unreadable",
+    "too-large": "too large",
+    "outside-root": "outside root",
+    "error": "read error",
+}
+
+
+# -- thumbnails ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Thumb:
+    """One thumbnail, or why there is none.
+
+    ``status`` is ``"ok"`` (``jpeg`` holds the JPEG bytes, ``width`` x ``height`` pixels) or one
+    of ``missing``, ``unreadable``, ``too-large``, ``outside-root``, ``error`` (``reason`` says
+    what happened, one line).
+    """
+
+    path: str
+    status: str
+    jpeg: bytes = b""
+    width: int = 0
+    height: int = 0
+    reason: str = ""
+
+    @property
+    def data_uri(self) -> str:
+        """The thumbnail as a ``data:image/jpeg;base64,...`` URI (empty when not ok)."""
+        if self.status != "ok":
+            return ""
+        return "data:image/jpeg;base64," + base64.b64encode(self.jpeg).decode("ascii")
+
+
+def thumbnail_jpeg(
+    data: bytes, size: int = THUMB_PX, quality: int = THUMB_QUALITY
+) -> tuple[bytes, int, int]:
+    """Decode image bytes and return ``(jpeg_bytes, width, height)`` of a thumbnail.
+
+    The longest side becomes at most ``size`` pixels; EXIF orientation is applied; transparency
+    is flattened onto white. JPEG sources are decoded in draft mode (reduced scale), so peak
+    memory is about ``4 * w * h / s**2`` bytes for a draft scale ``s`` of up to 8.
+
+    Raises
+    ------
+    Exception
+        Whatever Pillow raises for bytes it cannot decode (``UnidentifiedImageError``,
+        ``OSError`` for truncated files, ``DecompressionBombError``...).
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (size, size))
+        im.load()
+        img = ImageOps.exif_transpose(im) or im
+        img.thumbnail((size, size))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            img = flat
+        elif img.mode != "RGB":
+            img = img.convert("RGB")
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=quality, optimize=True)
+        return out.getvalue(), img.width, img.height
+
+
+def _thumb_one(store: storage.Store, path: str, size: int, max_bytes: int) -> Thumb:
+    try:
+        fs_path = store.resolve(path)
+        data = storage.read_bytes(store, fs_path, max_bytes=max_bytes)
+    except ScopeError as exc:
+        return Thumb(path, "outside-root", reason=str(exc))
+    except FileNotFoundError:
+        return Thumb(path, "missing", reason="not found")
+    except InputError as exc:
+        return Thumb(path, "too-large", reason=str(exc))
+    except StorageError as exc:
+        return Thumb(path, "error", reason=str(exc))
+    except Exception as exc:  # a backend error we do not know: a placeholder, never a crash
+        return Thumb(path, "error", reason=_one_line(exc))
+    try:
+        jpeg, w, h = thumbnail_jpeg(data, size)
+    except Exception as exc:  # corrupt, truncated, not an image, decompression bomb...
+        return Thumb(path, "unreadable", reason=_one_line(exc))
+    return Thumb(path, "ok", jpeg, w, h)
+
+
+def _thumb_batch(
+    store: storage.Store, paths: Sequence[str], size: int, max_bytes: int
+) -> list[Thumb]:
+    """One task: thumbnails of a batch of images (runs on a Dask worker or a thread)."""
+    return [_thumb_one(store, p, size, max_bytes) for p in paths]
+
+
+def make_thumbnails(
+    store: storage.Store,
+    paths: Iterable[str],
+    *,
+    client: Any = None,
+    size: int = THUMB_PX,
+    batch_size: int = THUMB_BATCH,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    progress: Stage | str | None = "thumbnails",
+) -> dict[str, Thumb]:
+    """Make thumbnails of ``paths`` (plan paths, resolved under ``store``'s root).
+
+    Parameters
+    ----------
+    store : Store
+        Where the images are; pickled to the workers as ``(root, storage_options)``.
+    paths : iterable of str
+        Plan paths; duplicates are made once.
+    client : distributed.Client, optional
+        Run one task per ``batch_size`` images on its workers; without one, a local thread pool.
+    size : int
+        Longest side of a thumbnail, pixels.
+    batch_size : int
+        Images per task.
+    max_bytes : int
+        Larger images get a ``too-large`` placeholder instead of being read.
+    progress : Stage or str or None
+        A running stage to advance (by images), the name of a stage to open, or ``None``.
+
+    Returns
+    -------
+    dict
+        ``path -> Thumb`` for every path. Never raises for a bad image; a task that fails as a
+        whole (a worker died twice) gives ``error`` placeholders for its batch.
+
+    Notes
+    -----
+    Memory on the client: the JPEG bytes of all thumbnails (~4-8 KB each at 160 px).
+    """
+    unique = list(dict.fromkeys(paths))
+    batches = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
+    weights = [len(b) for b in batches]
+    out: dict[str, Thumb] = {}
+    if not batches:
+        return out
+    if client is not None:
+        futs = [client.submit(_thumb_batch, store, b, size, max_bytes, pure=False) for b in batches]
+    else:
+        pool = concurrent.futures.ThreadPoolExecutor(min(THUMB_THREADS, len(batches)))
+        futs = [pool.submit(_thumb_batch, store, b, size, max_bytes) for b in batches]
+    batch_of = {id(f): b for f, b in zip(futs, batches, strict=True)}
+    # Without a stage to show, a detached Stage just counts (it is never displayed).
+    st = Stage("thumbnails", unit="images") if progress is None else progress
+    try:
+        for fut in track(futs, st, unit="images", weights=weights):
+            try:
+                for t in fut.result():
+                    out[t.path] = t
+            except Exception as exc:
+                reason = _one_line(exc)
+                log.warning(
+                    "thumbnail task failed (%s); %d placeholders", reason, len(batch_of[id(fut)])
+                )
+                for p in batch_of[id(fut)]:
+                    out[p] = Thumb(p, "error", reason=reason)
+    finally:
+        if client is None:
+            pool.shutdown(wait=True)
+    return out
+
+
+# -- reading a plan directory --------------------------------------------------------------------
+def _read_plan_dir(
+    plan_dir: str, options: Mapping[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
+    url = storage.join_url(plan_dir, "plan.parquet")
+    try:
+        raw = storage.read_url(url, options)
+    except FileNotFoundError:
+        raise InputError(
+            f"{url}: no plan here; run 'dedup-batch plan --out {plan_dir}' first"
+        ) from None
+    try:
+        plan = pd.read_parquet(io.BytesIO(raw))
+    except Exception as exc:
+        raise InputError(f"{url}: not a readable Parquet plan ({_one_line(exc)})") from None
+    missing = {"path", "cluster", "keep", "keeper"} - set(plan.columns)
+    if missing:
+        raise InputError(
+            f"{url}: plan lacks column(s) {', '.join(sorted(missing))}; re-run 'dedup-batch plan'"
+        )
+    summary = _read_optional(storage.join_url(plan_dir, "summary.json"), options, json.loads)
+    job = _read_optional(storage.join_url(plan_dir, "job.yaml"), options, yaml.safe_load)
+    return plan, summary, job
+
+
+def _read_optional(url: str, options: Mapping[str, Any], parse: Any) -> dict[str, Any]:
+    try:
+        data = parse(storage.read_url(url, options).decode("utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (ValueError, yaml.YAMLError) as exc:
+        raise InputError(f"{url}: cannot parse ({_one_line(exc)}); fix or delete it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _plan_dir_options(
+    plan_dir: str, store: storage.Store | None, storage_options: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Storage options for the plan directory: as given, else the store's when the plan
+    directory is on the same kind of storage (an S3 plan next to S3 images)."""
+    if storage_options is not None:
+        return dict(storage_options)
+    if store is not None and "://" in plan_dir:
+        proto = plan_dir.split("://", 1)[0]
+        if proto in store.protocols and not store.is_local:
+            return dict(store.storage_options)
+    return {}
+
+
+# -- building the report -------------------------------------------------------------------------
+@dataclass
+class ReportResult:
+    """What :func:`build_report` wrote.
+
+    ``url`` is the first page; ``pages`` every page (file names relative to the plan directory);
+    ``thumbnails`` counts thumbnails by status (``ok``, ``missing``, ``unreadable``...).
+    """
+
+    url: str
+    pages: list[str]
+    clusters_total: int
+    clusters_shown: int
+    images_shown: int
+    thumbnails: dict[str, int] = field(default_factory=dict)
+
+    def summary_entry(self) -> dict[str, Any]:
+        """The ``report`` entry of ``summary.json``."""
+        return {
+            "html": self.pages[0] if self.pages else None,
+            "pages": self.pages,
+            "clusters_total": self.clusters_total,
+            "clusters_shown": self.clusters_shown,
+            "images_shown": self.images_shown,
+            "thumbnails": dict(self.thumbnails),
+        }
+
+
+def write_report(
+    plan_dir: str,
+    *,
+    store: storage.Store | None = None,
+    client: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+    clusters_per_page: int = CLUSTERS_PER_PAGE,
+    max_pages: int = MAX_PAGES,
+    max_members: int = MAX_MEMBERS,
+    thumb_px: int = THUMB_PX,
+    update_summary: bool = True,
+) -> str:
+    """Write ``report.html`` (and ``report-N.html``) for the plan in ``plan_dir``.
+
+    See :func:`build_report` for the parameters. Returns the URL (or local path) of
+    ``report.html``.
+    """
+    return build_report(
+        plan_dir,
+        store=store,
+        client=client,
+        storage_options=storage_options,
+        clusters_per_page=clusters_per_page,
+        max_pages=max_pages,
+        max_members=max_members,
+        thumb_px=thumb_px,
+        update_summary=update_summary,
+    ).url
+
+
+def build_report(
+    plan_dir: str,
+    *,
+    store: storage.Store | None = None,
+    client: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+    clusters_per_page: int = CLUSTERS_PER_PAGE,
+    max_pages: int = MAX_PAGES,
+    max_members: int = MAX_MEMBERS,
+    thumb_px: int = THUMB_PX,
+    update_summary: bool = True,
+) -> ReportResult:
+    """Build the HTML report of a plan directory.
+
+    Parameters
+    ----------
+    plan_dir : str
+        Folder or URL holding ``plan.parquet`` (``summary.json`` and ``job.yaml`` are used when
+        present). The pages are written here.
+    store : Store, optional
+        Where the images are. Default: ``Store(root, options)`` with ``root`` from
+        ``job.yaml`` and its non-secret storage options updated with ``storage_options``
+        (credentials come from there or from the environment: ``job.yaml`` holds none).
+    client : distributed.Client, optional
+        Make thumbnails on its workers (else a local thread pool).
+    storage_options : mapping, optional
+        fsspec options for ``plan_dir``; default: the store's, when ``plan_dir`` is on the same
+        remote protocol, else none.
+    clusters_per_page, max_pages, max_members : int
+        Output bounds: at most ``clusters_per_page * max_pages`` clusters, each with at most
+        ``max_members`` thumbnails. A page holds at most ``clusters_per_page * max_members``
+        thumbnails (~6 MB at the defaults).
+    thumb_px : int
+        Longest side of a thumbnail, pixels.
+    update_summary : bool
+        Add a ``report`` entry (see :meth:`ReportResult.summary_entry`) to ``summary.json`` if
+        it exists.
+
+    Returns
+    -------
+    ReportResult
+
+    Notes
+    -----
+    The plan is read whole (about 200 bytes a row: 2 million rows is ~400 MB in pandas).
+    Thumbnails are made page by page, so the client holds one page's thumbnails at a time.
+    """
+    for name, value in (
+        ("clusters_per_page", clusters_per_page),
+        ("max_pages", max_pages),
+        ("max_members", max_members),
+        ("thumb_px", thumb_px),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"report: '{name}' must be a positive integer, got {value!r}")
+    options = _plan_dir_options(plan_dir, store, storage_options)
+    plan, summary, job = _read_plan_dir(plan_dir, options)
+    if store is None:
+        root = job.get("root") or (summary.get("settings") or {}).get("root")
+        if not root:
+            raise ConfigError(
+                f"{plan_dir}: job.yaml names no 'root'; pass the image root "
+                "(--root) to build the report"
+            )
+        # job.yaml holds the non-secret options; secrets come from the caller or the environment
+        image_options = {**_non_secret(job.get("storage_options") or {}), **options}
+        store = storage.Store(root, image_options)
+    settings = {**(job or {}), **(summary.get("settings") or {})}
+    clusters = _rank_clusters(plan)
+    shown = clusters.iloc[: clusters_per_page * max_pages]
+    n_pages = max(1, math.ceil(len(shown) / clusters_per_page))
+    pages = ["report.html"] + [f"report-{k}.html" for k in range(2, n_pages + 1)]
+    members = _members_to_show(plan, shown["cluster"].to_numpy(), max_members)
+    counts: dict[str, int] = {}
+    images_shown = 0
+    first_body = ""
+    n_thumbs = int(sum(len(m) for m in members.values()))
+    log.info(
+        "report: %d clusters with duplicates, showing %d on %d page(s), %d thumbnails",
+        len(clusters),
+        len(shown),
+        n_pages,
+        n_thumbs,
+        extra={
+            "event": "report_plan",
+            "clusters": len(clusters),
+            "shown": len(shown),
+            "pages": n_pages,
+            "thumbnails": n_thumbs,
+        },
+    )
+    with stage("report", total=n_thumbs, unit="images") as st:
+        for k in range(n_pages):
+            page_clusters = shown.iloc[k * clusters_per_page : (k + 1) * clusters_per_page]
+            page_paths = [p for c in page_clusters["cluster"] for p in members[c]["path"]]
+            thumbs = make_thumbnails(store, page_paths, client=client, size=thumb_px, progress=st)
+            for t in thumbs.values():
+                counts[t.status] = counts.get(t.status, 0) + 1
+            images_shown += len(page_paths)
+            body = "".join(
+                _cluster_html(row, members[row.cluster], thumbs, settings, rank)
+                for rank, row in enumerate(
+                    page_clusters.itertuples(index=False), start=k * clusters_per_page + 1
+                )
+            )
+            nav = _nav_html(pages, k)
+            if k == 0:
+                first_body = body
+                continue
+            title = f"dedup-batch report, page {k + 1} of {n_pages}"
+            _write(
+                storage.join_url(plan_dir, pages[k]), html_page(title, nav + body + nav), options
+            )
+    overview = _overview_html(
+        plan, clusters, shown, summary, settings, counts, n_pages, max_members, store
+    )
+    nav = _nav_html(pages, 0)
+    url = _write(
+        storage.join_url(plan_dir, "report.html"),
+        html_page("dedup-batch report", overview + nav + first_body + nav),
+        options,
+    )
+    result = ReportResult(
+        url=url,
+        pages=pages,
+        clusters_total=len(clusters),
+        clusters_shown=len(shown),
+        images_shown=images_shown,
+        thumbnails=dict(sorted(counts.items())),
+    )
+    bad = {k: v for k, v in counts.items() if k != "ok"}
+    log.info(
+        "report: wrote %s (%d page(s)); thumbnails %s",
+        url,
+        n_pages,
+        ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none",
+        extra={"event": "report_written", "url": url, "thumbnails": result.thumbnails},
+    )
+    if bad:
+        log.warning(
+            "report: %d image(s) shown as placeholders (%s)",
+            sum(bad.values()),
+            ", ".join(f"{v} {k}" for k, v in sorted(bad.items())),
+        )
+    if update_summary:
+        _update_summary(plan_dir, options, {"report": result.summary_entry()})
+    return result
+
+
+def _update_summary(plan_dir: str, options: Mapping[str, Any], entries: Mapping[str, Any]) -> None:
+    """Merge ``entries`` into ``summary.json`` if it exists (read-modify-write)."""
+    url = storage.join_url(plan_dir, "summary.json")
+    try:
+        summary = json.loads(storage.read_url(url, options).decode("utf-8"))
+    except FileNotFoundError:
+        return
+    except ValueError as exc:
+        raise InputError(f"{url}: cannot parse ({_one_line(exc)}); fix or delete it") from None
+    summary.update(entries)
+    _write(url, json.dumps(summary, indent=2, default=str) + "\n", options)
+
+
+def _write(url: str, text: str, options: Mapping[str, Any]) -> str:
+    storage.write_url(url, text.encode("utf-8"), options)
+    return url
+
+
+def _non_secret(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop redacted values (``"***"`` in job.yaml): credentials come from the environment."""
+    return {
+        k: (_non_secret(v) if isinstance(v, Mapping) else v)
+        for k, v in options.items()
+        if v != "***"
+    }
+
+
+def _rank_clusters(plan: pd.DataFrame) -> pd.DataFrame:
+    """One row per cluster with duplicates, riskiest first.
+
+    Columns ``cluster``, ``size``, ``n_delete``, ``max_distance`` (over the members to delete),
+    ``bytes`` (reclaimable). Order: ``max_distance`` descending, ``size`` descending, then
+    ``cluster`` ascending (deterministic).
+    """
+    df = plan[plan["cluster"] >= 0]
+    dist = df["distance_to_keeper"] if "distance_to_keeper" in df else pd.Series(np.nan, df.index)
+    size = df["size"] if "size" in df else pd.Series(pd.NA, df.index)
+    delete = ~df["keep"].astype(bool)
+    work = pd.DataFrame(
+        {
+            "cluster": df["cluster"].to_numpy(),
+            "one": 1,
+            "del": delete.to_numpy().astype(np.int64),
+            "ddist": np.where(delete, pd.to_numeric(dist, errors="coerce"), np.nan),
+            "dbytes": np.where(delete, pd.to_numeric(size, errors="coerce").fillna(0), 0),
+        }
+    )
+    agg = (
+        work.groupby("cluster", sort=True)
+        .agg(
+            size=("one", "sum"),
+            n_delete=("del", "sum"),
+            max_distance=("ddist", "max"),
+            bytes=("dbytes", "sum"),
+        )
+        .reset_index()
+    )
+    agg = agg[agg["size"] > 1]
+    agg = agg.assign(_d=agg["max_distance"].fillna(-1.0))
+    agg = agg.sort_values(
+        ["_d", "size", "cluster"], ascending=[False, False, True], kind="mergesort"
+    )
+    return agg.drop(columns="_d").reset_index(drop=True)
+
+
+def _members_to_show(
+    plan: pd.DataFrame, clusters: np.ndarray, max_members: int
+) -> dict[int, pd.DataFrame]:
+    """For each cluster: keepers first (by path), then deletions farthest first, capped."""
+    sub = plan[plan["cluster"].isin(clusters)].copy()
+    if "distance_to_keeper" not in sub:
+        sub["distance_to_keeper"] = np.nan
+    sub["_k"] = ~sub["keep"].astype(bool)
+    sub["_d"] = -pd.to_numeric(sub["distance_to_keeper"], errors="coerce").fillna(0.0)
+    sub = sub.sort_values(["cluster", "_k", "_d", "path"], kind="mergesort")
+    out: dict[int, pd.DataFrame] = {}
+    for c, grp in sub.groupby("cluster", sort=False):
+        out[int(c)] = grp.head(max_members).drop(columns=["_k", "_d"])
+        out[int(c)].attrs["hidden"] = len(grp) - min(len(grp), max_members)
+    return out
+
+
+# -- HTML ----------------------------------------------------------------------------------------
+_CSS = """
+:root{--keep:#1a7f37;--del:#cf222e;--near:#bf8700;--ink:#1f2328;--mute:#656d76;--line:#d0d7de}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;
+color:var(--ink);margin:0 auto;max-width:1400px;padding:16px 24px;background:#fff}
+h1{font-size:22px;margin:4px 0 2px}h2{font-size:17px;margin:26px 0 8px}
+.sub{color:var(--mute);margin:0 0 14px;overflow-wrap:anywhere}
+.cols{display:flex;flex-wrap:wrap;gap:10px 60px}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:10px 0}
+.card{border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:130px}
+.card b{display:block;font-size:20px}.card span{color:var(--mute);font-size:12px}
+.card.del b{color:var(--del)}.card.keep b{color:var(--keep)}.card.warn b{color:var(--near)}
+.charts{display:flex;flex-wrap:wrap;gap:16px}.charts img{max-width:100%;
+border:1px solid var(--line);border-radius:6px}
+table.kv{border-collapse:collapse;font-size:13px}table.kv td{padding:2px 14px 2px 0}
+table.kv td:first-child{color:var(--mute)}
+.note{background:#fff8c5;border:1px solid #d4a72c66;border-radius:6px;padding:8px 12px}
+nav.pages{margin:18px 0;display:flex;flex-wrap:wrap;gap:6px}
+nav.pages a,nav.pages b{padding:3px 9px;border:1px solid var(--line);border-radius:6px;
+text-decoration:none}nav.pages b{background:var(--ink);color:#fff}
+section.cl{border:1px solid var(--line);border-radius:10px;margin:14px 0;padding:10px 12px}
+section.cl h3{font-size:14px;margin:0 0 8px;font-weight:600}
+section.cl h3 .m{color:var(--mute);font-weight:400}
+.grid{display:flex;flex-wrap:wrap;gap:10px}
+figure{margin:0;width:172px;border:2px solid var(--line);border-radius:8px;padding:5px;
+background:#f6f8fa}
+figure.keep{border-color:var(--keep)}figure.del{border-color:var(--del);border-style:dashed}
+figure .img{height:160px;display:flex;align-items:center;justify-content:center}
+figure img{max-width:160px;max-height:160px;display:block}
+.ph{width:150px;height:110px;display:flex;align-items:center;justify-content:center;
+border:1px dashed #8c959f;border-radius:6px;color:#57606a;background:repeating-linear-gradient(
+45deg,#eaeef2,#eaeef2 8px,#f6f8fa 8px,#f6f8fa 16px);font-weight:600;text-align:center}
+figcaption{font-size:11.5px;margin-top:4px;overflow-wrap:anywhere}
+.badge{display:inline-block;border-radius:4px;padding:0 5px;font-size:11px;font-weight:700;
+color:#fff;margin-right:4px}.badge.keep{background:var(--keep)}.badge.del{background:var(--del)}
+.d{font-variant-numeric:tabular-nums}.d.near{color:var(--near);font-weight:700}
+.more{color:var(--mute);font-size:12px;margin-top:6px}
+.p{display:block;color:var(--mute)}
+"""
+
+# Marks each thumbnail that decoded (naturalWidth > 0) and counts them on <body>: lets a
+# headless browser (and the tests) check the page renders, and does nothing else.
+_SCRIPT = (
+    "addEventListener('load',function(){var n=0,a=document.images;"
+    "for(var i=0;i<a.length;i++){var ok=a[i].complete&&a[i].naturalWidth>0;"
+    "a[i].setAttribute('data-decoded',ok?'1':'0');if(ok)n++}"
+    "document.body.setAttribute('data-images',n+'/'+a.length)});"
+)
+_SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()
+# Nothing may load from the network; only this exact script runs (an injected one would not).
+_CSP = (
+    f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    f"script-src 'sha256-{_SCRIPT_HASH}'; base-uri 'none'; form-action 'none'"
+)
+
+
+def esc(text: Any) -> str:
+    """HTML-escape anything (quotes included), for text and attribute values."""
+    return html.escape(str(text), quote=True)
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained HTML page: inline CSS, the decode-marking script, a strict CSP."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_CSS}</style>"
+        f"<script>{_SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def thumb_html(thumb: Thumb | None, path: str) -> str:
+    """The image (or a labelled placeholder) for ``path``."""
+    if thumb is None or thumb.status != "ok":
+        status = thumb.status if thumb is not None else "error"
+        why = thumb.reason if thumb is not None else "no thumbnail"
+        return (
+            f'<div class="img"><div class="ph" data-status="{esc(status)}" '
+            f'title="{esc(why)}">{esc(STATUS_LABELS.get(status, status))}</div></div>'
+        )
+    return (
+        f'<div class="img"><img src="{thumb.data_uri}" width="{thumb.width}" '
+        f'height="{thumb.height}" alt="{esc(path)}" title="{esc(path)}"></div>'
+    )
+
+
+def _fmt_dist(d: Any, eps: float | None) -> str:
+    if d is None or (isinstance(d, float) and math.isnan(d)) or d is pd.NA:
+        return '<span class="d">d = ?</span>'
+    near = eps is not None and eps > 0 and float(d) >= 0.8 * eps
+    frac = f" ({100 * float(d) / eps:.0f}% of eps)" if eps else ""
+    return (
+        f'<span class="d{" near" if near else ""}" title="distance to keeper{frac}">'
+        f"d = {float(d):.4g}</span>"
+    )
+
+
+def _cluster_html(
+    row: Any,
+    members: pd.DataFrame,
+    thumbs: Mapping[str, Thumb],
+    settings: Mapping[str, Any],
+    rank: int,
+) -> str:
+    eps = _float_or_none(settings.get("eps"))
+    n_keepers = int(members["keep"].astype(bool).sum())
+    figs = []
+    for m in members.itertuples(index=False):
+        keep = bool(m.keep)
+        cls, badge = ("keep", "KEEP") if keep else ("del", "DELETE")
+        d = "" if keep else _fmt_dist(getattr(m, "distance_to_keeper", None), eps)
+        to = ""
+        if not keep and (n_keepers > 1 or m.keeper not in set(members["path"])):
+            to = f'<span class="p">→ {esc(m.keeper)}</span>'
+        figs.append(
+            f'<figure class="{cls}">{thumb_html(thumbs.get(m.path), m.path)}'
+            f'<figcaption><span class="badge {cls}">{badge}</span>{d}'
+            f'<span class="p">{esc(m.path)}</span>{to}</figcaption></figure>'
+        )
+    hidden = int(members.attrs.get("hidden", 0))
+    more = (
+        (f'<div class="more">+ {hidden} more member(s) not shown (nearer to their keeper)</div>')
+        if hidden
+        else ""
+    )
+    md = row.max_distance
+    risk = "" if md is None or math.isnan(md) else f" · max distance {_fmt_dist(md, eps)}"
+    size_txt = f" · {_human_bytes(row.bytes)} reclaimable" if row.bytes else ""
+    return (
+        f'<section class="cl" id="c{int(row.cluster)}"><h3>#{rank} · cluster '
+        f'{int(row.cluster)} <span class="m">· {int(row.size)} images · {int(row.n_delete)} '
+        f'to delete{risk}{size_txt}</span></h3><div class="grid">{"".join(figs)}</div>{more}'
+        "</section>\n"
+    )
+
+
+def _nav_html(pages: Sequence[str], current: int) -> str:
+    if len(pages) < 2:
+        return ""
+    links = [
+        f"<b>{i + 1}</b>" if i == current else f'<a href="{esc(p)}">{i + 1}</a>'
+        for i, p in enumerate(pages)
+    ]
+    return f'<nav class="pages">pages: {"".join(links)}</nav>'
+
+
+def _overview_html(
+    plan: pd.DataFrame,
+    clusters: pd.DataFrame,
+    shown: pd.DataFrame,
+    summary: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    counts: Mapping[str, int],
+    n_pages: int,
+    max_members: int,
+    store: storage.Store,
+) -> str:
+    n = len(plan)
+    delete = ~plan["keep"].astype(bool)
+    n_del = int(delete.sum())
+    noise = int((plan["cluster"] < 0).sum())
+    size = pd.to_numeric(plan["size"], errors="coerce") if "size" in plan else None
+    reclaim = int(size[delete].fillna(0).sum()) if size is not None else 0
+    not_found = int((~plan["exists"].astype(bool)).sum()) if "exists" in plan else 0
+    eps = _float_or_none(settings.get("eps"))
+    cards = [
+        ("", f"{n:,}", "images in plan"),
+        ("", f"{len(clusters):,}", "clusters with duplicates"),
+        ("del", f"{n_del:,}", f"to delete ({100 * n_del / n:.1f}%)" if n else "to delete"),
+        ("keep", f"{n - n_del:,}", "to keep"),
+        ("", _human_bytes(reclaim), "reclaimable"),
+    ]
+    if noise:
+        cards.append(("", f"{noise:,}", "noise (never deleted)"))
+    if not_found:
+        cards.append(("warn", f"{not_found:,}", "not found at plan time"))
+    bad = {k: v for k, v in counts.items() if k != "ok"}
+    if bad:
+        cards.append(
+            (
+                "warn",
+                f"{sum(bad.values()):,}",
+                "shown as placeholders: "
+                + ", ".join(f"{v} {STATUS_LABELS.get(k, k)}" for k, v in sorted(bad.items())),
+            )
+        )
+    card_html = "".join(
+        f'<div class="card {c}"><b>{esc(v)}</b><span>{esc(t)}</span></div>' for c, v, t in cards
+    )
+    keys = [
+        ("root", store.root),
+        ("eps", settings.get("eps")),
+        ("metric", settings.get("metric")),
+        ("min_samples", settings.get("min_samples")),
+        ("keep policy", settings.get("keep")),
+        ("max keeper distance", settings.get("max_keeper_distance")),
+        ("generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+    ]
+    kv = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in keys if v is not None)
+    timings = summary.get("timings") or {}
+    tt = "".join(
+        f"<tr><td>{esc(k)}</td><td>{float(v):.2f} s</td></tr>"
+        for k, v in timings.items()
+        if _float_or_none(v) is not None
+    )
+    charts = _charts_html(plan, clusters, eps)
+    capped = len(clusters) - len(shown)
+    note = ""
+    if capped > 0:
+        note = (
+            f'<p class="note">Showing the {len(shown):,} riskiest of {len(clusters):,} '
+            f"clusters ({n_pages} pages); the other {capped:,} clusters (smaller distances) "
+            "are not shown: the full list is in plan.parquet.</p>"
+        )
+    return (
+        f'<h1>dedup-batch report</h1><p class="sub">{esc(store.root)}</p>'
+        f'<div class="cards">{card_html}</div>{charts}'
+        f'<div class="cols"><div><h2>Settings</h2><table class="kv">{kv}</table></div>'
+        + (f'<div><h2>Timings</h2><table class="kv">{tt}</table></div>' if tt else "")
+        + "</div>"
+        + f'<h2>Clusters, riskiest first</h2><p class="sub">Ordered by the largest distance '
+        f"from a deleted image to its keeper, then by size. Green: kept; red dashed: to delete; "
+        f"distances in amber are at least 80% of eps. Up to {max_members} images a cluster."
+        f"</p>{note}"
+    )
+
+
+def _charts_html(plan: pd.DataFrame, clusters: pd.DataFrame, eps: float | None) -> str:
+    imgs = []
+    if len(clusters):
+        imgs.append(("cluster sizes", _size_hist_png(clusters["size"].to_numpy())))
+    if "distance_to_keeper" in plan:
+        d = (
+            pd.to_numeric(
+                plan.loc[~plan["keep"].astype(bool), "distance_to_keeper"], errors="coerce"
+            )
+            .dropna()
+            .to_numpy()
+        )
+        if len(d):
+            imgs.append(("distance to keeper", _distance_hist_png(d, eps)))
+    if not imgs:
+        return ""
+    tags = "".join(
+        f'<img src="data:image/png;base64,{base64.b64encode(p).decode()}" alt="{esc(a)}">'
+        for a, p in imgs
+    )
+    return f'<div class="charts">{tags}</div>'
+
+
+def _figure(w: float = 5.6, h: float = 2.9) -> Any:
+    # The object API with an Agg canvas: no pyplot global state, safe in any thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _size_hist_png(sizes: np.ndarray) -> bytes:
+    fig = _figure()
+    ax = fig.add_subplot()
+    top = int(sizes.max())
+    if top <= 30:
+        bins = np.arange(1.5, top + 1.5)
+    else:  # log-spaced bins: a few huge clusters must not flatten the rest
+        bins = np.unique(np.round(np.geomspace(1.5, top + 0.5, 30)))
+        ax.set_xscale("log")
+    counts, _, _ = ax.hist(sizes, bins=bins, color="#0969da", edgecolor="white")
+    if counts.max() > 50:  # many small clusters and few big ones: keep the big ones visible
+        ax.set_yscale("log")
+    if top <= 30:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("cluster size (images)")
+    ax.set_ylabel("clusters")
+    ax.set_title(f"Cluster sizes ({len(sizes):,} clusters with duplicates)", fontsize=10)
+    return _png(fig)
+
+
+def _distance_hist_png(d: np.ndarray, eps: float | None) -> bytes:
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.hist(d, bins=40, color="#cf222e", edgecolor="white")
+    if eps:
+        ax.axvline(eps, color="#1f2328", ls="--", lw=1)
+        ax.text(eps, ax.get_ylim()[1] * 0.95, " eps", va="top", fontsize=9)
+    ax.set_xlabel("distance to keeper")
+    ax.set_ylabel("images to delete")
+    ax.set_title("How far each deletion is from its keeper", fontsize=10)
+    return _png(fig)
+
+
+def _human_bytes(n: Any) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"
+
+
+def _float_or_none(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
