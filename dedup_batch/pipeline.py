@@ -28,7 +28,8 @@ from .cluster import DBSCAN
 from .config import JobSpec
 from .errors import ConfigError, InputError, StorageError
 from .load import load_features
-from .progress import StageTimer
+from .progress import StageTimer, log_dashboard
+from .report import write_report
 from .select import select_keepers
 from .storage import Store, join_url, read_url, url_exists, write_url
 
@@ -88,6 +89,7 @@ def dask_client(spec: JobSpec) -> Iterator[Any]:
             address,
             len(client.scheduler_info().get("workers", {})),
         )
+        log_dashboard(client)
         try:
             yield client
         finally:
@@ -107,12 +109,8 @@ def dask_client(spec: JobSpec) -> Iterator[Any]:
         ) as cluster,
         Client(cluster) as client,
     ):
-        log.info(
-            "dask: LocalCluster with %d workers x %d threads%s",
-            n_workers,
-            threads,
-            f", dashboard {client.dashboard_link}" if dashboard else "",
-        )
+        log.info("dask: LocalCluster with %d workers x %d threads", n_workers, threads)
+        log_dashboard(client)
         yield client
 
 
@@ -165,6 +163,14 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
         write_url(join_url(spec.out, "job.yaml"), recorded.to_yaml().encode(), so)
     summary["timings"] = timer.timings
     _write_summary(spec.out, summary, so)
+    if spec.report:
+        # write_report logs its own stage and merges its entry ("report") into summary.json
+        t0 = time.perf_counter()
+        write_report(spec.out, store=store, client=client, storage_options=so)
+        timer.timings["report"] = round(time.perf_counter() - t0, 4)
+        summary = json.loads(read_url(join_url(spec.out, "summary.json"), so))
+        summary["timings"] = timer.timings
+        _write_summary(spec.out, summary, so)
     return PlanResult(spec.out, table, summary)
 
 
