@@ -1,0 +1,627 @@
+"""Load stage: read sharded feature files in parallel into one ``(n, d)`` float32 array.
+
+Each shard is read, parsed and validated by one Dask task (on a worker of a
+``distributed.Client``, or on dask's local threaded scheduler); the client only concatenates
+the validated pieces, in shard order then row order, and collapses paths listed twice.
+
+Accepted shard layouts, chosen by the file name's suffix (case-insensitive):
+
+* ``.parquet`` / ``.pq`` / ``.parq``: "wide" (the path in a ``path`` column or the pandas
+  index, every other column one numeric dimension: the seed notebook's layout) or "list"
+  (``path`` + ``embedding``, a list or fixed-size-list column of numbers);
+* ``.npz``: arrays ``paths`` (unicode) and ``embeddings`` (2-D numeric), read without pickle;
+* ``.csv`` (also ``.csv.gz``, ``.csv.bz2``, ``.csv.xz``, ...): a ``path`` column (or else the
+  first column) and numeric columns;
+* ``.pkl`` / ``.pickle``: a pandas DataFrame as the wide layout, only with ``allow_pickle=True``
+  because unpickling runs code from the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from . import storage
+from .errors import DedupError, InputError, ScopeError
+from .storage import Store
+
+if TYPE_CHECKING:
+    import distributed
+
+__all__ = ["SHARD_SUFFIXES", "Features", "load_features"]
+
+log = logging.getLogger(__name__)
+
+#: Shard layouts by file-name suffix (lower case). CSV and pickle may also carry a compression
+#: suffix (``.gz``, ``.bz2``, ``.xz``, ...); Parquet and NPZ compress internally.
+SHARD_SUFFIXES: Mapping[str, str] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".parq": "parquet",
+    ".npz": "npz",
+    ".csv": "csv",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
+}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".lzma", ".zip")
+_STREAM_LAYOUTS = ("csv", "pickle")
+
+# Wide columns are interleaved into rows block by block: a (d, block) float32 scratch of about
+# 1 MiB stays in cache while it is transposed, instead of d strided passes over the whole shard.
+_BLOCK_BYTES = 1 << 20
+
+# Duplicate vectors are compared in chunks of this many rows, so that comparing a whole shard
+# listed twice never copies more than ~this × d × 8 bytes at once.
+_DUP_CHUNK = 65536
+
+# Threads for the local scheduler: the concurrent.futures default. Reading is mostly waiting on
+# storage and pyarrow/numpy release the GIL while parsing, so more threads than cores pay off.
+_LOCAL_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
+_PICKLE_REFUSED = (
+    "{url}: pickle shards run code when read; pass --allow-pickle only if you trust this file, "
+    "or convert it to Parquet"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Features:
+    """The loaded embeddings.
+
+    Attributes
+    ----------
+    paths : ndarray of object, shape (n,)
+        The image paths (``str``), exactly as written in the shards; each listed once.
+    X : ndarray of float32, shape (n, d)
+        The embeddings, C-contiguous; row ``i`` belongs to ``paths[i]``.
+    shards : tuple of str
+        URLs of the shards read, in read order (sorted).
+    """
+
+    paths: np.ndarray
+    X: np.ndarray
+    shards: tuple[str, ...]
+
+
+def load_features(
+    urls: str | Sequence[str],
+    *,
+    store: Store,
+    storage_options: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+    client: distributed.Client | None = None,
+) -> Features:
+    """Read feature shards in parallel and gather them into one array.
+
+    Parameters
+    ----------
+    urls : str or sequence of str
+        URLs, glob patterns or folders of shards (``./features/*.parquet``,
+        ``s3://bucket/features/part-*.parquet``, ``memory://features``). Expanded through
+        fsspec and sorted; each must match at least one file.
+    store : Store
+        The job's root. Every path in the shards must resolve under it (``store.resolve``).
+    storage_options : mapping, optional
+        fsspec options for reading the shards (credentials, ``endpoint_url``); none when not
+        given. Workers receive them with the tasks.
+    allow_pickle : bool, default False
+        Read ``.pkl``/``.pickle`` shards. Unpickling runs code from the file: only for files
+        you trust.
+    client : distributed.Client, optional
+        Read one shard per task on this cluster's workers; without it, dask's threaded
+        scheduler reads them in this process.
+
+    Returns
+    -------
+    Features
+        ``paths`` (n,), ``X`` (n, d) float32 C-contiguous, ``shards``. Rows come in shard
+        order, then row order. A path listed twice (also as two spellings of one object, e.g.
+        ``a.jpg`` and ``./a.jpg``) with identical vectors is kept once, at its first place.
+
+    Raises
+    ------
+    InputError
+        No shard or no row at all; an unknown suffix; a corrupt file; a shard without a path
+        column or with a non-numeric feature column; non-text paths; NaN or infinite values;
+        dimensions that differ between shards; a path listed twice with different vectors;
+        a pickle shard without ``allow_pickle``.
+    ScopeError
+        A path that resolves outside ``store``'s root.
+    StorageError
+        The storage cannot be reached or refuses us (endpoint, credentials, bucket).
+
+    Notes
+    -----
+    Memory on the client: the result, ``n × d × 4`` bytes for ``X`` plus about 100 bytes per
+    path, and briefly the pieces not yet copied into it. The output is allocated once and
+    filled shard by shard, each piece released as soon as it is copied; pages of the output
+    are committed as they are written, so the peak stays near ``n × d × 4`` bytes plus the
+    largest shard, not twice the result. Removing duplicate paths compacts ``X`` in place.
+
+    Memory per task (on a worker): about three times the shard's decoded size (the file's
+    bytes, the decoded table and the float32 piece), for one shard per worker thread.
+    """
+    if isinstance(urls, str):
+        urls = [urls]
+    if not urls:
+        raise InputError("no feature shards given: pass one or more shard URLs or globs")
+    opts = dict(storage_options or {})
+    shards = storage.expand_urls(list(urls), opts, suffixes=tuple(SHARD_SUFFIXES))
+    for url in shards:
+        # Refuse unknown formats and unwanted pickles before reading anything.
+        if _layout(url) == "pickle" and not allow_pickle:
+            raise InputError(_PICKLE_REFUSED.format(url=url))
+    log.info(
+        "load: reading %d shard(s) (%s%s)",
+        len(shards),
+        shards[0],
+        ", ..." if len(shards) > 1 else "",
+    )
+
+    if client is not None:
+        futures = client.map(
+            _read_shard_task,
+            shards,
+            storage_options=opts,
+            allow_pickle=allow_pickle,
+            store=store,
+            pure=False,
+        )
+        results: list[Any] = client.gather(futures)
+        del futures  # lets the workers drop their copies
+    else:
+        import dask
+
+        tasks = [
+            dask.delayed(_read_shard_task, pure=False)(
+                url, storage_options=opts, allow_pickle=allow_pickle, store=store
+            )
+            for url in shards
+        ]
+        results = list(
+            dask.compute(*tasks, scheduler="threads", num_workers=min(_LOCAL_THREADS, len(shards)))
+        )
+
+    # The first failing shard in read order decides the error, whatever finished first.
+    for res in results:
+        if isinstance(res, DedupError):
+            raise res
+    return _gather(shards, results)
+
+
+# -- client side ----------------------------------------------------------------------------
+def _gather(shards: list[str], results: list[Any]) -> Features:
+    """Concatenate the shards' pieces into one array, then collapse duplicate paths."""
+    sizes = [len(r[0]) for r in results]
+    n = sum(sizes)
+    if n == 0:
+        raise InputError(
+            f"no feature rows in {len(shards)} shard(s) ({shards[0]}"
+            f"{', ...' if len(shards) > 1 else ''}); check that the export wrote any data"
+        )
+    first = next(i for i, m in enumerate(sizes) if m)
+    d = results[first][1].shape[1]
+    for url, r, m in zip(shards, results, sizes, strict=True):
+        if m and r[1].shape[1] != d:
+            raise InputError(
+                f"{url} has {r[1].shape[1]}-dimensional vectors but {shards[first]} has {d}; "
+                "all shards must come from the same model: re-export the odd one"
+            )
+        if not m:
+            log.warning("load: %s has no rows", url)
+
+    X = np.empty((n, d), dtype=np.float32)
+    paths = np.empty(n, dtype=object)
+    keys = np.empty(n, dtype=object)
+    starts = np.zeros(len(shards) + 1, dtype=np.int64)
+    at = 0
+    for i, m in enumerate(sizes):
+        if m:
+            p, x, k = results[i]
+            X[at : at + m] = x
+            paths[at : at + m] = p
+            keys[at : at + m] = k
+        results[i] = None  # release the piece now: the peak stays near one copy of X
+        at += m
+        starts[i + 1] = at
+    del results
+
+    X, paths = _drop_duplicates(X, paths, keys, shards, starts)
+    log.info(
+        "load: %d rows × %d dims (%.1f MB) from %d shard(s)",
+        X.shape[0],
+        d,
+        X.nbytes / 1e6,
+        len(shards),
+    )
+    return Features(paths=paths, X=X, shards=tuple(shards))
+
+
+def _drop_duplicates(
+    X: np.ndarray, paths: np.ndarray, keys: np.ndarray, shards: list[str], starts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first row of each object (by resolved path); refuse differing vectors.
+
+    ``keys`` are the resolved storage paths, so two spellings of one object (``a.jpg`` and
+    ``./a.jpg``) count as the same path: keeping both would let the plan delete the object
+    it keeps.
+    """
+    n = len(keys)
+    codes, uniques = pd.factorize(keys)
+    if len(uniques) == n:
+        return X, paths
+    # factorize numbers objects in order of first appearance, so return_index gives each
+    # object's first row.
+    _, first_row = np.unique(codes, return_index=True)
+    dup_rows = np.flatnonzero(first_row[codes] != np.arange(n))
+    for lo in range(0, len(dup_rows), _DUP_CHUNK):
+        rows = dup_rows[lo : lo + _DUP_CHUNK]
+        orig = first_row[codes[rows]]
+        differs = np.flatnonzero(np.any(X[rows] != X[orig], axis=1))
+        if len(differs):
+            r, o = int(rows[differs[0]]), int(orig[differs[0]])
+            raise InputError(
+                f"path {paths[r]!r} at {_where(r, shards, starts)} is also listed at "
+                f"{_where(o, shards, starts)} as {paths[o]!r} with a different vector; "
+                "remove one of the two rows"
+            )
+    log.info(
+        "load: %d path(s) listed more than once with identical vectors: kept the first "
+        "occurrence of each (e.g. %r at %s)",
+        len(dup_rows),
+        paths[dup_rows[0]],
+        _where(int(dup_rows[0]), shards, starts),
+    )
+    keep = np.ones(n, dtype=bool)
+    keep[dup_rows] = False
+    kept = np.flatnonzero(keep)
+    # Compact in place, front to back: row kept[j] >= j, so each chunk reads only rows that
+    # no earlier chunk has overwritten, and no second n × d array is allocated.
+    step = max(1, _BLOCK_BYTES // max(1, X.shape[1] * 4))
+    for lo in range(0, len(kept), step):
+        X[lo : lo + step] = X[kept[lo : lo + step]]
+    return X[: len(kept)], paths[kept]
+
+
+def _where(row: int, shards: list[str], starts: np.ndarray) -> str:
+    """``<shard> row <i>`` for a global row number."""
+    s = int(np.searchsorted(starts, row, side="right")) - 1
+    return f"{shards[s]} row {row - int(starts[s])}"
+
+
+# -- worker side ----------------------------------------------------------------------------
+def _layout(url: str) -> str:
+    """The layout of a shard by its suffix (compression suffix allowed for CSV and pickle)."""
+    name = url.lower()
+    for comp in _COMPRESSION_SUFFIXES:
+        if name.endswith(comp):
+            base = name[: -len(comp)]
+            for suffix, kind in SHARD_SUFFIXES.items():
+                if base.endswith(suffix) and kind in _STREAM_LAYOUTS:
+                    return kind
+    for suffix, kind in SHARD_SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    raise InputError(
+        f"{url}: unknown shard format; expected one of {', '.join(SHARD_SUFFIXES)} "
+        "(CSV and pickle may be compressed, e.g. .csv.gz)"
+    )
+
+
+def _read_shard_task(
+    url: str, *, storage_options: Mapping[str, Any], allow_pickle: bool, store: Store
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | DedupError:
+    """Dask task: read and validate one shard.
+
+    Returns ``(paths, X, keys)`` (paths as written, float32 (m, d) C-contiguous, resolved
+    storage paths), or the ``DedupError`` describing what is wrong with the shard: returned,
+    not raised, so the client reports the first bad shard in read order and the workers do
+    not log user errors as task failures.
+    """
+    try:
+        return _read_shard(url, storage_options, allow_pickle, store)
+    except DedupError as exc:
+        return exc
+
+
+def _read_shard(
+    url: str, storage_options: Mapping[str, Any], allow_pickle: bool, store: Store
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    kind = _layout(url)
+    if kind == "pickle" and not allow_pickle:
+        raise InputError(_PICKLE_REFUSED.format(url=url))
+    if kind == "parquet":
+        paths, X, columns = _read_parquet(url, storage.read_bytes(url, storage_options))
+    elif kind == "npz":
+        paths, X, columns = _read_npz(url, storage.read_bytes(url, storage_options))
+    elif kind == "csv":
+        raw = storage.read_bytes(url, storage_options, compression="infer")
+        paths, X, columns = _read_csv(url, raw)
+    else:
+        raw = storage.read_bytes(url, storage_options, compression="infer")
+        paths, X, columns = _read_pickle(url, raw)
+    _check_finite(url, paths, X, columns)
+    keys = _check_paths(url, paths, store)
+    return paths, X, keys
+
+
+def _read_parquet(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(raw))
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(
+            f"{url} is not a valid Parquet file ({_one_line(exc)}); re-export it"
+        ) from None
+    names = list(schema.names)
+    meta = schema.pandas_metadata or {}
+    index_cols = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
+    if "path" in names:
+        path_col = "path"
+    elif len(index_cols) == 1:
+        path_col = index_cols[0]
+    else:
+        raise InputError(
+            f"{url}: no path column; name the column of image paths 'path' "
+            "(or store the paths as the DataFrame's index)"
+        )
+    is_list = "embedding" in names and _is_list_type(schema.field("embedding").type)
+    if is_list:
+        columns = [path_col, "embedding"]
+    else:
+        columns = [c for c in names if c != path_col and c not in index_cols]
+        if not columns:
+            raise InputError(f"{url}: no feature columns besides {path_col!r}")
+        for c in columns:
+            t = schema.field(c).type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+                raise InputError(
+                    f"{url}: column {c!r} is {t}, not numeric; every column besides the path "
+                    "must hold one embedding dimension (drop it, or use 'path' + 'embedding')"
+                )
+        columns = [path_col, *columns]
+    try:
+        table = pf.read(columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(
+            f"{url} is not a valid Parquet file ({_one_line(exc)}); re-export it"
+        ) from None
+    del pf, raw
+    paths = _text_column(url, table.column(path_col), path_col)
+    if is_list:
+        return paths, _list_to_matrix(url, table.column("embedding"), paths), None
+    features = columns[1:]
+    return paths, _columns_to_matrix([table.column(c) for c in features]), features
+
+
+def _is_list_type(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _text_column(url: str, col: pa.ChunkedArray, name: str) -> np.ndarray:
+    """An Arrow column of paths as an object array of ``str``."""
+    t = col.type
+    if pa.types.is_dictionary(t) and (
+        pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
+    ):
+        col = col.cast(t.value_type)
+        t = col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+        raise InputError(
+            f"{url}: path column {name!r} is {t}, not text; store the paths as strings"
+        )
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{url}: row {row} has no path (null); fill in or drop the row")
+    return col.to_numpy(zero_copy_only=False).astype(object, copy=False)
+
+
+def _columns_to_matrix(cols: list[pa.ChunkedArray]) -> np.ndarray:
+    """Interleave ``d`` numeric columns into an ``(n, d)`` float32 C-contiguous array.
+
+    Nulls become NaN (rejected afterwards). Works in row blocks of about ``_BLOCK_BYTES``.
+    """
+    arrays = [c.to_numpy() for c in cols]  # zero-copy for float columns without nulls
+    d = len(arrays)
+    n = len(arrays[0]) if arrays else 0
+    out = np.empty((n, d), dtype=np.float32)
+    step = max(1, _BLOCK_BYTES // (4 * d))
+    block = np.empty((d, step), dtype=np.float32)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        for k, a in enumerate(arrays):
+            block[k, : hi - lo] = a[lo:hi]
+        out[lo:hi] = block[:, : hi - lo].T
+    return out
+
+
+def _list_to_matrix(url: str, col: pa.ChunkedArray, paths: np.ndarray) -> np.ndarray:
+    """A list / fixed-size-list column of numbers as ``(n, d)`` float32, without row loops."""
+    arr = col.combine_chunks()
+    n = len(arr)
+    if arr.null_count:
+        row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(
+            f"{url}: row {row} (path {paths[row]!r}) has no embedding (null); "
+            "fill in or drop the row"
+        )
+    vt = arr.type.value_type
+    if not (pa.types.is_integer(vt) or pa.types.is_floating(vt)):
+        raise InputError(
+            f"{url}: column 'embedding' holds {vt}, not numbers; store lists of floats"
+        )
+    if pa.types.is_fixed_size_list(arr.type):
+        d = arr.type.list_size
+    else:
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        d = int(lengths[0]) if n else 0
+        bad = np.flatnonzero(lengths != d)
+        if len(bad):
+            row = int(bad[0])
+            raise InputError(
+                f"{url}: row {row} (path {paths[row]!r}) has a {int(lengths[row])}-dimensional "
+                f"embedding but row 0 has {d}; all embeddings must have the same length"
+            )
+    values = arr.flatten().to_numpy(zero_copy_only=False)  # nulls -> NaN, rejected afterwards
+    return np.ascontiguousarray(values, dtype=np.float32).reshape(n, d)
+
+
+def _read_npz(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, None]:
+    # np.load takes anything that is not a zip for a pickle: check the zip signature first so
+    # that a damaged file reads as damaged, not as "pickled data".
+    if not raw.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise InputError(f"{url} is not a valid NPZ (zip) file; re-export it with np.savez")
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            missing = {"paths", "embeddings"} - set(npz.files)
+            if missing:
+                raise InputError(
+                    f"{url}: NPZ shard has arrays {sorted(npz.files)}; expected 'paths' and "
+                    "'embeddings' (np.savez(f, paths=..., embeddings=...))"
+                )
+            paths = _npz_array(url, npz, "paths")
+            emb = _npz_array(url, npz, "embeddings")
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise InputError(
+            f"{url} is not a valid NPZ file ({_one_line(exc)}); re-export it"
+        ) from None
+    if paths.ndim != 1:
+        raise InputError(f"{url}: 'paths' has shape {paths.shape}; expected one dimension")
+    if paths.dtype.kind != "U":
+        raise InputError(
+            f"{url}: 'paths' holds {paths.dtype}, not text; save the paths as a unicode array "
+            "(np.asarray(paths, dtype=str))"
+        )
+    if emb.ndim != 2 or emb.shape[0] != paths.shape[0]:
+        raise InputError(
+            f"{url}: 'embeddings' has shape {emb.shape} for {paths.shape[0]} paths; expected "
+            f"({paths.shape[0]}, d)"
+        )
+    if emb.dtype.kind not in "fiu":
+        raise InputError(f"{url}: 'embeddings' holds {emb.dtype}, not numbers")
+    return paths.astype(object), np.ascontiguousarray(emb, dtype=np.float32), None
+
+
+def _npz_array(url: str, npz: Any, name: str) -> np.ndarray:
+    try:
+        return npz[name]
+    except ValueError as exc:
+        if "pickle" not in str(exc):
+            raise
+        raise InputError(
+            f"{url}: {name!r} is an object array, which needs pickle to load; save the paths "
+            "as a unicode array (np.asarray(paths, dtype=str)) and the embeddings as floats"
+        ) from None
+
+
+def _read_csv(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    first_line = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    header = next(csv.reader([first_line]), [])
+    if not raw.strip() or not header:
+        raise InputError(f"{url}: empty CSV file; expected a header line and rows")
+    path_col = "path" if "path" in header else header[0]
+    try:
+        table = pacsv.read_csv(
+            pa.BufferReader(raw),
+            # The path column is text even when the names look like numbers.
+            convert_options=pacsv.ConvertOptions(column_types={path_col: pa.string()}),
+        )
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(
+            f"{url} is not a valid CSV file ({_one_line(exc)}); re-export it"
+        ) from None
+    features = [c for c in table.column_names if c != path_col]
+    if not features:
+        raise InputError(f"{url}: no feature columns besides {path_col!r}")
+    for c in features:
+        t = table.schema.field(c).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
+            raise InputError(
+                f"{url}: column {c!r} holds {t}, not numbers; every column besides the path "
+                "must hold one embedding dimension"
+            )
+    paths = _text_column(url, table.column(path_col), path_col)
+    cols = [table.column(c) for c in features]
+    # An all-empty column reads as type null: as floats it is all NaN, reported as such.
+    cols = [c.cast(pa.float32()) if pa.types.is_null(c.type) else c for c in cols]
+    return paths, _columns_to_matrix(cols), features
+
+
+def _read_pickle(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        df = pd.read_pickle(io.BytesIO(raw))
+    except Exception as exc:  # unpickling can fail in any way the file's content dictates
+        raise InputError(
+            f"{url} is not a readable pandas pickle ({_one_line(exc)}); re-export it"
+        ) from None
+    if not isinstance(df, pd.DataFrame):
+        raise InputError(f"{url}: pickle holds a {type(df).__name__}, not a DataFrame of features")
+    if "path" in df.columns:
+        path_values = df["path"].to_numpy(dtype=object)
+        feat = df.drop(columns=["path"])
+    else:
+        path_values = df.index.to_numpy(dtype=object)
+        feat = df
+    for c, t in feat.dtypes.items():
+        if not pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t):
+            raise InputError(
+                f"{url}: column {c!r} holds {t}, not numbers; every column besides the path "
+                "must hold one embedding dimension"
+            )
+    if feat.shape[1] == 0:
+        raise InputError(f"{url}: no feature columns")
+    X = np.ascontiguousarray(feat.to_numpy(dtype=np.float32, na_value=np.nan))
+    return path_values, X, [str(c) for c in feat.columns]
+
+
+def _check_finite(url: str, paths: np.ndarray, X: np.ndarray, columns: list[str] | None) -> None:
+    """Refuse NaN and ±inf, naming the first bad row and column."""
+    # A float64 row sum of float32 values cannot overflow and is non-finite exactly when the
+    # row holds a NaN or an inf: one pass, no n × d boolean temporary.
+    bad = np.flatnonzero(~np.isfinite(X.sum(axis=1, dtype=np.float64)))
+    if len(bad):
+        row = int(bad[0])
+        k = int(np.flatnonzero(~np.isfinite(X[row]))[0])
+        col = f"column {columns[k]!r}" if columns else f"dimension {k}"
+        raise InputError(
+            f"{url}: row {row} (path {paths[row]!r}) has {X[row, k]} in {col} (or a value "
+            "beyond float32 range); fix or drop the row and re-export"
+        )
+
+
+def _check_paths(url: str, paths: np.ndarray, store: Store) -> np.ndarray:
+    """Check every path is text under the root; return the resolved storage paths."""
+    keys = np.empty(len(paths), dtype=object)
+    resolve = store.resolve
+    for i, p in enumerate(paths):
+        if type(p) is not str:
+            raise InputError(
+                f"{url}: row {i} has path {p!r} of type {type(p).__name__}, not text; store "
+                "the paths as strings"
+            )
+        try:
+            keys[i] = resolve(p)
+        except ScopeError as exc:
+            raise ScopeError(
+                f"{url}: row {i}: {exc}; fix the path in the shard or choose a root that "
+                "contains it"
+            ) from None
+    return keys
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
