@@ -292,7 +292,8 @@ def _drop_duplicates(
     # no earlier chunk has overwritten, and no second n × d array is allocated.
     step = max(1, _BLOCK_BYTES // max(1, X.shape[1] * 4))
     for lo in range(0, len(kept), step):
-        X[lo : lo + step] = X[kept[lo : lo + step]]
+        rows = kept[lo : lo + step]
+        X[lo : lo + len(rows)] = X[rows]
     return X[: len(kept)], paths[kept]
 
 
@@ -413,6 +414,8 @@ def _is_list_type(t: pa.DataType) -> bool:
 
 def _text_column(url: str, col: pa.ChunkedArray, name: str) -> np.ndarray:
     """An Arrow column of paths as an object array of ``str``."""
+    if len(col) == 0:  # an empty pandas index is stored with type null: nothing to check
+        return np.empty(0, dtype=object)
     t = col.type
     if pa.types.is_dictionary(t) and (
         pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
@@ -440,11 +443,13 @@ def _columns_to_matrix(cols: list[pa.ChunkedArray]) -> np.ndarray:
     out = np.empty((n, d), dtype=np.float32)
     step = max(1, _BLOCK_BYTES // (4 * d))
     block = np.empty((d, step), dtype=np.float32)
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        for k, a in enumerate(arrays):
-            block[k, : hi - lo] = a[lo:hi]
-        out[lo:hi] = block[:, : hi - lo].T
+    # float64 beyond float32 range casts to inf, which _check_finite reports with its row.
+    with np.errstate(over="ignore"):
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            for k, a in enumerate(arrays):
+                block[k, : hi - lo] = a[lo:hi]
+            out[lo:hi] = block[:, : hi - lo].T
     return out
 
 
@@ -476,7 +481,8 @@ def _list_to_matrix(url: str, col: pa.ChunkedArray, paths: np.ndarray) -> np.nda
                 f"embedding but row 0 has {d}; all embeddings must have the same length"
             )
     values = arr.flatten().to_numpy(zero_copy_only=False)  # nulls -> NaN, rejected afterwards
-    return np.ascontiguousarray(values, dtype=np.float32).reshape(n, d)
+    with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
+        return np.ascontiguousarray(values, dtype=np.float32).reshape(n, d)
 
 
 def _read_npz(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, None]:
@@ -512,7 +518,9 @@ def _read_npz(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, None]:
         )
     if emb.dtype.kind not in "fiu":
         raise InputError(f"{url}: 'embeddings' holds {emb.dtype}, not numbers")
-    return paths.astype(object), np.ascontiguousarray(emb, dtype=np.float32), None
+    with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
+        X = np.ascontiguousarray(emb, dtype=np.float32)
+    return paths.astype(object), X, None
 
 
 def _npz_array(url: str, npz: Any, name: str) -> np.ndarray:
@@ -583,7 +591,8 @@ def _read_pickle(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str
             )
     if feat.shape[1] == 0:
         raise InputError(f"{url}: no feature columns")
-    X = np.ascontiguousarray(feat.to_numpy(dtype=np.float32, na_value=np.nan))
+    with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
+        X = np.ascontiguousarray(feat.to_numpy(dtype=np.float32, na_value=np.nan))
     return path_values, X, [str(c) for c in feat.columns]
 
 
