@@ -225,21 +225,21 @@ def _gather(shards: list[str], results: list[Any]) -> Features:
 
     X = np.empty((n, d), dtype=np.float32)
     paths = np.empty(n, dtype=object)
-    keys = np.empty(n, dtype=object)
+    aliases: dict[int, str] = {}
     starts = np.zeros(len(shards) + 1, dtype=np.int64)
     at = 0
     for i, m in enumerate(sizes):
         if m:
-            p, x, k = results[i]
+            p, x, a = results[i]
             X[at : at + m] = x
             paths[at : at + m] = p
-            keys[at : at + m] = k
+            aliases.update((at + r, v) for r, v in a.items())
         results[i] = None  # release the piece now: the peak stays near one copy of X
         at += m
         starts[i + 1] = at
     del results
 
-    X, paths = _drop_duplicates(X, paths, keys, shards, starts)
+    X, paths = _drop_duplicates(X, paths, aliases, shards, starts)
     log.info(
         "load: %d rows × %d dims (%.1f MB) from %d shard(s)",
         X.shape[0],
@@ -251,16 +251,27 @@ def _gather(shards: list[str], results: list[Any]) -> Features:
 
 
 def _drop_duplicates(
-    X: np.ndarray, paths: np.ndarray, keys: np.ndarray, shards: list[str], starts: np.ndarray
+    X: np.ndarray,
+    paths: np.ndarray,
+    aliases: Mapping[int, str],
+    shards: list[str],
+    starts: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the first row of each object (by resolved path); refuse differing vectors.
+    """Keep the first row of each object; refuse the same object with differing vectors.
 
-    ``keys`` are the resolved storage paths, so two spellings of one object (``a.jpg`` and
-    ``./a.jpg``) count as the same path: keeping both would let the plan delete the object
-    it keeps.
+    Objects are compared by their path relative to the root (``aliases`` gives it for the
+    rows where it differs from the written path), so two spellings of one object (``a.jpg``
+    and ``./a.jpg``) count as one: keeping both would let the plan delete the object it keeps.
     """
-    n = len(keys)
+    n = len(paths)
+    if aliases:
+        keys = paths.copy()  # a copy of n pointers, not of the strings
+        for row, rel in aliases.items():
+            keys[row] = rel
+    else:
+        keys = paths
     codes, uniques = pd.factorize(keys)
+    del keys
     if len(uniques) == n:
         return X, paths
     # factorize numbers objects in order of first appearance, so return_index gives each
@@ -324,13 +335,14 @@ def _layout(url: str) -> str:
 
 def _read_shard_task(
     url: str, *, storage_options: Mapping[str, Any], allow_pickle: bool, store: Store
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | DedupError:
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]] | DedupError:
     """Dask task: read and validate one shard.
 
-    Returns ``(paths, X, keys)`` (paths as written, float32 (m, d) C-contiguous, resolved
-    storage paths), or the ``DedupError`` describing what is wrong with the shard: returned,
-    not raised, so the client reports the first bad shard in read order and the workers do
-    not log user errors as task failures.
+    Returns ``(paths, X, aliases)`` (paths as written, float32 (m, d) C-contiguous, and
+    ``{row: path relative to the root}`` for the rows written otherwise), or the
+    ``DedupError`` describing what is wrong with the shard: returned, not raised, so the
+    client reports the first bad shard in read order and the workers do not log user errors
+    as task failures.
     """
     try:
         return _read_shard(url, storage_options, allow_pickle, store)
@@ -340,7 +352,7 @@ def _read_shard_task(
 
 def _read_shard(
     url: str, storage_options: Mapping[str, Any], allow_pickle: bool, store: Store
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     kind = _layout(url)
     if kind == "pickle" and not allow_pickle:
         raise InputError(_PICKLE_REFUSED.format(url=url))
@@ -355,8 +367,7 @@ def _read_shard(
         raw = storage.read_bytes(url, storage_options, compression="infer")
         paths, X, columns = _read_pickle(url, raw)
     _check_finite(url, paths, X, columns)
-    keys = _check_paths(url, paths, store)
-    return paths, X, keys
+    return paths, X, _check_paths(url, paths, store)
 
 
 def _read_parquet(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -611,10 +622,16 @@ def _check_finite(url: str, paths: np.ndarray, X: np.ndarray, columns: list[str]
         )
 
 
-def _check_paths(url: str, paths: np.ndarray, store: Store) -> np.ndarray:
-    """Check every path is text under the root; return the resolved storage paths."""
-    keys = np.empty(len(paths), dtype=object)
+def _check_paths(url: str, paths: np.ndarray, store: Store) -> dict[int, str]:
+    """Check every path is text under the root.
+
+    Returns ``{row: path relative to the root}`` for the rows whose path is written another
+    way (``./a.jpg``, absolute, with the root's URL): usually empty, so that the client
+    receives no second array of n strings.
+    """
+    aliases: dict[int, str] = {}
     resolve = store.resolve
+    root = store.root_path if store.root_path.endswith("/") else store.root_path + "/"
     for i, p in enumerate(paths):
         if type(p) is not str:
             raise InputError(
@@ -622,13 +639,15 @@ def _check_paths(url: str, paths: np.ndarray, store: Store) -> np.ndarray:
                 "the paths as strings"
             )
         try:
-            keys[i] = resolve(p)
+            full = resolve(p)
         except ScopeError as exc:
             raise ScopeError(
                 f"{url}: row {i}: {exc}; fix the path in the shard or choose a root that "
                 "contains it"
             ) from None
-    return keys
+        if full != root + p:
+            aliases[i] = full[len(root) :]
+    return aliases
 
 
 def _one_line(exc: BaseException) -> str:

@@ -341,9 +341,11 @@ def test_duplicate_path_with_different_vectors_names_both_places(root):
     )
 
 
-def test_two_spellings_of_one_object_are_one_path(root):
+@pytest.mark.parametrize("spelling", ["./x/a.jpg", "{root}/x/a.jpg"])
+def test_two_spellings_of_one_object_are_one_path(root, spelling):
     X = np.array([[1, 2], [3, 4]], np.float32)
-    url = _local(root, "a.parquet", sh.wide_parquet(["x/a.jpg", "./x/a.jpg"], X))
+    other = spelling.format(root=root.root)
+    url = _local(root, "a.parquet", sh.wide_parquet(["x/a.jpg", other], X))
     with pytest.raises(InputError, match=r"as 'x/a\.jpg' with a different vector"):
         load_features(url, store=root)
 
