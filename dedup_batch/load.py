@@ -23,7 +23,7 @@ import io
 import logging
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,11 @@ _STREAM_LAYOUTS = ("csv", "pickle")
 # Wide columns are interleaved into rows block by block: a (d, block) float32 scratch of about
 # 1 MiB stays in cache while it is transposed, instead of d strided passes over the whole shard.
 _BLOCK_BYTES = 1 << 20
+
+# The client fetches pieces from the workers in batches of about this many bytes: several
+# pieces travel at once (from several workers), while the client holds at most one batch
+# besides the result.
+_FETCH_BYTES = 64 << 20
 
 # Duplicate vectors are compared in chunks of this many rows, so that comparing a whole shard
 # listed twice never copies more than ~this × d × 8 bytes at once.
@@ -180,8 +185,17 @@ def load_features(
             store=store,
             pure=False,
         )
-        results: list[Any] = client.gather(futures)
-        del futures  # lets the workers drop their copies
+        # Only the pieces' shapes travel first (computed where the pieces are): the client then
+        # allocates the result once and fetches the pieces in bounded batches, copying and
+        # freeing each batch before the next, so it never holds the pieces and X at once.
+        metas = client.gather(client.map(_piece_meta, futures, pure=False))
+
+        def fetch(rows: list[int]) -> list[Any]:
+            got = client.gather([futures[i] for i in rows])
+            for i in rows:
+                futures[i] = None  # the worker may drop its copy now
+            return got
+
     else:
         import dask
 
@@ -191,21 +205,41 @@ def load_features(
             )
             for url in shards
         ]
-        results = list(
+        # In-process pieces are separate allocations, each freed as soon as it is copied.
+        pieces = list(
             dask.compute(*tasks, scheduler="threads", num_workers=min(_LOCAL_THREADS, len(shards)))
         )
+        metas = [_piece_meta(p) for p in pieces]
+
+        def fetch(rows: list[int]) -> list[Any]:
+            got = [pieces[i] for i in rows]
+            for i in rows:
+                pieces[i] = None
+            return got
 
     # The first failing shard in read order decides the error, whatever finished first.
-    for res in results:
-        if isinstance(res, DedupError):
-            raise res
-    return _gather(shards, results)
+    for meta in metas:
+        if isinstance(meta, DedupError):
+            raise meta
+    return _gather(shards, metas, fetch)
+
+
+def _piece_meta(res: Any) -> tuple[int, int] | DedupError:
+    """``(rows, dims)`` of a shard's piece, or its error."""
+    return res if isinstance(res, DedupError) else (len(res[0]), res[1].shape[1])
 
 
 # -- client side ----------------------------------------------------------------------------
-def _gather(shards: list[str], results: list[Any]) -> Features:
-    """Concatenate the shards' pieces into one array, then collapse duplicate paths."""
-    sizes = [len(r[0]) for r in results]
+def _gather(
+    shards: list[str], metas: list[tuple[int, int]], fetch: Callable[[list[int]], list[Any]]
+) -> Features:
+    """Copy the shards' pieces into one array, then collapse duplicate paths.
+
+    ``fetch(rows)`` returns the pieces ``(paths, X, aliases)`` of the shards numbered
+    ``rows`` and drops every other reference to them, so that each batch is freed as soon as
+    it has been copied. Batches hold about ``_FETCH_BYTES`` of vectors (at least one shard).
+    """
+    sizes = [m for m, _ in metas]
     n = sum(sizes)
     if n == 0:
         raise InputError(
@@ -213,31 +247,33 @@ def _gather(shards: list[str], results: list[Any]) -> Features:
             f"{', ...' if len(shards) > 1 else ''}); check that the export wrote any data"
         )
     first = next(i for i, m in enumerate(sizes) if m)
-    d = results[first][1].shape[1]
-    for url, r, m in zip(shards, results, sizes, strict=True):
-        if m and r[1].shape[1] != d:
+    d = metas[first][1]
+    for url, (m, dm) in zip(shards, metas, strict=True):
+        if m and dm != d:
             raise InputError(
-                f"{url} has {r[1].shape[1]}-dimensional vectors but {shards[first]} has {d}; "
+                f"{url} has {dm}-dimensional vectors but {shards[first]} has {d}; "
                 "all shards must come from the same model: re-export the odd one"
             )
         if not m:
             log.warning("load: %s has no rows", url)
 
+    # np.empty commits pages only as they are written: with each piece freed once copied,
+    # the process holds about one copy of X (plus one piece), not two.
     X = np.empty((n, d), dtype=np.float32)
     paths = np.empty(n, dtype=object)
     aliases: dict[int, str] = {}
     starts = np.zeros(len(shards) + 1, dtype=np.int64)
-    at = 0
-    for i, m in enumerate(sizes):
-        if m:
-            p, x, a = results[i]
-            X[at : at + m] = x
-            paths[at : at + m] = p
-            aliases.update((at + r, v) for r, v in a.items())
-        results[i] = None  # release the piece now: the peak stays near one copy of X
-        at += m
-        starts[i + 1] = at
-    del results
+    starts[1:] = np.cumsum(sizes)
+    for batch in _batches(sizes, d):
+        pieces = fetch(batch)
+        for i, piece in zip(batch, pieces, strict=True):
+            at, m = int(starts[i]), sizes[i]
+            if m:
+                p, x, a = piece
+                X[at : at + m] = x
+                paths[at : at + m] = p
+                aliases.update((at + r, v) for r, v in a.items())
+        del pieces, piece
 
     X, paths = _drop_duplicates(X, paths, aliases, shards, starts)
     log.info(
@@ -248,6 +284,19 @@ def _gather(shards: list[str], results: list[Any]) -> Features:
         len(shards),
     )
     return Features(paths=paths, X=X, shards=tuple(shards))
+
+
+def _batches(sizes: list[int], d: int) -> list[list[int]]:
+    """Consecutive shard numbers grouped into batches of about ``_FETCH_BYTES`` of vectors."""
+    batches: list[list[int]] = [[]]
+    held = 0
+    for i, m in enumerate(sizes):
+        if batches[-1] and held + m * d * 4 > _FETCH_BYTES:
+            batches.append([])
+            held = 0
+        batches[-1].append(i)
+        held += m * d * 4
+    return batches
 
 
 def _drop_duplicates(

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
+from dedup_batch import load as load_module
 from dedup_batch.errors import InputError, ScopeError, StorageError
 from dedup_batch.load import Features, load_features
 from dedup_batch.storage import Store
@@ -514,7 +515,9 @@ def test_s3_bad_credentials_and_access_denied(s3, s3_shards, s3_server):
 # -- parallel: threads vs a distributed cluster ----------------------------------------------
 @pytest.mark.s3
 @pytest.mark.cluster
-def test_distributed_equals_threaded(s3, s3_shards, dask_client):
+@pytest.mark.parametrize("fetch_bytes", [1, 64 << 20], ids=["one-shard-batches", "one-batch"])
+def test_distributed_equals_threaded(s3, s3_shards, dask_client, monkeypatch, fetch_bytes):
+    monkeypatch.setattr(load_module, "_FETCH_BYTES", fetch_bytes)
     paths, X = s3_shards
     store = Store("s3://img-bucket", s3)
     urls = "s3://feat-bucket/features/*"
