@@ -58,6 +58,16 @@ SHARD_SUFFIXES: Mapping[str, str] = {
 }
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".lzma", ".zip")
 _STREAM_LAYOUTS = ("csv", "pickle")
+# What a folder URL expands to: every shard suffix, and the compressed stream layouts.
+_FOLDER_SUFFIXES = (
+    *SHARD_SUFFIXES,
+    *(
+        s + c
+        for s, k in SHARD_SUFFIXES.items()
+        if k in _STREAM_LAYOUTS
+        for c in _COMPRESSION_SUFFIXES
+    ),
+)
 
 # Wide columns are interleaved into rows block by block: a (d, block) float32 scratch of about
 # 1 MiB stays in cache while it is transposed, instead of d strided passes over the whole shard.
@@ -151,20 +161,29 @@ def load_features(
     Notes
     -----
     Memory on the client: the result, ``n × d × 4`` bytes for ``X`` plus about 100 bytes per
-    path, and briefly the pieces not yet copied into it. The output is allocated once and
-    filled shard by shard, each piece released as soon as it is copied; pages of the output
-    are committed as they are written, so the peak stays near ``n × d × 4`` bytes plus the
-    largest shard, not twice the result. Removing duplicate paths compacts ``X`` in place.
+    path; ``X`` is allocated once and filled, never concatenated from a list of pieces, and
+    removing duplicate paths compacts it in place.
 
-    Memory per task (on a worker): about three times the shard's decoded size (the file's
-    bytes, the decoded table and the float32 piece), for one shard per worker thread.
+    * With ``client``: workers keep their finished pieces (``n × d × 4`` bytes over the
+      whole cluster) until the client fetches them, in batches of about 64 MB (at least one
+      shard), each copied into ``X`` and freed before the next: the client's peak is about
+      ``X`` plus one batch.
+    * Without: the pieces are read into this process, then copied into ``X`` one by one,
+      each freed once copied; since the pages of ``X`` are committed as they are written, the
+      peak stays near one copy of ``X`` plus the reading threads' working memory.
+
+    Memory per task: about three times the shard's decoded size (the file's bytes, the
+    decoded table and the float32 piece), for one shard per thread.
+
+    Time: one whole-object read per shard, parsing in pyarrow/numpy (no per-row Python loops
+    over the vectors), plus one Python call per path to check it against the root.
     """
     if isinstance(urls, str):
         urls = [urls]
     if not urls:
         raise InputError("no feature shards given: pass one or more shard URLs or globs")
     opts = dict(storage_options or {})
-    shards = storage.expand_urls(list(urls), opts, suffixes=tuple(SHARD_SUFFIXES))
+    shards = storage.expand_urls(list(urls), opts, suffixes=_FOLDER_SUFFIXES)
     for url in shards:
         # Refuse unknown formats and unwanted pickles before reading anything.
         if _layout(url) == "pickle" and not allow_pickle:

@@ -138,6 +138,18 @@ def test_glob_expansion_sorted_and_rows_in_shard_order(root):
     assert load_features(feat, store=root).shards == f.shards
 
 
+def test_folder_takes_shards_recursively_and_skips_other_files(root):
+    a = sh.vectors(3, 4, seed=1, prefix="a")
+    z = sh.vectors(2, 4, seed=2, prefix="z")
+    os.makedirs(os.path.join(root.root, "feat", "sub"))
+    _local(root, "sub/z.CSV.GZ", sh.csv(*z, gz=True))
+    _local(root, "a.parquet", sh.wide_parquet(*a))
+    _local(root, "README.md", b"# features")
+    f = load_features(os.path.join(root.root, "feat") + "/", store=root)
+    _check(f, a[0] + z[0], np.concatenate([a[1], z[1]]))
+    assert [os.path.basename(u) for u in f.shards] == ["a.parquet", "z.CSV.GZ"]
+
+
 def test_mixed_layouts_in_one_load(root):
     a = sh.vectors(3, 8, seed=1, prefix="a")
     b = sh.vectors(4, 8, seed=2, prefix="b")
