@@ -173,7 +173,8 @@ def load_features(
       peak stays near one copy of ``X`` plus the reading threads' working memory.
 
     Memory per task: about three times the shard's decoded size (the file's bytes, the
-    decoded table and the float32 piece), for one shard per thread.
+    decoded table and the float32 piece), for one shard per thread (a worker's threads, or
+    ``min(32, cores + 4)`` threads here without ``client``).
 
     Time: one whole-object read per shard, parsing in pyarrow/numpy (no per-row Python loops
     over the vectors), plus one Python call per path to check it against the root.
@@ -229,6 +230,10 @@ def load_features(
             dask.compute(*tasks, scheduler="threads", num_workers=min(_LOCAL_THREADS, len(shards)))
         )
         metas = [_piece_meta(p) for p in pieces]
+        # Arrow's memory pool keeps what the reading threads freed (their tables: several
+        # shards' worth); hand it back once before X is allocated. Once per load: the call is
+        # too slow to make per shard.
+        pa.default_memory_pool().release_unused()
 
         def fetch(rows: list[int]) -> list[Any]:
             got = [pieces[i] for i in rows]
@@ -560,8 +565,13 @@ def _list_to_matrix(url: str, col: pa.ChunkedArray, paths: np.ndarray) -> np.nda
                 f"embedding but row 0 has {d}; all embeddings must have the same length"
             )
     values = arr.flatten().to_numpy(zero_copy_only=False)  # nulls -> NaN, rejected afterwards
+    # Always copy into numpy's own memory, even for float32 values that could be viewed in
+    # place: a view would keep the whole Arrow table alive (and Arrow's memory pool keeps
+    # what it frees), so the pieces waiting to be gathered would cost twice their size.
+    out = np.empty((n, d), dtype=np.float32)
     with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
-        return np.ascontiguousarray(values, dtype=np.float32).reshape(n, d)
+        out.reshape(-1)[:] = values
+    return out
 
 
 def _read_npz(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, None]:
