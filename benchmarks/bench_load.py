@@ -10,8 +10,9 @@ reads them all
 * ``load_features`` on a ``LocalCluster`` (``--workers`` processes × ``--threads`` threads);
 * ``load_features`` with ``client=None`` (dask's threaded scheduler, in this process).
 
-It prints throughput (MB/s of float32 embeddings delivered), the ratio to the baseline and the
-peak RSS above the starting RSS of this process (and of the workers), sampled every 5 ms.
+It prints throughput (MB/s of float32 embeddings delivered; best of ``--repeat`` runs), the
+ratio to the baseline and the peak RSS of the first run above the starting RSS of this process
+(and of the workers), sampled every 5 ms.
 
 Run from the repository root: ``PYTHONPATH=. python benchmarks/bench_load.py``.
 """
@@ -118,6 +119,8 @@ def _pandas_loop(urls: list[str], opts: dict) -> tuple[np.ndarray, np.ndarray]:
 def _timed(
     fn: Callable[[], Any], repeat: int, pids: list[int] | None = None
 ) -> tuple[float, Any, _PeakRSS]:
+    """Best wall time of ``repeat`` runs, the last result, and the first run's peak memory
+    (later runs start with whatever the allocators kept from the earlier ones)."""
     best, out, mem = float("inf"), None, None
     for _ in range(repeat):
         out = None  # drop the previous result before measuring the next run
@@ -125,8 +128,7 @@ def _timed(
             t0 = time.perf_counter()
             out = fn()
             dt = time.perf_counter() - t0
-        if dt < best:
-            best, mem = dt, m
+        best, mem = min(best, dt), mem or m
     return best, out, mem
 
 
