@@ -142,7 +142,7 @@ def thumbnail_jpeg(
 def _thumb_one(store: storage.Store, path: str, size: int, max_bytes: int) -> Thumb:
     try:
         fs_path = store.resolve(path)
-        data = storage.read_bytes(store, fs_path, max_bytes=max_bytes)
+        data = storage.read_object(store, fs_path, max_bytes=max_bytes)
     except ScopeError as exc:
         return Thumb(path, "outside-root", reason=str(exc))
     except FileNotFoundError:

@@ -22,7 +22,18 @@ import pandas as pd
 
 from .errors import ScopeError, StorageError
 
-__all__ = ["Store", "join_url", "open_store", "read_url", "redact", "url_exists", "write_url"]
+__all__ = [
+    "Store",
+    "expand_urls",
+    "join_url",
+    "open_store",
+    "read_bytes",
+    "read_object",
+    "read_url",
+    "redact",
+    "url_exists",
+    "write_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +248,7 @@ def url_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bo
 
 
 # -- reads of single images (report thumbnails, sweep pairs) ---------------------------------
-def read_bytes(store: Store, fs_path: str, max_bytes: int | None = None) -> bytes:
+def read_object(store: Store, fs_path: str, max_bytes: int | None = None) -> bytes:
     """Read the object at ``fs_path`` (from :meth:`Store.resolve`) whole.
 
     Parameters
@@ -279,3 +290,234 @@ def read_bytes(store: Store, fs_path: str, max_bytes: int | None = None) -> byte
 
         raise InputError(f"{store.url(fs_path)!r} is larger than {max_bytes} bytes")
     return data
+
+
+# -- reading feature shards (used by the load stage) ------------------------------------------
+
+# Exceptions raised by the storage backends' client libraries that are not OSErrors (botocore's
+# EndpointConnectionError, NoCredentialsError, ...): matched by the top-level module of their
+# class, so that storage needs no hard import of any optional backend library.
+_BACKEND_MODULES = frozenset(
+    {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs",
+     "google", "azure"}
+)
+
+#: Characters that make a URL a glob pattern for fsspec.
+_GLOB_CHARS = ("*", "?", "[")
+
+
+def _is_backend_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    return any(c.__module__.split(".")[0] in _BACKEND_MODULES for c in type(exc).__mro__)
+
+
+def _secret_values(options: Mapping[str, Any] | None) -> list[str]:
+    """Every string value under a secret key of ``options`` (nested mappings included)."""
+    found: list[str] = []
+    for k, v in (options or {}).items():
+        if isinstance(v, Mapping):
+            found += _secret_values(v)
+        elif isinstance(v, str) and redact({k: v})[k] == "***" and len(v) >= 4:
+            found.append(v)
+    return found
+
+
+def _scrub(text: str, options: Mapping[str, Any] | None) -> str:
+    """``text`` with every secret value of ``options`` replaced by ``***``."""
+    for secret in _secret_values(options):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _storage_error(url: str, exc: BaseException,
+                   options: Mapping[str, Any] | None) -> StorageError:
+    """Translate a backend exception raised while reading ``url`` into a one-line StorageError.
+
+    The message names the URL and what to check; secrets from ``options`` never appear in it.
+    """
+    names = {c.__name__ for c in type(exc).__mro__}
+    detail = _scrub(_one_line(exc), options)
+    endpoint = (options or {}).get("endpoint_url")
+    where = f" {endpoint}" if endpoint else ""
+    if names & {"NoCredentialsError", "PartialCredentialsError"}:
+        hint = ("no usable credentials: set key/secret in storage_options, the AWS_* environment "
+                "variables, a profile or a role")
+    elif isinstance(exc, PermissionError):
+        hint = ("access denied: check the credentials (key/secret, profile, role) and that they "
+                "may read this bucket")
+    elif isinstance(exc, FileNotFoundError):
+        hint = "not found: check the bucket and the path"
+    elif isinstance(exc, ConnectionError | TimeoutError) or names & {
+        "EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+        "ConnectionError", "ProxyConnectionError", "SSLError",
+    }:
+        hint = f"cannot reach the storage endpoint{where}: check endpoint_url and the network"
+    else:
+        hint = "the storage backend refused the request: check endpoint_url and the credentials"
+    return StorageError(f"{url}: {hint} ({detail})")
+
+
+def _fs_for(url: str, options: Mapping[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(url, **dict(options or {}))
+    except ImportError as exc:
+        raise StorageError(
+            f"{url}: the filesystem for this URL is not installed ({_one_line(exc)}); "
+            "install its fsspec backend (e.g. s3fs for s3://)"
+        ) from None
+    except ValueError as exc:
+        raise StorageError(f"{url}: cannot open this URL ({_one_line(exc)})") from None
+
+
+def _as_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    local = {"file", "local"} & set(_protocols(fs))
+    return path if local else fs.unstrip_protocol(path)
+
+
+def expand_urls(urls: str | list[str] | tuple[str, ...],
+                storage_options: Mapping[str, Any] | None = None,
+                *, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """Expand URLs, globs and folders into the sorted list of the files they name.
+
+    Parameters
+    ----------
+    urls : str or sequence of str
+        File URLs (``./features/a.parquet``, ``s3://bucket/features/part-1.parquet``), glob
+        patterns (``s3://bucket/features/part-*.parquet``) or folders.
+    storage_options : mapping, optional
+        Passed to fsspec (credentials, ``endpoint_url``, ...).
+    suffixes : sequence of str, optional
+        For a folder, only the files under it (recursively) whose lower-cased name ends with
+        one of these are taken; all files when not given. Globs and file URLs are not filtered.
+
+    Returns
+    -------
+    list of str
+        Unique file URLs, sorted (``s3://...`` form for remote files, plain paths for local
+        ones). A URL that names an existing file is taken literally even when it contains glob
+        characters, so ``a[1].parquet`` works.
+
+    Raises
+    ------
+    InputError
+        If a URL or pattern matches no file.
+    StorageError
+        If the backend cannot be reached or refuses us, or the bucket does not exist.
+    """
+    from .errors import InputError
+
+    if isinstance(urls, str):
+        urls = [urls]
+    found: set[str] = set()
+    for url in urls:
+        fs, path = _fs_for(url, storage_options)
+        try:
+            matches = _expand_one(fs, path, suffixes)
+            if not matches:
+                _check_bucket(fs, url, path, storage_options)
+        except StorageError:
+            raise
+        except Exception as exc:
+            if not _is_backend_error(exc):
+                raise
+            raise _storage_error(url, exc, storage_options) from None
+        if not matches:
+            raise InputError(f"{url}: matches no file; check the path or pattern")
+        found.update(_as_url(fs, p) for p in matches)
+    return sorted(found)
+
+
+def _expand_one(fs: fsspec.AbstractFileSystem, path: str,
+                suffixes: tuple[str, ...] | None) -> list[str]:
+    if any(c in path for c in _GLOB_CHARS):
+        hits = fs.glob(path, detail=True)
+        files = [p for p, info in hits.items() if info.get("type", "file") == "file"]
+        if files:
+            return files
+        # Not a pattern after all: an existing file whose name has '[', '*' or '?' in it.
+        return [path] if fs.isfile(path) else []
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return []
+    if info.get("type") != "directory":
+        return [path]
+    ends = tuple(s.lower() for s in suffixes) if suffixes else None
+    return [p for p in fs.find(path) if ends is None or p.lower().endswith(ends)]
+
+
+def _check_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str,
+                  options: Mapping[str, Any] | None) -> None:
+    """Raise StorageError if ``path`` lies in a bucket that does not exist (remote stores).
+
+    Listing a missing bucket gives an empty answer on S3, which would otherwise read as "no
+    shards there" instead of "wrong bucket (or endpoint)".
+    """
+    protocols = set(_protocols(fs))
+    if protocols & {"file", "local", "memory"}:
+        return
+    bucket = fs._strip_protocol(path).split("/", 1)[0]
+    if bucket and not fs.exists(bucket):
+        raise StorageError(
+            f"{url}: bucket {bucket!r} does not exist or is not visible with these credentials; "
+            "check the URL, endpoint_url and the credentials"
+        )
+
+
+def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None, *,
+               compression: str | None = None) -> bytes:
+    """Read the whole file at ``url`` into memory, optionally decompressing it.
+
+    Parameters
+    ----------
+    url : str
+        One file URL (as returned by :func:`expand_urls`).
+    storage_options : mapping, optional
+        Passed to fsspec.
+    compression : {None, "infer"} or str
+        ``"infer"`` decompresses by the file name's suffix (``.gz``, ``.bz2``, ``.xz``, ...,
+        case-insensitive), as fsspec's ``compression="infer"``; a codec name forces that codec.
+
+    Returns
+    -------
+    bytes
+        The (decompressed) content. Memory: the compressed and the decompressed bytes are both
+        held while decompressing.
+
+    Notes
+    -----
+    One whole-object read is one GET on S3, the cheapest way to fetch a file that will be
+    parsed in full; a ranged reader would issue several requests per file.
+
+    Raises
+    ------
+    StorageError
+        If the file cannot be read (not found, access denied, endpoint unreachable, ...).
+    InputError
+        If the content cannot be decompressed with the codec of its suffix.
+    """
+    import io
+
+    from fsspec.compression import compr
+    from fsspec.utils import infer_compression
+
+    from .errors import InputError
+
+    fs, path = _fs_for(url, storage_options)
+    try:
+        raw = fs.cat_file(path)
+    except Exception as exc:
+        if not _is_backend_error(exc):
+            raise
+        raise _storage_error(url, exc, storage_options) from None
+    codec = infer_compression(url) if compression == "infer" else compression
+    if codec is None:
+        return raw
+    try:
+        with compr[codec](io.BytesIO(raw), mode="rb") as f:
+            return f.read()
+    except Exception as exc:  # codecs raise OSError, EOFError, zlib.error, lzma.LZMAError, ...
+        raise InputError(
+            f"{url}: cannot decompress as {codec} ({_one_line(exc)}); re-export the file"
+        ) from None

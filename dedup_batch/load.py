@@ -1,0 +1,733 @@
+"""Load stage: read sharded feature files in parallel into one ``(n, d)`` float32 array.
+
+Each shard is read, parsed and validated by one Dask task (on a worker of a
+``distributed.Client``, or on dask's local threaded scheduler); the client only concatenates
+the validated pieces, in shard order then row order, and collapses paths listed twice.
+
+Accepted shard layouts, chosen by the file name's suffix (case-insensitive):
+
+* ``.parquet`` / ``.pq`` / ``.parq``: "wide" (the path in a ``path`` column or the pandas
+  index, every other column one numeric dimension: the seed notebook's layout) or "list"
+  (``path`` + ``embedding``, a list or fixed-size-list column of numbers);
+* ``.npz``: arrays ``paths`` (unicode) and ``embeddings`` (2-D numeric), read without pickle;
+* ``.csv`` (also ``.csv.gz``, ``.csv.bz2``, ``.csv.xz``, ...): a ``path`` column (or else the
+  first column) and numeric columns;
+* ``.pkl`` / ``.pickle``: a pandas DataFrame as the wide layout, only with ``allow_pickle=True``
+  because unpickling runs code from the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from . import storage
+from .errors import DedupError, InputError, ScopeError
+from .storage import Store
+
+if TYPE_CHECKING:
+    import distributed
+
+__all__ = ["SHARD_SUFFIXES", "Features", "load_features"]
+
+log = logging.getLogger(__name__)
+
+#: Shard layouts by file-name suffix (lower case). CSV and pickle may also carry a compression
+#: suffix (``.gz``, ``.bz2``, ``.xz``, ...); Parquet and NPZ compress internally.
+SHARD_SUFFIXES: Mapping[str, str] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".parq": "parquet",
+    ".npz": "npz",
+    ".csv": "csv",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
+}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".lzma", ".zip")
+_STREAM_LAYOUTS = ("csv", "pickle")
+# What a folder URL expands to: every shard suffix, and the compressed stream layouts.
+_FOLDER_SUFFIXES = (
+    *SHARD_SUFFIXES,
+    *(
+        s + c
+        for s, k in SHARD_SUFFIXES.items()
+        if k in _STREAM_LAYOUTS
+        for c in _COMPRESSION_SUFFIXES
+    ),
+)
+
+# Wide columns are interleaved into rows block by block: a (d, block) float32 scratch of about
+# 1 MiB stays in cache while it is transposed, instead of d strided passes over the whole shard.
+_BLOCK_BYTES = 1 << 20
+
+# The client fetches pieces from the workers in batches of about this many bytes: several
+# pieces travel at once (from several workers), while the client holds at most one batch
+# besides the result.
+_FETCH_BYTES = 64 << 20
+
+# Duplicate vectors are compared in chunks of this many rows, so that comparing a whole shard
+# listed twice never copies more than ~this × d × 8 bytes at once.
+_DUP_CHUNK = 65536
+
+# Threads for the local scheduler: the concurrent.futures default. Reading is mostly waiting on
+# storage and pyarrow/numpy release the GIL while parsing, so more threads than cores pay off.
+_LOCAL_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
+_PICKLE_REFUSED = (
+    "{url}: pickle shards run code when read; pass --allow-pickle only if you trust this file, "
+    "or convert it to Parquet"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Features:
+    """The loaded embeddings.
+
+    Attributes
+    ----------
+    paths : ndarray of object, shape (n,)
+        The image paths (``str``), exactly as written in the shards; each listed once.
+    X : ndarray of float32, shape (n, d)
+        The embeddings, C-contiguous; row ``i`` belongs to ``paths[i]``.
+    shards : tuple of str
+        URLs of the shards read, in read order (sorted).
+    """
+
+    paths: np.ndarray
+    X: np.ndarray
+    shards: tuple[str, ...]
+
+
+def load_features(
+    urls: str | Sequence[str],
+    *,
+    store: Store,
+    storage_options: Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+    client: distributed.Client | None = None,
+) -> Features:
+    """Read feature shards in parallel and gather them into one array.
+
+    Parameters
+    ----------
+    urls : str or sequence of str
+        URLs, glob patterns or folders of shards (``./features/*.parquet``,
+        ``s3://bucket/features/part-*.parquet``, ``memory://features``). Expanded through
+        fsspec and sorted; each must match at least one file.
+    store : Store
+        The job's root. Every path in the shards must resolve under it (``store.resolve``).
+    storage_options : mapping, optional
+        fsspec options for reading the shards (credentials, ``endpoint_url``); none when not
+        given. Workers receive them with the tasks.
+    allow_pickle : bool, default False
+        Read ``.pkl``/``.pickle`` shards. Unpickling runs code from the file: only for files
+        you trust.
+    client : distributed.Client, optional
+        Read one shard per task on this cluster's workers; without it, dask's threaded
+        scheduler reads them in this process.
+
+    Returns
+    -------
+    Features
+        ``paths`` (n,), ``X`` (n, d) float32 C-contiguous, ``shards``. Rows come in shard
+        order, then row order. A path listed twice (also as two spellings of one object, e.g.
+        ``a.jpg`` and ``./a.jpg``) with identical vectors is kept once, at its first place.
+
+    Raises
+    ------
+    InputError
+        No shard or no row at all; an unknown suffix; a corrupt file; a shard without a path
+        column or with a non-numeric feature column; non-text paths; NaN or infinite values;
+        dimensions that differ between shards; a path listed twice with different vectors;
+        a pickle shard without ``allow_pickle``.
+    ScopeError
+        A path that resolves outside ``store``'s root.
+    StorageError
+        The storage cannot be reached or refuses us (endpoint, credentials, bucket).
+
+    Notes
+    -----
+    Memory on the client: the result, ``n × d × 4`` bytes for ``X`` plus about 100 bytes per
+    path; ``X`` is allocated once and filled, never concatenated from a list of pieces, and
+    removing duplicate paths compacts it in place.
+
+    * With ``client``: workers keep their finished pieces (``n × d × 4`` bytes over the
+      whole cluster) until the client fetches them, in batches of about 64 MB (at least one
+      shard), each copied into ``X`` and freed before the next: the client's peak is about
+      ``X`` plus one batch.
+    * Without: the pieces are read into this process, then copied into ``X`` one by one,
+      each freed once copied; since the pages of ``X`` are committed as they are written, the
+      peak stays near one copy of ``X`` plus the reading threads' working memory.
+
+    Memory per task: about three times the shard's decoded size (the file's bytes, the
+    decoded table and the float32 piece), for one shard per thread (a worker's threads, or
+    ``min(32, cores + 4)`` threads here without ``client``).
+
+    Time: one whole-object read per shard, parsing in pyarrow/numpy (no per-row Python loops
+    over the vectors), plus one Python call per path to check it against the root.
+    """
+    if isinstance(urls, str):
+        urls = [urls]
+    if not urls:
+        raise InputError("no feature shards given: pass one or more shard URLs or globs")
+    opts = dict(storage_options or {})
+    shards = storage.expand_urls(list(urls), opts, suffixes=_FOLDER_SUFFIXES)
+    for url in shards:
+        # Refuse unknown formats and unwanted pickles before reading anything.
+        if _layout(url) == "pickle" and not allow_pickle:
+            raise InputError(_PICKLE_REFUSED.format(url=url))
+    log.info(
+        "load: reading %d shard(s) (%s%s)",
+        len(shards),
+        shards[0],
+        ", ..." if len(shards) > 1 else "",
+    )
+
+    if client is not None:
+        futures = client.map(
+            _read_shard_task,
+            shards,
+            storage_options=opts,
+            allow_pickle=allow_pickle,
+            store=store,
+            pure=False,
+        )
+        # Only the pieces' shapes travel first (computed where the pieces are): the client then
+        # allocates the result once and fetches the pieces in bounded batches, copying and
+        # freeing each batch before the next, so it never holds the pieces and X at once.
+        metas = client.gather(client.map(_piece_meta, futures, pure=False))
+
+        def fetch(rows: list[int]) -> list[Any]:
+            got = client.gather([futures[i] for i in rows])
+            for i in rows:
+                futures[i] = None  # the worker may drop its copy now
+            return got
+
+    else:
+        import dask
+
+        tasks = [
+            dask.delayed(_read_shard_task, pure=False)(
+                url, storage_options=opts, allow_pickle=allow_pickle, store=store
+            )
+            for url in shards
+        ]
+        # In-process pieces are separate allocations, each freed as soon as it is copied.
+        pieces = list(
+            dask.compute(*tasks, scheduler="threads", num_workers=min(_LOCAL_THREADS, len(shards)))
+        )
+        metas = [_piece_meta(p) for p in pieces]
+        # Arrow's memory pool keeps what the reading threads freed (their tables: several
+        # shards' worth); hand it back once before X is allocated. Once per load: the call is
+        # too slow to make per shard.
+        pa.default_memory_pool().release_unused()
+
+        def fetch(rows: list[int]) -> list[Any]:
+            got = [pieces[i] for i in rows]
+            for i in rows:
+                pieces[i] = None
+            return got
+
+    # The first failing shard in read order decides the error, whatever finished first.
+    for meta in metas:
+        if isinstance(meta, DedupError):
+            raise meta
+    return _gather(shards, metas, fetch)
+
+
+def _piece_meta(res: Any) -> tuple[int, int] | DedupError:
+    """``(rows, dims)`` of a shard's piece, or its error."""
+    return res if isinstance(res, DedupError) else (len(res[0]), res[1].shape[1])
+
+
+# -- client side ----------------------------------------------------------------------------
+def _gather(
+    shards: list[str], metas: list[tuple[int, int]], fetch: Callable[[list[int]], list[Any]]
+) -> Features:
+    """Copy the shards' pieces into one array, then collapse duplicate paths.
+
+    ``fetch(rows)`` returns the pieces ``(paths, X, aliases)`` of the shards numbered
+    ``rows`` and drops every other reference to them, so that each batch is freed as soon as
+    it has been copied. Batches hold about ``_FETCH_BYTES`` of vectors (at least one shard).
+    """
+    sizes = [m for m, _ in metas]
+    n = sum(sizes)
+    if n == 0:
+        raise InputError(
+            f"no feature rows in {len(shards)} shard(s) ({shards[0]}"
+            f"{', ...' if len(shards) > 1 else ''}); check that the export wrote any data"
+        )
+    first = next(i for i, m in enumerate(sizes) if m)
+    d = metas[first][1]
+    for url, (m, dm) in zip(shards, metas, strict=True):
+        if m and dm != d:
+            raise InputError(
+                f"{url} has {dm}-dimensional vectors but {shards[first]} has {d}; "
+                "all shards must come from the same model: re-export the odd one"
+            )
+        if not m:
+            log.warning("load: %s has no rows", url)
+
+    # np.empty commits pages only as they are written: with each piece freed once copied,
+    # the process holds about one copy of X (plus one piece), not two.
+    X = np.empty((n, d), dtype=np.float32)
+    paths = np.empty(n, dtype=object)
+    aliases: dict[int, str] = {}
+    starts = np.zeros(len(shards) + 1, dtype=np.int64)
+    starts[1:] = np.cumsum(sizes)
+    for batch in _batches(sizes, d):
+        pieces = fetch(batch)
+        for i, piece in zip(batch, pieces, strict=True):
+            at, m = int(starts[i]), sizes[i]
+            if m:
+                p, x, a = piece
+                X[at : at + m] = x
+                paths[at : at + m] = p
+                aliases.update((at + r, v) for r, v in a.items())
+        del pieces, piece
+
+    X, paths = _drop_duplicates(X, paths, aliases, shards, starts)
+    log.info(
+        "load: %d rows × %d dims (%.1f MB) from %d shard(s)",
+        X.shape[0],
+        d,
+        X.nbytes / 1e6,
+        len(shards),
+    )
+    return Features(paths=paths, X=X, shards=tuple(shards))
+
+
+def _batches(sizes: list[int], d: int) -> list[list[int]]:
+    """Consecutive shard numbers grouped into batches of about ``_FETCH_BYTES`` of vectors."""
+    batches: list[list[int]] = [[]]
+    held = 0
+    for i, m in enumerate(sizes):
+        if batches[-1] and held + m * d * 4 > _FETCH_BYTES:
+            batches.append([])
+            held = 0
+        batches[-1].append(i)
+        held += m * d * 4
+    return batches
+
+
+def _drop_duplicates(
+    X: np.ndarray,
+    paths: np.ndarray,
+    aliases: Mapping[int, str],
+    shards: list[str],
+    starts: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first row of each object; refuse the same object with differing vectors.
+
+    Objects are compared by their path relative to the root (``aliases`` gives it for the
+    rows where it differs from the written path), so two spellings of one object (``a.jpg``
+    and ``./a.jpg``) count as one: keeping both would let the plan delete the object it keeps.
+    """
+    n = len(paths)
+    if aliases:
+        keys = paths.copy()  # a copy of n pointers, not of the strings
+        for row, rel in aliases.items():
+            keys[row] = rel
+    else:
+        keys = paths
+    codes, uniques = pd.factorize(keys)
+    del keys
+    if len(uniques) == n:
+        return X, paths
+    # factorize numbers objects in order of first appearance, so return_index gives each
+    # object's first row.
+    _, first_row = np.unique(codes, return_index=True)
+    dup_rows = np.flatnonzero(first_row[codes] != np.arange(n))
+    for lo in range(0, len(dup_rows), _DUP_CHUNK):
+        rows = dup_rows[lo : lo + _DUP_CHUNK]
+        orig = first_row[codes[rows]]
+        differs = np.flatnonzero(np.any(X[rows] != X[orig], axis=1))
+        if len(differs):
+            r, o = int(rows[differs[0]]), int(orig[differs[0]])
+            raise InputError(
+                f"path {paths[r]!r} at {_where(r, shards, starts)} is also listed at "
+                f"{_where(o, shards, starts)} as {paths[o]!r} with a different vector; "
+                "remove one of the two rows"
+            )
+    log.info(
+        "load: %d path(s) listed more than once with identical vectors: kept the first "
+        "occurrence of each (e.g. %r at %s)",
+        len(dup_rows),
+        paths[dup_rows[0]],
+        _where(int(dup_rows[0]), shards, starts),
+    )
+    keep = np.ones(n, dtype=bool)
+    keep[dup_rows] = False
+    kept = np.flatnonzero(keep)
+    # Compact in place, front to back: row kept[j] >= j, so each chunk reads only rows that
+    # no earlier chunk has overwritten, and no second n × d array is allocated.
+    step = max(1, _BLOCK_BYTES // max(1, X.shape[1] * 4))
+    for lo in range(0, len(kept), step):
+        rows = kept[lo : lo + step]
+        X[lo : lo + len(rows)] = X[rows]
+    return X[: len(kept)], paths[kept]
+
+
+def _where(row: int, shards: list[str], starts: np.ndarray) -> str:
+    """``<shard> row <i>`` for a global row number."""
+    s = int(np.searchsorted(starts, row, side="right")) - 1
+    return f"{shards[s]} row {row - int(starts[s])}"
+
+
+# -- worker side ----------------------------------------------------------------------------
+def _layout(url: str) -> str:
+    """The layout of a shard by its suffix (compression suffix allowed for CSV and pickle)."""
+    name = url.lower()
+    for comp in _COMPRESSION_SUFFIXES:
+        if name.endswith(comp):
+            base = name[: -len(comp)]
+            for suffix, kind in SHARD_SUFFIXES.items():
+                if base.endswith(suffix) and kind in _STREAM_LAYOUTS:
+                    return kind
+    for suffix, kind in SHARD_SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    raise InputError(
+        f"{url}: unknown shard format; expected one of {', '.join(SHARD_SUFFIXES)} "
+        "(CSV and pickle may be compressed, e.g. .csv.gz)"
+    )
+
+
+def _read_shard_task(
+    url: str, *, storage_options: Mapping[str, Any], allow_pickle: bool, store: Store
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]] | DedupError:
+    """Dask task: read and validate one shard.
+
+    Returns ``(paths, X, aliases)`` (paths as written, float32 (m, d) C-contiguous, and
+    ``{row: path relative to the root}`` for the rows written otherwise), or the
+    ``DedupError`` describing what is wrong with the shard: returned, not raised, so the
+    client reports the first bad shard in read order and the workers do not log user errors
+    as task failures.
+    """
+    try:
+        return _read_shard(url, storage_options, allow_pickle, store)
+    except DedupError as exc:
+        return exc
+
+
+def _read_shard(
+    url: str, storage_options: Mapping[str, Any], allow_pickle: bool, store: Store
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    kind = _layout(url)
+    if kind == "pickle" and not allow_pickle:
+        raise InputError(_PICKLE_REFUSED.format(url=url))
+    if kind == "parquet":
+        paths, X, columns = _read_parquet(url, storage.read_bytes(url, storage_options))
+    elif kind == "npz":
+        paths, X, columns = _read_npz(url, storage.read_bytes(url, storage_options))
+    elif kind == "csv":
+        raw = storage.read_bytes(url, storage_options, compression="infer")
+        paths, X, columns = _read_csv(url, raw)
+    else:
+        raw = storage.read_bytes(url, storage_options, compression="infer")
+        paths, X, columns = _read_pickle(url, raw)
+    _check_finite(url, paths, X, columns)
+    return paths, X, _check_paths(url, paths, store)
+
+
+def _read_parquet(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(raw))
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(
+            f"{url} is not a valid Parquet file ({_one_line(exc)}); re-export it"
+        ) from None
+    names = list(schema.names)
+    meta = schema.pandas_metadata or {}
+    index_cols = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
+    if "path" in names:
+        path_col = "path"
+    elif len(index_cols) == 1:
+        path_col = index_cols[0]
+    else:
+        raise InputError(
+            f"{url}: no path column; name the column of image paths 'path' "
+            "(or store the paths as the DataFrame's index)"
+        )
+    is_list = "embedding" in names and _is_list_type(schema.field("embedding").type)
+    if is_list:
+        columns = [path_col, "embedding"]
+    else:
+        columns = [c for c in names if c != path_col and c not in index_cols]
+        if not columns:
+            raise InputError(f"{url}: no feature columns besides {path_col!r}")
+        for c in columns:
+            t = schema.field(c).type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+                raise InputError(
+                    f"{url}: column {c!r} is {t}, not numeric; every column besides the path "
+                    "must hold one embedding dimension (drop it, or use 'path' + 'embedding')"
+                )
+        columns = [path_col, *columns]
+    try:
+        table = pf.read(columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(
+            f"{url} is not a valid Parquet file ({_one_line(exc)}); re-export it"
+        ) from None
+    del pf, raw
+    paths = _text_column(url, table.column(path_col), path_col)
+    if is_list:
+        return paths, _list_to_matrix(url, table.column("embedding"), paths), None
+    features = columns[1:]
+    return paths, _columns_to_matrix([table.column(c) for c in features]), features
+
+
+def _is_list_type(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _text_column(url: str, col: pa.ChunkedArray, name: str) -> np.ndarray:
+    """An Arrow column of paths as an object array of ``str``."""
+    if len(col) == 0:  # an empty pandas index is stored with type null: nothing to check
+        return np.empty(0, dtype=object)
+    t = col.type
+    if pa.types.is_dictionary(t) and (
+        pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)
+    ):
+        col = col.cast(t.value_type)
+        t = col.type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)):
+        raise InputError(
+            f"{url}: path column {name!r} is {t}, not text; store the paths as strings"
+        )
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{url}: row {row} has no path (null); fill in or drop the row")
+    return col.to_numpy(zero_copy_only=False).astype(object, copy=False)
+
+
+def _columns_to_matrix(cols: list[pa.ChunkedArray]) -> np.ndarray:
+    """Interleave ``d`` numeric columns into an ``(n, d)`` float32 C-contiguous array.
+
+    Nulls become NaN (rejected afterwards). Works in row blocks of about ``_BLOCK_BYTES``.
+    """
+    arrays = [c.to_numpy() for c in cols]  # zero-copy for float columns without nulls
+    d = len(arrays)
+    n = len(arrays[0]) if arrays else 0
+    out = np.empty((n, d), dtype=np.float32)
+    step = max(1, _BLOCK_BYTES // (4 * d))
+    block = np.empty((d, step), dtype=np.float32)
+    # float64 beyond float32 range casts to inf, which _check_finite reports with its row.
+    with np.errstate(over="ignore"):
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            for k, a in enumerate(arrays):
+                block[k, : hi - lo] = a[lo:hi]
+            out[lo:hi] = block[:, : hi - lo].T
+    return out
+
+
+def _list_to_matrix(url: str, col: pa.ChunkedArray, paths: np.ndarray) -> np.ndarray:
+    """A list / fixed-size-list column of numbers as ``(n, d)`` float32, without row loops."""
+    arr = col.combine_chunks()
+    n = len(arr)
+    if arr.null_count:
+        row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(
+            f"{url}: row {row} (path {paths[row]!r}) has no embedding (null); "
+            "fill in or drop the row"
+        )
+    vt = arr.type.value_type
+    if not (pa.types.is_integer(vt) or pa.types.is_floating(vt)):
+        raise InputError(
+            f"{url}: column 'embedding' holds {vt}, not numbers; store lists of floats"
+        )
+    if pa.types.is_fixed_size_list(arr.type):
+        d = arr.type.list_size
+    else:
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        d = int(lengths[0]) if n else 0
+        bad = np.flatnonzero(lengths != d)
+        if len(bad):
+            row = int(bad[0])
+            raise InputError(
+                f"{url}: row {row} (path {paths[row]!r}) has a {int(lengths[row])}-dimensional "
+                f"embedding but row 0 has {d}; all embeddings must have the same length"
+            )
+    values = arr.flatten().to_numpy(zero_copy_only=False)  # nulls -> NaN, rejected afterwards
+    # Always copy into numpy's own memory, even for float32 values that could be viewed in
+    # place: a view would keep the whole Arrow table alive (and Arrow's memory pool keeps
+    # what it frees), so the pieces waiting to be gathered would cost twice their size.
+    out = np.empty((n, d), dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
+        out.reshape(-1)[:] = values
+    return out
+
+
+def _read_npz(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, None]:
+    # np.load takes anything that is not a zip for a pickle: check the zip signature first so
+    # that a damaged file reads as damaged, not as "pickled data".
+    if not raw.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise InputError(f"{url} is not a valid NPZ (zip) file; re-export it with np.savez")
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            missing = {"paths", "embeddings"} - set(npz.files)
+            if missing:
+                raise InputError(
+                    f"{url}: NPZ shard has arrays {sorted(npz.files)}; expected 'paths' and "
+                    "'embeddings' (np.savez(f, paths=..., embeddings=...))"
+                )
+            paths = _npz_array(url, npz, "paths")
+            emb = _npz_array(url, npz, "embeddings")
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise InputError(
+            f"{url} is not a valid NPZ file ({_one_line(exc)}); re-export it"
+        ) from None
+    if paths.ndim != 1:
+        raise InputError(f"{url}: 'paths' has shape {paths.shape}; expected one dimension")
+    if paths.dtype.kind != "U":
+        raise InputError(
+            f"{url}: 'paths' holds {paths.dtype}, not text; save the paths as a unicode array "
+            "(np.asarray(paths, dtype=str))"
+        )
+    if emb.ndim != 2 or emb.shape[0] != paths.shape[0]:
+        raise InputError(
+            f"{url}: 'embeddings' has shape {emb.shape} for {paths.shape[0]} paths; expected "
+            f"({paths.shape[0]}, d)"
+        )
+    if emb.dtype.kind not in "fiu":
+        raise InputError(f"{url}: 'embeddings' holds {emb.dtype}, not numbers")
+    with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
+        X = np.ascontiguousarray(emb, dtype=np.float32)
+    return paths.astype(object), X, None
+
+
+def _npz_array(url: str, npz: Any, name: str) -> np.ndarray:
+    try:
+        return npz[name]
+    except ValueError as exc:
+        if "pickle" not in str(exc):
+            raise
+        raise InputError(
+            f"{url}: {name!r} is an object array, which needs pickle to load; save the paths "
+            "as a unicode array (np.asarray(paths, dtype=str)) and the embeddings as floats"
+        ) from None
+
+
+def _read_csv(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    first_line = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    header = next(csv.reader([first_line]), [])
+    if not raw.strip() or not header:
+        raise InputError(f"{url}: empty CSV file; expected a header line and rows")
+    path_col = "path" if "path" in header else header[0]
+    try:
+        table = pacsv.read_csv(
+            pa.BufferReader(raw),
+            # The path column is text even when the names look like numbers.
+            convert_options=pacsv.ConvertOptions(column_types={path_col: pa.string()}),
+        )
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(
+            f"{url} is not a valid CSV file ({_one_line(exc)}); re-export it"
+        ) from None
+    features = [c for c in table.column_names if c != path_col]
+    if not features:
+        raise InputError(f"{url}: no feature columns besides {path_col!r}")
+    for c in features:
+        t = table.schema.field(c).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
+            raise InputError(
+                f"{url}: column {c!r} holds {t}, not numbers; every column besides the path "
+                "must hold one embedding dimension"
+            )
+    paths = _text_column(url, table.column(path_col), path_col)
+    cols = [table.column(c) for c in features]
+    # An all-empty column reads as type null: as floats it is all NaN, reported as such.
+    cols = [c.cast(pa.float32()) if pa.types.is_null(c.type) else c for c in cols]
+    return paths, _columns_to_matrix(cols), features
+
+
+def _read_pickle(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    try:
+        df = pd.read_pickle(io.BytesIO(raw))
+    except Exception as exc:  # unpickling can fail in any way the file's content dictates
+        raise InputError(
+            f"{url} is not a readable pandas pickle ({_one_line(exc)}); re-export it"
+        ) from None
+    if not isinstance(df, pd.DataFrame):
+        raise InputError(f"{url}: pickle holds a {type(df).__name__}, not a DataFrame of features")
+    if "path" in df.columns:
+        path_values = df["path"].to_numpy(dtype=object)
+        feat = df.drop(columns=["path"])
+    else:
+        path_values = df.index.to_numpy(dtype=object)
+        feat = df
+    for c, t in feat.dtypes.items():
+        if not pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t):
+            raise InputError(
+                f"{url}: column {c!r} holds {t}, not numbers; every column besides the path "
+                "must hold one embedding dimension"
+            )
+    if feat.shape[1] == 0:
+        raise InputError(f"{url}: no feature columns")
+    with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
+        X = np.ascontiguousarray(feat.to_numpy(dtype=np.float32, na_value=np.nan))
+    return path_values, X, [str(c) for c in feat.columns]
+
+
+def _check_finite(url: str, paths: np.ndarray, X: np.ndarray, columns: list[str] | None) -> None:
+    """Refuse NaN and ±inf, naming the first bad row and column."""
+    # A float64 row sum of float32 values cannot overflow and is non-finite exactly when the
+    # row holds a NaN or an inf: one pass, no n × d boolean temporary.
+    bad = np.flatnonzero(~np.isfinite(X.sum(axis=1, dtype=np.float64)))
+    if len(bad):
+        row = int(bad[0])
+        k = int(np.flatnonzero(~np.isfinite(X[row]))[0])
+        col = f"column {columns[k]!r}" if columns else f"dimension {k}"
+        raise InputError(
+            f"{url}: row {row} (path {paths[row]!r}) has {X[row, k]} in {col} (or a value "
+            "beyond float32 range); fix or drop the row and re-export"
+        )
+
+
+def _check_paths(url: str, paths: np.ndarray, store: Store) -> dict[int, str]:
+    """Check every path is text under the root.
+
+    Returns ``{row: path relative to the root}`` for the rows whose path is written another
+    way (``./a.jpg``, absolute, with the root's URL): usually empty, so that the client
+    receives no second array of n strings.
+    """
+    aliases: dict[int, str] = {}
+    resolve = store.resolve
+    root = store.root_path if store.root_path.endswith("/") else store.root_path + "/"
+    for i, p in enumerate(paths):
+        if type(p) is not str:
+            raise InputError(
+                f"{url}: row {i} has path {p!r} of type {type(p).__name__}, not text; store "
+                "the paths as strings"
+            )
+        try:
+            full = resolve(p)
+        except ScopeError as exc:
+            raise ScopeError(
+                f"{url}: row {i}: {exc}; fix the path in the shard or choose a root that "
+                "contains it"
+            ) from None
+        if full != root + p:
+            aliases[i] = full[len(root) :]
+    return aliases
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
