@@ -51,6 +51,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -958,7 +959,29 @@ def _read_groups(items: Sequence[_Item], order: np.ndarray | None) -> tuple[tupl
             out[-1].append(k)
         else:
             out.append([k])
-    return tuple(tuple(g) for g in out)
+    return tuple(tuple(n) for g in out for n in _narrow(g, order))
+
+
+def _narrow(keys: list[str], order: np.ndarray) -> list[list[str]]:
+    """Split a group whose common prefix covers far more objects than its key range.
+
+    A listing reads ``Prefix`` = the group's common prefix from just before its first key;
+    some servers (moto, several S3-compatible stores) scan everything under the prefix for
+    each page, so a group is split by the next character after the prefix until the prefix
+    holds at most about twice the objects of the range (counted in the plan).
+    """
+    if len(keys) < 2:
+        return [keys]
+    prefix = os.path.commonprefix([keys[0], keys[-1]])  # noqa: RUF071 (characters wanted)
+    lo, hi = np.searchsorted(order, np.asarray([keys[0], keys[-1]], dtype=object))
+    first = np.searchsorted(order, prefix)
+    end = np.searchsorted(order, prefix + "\U0010ffff")
+    if end - first <= 2 * (hi - lo + 1) + LIST_GAP:
+        return [keys]
+    parts: dict[str, list[str]] = {}
+    for k in keys:
+        parts.setdefault(k[len(prefix) : len(prefix) + 1], []).append(k)
+    return [n for part in parts.values() for n in _narrow(part, order)]
 
 
 # -- journal and report -----------------------------------------------------------------------
