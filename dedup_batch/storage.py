@@ -11,11 +11,16 @@ Paths are always handled as exact names: nothing here expands glob patterns, so 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
-from collections.abc import Mapping
-from typing import Any
+import random
+import stat as _stat_mod
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import fsspec
 import pandas as pd
@@ -23,6 +28,8 @@ import pandas as pd
 from .errors import ScopeError, StorageError
 
 __all__ = [
+    "KeyResult",
+    "ObjectStat",
     "Store",
     "expand_urls",
     "join_url",
@@ -187,6 +194,426 @@ class Store:
         df["etag"] = df["etag"].astype("object")
         return df.set_index("fs_path")
 
+    # -- exact-key operations (used by apply) -----------------------------------------------
+    # Everything below takes exact filesystem paths (from :meth:`resolve`) and never expands
+    # glob patterns: fsspec's ``rm``/``copy``/``expand_path`` treat ``[``, ``*`` and ``?`` as
+    # patterns on S3 and memory://, so only single-object APIs are used here.
+
+    @property
+    def is_s3(self) -> bool:
+        """True when the root is on S3 (or an S3-compatible store through s3fs)."""
+        return bool({"s3", "s3a"} & set(self.protocols))
+
+    def _split_key(self, full: str) -> tuple[str, str]:
+        # Split by hand: s3fs.split_path parses "?versionId=" out of a key when version_aware
+        # is set, which would turn a literal key into a version-specific (permanent) delete.
+        bucket, _, key = full.partition("/")
+        if not bucket or not key:
+            raise ScopeError(f"{full!r} is a bucket, not an object: refusing to touch it")
+        return bucket, key
+
+    def _scrub(self, text: str) -> str:
+        """``text`` with every secret value of the storage options replaced by ``***``."""
+        for value in _secret_values(self.storage_options):
+            text = text.replace(value, "***")
+        return text
+
+    def _storage_error(self, what: str, exc: BaseException) -> StorageError:
+        return StorageError(
+            self._scrub(
+                f"{what} under {self.root!r} failed: {_one_line(exc)}; "
+                "check endpoint_url, credentials and permissions"
+            )
+        )
+
+    def _s3_call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        # s3fs.call_s3 runs on fsspec's IO loop (thread-safe) and already retries whole-request
+        # connection errors; it raises OSError subclasses (FileNotFoundError, PermissionError).
+        return self.fs.call_s3(method, **kwargs)
+
+    def stat_many(self, groups: Iterable[Sequence[str]]) -> dict[str, ObjectStat | None]:
+        """The current size, mtime and ETag of exact paths (``None`` where there is no object).
+
+        Parameters
+        ----------
+        groups : iterable of sequences of str
+            Exact filesystem paths (from :meth:`resolve`). On S3 a group of two or more paths is
+            read with one ranged listing (ListObjectsV2 with ``Prefix`` = their common prefix and
+            ``StartAfter`` just before the first, one request per 1000 objects in the range), a
+            group of one with one HEAD; callers group paths that lie close together in key
+            order. Elsewhere each path costs one ``stat``.
+
+        Returns
+        -------
+        dict mapping every path given to an :class:`ObjectStat` or ``None``.
+
+        Raises
+        ------
+        StorageError
+            If the backend refuses or cannot be reached (not for a missing object).
+        """
+        out: dict[str, ObjectStat | None] = {}
+        for group in groups:
+            paths = list(group)
+            if not paths:
+                continue
+            if self.is_s3 and len(paths) > 1:
+                out.update(self._s3_stat_range(paths))
+            else:
+                for p in paths:
+                    out[p] = self._stat_one(p)
+        return out
+
+    def exists(self, full: str) -> bool:
+        """Whether an object exists at exactly ``full`` (one HEAD or stat; no glob expansion)."""
+        return self._stat_one(full) is not None
+
+    def _stat_one(self, full: str) -> ObjectStat | None:
+        if self.is_local:
+            try:
+                st = os.stat(full)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as exc:
+                raise self._storage_error(f"stat of {self.relative(full)!r}", exc) from None
+            if not _stat_mod.S_ISREG(st.st_mode):
+                return None
+            return ObjectStat(int(st.st_size), float(st.st_mtime), None)
+        if self.is_s3:
+            bucket, key = self._split_key(full)
+            try:
+                head = self._s3_call("head_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return None
+            except Exception as exc:  # botocore/aiohttp errors have no common base
+                raise self._storage_error(f"HEAD of {key!r}", exc) from None
+            mtime = head.get("LastModified")
+            return ObjectStat(
+                int(head.get("ContentLength", 0)),
+                mtime.timestamp() if mtime is not None else float("nan"),
+                head.get("ETag"),
+            )
+        try:
+            info = self.fs.info(full)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._storage_error(f"info of {full!r}", exc) from None
+        if info.get("type", "file") != "file":
+            return None
+        return ObjectStat(*_stat(info))
+
+    def _s3_stat_range(self, paths: Sequence[str]) -> dict[str, ObjectStat | None]:
+        by_bucket: dict[str, list[str]] = {}
+        for p in paths:
+            by_bucket.setdefault(self._split_key(p)[0], []).append(p)
+        out: dict[str, ObjectStat | None] = {}
+        for bucket, fulls in by_bucket.items():
+            keys = sorted((self._split_key(p)[1] for p in fulls), key=_utf8)
+            first, last = keys[0], keys[-1]
+            prefix = _common_prefix(first, last)
+            # The greatest string below ``first`` is not expressible; ``first`` minus its last
+            # character is below it and lets at most a few extra keys into the listing.
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+            if len(first) > 1:
+                kwargs["StartAfter"] = first[:-1]
+            found: dict[str, ObjectStat] = {}
+            last_b = _utf8(last)
+            while True:
+                try:
+                    page = self._s3_call("list_objects_v2", **kwargs)
+                except Exception as exc:
+                    raise self._storage_error(f"listing of {prefix!r} in {bucket!r}", exc) from None
+                contents = page.get("Contents") or []
+                for c in contents:
+                    mt = c.get("LastModified")
+                    found[c["Key"]] = ObjectStat(
+                        int(c.get("Size", 0)),
+                        mt.timestamp() if mt is not None else float("nan"),
+                        c.get("ETag"),
+                    )
+                if (
+                    not page.get("IsTruncated")
+                    or not contents
+                    or _utf8(contents[-1]["Key"]) >= last_b
+                ):
+                    break
+                kwargs["ContinuationToken"] = page["NextContinuationToken"]
+            for p in fulls:
+                out[p] = found.get(self._split_key(p)[1])
+        return out
+
+    def delete_exact(
+        self, fs_paths: Sequence[str], *, etags: Mapping[str, str | None] | None = None
+    ) -> dict[str, KeyResult]:
+        """Delete exactly the objects named, one result per path.
+
+        Parameters
+        ----------
+        fs_paths : sequence of str
+            Exact filesystem paths under the root. Never expanded as globs.
+        etags : mapping, optional
+            ``path -> ETag``: on S3 sent in each ``ObjectIdentifier`` so that a store honouring
+            conditional deletes refuses a changed object (reported with status ``changed``).
+
+        Returns
+        -------
+        dict path -> :class:`KeyResult` with ``status`` one of ``deleted``, ``already_absent``
+        (only where the backend says so: S3 reports a missing key as deleted), ``changed``
+        (precondition failed) or ``failed`` (``code``/``message`` say why).
+
+        Notes
+        -----
+        S3: ``DeleteObjects`` by exact key, at most 1000 keys a request, ``Quiet=False`` so that
+        every key gets an answer; no ``VersionId`` is ever sent (a versioned bucket gets delete
+        markers, nothing is destroyed for good). Per-key errors with a retryable code are
+        retried with capped, jittered exponential backoff; permanent ones are returned. Local:
+        ``os.remove`` of the path. Other fsspec backends: their single-path ``rm_file``.
+
+        Raises
+        ------
+        StorageError
+            If a whole request fails (endpoint unreachable, bad credentials).
+        """
+        etags = etags or {}
+        if self.is_s3:
+            out: dict[str, KeyResult] = {}
+            for i in range(0, len(fs_paths), S3_MAX_DELETE_KEYS):
+                out.update(self._s3_delete(fs_paths[i : i + S3_MAX_DELETE_KEYS], etags))
+            self.fs.invalidate_cache()
+            return out
+        return {p: self._delete_one(p) for p in fs_paths}
+
+    def _delete_one(self, full: str) -> KeyResult:
+        try:
+            if self.is_local:
+                os.remove(full)
+            else:
+                self.fs.rm_file(full)
+        except FileNotFoundError:
+            return KeyResult("already_absent", "NoSuchKey", "")
+        except IsADirectoryError:
+            return KeyResult("failed", "IsADirectory", "a directory, not a file: left alone")
+        except PermissionError as exc:
+            return KeyResult("failed", "AccessDenied", self._scrub(_one_line(exc)))
+        except OSError as exc:
+            code = type(exc).__name__ if exc.errno is None else f"Errno{exc.errno}"
+            return KeyResult("failed", code, self._scrub(_one_line(exc)))
+        return KeyResult("deleted", "", "")
+
+    def _s3_delete(
+        self, fulls: Sequence[str], etags: Mapping[str, str | None]
+    ) -> dict[str, KeyResult]:
+        out: dict[str, KeyResult] = {}
+        by_bucket: dict[str, dict[str, str]] = {}
+        for full in fulls:
+            bucket, key = self._split_key(full)
+            by_bucket.setdefault(bucket, {})[key] = full
+        for bucket, pending in by_bucket.items():
+            last_error: dict[str, tuple[str, str]] = {}
+            for attempt in range(1, S3_MAX_KEY_ATTEMPTS + 1):
+                objects = []
+                for key, full in pending.items():
+                    ident: dict[str, str] = {"Key": key}
+                    etag = etags.get(full)
+                    if etag:
+                        ident["ETag"] = _quote_etag(etag)
+                    objects.append(ident)
+                try:
+                    resp = self._s3_call(
+                        "delete_objects",
+                        Bucket=bucket,
+                        Delete={"Objects": objects, "Quiet": False},
+                    )
+                except Exception as exc:
+                    raise self._storage_error(f"DeleteObjects in bucket {bucket!r}", exc) from None
+                retry: dict[str, str] = {}
+                for d in resp.get("Deleted") or []:
+                    full = pending.get(d.get("Key", ""))
+                    if full is not None:
+                        out[full] = KeyResult("deleted", "", "")
+                for err in resp.get("Errors") or []:
+                    key = err.get("Key", "")
+                    full = pending.get(key)
+                    if full is None or full in out:
+                        continue
+                    code = str(err.get("Code") or "Unknown")
+                    msg = self._scrub(str(err.get("Message") or ""))
+                    if code in S3_RETRYABLE_CODES:
+                        retry[key] = full
+                        last_error[key] = (code, msg)
+                    elif code in S3_PRECONDITION_CODES:
+                        out[full] = KeyResult("changed", code, msg)
+                    else:
+                        out[full] = KeyResult("failed", code, msg)
+                # A key with neither a Deleted nor an Errors entry would otherwise vanish from
+                # the report: ask again, and report it if the store never answers for it.
+                for key, full in pending.items():
+                    if full not in out and key not in retry:
+                        retry[key] = full
+                        last_error[key] = ("NoResult", "DeleteObjects returned no result for it")
+                if not retry:
+                    break
+                pending = retry
+                if attempt < S3_MAX_KEY_ATTEMPTS:
+                    log.info(
+                        "DeleteObjects: retrying %d key(s) in %r (attempt %d, %s)",
+                        len(retry),
+                        bucket,
+                        attempt + 1,
+                        last_error[next(iter(retry))][0],
+                    )
+                    time.sleep(_backoff(attempt))
+            else:
+                for key, full in pending.items():
+                    code, msg = last_error[key]
+                    out[full] = KeyResult(
+                        "failed",
+                        code,
+                        f"{msg} (gave up after {S3_MAX_KEY_ATTEMPTS} attempts)".strip(),
+                    )
+        return out
+
+    def copy_exact(self, src: str, dst_store: Store, dst: str) -> KeyResult:
+        """Copy the object at exactly ``src`` to exactly ``dst`` in ``dst_store``, then verify.
+
+        Verification: the copy's size equals the source's, and its ETag (S3 to S3, where the
+        source ETag is a plain MD5, i.e. not multipart) or the MD5 of the bytes written equals
+        the source's. Returns ``KeyResult("copied", ...)``, ``("absent", ...)`` when there is no
+        source object, or ``("failed", code, message)``; never deletes anything. Memory: one
+        object is streamed through this process in 1 MiB blocks unless both ends are on the
+        same S3 endpoint (server-side ``CopyObject``).
+        """
+        src_stat = self._stat_one(src)
+        if src_stat is None:
+            return KeyResult("absent", "NoSuchKey", "source object not found")
+        try:
+            if self.is_s3 and dst_store.is_s3 and self.storage_options == dst_store.storage_options:
+                sb, sk = self._split_key(src)
+                db, dk = dst_store._split_key(dst)
+                extra: dict[str, Any] = {}
+                if src_stat.etag:
+                    # Copy exactly the version we looked at: a concurrent overwrite fails the
+                    # copy (412) instead of sending a different object to the trash.
+                    extra["CopySourceIfMatch"] = _quote_etag(src_stat.etag)
+                self._s3_call(
+                    "copy_object", Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk}, **extra
+                )
+                dst_store.fs.invalidate_cache()
+                got = dst_store._stat_one(dst)
+                digest = None
+            else:
+                digest = self._stream_copy(src, dst_store, dst)
+                got = dst_store._stat_one(dst)
+        except StorageError as exc:
+            return KeyResult("failed", "CopyFailed", str(exc))
+        except PermissionError as exc:
+            return KeyResult("failed", "AccessDenied", self._scrub(_one_line(exc)))
+        except Exception as exc:
+            return KeyResult("failed", "CopyFailed", self._scrub(_one_line(exc)))
+        if got is None:
+            return KeyResult("failed", "VerifyFailed", "the copy is not there after copying")
+        if got.size != src_stat.size:
+            return KeyResult(
+                "failed", "VerifyFailed", f"copy has {got.size} bytes, source {src_stat.size}"
+            )
+        src_md5 = _md5_etag(src_stat.etag)
+        if digest is None:
+            if src_md5 is not None and _md5_etag(got.etag) != src_md5:
+                return KeyResult("failed", "VerifyFailed", "copy ETag differs from the source")
+        else:
+            dst_md5 = _md5_etag(got.etag)
+            if dst_store.is_local:
+                dst_md5 = dst_store.md5(dst)
+            if (src_md5 is not None and digest != src_md5) or (
+                dst_md5 is not None and dst_md5 != digest
+            ):
+                return KeyResult("failed", "VerifyFailed", "copy MD5 differs from the source")
+        return KeyResult("copied", "", "")
+
+    def _stream_copy(self, src: str, dst_store: Store, dst: str) -> str:
+        md5 = hashlib.md5(usedforsecurity=False)
+        if dst_store.is_local:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+        elif not dst_store.is_s3:
+            dst_store.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        # fs.open takes the path literally (no glob expansion) on every backend used here.
+        with self.fs.open(src, "rb") as fin, dst_store.fs.open(dst, "wb") as fout:
+            while block := fin.read(COPY_BLOCK_BYTES):
+                md5.update(block)
+                fout.write(block)
+        if dst_store.is_s3:
+            dst_store.fs.invalidate_cache()
+        return md5.hexdigest()
+
+    def md5(self, full: str) -> str:
+        """MD5 hex digest of the object at exactly ``full`` (read in 1 MiB blocks)."""
+        md5 = hashlib.md5(usedforsecurity=False)
+        with self.fs.open(full, "rb") as f:
+            while block := f.read(COPY_BLOCK_BYTES):
+                md5.update(block)
+        return md5.hexdigest()
+
+    # -- small files (journal, reports) -----------------------------------------------------
+    def read_bytes(self, full: str) -> bytes | None:
+        """The bytes of the file at exactly ``full``, or ``None`` if there is none."""
+        try:
+            with self.fs.open(full, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._storage_error(f"reading {full!r}", exc) from None
+
+    def write_bytes(self, full: str, data: bytes) -> None:
+        """Write ``data`` to ``full`` atomically: a reader sees the old file or the new one.
+
+        Local: write a temporary file next to it, then ``os.replace``. Object stores: one PUT
+        (S3 and memory:// make an object visible only when it is complete).
+        """
+        try:
+            if self.is_local:
+                folder = os.path.dirname(full)
+                os.makedirs(folder, exist_ok=True)
+                tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex}.tmp")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, full)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+            else:
+                self.fs.pipe_file(full, data)
+                if self.is_s3:
+                    self.fs.invalidate_cache()
+        except Exception as exc:
+            raise self._storage_error(f"writing {full!r}", exc) from None
+
+    def list_files(self, folder: str) -> list[str]:
+        """Exact paths of the files directly in ``folder`` (fresh listing, no cache, no globs)."""
+        try:
+            if self.is_local:
+                if not os.path.isdir(folder):
+                    return []
+                return sorted(
+                    os.path.join(folder, n)
+                    for n in os.listdir(folder)
+                    if os.path.isfile(os.path.join(folder, n))
+                )
+            self.fs.invalidate_cache()
+            try:
+                entries = self.fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                return []
+            return sorted(e["name"] for e in entries if e.get("type", "file") == "file")
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._storage_error(f"listing {folder!r}", exc) from None
+
 
 def _stat(info: Mapping[str, Any]) -> tuple[int, float, str | None]:
     size = int(info.get("size") or 0)
@@ -195,6 +622,134 @@ def _stat(info: Mapping[str, Any]) -> tuple[int, float, str | None]:
         mtime = mtime.timestamp()
     etag = info.get("ETag") or info.get("etag")
     return size, float(mtime) if mtime is not None else float("nan"), etag
+
+
+# -- exact-key operations: constants and small types ------------------------------------------
+
+#: DeleteObjects accepts at most this many keys per request (S3 API limit).
+S3_MAX_DELETE_KEYS = 1000
+#: Per-key error codes inside a 200 DeleteObjects answer that are worth asking again: botocore
+#: retries only whole-request failures, so these would otherwise be dropped.
+S3_RETRYABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "OperationAborted",
+        "NoResult",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+#: Per-key codes meaning "the object is not the one the plan saw" (conditional delete refused).
+S3_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
+#: Attempts per key (first try included) before a retryable error is reported as a failure.
+S3_MAX_KEY_ATTEMPTS = 8
+#: Backoff between attempts: full jitter over min(cap, base * 2**attempt), in seconds. With 8
+#: attempts the worst case waits about 0.1+0.2+...+5 s ≈ 16 s per batch.
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 5.0
+#: Block size for streamed copies (trash across backends): bounds memory per copy.
+COPY_BLOCK_BYTES = 1 << 20
+
+
+class ObjectStat(NamedTuple):
+    """What the store says about one object now: ``size`` (bytes), ``mtime`` (seconds since the
+    epoch, NaN if unknown), ``etag`` (as the store gives it, quotes included; None if none)."""
+
+    size: int
+    mtime: float
+    etag: str | None
+
+
+class KeyResult(NamedTuple):
+    """The outcome of one exact-key operation: ``status``, ``code`` (S3 style, "" when fine),
+    ``message`` (one line, no secrets)."""
+
+    status: str
+    code: str
+    message: str
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: capped exponential, full jitter."""
+    return random.uniform(0.0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0**attempt))
+
+
+def _common_prefix(a: str, b: str) -> str:
+    """The longest common leading string of ``a`` and ``b``, character by character."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def _utf8(text: str) -> bytes:
+    # S3 orders keys by their UTF-8 bytes.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _bare_etag(etag: str | None) -> str | None:
+    if etag is None:
+        return None
+    text = str(etag).strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    return text.strip('"') or None
+
+
+def etags_equal(a: str | None, b: str | None) -> bool:
+    """Whether two ETags name the same content (quotes and weak markers ignored)."""
+    return _bare_etag(a) is not None and _bare_etag(a) == _bare_etag(b)
+
+
+def md5_of_etag(etag: str | None) -> str | None:
+    """The MD5 hex digest an ETag stands for, or None (multipart, SSE-KMS: opaque tokens)."""
+    return _md5_etag(etag)
+
+
+def _quote_etag(etag: str) -> str:
+    return f'"{_bare_etag(etag)}"'
+
+
+def _md5_etag(etag: str | None) -> str | None:
+    """The MD5 hex digest an ETag stands for, or None (multipart, SSE-KMS: opaque tokens)."""
+    bare = _bare_etag(etag)
+    if bare and len(bare) == 32 and all(c in "0123456789abcdef" for c in bare.lower()):
+        return bare.lower()
+    return None
+
+
+def _secret_values(options: Mapping[str, Any]) -> list[str]:
+    """Every secret string in ``options`` (what :func:`redact` hides), longest first."""
+    found: list[str] = []
+
+    def walk(orig: Any, red: Any) -> None:
+        if isinstance(orig, Mapping):
+            for k, v in orig.items():
+                walk(v, red.get(k) if isinstance(red, Mapping) else "***")
+        elif red == "***" and orig not in (None, ""):
+            if isinstance(orig, str):
+                found.append(orig)
+            elif isinstance(orig, list | tuple):
+                found.extend(str(x) for x in orig if x)
+            else:
+                found.append(str(orig))
+
+    walk(dict(options or {}), redact(options))
+    return sorted({v for v in found if len(v) >= 4}, key=len, reverse=True)
 
 
 def _one_line(exc: BaseException) -> str:

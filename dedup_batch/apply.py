@@ -1,0 +1,1102 @@
+"""Apply: delete the plan's duplicates (or move them to a trash), safely, in parallel.
+
+``apply_plan(plan_dir, store=...)`` reads ``plan_dir/plan.parquet`` and deletes exactly its
+``keep == False`` rows outside noise (cluster -1), never a keeper:
+
+1. **Checks before any request to the store**: the delete set is built from ``keep == False``
+   and verified structurally (no path in it is a kept path or any row's ``keeper``, also after
+   resolving paths, so ``a.jpg`` and ``./a.jpg`` cannot be one object kept and deleted); every
+   path resolves under the root (:class:`~dedup_batch.errors.ScopeError` otherwise); the
+   ``max_delete`` / ``max_delete_fraction`` limits (:class:`~dedup_batch.errors.SafetyError`).
+2. **Deterministic batches** of at most ``batch_size`` paths: clusters in order of their first
+   duplicate's path, a cluster never split unless it is larger than a batch, paths sorted inside
+   a batch. Batch ids depend only on the plan and ``batch_size``, so a re-run finds its journal.
+3. **One task per batch** on the Dask workers (or a local thread pool), at most ``concurrency``
+   in flight. A task: reads the current state of the batch's objects and keepers (S3: ranged
+   listings of keys that lie close together, one HEAD otherwise), skips every duplicate whose
+   keeper is gone (``skipped_keeper_missing``) or that changed since the plan (ETag, or size and
+   mtime: ``skipped_changed``), reports absent ones as ``already_absent``, optionally copies the
+   rest to the trash and verifies the copies, deletes them by exact key (S3: DeleteObjects with
+   per-key results and retries, see :meth:`~dedup_batch.storage.Store.delete_exact`), then
+   writes ``plan_dir/journal/batch-NNNNNN.json`` atomically.
+4. **Resume**: finished batches (every path deleted, trashed or already absent) are skipped; the
+   rest are run again, which is safe because every step is idempotent (a task may also run
+   twice when a Dask worker dies). At the end ``plan_dir/completion-report.csv`` lists every
+   path of the delete set with ``path,status,error_code,message``.
+
+Statuses: ``deleted``, ``trashed``, ``already_absent`` (done); ``skipped_keeper_missing``,
+``skipped_changed``, ``failed`` (not done: ``ApplyResult.ok`` is False, the CLI exits 4);
+``would_delete`` (dry run). :func:`restore` puts trashed objects back (``restored``,
+``already_restored``; ``skipped_exists`` when a different object now sits at the original path,
+``failed``).
+
+The guard against deleting an object that changed since the plan is recorded as
+``ApplyResult.guard``: ``"conditional+compare-then-delete"`` (S3 with ETags: the ETag is sent in
+each ObjectIdentifier, and since moto and several S3-compatible stores ignore it there, it is
+also compared just before deleting), ``"compare-then-delete"`` (size and mtime, or ETag, compared
+before deleting: local files, memory://, S3 without ETags), ``"existence-only"`` (the plan has
+no size, mtime or ETag).
+
+Notes
+-----
+``memory://`` roots and plan directories live in one process: use them with ``client=None``.
+Nothing here logs or writes storage options; error messages are scrubbed of secret values.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError, InputError, SafetyError, ScopeError
+from .storage import Store, etags_equal, md5_of_etag
+
+if TYPE_CHECKING:
+    import distributed
+
+__all__ = [
+    "DONE_APPLY",
+    "DONE_RESTORE",
+    "ApplyResult",
+    "apply_plan",
+    "restore",
+]
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.parquet"
+JOURNAL_DIR = "journal"
+MANIFEST_FILE = "journal/manifest.json"
+COMPLETION_REPORT = "completion-report.csv"
+RESTORE_REPORT = "restore-report.csv"
+JOURNAL_VERSION = 1
+
+DELETED = "deleted"
+TRASHED = "trashed"
+ALREADY_ABSENT = "already_absent"
+SKIPPED_KEEPER_MISSING = "skipped_keeper_missing"
+SKIPPED_CHANGED = "skipped_changed"
+FAILED = "failed"
+WOULD_DELETE = "would_delete"
+RESTORED = "restored"
+ALREADY_RESTORED = "already_restored"
+SKIPPED_EXISTS = "skipped_exists"
+WOULD_RESTORE = "would_restore"
+#: Statuses after which an apply (restore) has nothing left to do for a path.
+DONE_APPLY = frozenset({DELETED, TRASHED, ALREADY_ABSENT})
+DONE_RESTORE = frozenset({RESTORED, ALREADY_RESTORED})
+
+#: Batches in flight when running on a local thread pool (client=None): requests are I/O bound.
+DEFAULT_THREADS = 8
+#: With a Dask client: this many batches queued per worker thread, so no thread idles between
+#: tasks, capped so that a large cluster does not exceed S3's per-prefix request rate.
+TASKS_PER_WORKER_THREAD = 2
+MAX_DEFAULT_CONCURRENCY = 64
+#: Two keys of a batch are read with one S3 listing when at most this many other plan objects
+#: lie between them in key order; a listed entry costs about 1/20 of a HEAD request, so this
+#: keeps a listing never dearer than the HEADs it replaces.
+LIST_GAP = 16
+#: mtime values closer than this (seconds) are equal (float round trips through Parquet).
+MTIME_TOLERANCE_S = 1e-6
+#: Non-done outcomes shown in ``ApplyResult.to_dict()`` (the full list is in the CSV report).
+MAX_EXAMPLES = 20
+
+_REPORT_COLUMNS = ["path", "status", "error_code", "message"]
+
+
+class _Item(NamedTuple):
+    """One path of the delete set, with what the plan knew about it."""
+
+    path: str
+    fs: str
+    cluster: int
+    keeper: str
+    keeper_fs: str
+    size: int | None
+    mtime: float | None
+    etag: str | None
+
+
+class _Batch(NamedTuple):
+    id: int
+    items: tuple[_Item, ...]
+    #: paths to read together (see Store.stat_many): keys close in order, keepers included.
+    groups: tuple[tuple[str, ...], ...]
+    #: records of paths of this batch finished by an earlier run (kept in its journal file).
+    prior: tuple[tuple[str, str, str, str, int], ...] = ()
+
+
+#: One journal/report record: path, status, error code, message, bytes freed.
+_Record = tuple[str, str, str, str, int]
+
+
+@dataclass
+class ApplyResult:
+    """What an apply (or restore) did.
+
+    Attributes
+    ----------
+    plan_dir : str
+        The plan directory.
+    operation : str
+        ``"apply"`` or ``"restore"``.
+    dry_run : bool
+        Nothing was touched; ``outcomes`` say what would be done.
+    guard : str
+        The change guard used (see the module docstring).
+    trash : str or None
+        The trash URL, if objects were moved there instead of deleted.
+    planned : int
+        Paths the plan deletes (restore: paths journaled as trashed).
+    planned_bytes : int
+        Their sizes from the plan, where known (bytes).
+    counts : dict
+        Number of paths per status.
+    bytes_done : int
+        Bytes deleted or trashed (restore: restored), from the sizes seen before acting.
+    batches_total, batches_run, batches_skipped : int
+        Batches in the plan, run now, skipped because the journal says they are finished.
+    outcomes : DataFrame
+        One row per path: ``path, status, error_code, message`` (sorted by path).
+    report : str or None
+        URL of the completion report written (None on a dry run).
+    elapsed_s : float
+        Wall time of the call (seconds).
+    """
+
+    plan_dir: str
+    operation: str = "apply"
+    dry_run: bool = False
+    guard: str = "existence-only"
+    trash: str | None = None
+    planned: int = 0
+    planned_bytes: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    bytes_done: int = 0
+    batches_total: int = 0
+    batches_run: int = 0
+    batches_skipped: int = 0
+    outcomes: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=_REPORT_COLUMNS))
+    report: str | None = None
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """False when any path was not done (skipped or failed): the CLI then exits 4."""
+        done = DONE_RESTORE if self.operation == "restore" else DONE_APPLY
+        done = done | {WOULD_DELETE, WOULD_RESTORE}
+        return all(s in done for s in self.counts if self.counts[s])
+
+    @property
+    def not_done(self) -> int:
+        """Number of paths skipped or failed."""
+        done = DONE_RESTORE if self.operation == "restore" else DONE_APPLY
+        done = done | {WOULD_DELETE, WOULD_RESTORE}
+        return sum(n for s, n in self.counts.items() if s not in done)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary for ``summary.json`` (no per-path list beyond a few examples)."""
+        done = DONE_RESTORE if self.operation == "restore" else DONE_APPLY
+        bad = self.outcomes[~self.outcomes["status"].isin(done | {WOULD_DELETE, WOULD_RESTORE})]
+        return {
+            "operation": self.operation,
+            "plan_dir": self.plan_dir,
+            "dry_run": self.dry_run,
+            "ok": self.ok,
+            "guard": self.guard,
+            "trash": self.trash,
+            "planned": self.planned,
+            "planned_bytes": self.planned_bytes,
+            "counts": dict(sorted(self.counts.items())),
+            "not_done": self.not_done,
+            "bytes_done": self.bytes_done,
+            "batches": {
+                "total": self.batches_total,
+                "run": self.batches_run,
+                "skipped_finished": self.batches_skipped,
+            },
+            "report": self.report,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "examples_not_done": bad.head(MAX_EXAMPLES).to_dict(orient="records"),
+        }
+
+
+# -- public API -------------------------------------------------------------------------------
+def apply_plan(
+    plan_dir: str,
+    *,
+    store: Store,
+    dry_run: bool = False,
+    max_delete: int | None = None,
+    max_delete_fraction: float | None = None,
+    trash: str | None = None,
+    batch_size: int = 1000,
+    concurrency: int | None = None,
+    client: distributed.Client | None = None,
+    plan_storage_options: Mapping[str, Any] | None = None,
+) -> ApplyResult:
+    """Delete (or move to ``trash``) the plan's duplicates.
+
+    Parameters
+    ----------
+    plan_dir : str
+        Local path or fsspec URL of the plan directory (holds ``plan.parquet``).
+    store : Store
+        The job root: every plan path is resolved with ``store.resolve``.
+    dry_run : bool, default False
+        Touch nothing; the result says what would be deleted (counts and bytes).
+    max_delete : int, optional
+        Refuse (:class:`SafetyError`, nothing deleted) if the plan deletes more objects.
+    max_delete_fraction : float, optional
+        Refuse if the plan deletes more than this fraction of its rows.
+    trash : str, optional
+        URL to move objects to (``trash/<path relative to root>``), verified before deleting.
+        Must not overlap the root. Opened with ``store``'s storage options when on the same
+        protocol.
+    batch_size : int, default 1000
+        Paths per batch (1 to 1000: one S3 DeleteObjects request). A re-run uses the batch
+        size recorded in the journal.
+    concurrency : int, optional
+        Batches in flight at once. Default: 2 per Dask worker thread (at most 64), or 8 on the
+        local thread pool.
+    client : distributed.Client, optional
+        Run the batches as tasks on this cluster; ``None`` runs them on a local thread pool.
+    plan_storage_options : mapping, optional
+        fsspec options for ``plan_dir``; default: ``store``'s when on the same protocol.
+
+    Returns
+    -------
+    ApplyResult
+        ``.ok`` is False when any path was skipped or failed.
+
+    Raises
+    ------
+    InputError
+        No or unreadable plan, or malformed rows (the message names the row).
+    ScopeError
+        A plan path resolves outside the root (nothing is touched).
+    SafetyError
+        A limit is exceeded, the plan is structurally unsafe (a keeper in the delete set), or
+        the journal belongs to another plan. Nothing is touched.
+    StorageError
+        The store cannot be reached or refuses whole requests; finished batches stay
+        journaled and a re-run resumes.
+
+    Notes
+    -----
+    Memory on the client: the plan (a few hundred bytes per row) and one record per deleted
+    path. Requests: per batch one DeleteObjects (S3), plus reading the state of its objects:
+    about one listing per 1000 neighbouring keys, one HEAD per isolated key or keeper.
+    """
+    t0 = time.perf_counter()
+    if not 1 <= int(batch_size) <= 1000:
+        raise ConfigError(f"batch_size must be between 1 and 1000, got {batch_size}")
+    plan_store = _plan_store(plan_dir, store, plan_storage_options)
+    plan = _read_plan(plan_store, plan_dir)
+    items, all_fs = _delete_set(plan, store)
+    _check_limits(len(items), len(plan), max_delete, max_delete_fraction)
+    trash_store = _trash_store(trash, store)
+    digest = _plan_digest(items)
+    manifest = _read_manifest(plan_store, digest, trash_store, plan_dir)
+    if manifest is not None and int(manifest["batch_size"]) != int(batch_size):
+        log.info(
+            "apply: resuming with the journal's batch size %s (asked for %s)",
+            manifest["batch_size"],
+            batch_size,
+        )
+        batch_size = int(manifest["batch_size"])
+    batches = _make_batches(items, int(batch_size), all_fs if store.is_s3 else None)
+    journal = _load_journal(plan_store, "batch-", digest) if manifest is not None else {}
+    result = ApplyResult(
+        plan_dir=plan_dir,
+        dry_run=dry_run,
+        guard=_guard(items, store),
+        trash=trash,
+        planned=len(items),
+        planned_bytes=sum(it.size or 0 for it in items),
+        batches_total=len(batches),
+    )
+    todo, records = _split_done(batches, journal, DONE_APPLY)
+    result.batches_skipped = len(batches) - len(todo)
+    log.info(
+        "apply%s: %d object(s) to %s in %d batch(es), %d batch(es) already finished (guard: %s)",
+        " (dry run)" if dry_run else "",
+        len(items),
+        "move to trash" if trash else "delete",
+        len(batches),
+        result.batches_skipped,
+        result.guard,
+    )
+    if dry_run:
+        for b in todo:
+            for it in b.items:
+                if it.path not in records or records[it.path][1] not in DONE_APPLY:
+                    records[it.path] = (it.path, WOULD_DELETE, "", "", it.size or 0)
+        return _finish(result, records, None, t0)
+    if items and manifest is None:
+        _write_json(
+            plan_store,
+            MANIFEST_FILE,
+            {
+                "version": JOURNAL_VERSION,
+                "plan_digest": digest,
+                "batch_size": int(batch_size),
+                "trash": trash_store.root if trash_store is not None else None,
+                "root": store._scrub(store.root),
+            },
+        )
+    task_args = (store, plan_store, trash_store, digest)
+    for batch, recs in _run_batches(todo, _apply_batch, task_args, client, concurrency, "apply"):
+        result.batches_run += 1
+        for r in recs:
+            records[r[0]] = r
+        del batch
+    report = _write_report(plan_store, COMPLETION_REPORT, records)
+    return _finish(result, records, report, t0)
+
+
+def restore(
+    plan_dir: str,
+    *,
+    store: Store,
+    trash: str,
+    client: distributed.Client | None = None,
+    plan_storage_options: Mapping[str, Any] | None = None,
+    dry_run: bool = False,
+    concurrency: int | None = None,
+) -> ApplyResult:
+    """Put back the objects an apply moved to ``trash``, then remove them from the trash.
+
+    Works from the apply journal (paths with status ``trashed``), in the same batches. Per
+    path: copy ``trash/<relative path>`` back to the exact original path, verify it (size,
+    ETag/MD5), delete the trash copy. A path where an object already exists again is left alone
+    (``skipped_exists``) unless it is identical to the trash copy (a re-run after a crash
+    between copying back and removing the copy), in which case the copy is removed. Journaled
+    in ``journal/restore-NNNNNN.json``; report in ``plan_dir/restore-report.csv``. Re-running is
+    safe and finishes the rest.
+
+    Parameters and errors as :func:`apply_plan`; ``trash`` must be the URL the apply used.
+    """
+    t0 = time.perf_counter()
+    plan_store = _plan_store(plan_dir, store, plan_storage_options)
+    plan = _read_plan(plan_store, plan_dir)
+    items, _ = _delete_set(plan, store)
+    trash_store = _trash_store(trash, store)
+    assert trash_store is not None
+    digest = _plan_digest(items)
+    manifest = _read_manifest(plan_store, digest, trash_store, plan_dir, check_trash=False)
+    if manifest is None:
+        raise InputError(f"no apply journal in {plan_dir!r}: nothing was moved to the trash")
+    if manifest.get("trash") != trash_store.root:
+        raise ConfigError(
+            f"the apply in {plan_dir!r} used trash {manifest.get('trash')!r}, not {trash!r}: "
+            "pass that trash URL"
+        )
+    batches = _make_batches(items, int(manifest["batch_size"]), None)
+    applied = _load_journal(plan_store, "batch-", digest)
+    trashed = {r[0] for recs in applied.values() for r in recs if r[1] == TRASHED}
+    batches = [
+        _Batch(b.id, kept, tuple((it.fs,) for it in kept))
+        for b in batches
+        if (kept := tuple(it for it in b.items if it.path in trashed))
+    ]
+    journal = _load_journal(plan_store, "restore-", digest)
+    result = ApplyResult(
+        plan_dir=plan_dir,
+        operation="restore",
+        dry_run=dry_run,
+        guard="compare-then-copy",
+        trash=trash,
+        planned=len(trashed),
+        planned_bytes=sum(it.size or 0 for b in batches for it in b.items),
+        batches_total=len(batches),
+    )
+    todo, records = _split_done(batches, journal, DONE_RESTORE)
+    result.batches_skipped = len(batches) - len(todo)
+    log.info(
+        "restore: %d object(s) in %d batch(es), %d batch(es) already finished",
+        len(trashed),
+        len(batches),
+        result.batches_skipped,
+    )
+    if dry_run:
+        for b in todo:
+            for it in b.items:
+                if it.path not in records or records[it.path][1] not in DONE_RESTORE:
+                    records[it.path] = (it.path, WOULD_RESTORE, "", "", it.size or 0)
+        return _finish(result, records, None, t0)
+    task_args = (store, plan_store, trash_store, digest)
+    for _, recs in _run_batches(todo, _restore_batch, task_args, client, concurrency, "restore"):
+        result.batches_run += 1
+        for r in recs:
+            records[r[0]] = r
+    report = _write_report(plan_store, RESTORE_REPORT, records)
+    return _finish(result, records, report, t0)
+
+
+# -- the tasks (run on workers) ---------------------------------------------------------------
+def _apply_batch(
+    store: Store, plan_store: Store, trash_store: Store | None, digest: str, batch: _Batch
+) -> list[_Record]:
+    """Check, (trash and) delete one batch; journal it. Idempotent: safe to run twice."""
+    stats = store.stat_many(batch.groups)
+    out: dict[str, _Record] = {}
+    act: list[tuple[_Item, int]] = []
+    for it in batch.items:
+        cur = stats.get(it.fs)
+        if stats.get(it.keeper_fs) is None:
+            out[it.path] = (
+                it.path,
+                SKIPPED_KEEPER_MISSING,
+                "KeeperMissing",
+                f"keeper {it.keeper!r} not found: duplicate left alone",
+                0,
+            )
+        elif cur is None:
+            if trash_store is not None and _in_trash(store, trash_store, it):
+                out[it.path] = (it.path, TRASHED, "", "already in the trash", 0)
+            else:
+                out[it.path] = (
+                    it.path,
+                    ALREADY_ABSENT,
+                    "NoSuchKey",
+                    "not found before deleting",
+                    0,
+                )
+        elif (why := _changed(it, cur, store)) is not None:
+            out[it.path] = (it.path, SKIPPED_CHANGED, "Changed", why, 0)
+        else:
+            act.append((it, cur.size))
+    if trash_store is not None:
+        copied = []
+        for it, size in act:
+            r = store.copy_exact(it.fs, trash_store, _trash_path(store, trash_store, it))
+            if r.status == "copied":
+                copied.append((it, size))
+            elif r.status == "absent":
+                out[it.path] = (it.path, ALREADY_ABSENT, r.code, "vanished before copying", 0)
+            else:
+                out[it.path] = (it.path, FAILED, r.code, f"copy to trash: {r.message}", 0)
+        act = copied
+    done_status = TRASHED if trash_store is not None else DELETED
+    results = store.delete_exact(
+        [it.fs for it, _ in act], etags={it.fs: it.etag for it, _ in act if it.etag}
+    )
+    for it, size in act:
+        r = results[it.fs]
+        if r.status == "deleted":
+            out[it.path] = (it.path, done_status, "", "", size)
+        elif r.status == "already_absent":
+            out[it.path] = (it.path, ALREADY_ABSENT, r.code, "not found when deleting", 0)
+        elif r.status == "changed":
+            out[it.path] = (
+                it.path,
+                SKIPPED_CHANGED,
+                r.code,
+                r.message or "the store refused the conditional delete",
+                0,
+            )
+        else:
+            out[it.path] = (it.path, FAILED, r.code, r.message, 0)
+    records = [out[it.path] for it in batch.items]
+    _write_json(
+        plan_store,
+        f"{JOURNAL_DIR}/batch-{batch.id:06d}.json",
+        {
+            "version": JOURNAL_VERSION,
+            "plan_digest": digest,
+            "batch": batch.id,
+            "records": [*batch.prior, *records],
+        },
+    )
+    return records
+
+
+def _restore_batch(
+    store: Store, plan_store: Store, trash_store: Store, digest: str, batch: _Batch
+) -> list[_Record]:
+    """Copy one batch back from the trash and remove the trash copies; journal it."""
+    tpaths = {it.fs: _trash_path(store, trash_store, it) for it in batch.items}
+    orig = store.stat_many(batch.groups)
+    intrash = trash_store.stat_many([(t,) for t in tpaths.values()])
+    out: dict[str, _Record] = {}
+    remove: list[tuple[_Item, int]] = []
+    for it in batch.items:
+        t = tpaths[it.fs]
+        cur, tcur = orig.get(it.fs), intrash.get(t)
+        if tcur is None:
+            if cur is not None:
+                out[it.path] = (it.path, ALREADY_RESTORED, "", "", 0)
+            else:
+                out[it.path] = (
+                    it.path,
+                    FAILED,
+                    "TrashMissing",
+                    "neither the original nor the trash copy exists",
+                    0,
+                )
+        elif cur is not None:
+            if _same_content(store, it.fs, cur, trash_store, t, tcur):
+                remove.append((it, tcur.size))
+            else:
+                out[it.path] = (
+                    it.path,
+                    SKIPPED_EXISTS,
+                    "ObjectExists",
+                    "a different object now exists at the path: trash copy kept",
+                    0,
+                )
+        else:
+            r = trash_store.copy_exact(t, store, it.fs)
+            if r.status == "copied":
+                remove.append((it, tcur.size))
+            else:
+                out[it.path] = (it.path, FAILED, r.code, f"copy back: {r.message}", 0)
+    results = trash_store.delete_exact([tpaths[it.fs] for it, _ in remove])
+    for it, size in remove:
+        r = results[tpaths[it.fs]]
+        if r.status in ("deleted", "already_absent"):
+            out[it.path] = (it.path, RESTORED, "", "", size)
+        else:
+            out[it.path] = (
+                it.path,
+                FAILED,
+                r.code,
+                f"restored, but the trash copy was not removed: {r.message}",
+                0,
+            )
+    records = [out[it.path] for it in batch.items]
+    _write_json(
+        plan_store,
+        f"{JOURNAL_DIR}/restore-{batch.id:06d}.json",
+        {
+            "version": JOURNAL_VERSION,
+            "plan_digest": digest,
+            "batch": batch.id,
+            "records": [*batch.prior, *records],
+        },
+    )
+    return records
+
+
+def _changed(it: _Item, cur: Any, store: Store) -> str | None:
+    """Why the object differs from what the plan saw, or None if it does not."""
+    if it.etag:
+        if etags_equal(it.etag, cur.etag):
+            return None
+        return "ETag differs from the plan: the object was overwritten"
+    if it.size is not None and int(cur.size) != int(it.size):
+        return f"size {cur.size} differs from the plan's {it.size}"
+    # S3 LastModified has second resolution in HEAD but not in listings: compare it only
+    # where the backend gives one consistent value.
+    if (
+        not store.is_s3
+        and it.mtime is not None
+        and not math.isnan(cur.mtime)
+        and abs(cur.mtime - it.mtime) > MTIME_TOLERANCE_S
+    ):
+        return "mtime differs from the plan: the object was modified"
+    return None
+
+
+def _trash_path(store: Store, trash_store: Store, it: _Item) -> str:
+    return trash_store.resolve(store.relative(it.fs))
+
+
+def _in_trash(store: Store, trash_store: Store, it: _Item) -> bool:
+    """Whether the trash holds this item as the plan saw it (a task that ran before)."""
+    got = trash_store.stat_many([(_trash_path(store, trash_store, it),)])
+    cur = next(iter(got.values()))
+    if cur is None:
+        return False
+    if it.etag and md5_of_etag(it.etag) and md5_of_etag(cur.etag):
+        return etags_equal(it.etag, cur.etag)
+    return it.size is None or int(cur.size) == int(it.size)
+
+
+def _same_content(a: Store, pa: str, sa: Any, b: Store, pb: str, sb: Any) -> bool:
+    if sa.size != sb.size:
+        return False
+    ma, mb = md5_of_etag(sa.etag), md5_of_etag(sb.etag)
+    if ma is not None and mb is not None:
+        return ma == mb
+    return a.md5(pa) == b.md5(pb)
+
+
+# -- running batches --------------------------------------------------------------------------
+def _run_batches(
+    batches: Sequence[_Batch],
+    fn: Callable[..., list[_Record]],
+    args: tuple[Any, ...],
+    client: distributed.Client | None,
+    concurrency: int | None,
+    what: str,
+) -> Iterator[tuple[_Batch, list[_Record]]]:
+    """Run ``fn(*args, batch)`` for every batch, at most ``concurrency`` at once; yield results
+    as they finish. On an error (or Ctrl-C) nothing new starts; batches already running finish
+    (local pool) or are cancelled (Dask), and the error propagates."""
+    if not batches:
+        return
+    if client is None:
+        n = concurrency or DEFAULT_THREADS
+        yield from _run_threads(batches, fn, args, n, what)
+    else:
+        threads = sum(client.nthreads().values()) or 1
+        n = concurrency or min(MAX_DEFAULT_CONCURRENCY, TASKS_PER_WORKER_THREAD * threads)
+        yield from _run_dask(batches, fn, args, client, n, what)
+
+
+def _progress(what: str, done: int, total: int, t0: float) -> None:
+    step = max(1, total // 10)
+    if done == total or done % step == 0:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        log.info("%s: %d/%d batches (%.1f batches/s)", what, done, total, rate)
+
+
+def _run_threads(
+    batches: Sequence[_Batch],
+    fn: Callable[..., list[_Record]],
+    args: tuple[Any, ...],
+    n: int,
+    what: str,
+) -> Iterator[tuple[_Batch, list[_Record]]]:
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dedup-apply")
+    pending: dict[Any, _Batch] = {}
+    queue = iter(batches)
+    t0, done = time.perf_counter(), 0
+    try:
+        for b in _take(queue, n):
+            pending[pool.submit(fn, *args, b)] = b
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                b = pending.pop(fut)
+                recs = fut.result()
+                done += 1
+                _progress(what, done, len(batches), t0)
+                yield b, recs
+                for nb in _take(queue, 1):
+                    pending[pool.submit(fn, *args, nb)] = nb
+    finally:
+        # Batches already running finish and journal themselves; queued ones never start.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_dask(
+    batches: Sequence[_Batch],
+    fn: Callable[..., list[_Record]],
+    args: tuple[Any, ...],
+    client: distributed.Client,
+    n: int,
+    what: str,
+) -> Iterator[tuple[_Batch, list[_Record]]]:
+    from distributed import as_completed
+
+    run = uuid.uuid4().hex[:8]
+    pending: dict[Any, _Batch] = {}
+    queue = iter(batches)
+    ac = as_completed()
+    t0, done = time.perf_counter(), 0
+
+    def submit(b: _Batch) -> None:
+        # pure=False and a per-run key: a re-run must execute again, never reuse a result.
+        fut = client.submit(fn, *args, b, key=f"dedup-{what}-{b.id:06d}-{run}", pure=False)
+        pending[fut] = b
+        ac.add(fut)
+
+    try:
+        for b in _take(queue, n):
+            submit(b)
+        for fut in ac:
+            b = pending.pop(fut)
+            recs = fut.result()
+            fut.release()
+            done += 1
+            _progress(what, done, len(batches), t0)
+            yield b, recs
+            for nb in _take(queue, 1):
+                submit(nb)
+    finally:
+        if pending:
+            client.cancel(list(pending))
+
+
+def _take(it: Iterator[_Batch], n: int) -> list[_Batch]:
+    out = []
+    for _ in range(n):
+        b = next(it, None)
+        if b is None:
+            break
+        out.append(b)
+    return out
+
+
+# -- plan, checks, batches --------------------------------------------------------------------
+def _plan_store(plan_dir: str, store: Store, options: Mapping[str, Any] | None) -> Store:
+    if options is None:
+        probe = Store(plan_dir)
+        options = store.storage_options if set(probe.protocols) & set(store.protocols) else {}
+        if not options:
+            return probe
+    return Store(plan_dir, options)
+
+
+def _trash_store(trash: str | None, store: Store) -> Store | None:
+    if trash is None:
+        return None
+    probe = Store(trash)
+    same = bool(set(probe.protocols) & set(store.protocols))
+    ts = Store(trash, store.storage_options) if same and not store.is_local else probe
+    if same:
+        a = store.root_path.rstrip("/") + "/"
+        b = ts.root_path.rstrip("/") + "/"
+        if a.startswith(b) or b.startswith(a):
+            raise ConfigError(
+                f"trash {trash!r} overlaps root {store.root!r}: choose a trash location "
+                "outside the root that does not contain it"
+            )
+    return ts
+
+
+def _read_plan(plan_store: Store, plan_dir: str) -> pd.DataFrame:
+    data = plan_store.read_bytes(plan_store.resolve(PLAN_FILE))
+    if data is None:
+        raise InputError(f"no {PLAN_FILE} in {plan_dir!r}: run `dedup-batch plan` first")
+    try:
+        plan = pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:
+        raise InputError(
+            f"{plan_dir}/{PLAN_FILE} is not a readable Parquet plan ({type(exc).__name__}); "
+            "re-run `dedup-batch plan`"
+        ) from None
+    missing = [c for c in ("path", "cluster", "keep", "keeper") if c not in plan.columns]
+    if missing:
+        raise InputError(
+            f"{plan_dir}/{PLAN_FILE} lacks column(s) {', '.join(missing)}: "
+            "re-run `dedup-batch plan`"
+        )
+    for col in ("path", "cluster", "keep"):
+        bad = np.flatnonzero(plan[col].isna().to_numpy())
+        if len(bad):
+            raise InputError(f"{plan_dir}/{PLAN_FILE} row {bad[0]}: {col} is empty")
+    return plan.reset_index(drop=True)
+
+
+def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str]]:
+    """The delete set, structurally checked and resolved; also every plan path resolved."""
+    paths = plan["path"].astype(str).to_numpy()
+    keep = plan["keep"].astype(bool).to_numpy()
+    cluster = plan["cluster"].astype("int64").to_numpy()
+    keeper = plan["keeper"].to_numpy()
+    dup = pd.Series(paths).duplicated(keep=False).to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise InputError(f"plan row {i}: path {paths[i]!r} is listed more than once")
+    resolved = []
+    for i, p in enumerate(paths):
+        try:
+            resolved.append(store.resolve(p))
+        except ScopeError as exc:
+            raise ScopeError(f"plan row {i}: {exc}; nothing was deleted") from None
+    fs_of = dict(zip(paths, resolved, strict=True))
+    same = pd.Series(resolved).duplicated(keep=False).to_numpy()
+    if same.any():
+        i = int(np.flatnonzero(same)[0])
+        raise InputError(
+            f"plan row {i}: path {paths[i]!r} names the same object as another row; "
+            "write each path once"
+        )
+    row_of = {p: i for i, p in enumerate(paths)}
+    kept = {p for p, k in zip(paths, keep, strict=True) if k}
+    keepers = {str(k) for k in keeper if isinstance(k, str)}
+    items: list[_Item] = []
+    sizes = plan["size"] if "size" in plan.columns else None
+    mtimes = plan["mtime"] if "mtime" in plan.columns else None
+    etags = plan["etag"] if "etag" in plan.columns else None
+    for i in np.flatnonzero(~keep & (cluster != -1)):
+        p, k = paths[i], keeper[i]
+        if not isinstance(k, str) or not k:
+            raise SafetyError(f"plan row {i}: {p!r} is to be deleted but has no keeper")
+        if p in kept or p in keepers or p == k:
+            raise SafetyError(
+                f"plan row {i}: {p!r} is both to be deleted and a keeper; the plan is "
+                "inconsistent, nothing was deleted: re-run `dedup-batch plan`"
+            )
+        j = row_of.get(k)
+        if j is None or not keep[j]:
+            raise SafetyError(
+                f"plan row {i}: keeper {k!r} of {p!r} is not a kept row of the plan; "
+                "nothing was deleted: re-run `dedup-batch plan`"
+            )
+        if cluster[j] != cluster[i]:
+            raise SafetyError(
+                f"plan row {i}: keeper {k!r} is in cluster {cluster[j]}, not {cluster[i]}; "
+                "nothing was deleted: re-run `dedup-batch plan`"
+            )
+        items.append(
+            _Item(
+                path=p,
+                fs=fs_of[p],
+                cluster=int(cluster[i]),
+                keeper=k,
+                keeper_fs=fs_of[k],
+                size=_opt_int(sizes, i),
+                mtime=_opt_float(mtimes, i),
+                etag=_opt_str(etags, i),
+            )
+        )
+    return items, resolved
+
+
+def _opt_int(col: pd.Series | None, i: int) -> int | None:
+    if col is None or pd.isna(col.iloc[i]):
+        return None
+    return int(col.iloc[i])
+
+
+def _opt_float(col: pd.Series | None, i: int) -> float | None:
+    if col is None or pd.isna(col.iloc[i]):
+        return None
+    return float(col.iloc[i])
+
+
+def _opt_str(col: pd.Series | None, i: int) -> str | None:
+    if col is None or pd.isna(col.iloc[i]) or not str(col.iloc[i]):
+        return None
+    return str(col.iloc[i])
+
+
+def _check_limits(n: int, total: int, max_delete: int | None, fraction: float | None) -> None:
+    if max_delete is not None and n > max_delete:
+        raise SafetyError(
+            f"the plan deletes {n} objects, more than max_delete={max_delete}; nothing was "
+            "deleted: review the plan or raise --max-delete"
+        )
+    if fraction is not None and total and n / total > fraction:
+        raise SafetyError(
+            f"the plan deletes {n} of {total} objects ({n / total:.1%}), more than "
+            f"max_delete_fraction={fraction:g}; nothing was deleted: review the plan or raise "
+            "--max-delete-fraction"
+        )
+
+
+def _guard(items: Sequence[_Item], store: Store) -> str:
+    if store.is_s3 and any(it.etag for it in items):
+        return "conditional+compare-then-delete"
+    if any(it.etag or it.size is not None or it.mtime is not None for it in items):
+        return "compare-then-delete"
+    return "existence-only"
+
+
+def _plan_digest(items: Sequence[_Item]) -> str:
+    """Fingerprint of the delete set: a journal only ever resumes the plan it was made for."""
+    h = hashlib.sha256()
+    for it in sorted(items, key=lambda x: x.path):
+        h.update(f"{it.path}\t{it.keeper}\t{it.etag or ''}\t{it.size}\n".encode())
+    return h.hexdigest()
+
+
+def _make_batches(
+    items: Sequence[_Item], batch_size: int, all_fs: Sequence[str] | None
+) -> list[_Batch]:
+    """Pack whole clusters into batches of at most ``batch_size`` paths, deterministically.
+
+    Clusters go in order of their first duplicate's path; a cluster that does not fit in the
+    current batch starts a new one; one larger than a batch fills whole batches and its rest
+    continues into the next. ``all_fs`` (every plan path, resolved; S3 only) tells which keys
+    lie close together in key order so they can be read with one listing.
+    """
+    by_cluster: dict[str, list[_Item]] = {}
+    for it in items:
+        by_cluster.setdefault(it.keeper, []).append(it)
+    groups = sorted(
+        (sorted(v, key=lambda x: x.path) for v in by_cluster.values()), key=lambda v: v[0].path
+    )
+    raw: list[list[_Item]] = []
+    cur: list[_Item] = []
+    for g in groups:
+        if len(cur) + len(g) > batch_size and cur and len(g) <= batch_size:
+            raw.append(cur)
+            cur = []
+        for it in g:
+            cur.append(it)
+            if len(cur) == batch_size:
+                raw.append(cur)
+                cur = []
+    if cur:
+        raw.append(cur)
+    order = np.sort(np.asarray(all_fs, dtype=object)) if all_fs is not None else None
+    out = []
+    for i, b in enumerate(raw):
+        b.sort(key=lambda x: x.path)
+        out.append(_Batch(i, tuple(b), _read_groups(b, order)))
+    return out
+
+
+def _read_groups(items: Sequence[_Item], order: np.ndarray | None) -> tuple[tuple[str, ...], ...]:
+    keys = sorted({it.fs for it in items} | {it.keeper_fs for it in items})
+    if order is None:
+        return tuple((k,) for k in keys)
+    # Python orders str by code point, which is also UTF-8 byte order: the order S3 lists in.
+    ranks = np.searchsorted(order, np.asarray(keys, dtype=object))
+    out: list[list[str]] = [[keys[0]]]
+    for prev, k, r0, r1 in zip(keys, keys[1:], ranks, ranks[1:], strict=False):
+        if r1 - r0 - 1 <= LIST_GAP and prev.split("/", 1)[0] == k.split("/", 1)[0]:
+            out[-1].append(k)
+        else:
+            out.append([k])
+    return tuple(tuple(n) for g in out for n in _narrow(g, order))
+
+
+def _narrow(keys: list[str], order: np.ndarray) -> list[list[str]]:
+    """Split a group whose common prefix covers far more objects than its key range.
+
+    A listing reads ``Prefix`` = the group's common prefix from just before its first key;
+    some servers (moto, several S3-compatible stores) scan everything under the prefix for
+    each page, so a group is split by the next character after the prefix until the prefix
+    holds at most about twice the objects of the range (counted in the plan).
+    """
+    if len(keys) < 2:
+        return [keys]
+    prefix = os.path.commonprefix([keys[0], keys[-1]])  # noqa: RUF071 (characters wanted)
+    lo, hi = np.searchsorted(order, np.asarray([keys[0], keys[-1]], dtype=object))
+    first = np.searchsorted(order, prefix)
+    end = np.searchsorted(order, prefix + "\U0010ffff")
+    if end - first <= 2 * (hi - lo + 1) + LIST_GAP:
+        return [keys]
+    parts: dict[str, list[str]] = {}
+    for k in keys:
+        parts.setdefault(k[len(prefix) : len(prefix) + 1], []).append(k)
+    return [n for part in parts.values() for n in _narrow(part, order)]
+
+
+# -- journal and report -----------------------------------------------------------------------
+def _write_json(plan_store: Store, rel: str, obj: Any) -> None:
+    plan_store.write_bytes(plan_store.resolve(rel), json.dumps(obj, ensure_ascii=False).encode())
+
+
+def _read_manifest(
+    plan_store: Store,
+    digest: str,
+    trash_store: Store | None,
+    plan_dir: str,
+    *,
+    check_trash: bool = True,
+) -> dict[str, Any] | None:
+    data = plan_store.read_bytes(plan_store.resolve(MANIFEST_FILE))
+    if data is None:
+        return None
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        raise InputError(
+            f"{plan_dir}/{MANIFEST_FILE} is corrupt: move the journal folder away to start over"
+        ) from None
+    if manifest.get("plan_digest") != digest:
+        raise SafetyError(
+            f"the journal in {plan_dir}/{JOURNAL_DIR} belongs to another plan (the plan changed "
+            "after an apply started); nothing was deleted: use a new plan directory"
+        )
+    want = trash_store.root if trash_store is not None else None
+    if check_trash and manifest.get("trash") != want:
+        # Finishing a trashed run without the trash (or the other way round) would leave part
+        # of the duplicates restorable and part gone for good.
+        raise SafetyError(
+            f"the apply journaled in {plan_dir} used trash={manifest.get('trash')!r}; re-run "
+            "with the same trash setting"
+        )
+    return manifest
+
+
+def _load_journal(plan_store: Store, prefix: str, digest: str) -> dict[int, list[_Record]]:
+    out: dict[int, list[_Record]] = {}
+    folder = plan_store.resolve(JOURNAL_DIR)
+    for full in plan_store.list_files(folder):
+        name = full.rsplit("/", 1)[-1]
+        if not (name.startswith(prefix) and name.endswith(".json")):
+            continue
+        data = plan_store.read_bytes(full)
+        try:
+            rec = json.loads(data or b"")
+        except ValueError:
+            # Writes are atomic, so this is damage from outside: redo that batch.
+            log.warning("journal: ignoring unreadable %s (that batch will run again)", name)
+            continue
+        if rec.get("plan_digest") != digest:
+            continue
+        out[int(rec["batch"])] = [tuple(r) for r in rec["records"]]  # type: ignore[misc]
+    return out
+
+
+def _split_done(
+    batches: Sequence[_Batch], journal: Mapping[int, list[_Record]], done: Iterable[str]
+) -> tuple[list[_Batch], dict[str, _Record]]:
+    """Batches still to run (only their unfinished paths) and the records already final."""
+    done = frozenset(done)
+    records: dict[str, _Record] = {}
+    todo = []
+    for b in batches:
+        prev = {r[0]: r for r in journal.get(b.id, [])}
+        rest = tuple(it for it in b.items if prev.get(it.path, ("", ""))[1] not in done)
+        for it in b.items:
+            if it.path in prev:
+                records[it.path] = prev[it.path]
+        if rest:
+            if len(rest) == len(b.items):
+                todo.append(b)
+            else:
+                again = {it.path for it in rest}
+                kept = tuple(prev[it.path] for it in b.items if it.path not in again)
+                todo.append(_Batch(b.id, rest, b.groups, kept))
+    return todo, records
+
+
+def _write_report(plan_store: Store, rel: str, records: Mapping[str, _Record]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(_REPORT_COLUMNS)
+    for path in sorted(records):
+        p, status, code, msg, _ = records[path]
+        w.writerow([p, status, code, " ".join(str(msg).split())])
+    full = plan_store.resolve(rel)
+    plan_store.write_bytes(full, buf.getvalue().encode("utf-8"))
+    return plan_store.url(full)
+
+
+def _finish(
+    result: ApplyResult, records: Mapping[str, _Record], report: str | None, t0: float
+) -> ApplyResult:
+    rows = [records[p][:4] for p in sorted(records)]
+    result.outcomes = pd.DataFrame(rows, columns=_REPORT_COLUMNS)
+    counts: dict[str, int] = {}
+    for r in records.values():
+        counts[r[1]] = counts.get(r[1], 0) + 1
+    result.counts = counts
+    result.bytes_done = sum(
+        int(r[4]) for r in records.values() if r[1] in (DELETED, TRASHED, RESTORED)
+    )
+    result.report = report
+    result.elapsed_s = time.perf_counter() - t0
+    level = logging.INFO if result.ok else logging.WARNING
+    log.log(
+        level,
+        "%s%s: %s",
+        result.operation,
+        " (dry run)" if result.dry_run else "",
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "nothing to do",
+    )
+    return result
