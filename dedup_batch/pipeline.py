@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.util import find_spec
 from typing import Any
 
 import numpy as np
@@ -98,7 +97,8 @@ def dask_client(spec: JobSpec) -> Iterator[Any]:
     cpus = os.cpu_count() or 1
     n_workers = spec.n_workers or max(1, min(cpus, 8))
     threads = spec.threads_per_worker or 2  # I/O-bound stages (reads, deletes) overlap waits
-    dashboard = "127.0.0.1:0" if find_spec("bokeh") else None
+    # port 0: never collide with another cluster on 8787 (the HTTP server runs without bokeh too)
+    dashboard = "127.0.0.1:0"
     with (
         LocalCluster(
             n_workers=n_workers,
