@@ -288,6 +288,27 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_run)
 
     sp = sub.add_parser(
+        "restore",
+        help="put back what 'apply --trash' moved",
+        description="Copy the objects an apply moved to the trash back to their exact "
+        "original paths (verified), then remove them from the trash. Objects that exist "
+        "again at the original path are left alone.",
+    )
+    sp.add_argument("plan_dir", metavar="DIR", help="plan directory of the apply")
+    _add_common(sp)
+    sp.add_argument(
+        "--trash", metavar="URL", help="the trash URL (default: the one the apply journaled)"
+    )
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=None,
+        help="touch nothing; report what would be restored",
+    )
+    sp.add_argument("--concurrency", type=int, help="restore batches in flight at most")
+    sp.set_defaults(func=_cmd_restore)
+
+    sp = sub.add_parser(
         "report",
         help="(re)build report.html for a plan directory",
         description="Write report.html (and report-2.html... for big plans) into DIR: "
@@ -418,6 +439,15 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return _print_apply(result)
 
 
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from .pipeline import dask_client, restore
+
+    spec = _spec(args)
+    with dask_client(spec) as client:
+        result = restore(args.plan_dir, spec, client)
+    return _print_apply(result)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import dask_client, run
 
@@ -539,11 +569,13 @@ def _print_plan(summary: dict[str, Any], out: str, *, reused: bool = False) -> N
 
 def _print_apply(result: Any) -> int:
     info = result.to_dict()
-    counts = {k: v for k, v in info.items() if isinstance(v, int) and not isinstance(v, bool)}
-    print("apply: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    what = info.get("operation", "apply") + (" (dry run)" if info.get("dry_run") else "")
+    counts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in info["counts"].items())
+    print(f"{what}: {info['planned']:,} planned; {counts or 'nothing to do'}")
     if not result.ok:
         print(
-            "apply finished, but some objects were not deleted: see completion-report.csv",
+            f"{what} finished, but {info['not_done']:,} objects were not done: see "
+            f"{info.get('report') or 'completion-report.csv'}",
             file=sys.stderr,
         )
         return EXIT_INCOMPLETE

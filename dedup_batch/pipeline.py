@@ -22,7 +22,8 @@ import pandas as pd
 import yaml
 
 from . import __version__
-from .apply import ApplyResult, apply_plan
+from .apply import MANIFEST_FILE, ApplyResult, apply_plan
+from .apply import restore as restore_trash
 from .cluster import DBSCAN
 from .config import JobSpec
 from .errors import ConfigError, InputError, StorageError
@@ -32,7 +33,7 @@ from .report import write_report
 from .select import select_keepers
 from .storage import Store, join_url, read_url, url_exists, write_url
 
-__all__ = ["PlanResult", "apply", "dask_client", "plan", "run"]
+__all__ = ["PlanResult", "apply", "dask_client", "plan", "restore", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +182,7 @@ def apply(plan_dir: str, spec: JobSpec, client: Any = None) -> ApplyResult:
     overrides come from ``spec`` (flags, the job spec, or the environment).
     """
     so = spec.storage_options
-    planned = _planned_spec(plan_dir, so)
-    options = {k: v for k, v in planned.storage_options.items() if v != "***"}
-    options.update(so)
-    store = Store(planned.root, options)  # type: ignore[arg-type]
+    store = _plan_store(plan_dir, spec)
     result = apply_plan(
         plan_dir,
         store=store,
@@ -202,6 +200,35 @@ def apply(plan_dir: str, spec: JobSpec, client: Any = None) -> ApplyResult:
         summary["apply"] = result.to_dict()
         _write_summary(plan_dir, summary, so)
     return result
+
+
+def restore(plan_dir: str, spec: JobSpec, client: Any = None) -> ApplyResult:
+    """Put back what an apply with ``--trash`` moved (see :func:`dedup_batch.apply.restore`).
+
+    The trash URL defaults to the one the apply journaled.
+    """
+    so = spec.storage_options
+    store = _plan_store(plan_dir, spec)
+    trash = spec.trash
+    if trash is None:
+        try:
+            trash = json.loads(read_url(join_url(plan_dir, MANIFEST_FILE), so)).get("trash")
+        except FileNotFoundError:
+            trash = None
+        if not trash:
+            raise ConfigError(
+                f"{plan_dir}: no apply with --trash is journaled here; nothing to restore "
+                "(pass --trash URL if the plan directory moved)"
+            )
+    return restore_trash(
+        plan_dir,
+        store=store,
+        trash=trash,
+        client=client,
+        plan_storage_options=so,
+        dry_run=spec.dry_run,
+        concurrency=spec.concurrency,
+    )
 
 
 def run(
@@ -305,6 +332,14 @@ def _planned_spec(plan_dir: str, so: dict[str, Any]) -> JobSpec:
             f"{plan_dir} is not a plan directory (no job.yaml): run 'dedup-batch plan' first"
         ) from None
     return JobSpec.from_mapping(data, source=url)
+
+
+def _plan_store(plan_dir: str, spec: JobSpec) -> Store:
+    """The plan's root, opened with its non-secret options overlaid by ``spec``'s."""
+    planned = _planned_spec(plan_dir, spec.storage_options)
+    options = {k: v for k, v in planned.storage_options.items() if v != "***"}
+    options.update(spec.storage_options)
+    return Store(planned.root, options)  # type: ignore[arg-type]
 
 
 def _reusable_plan(spec: JobSpec) -> PlanResult | None:
