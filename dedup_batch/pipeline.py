@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
 import yaml
@@ -79,7 +80,8 @@ def dask_client(spec: JobSpec) -> Iterator[Any]:
     address = spec.scheduler_address()
     if address:
         try:
-            client = Client(address, timeout="30s")
+            # Dask's own setting (default 30s), so DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT works
+            client = Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"))
         except (OSError, TimeoutError) as exc:
             raise StorageError(
                 f"cannot reach the Dask scheduler at {address}: {exc}; check --scheduler"

@@ -134,19 +134,20 @@ def test_plan_and_apply_on_an_external_cluster_match_the_local_cluster(
 
 
 def test_unreachable_scheduler_is_a_clear_error(capsys) -> None:
+    import dask
+
     port = _free_port()
-    code = main(
-        [
-            "plan",
-            "--features",
-            "x",
-            "--root",
-            ".",
-            "--eps",
-            "1",
-            "--scheduler",
-            f"tcp://127.0.0.1:{port}",
-        ]
-    )
-    assert code == 2
+    args = [
+        "plan",
+        "--features",
+        "x",
+        "--root",
+        ".",
+        "--eps",
+        "1",
+        "--scheduler",
+        f"tcp://127.0.0.1:{port}",
+    ]
+    with dask.config.set({"distributed.comm.timeouts.connect": "3s"}):
+        assert main(args) == 2
     assert "cannot reach the Dask scheduler" in capsys.readouterr().err
