@@ -9,6 +9,7 @@ under ``--debug``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import traceback
@@ -356,28 +357,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # -- spec assembly -------------------------------------------------------------------------
-_SPEC_FLAGS = (
-    "features",
-    "root",
-    "allow_pickle",
-    "eps",
-    "min_samples",
-    "metric",
-    "keep",
-    "protect",
-    "max_keeper_distance",
-    "out",
-    "report",
-    "dry_run",
-    "max_delete",
-    "max_delete_fraction",
-    "trash",
-    "batch_size",
-    "concurrency",
-    "scheduler",
-    "n_workers",
-    "threads_per_worker",
-    "log_format",
+# Every job-spec key is a flag of the same name, but for these (set another way).
+_SPEC_FLAGS = tuple(
+    f.name for f in dataclasses.fields(JobSpec) if f.name not in ("storage_options", "mode")
 )
 
 

@@ -59,7 +59,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .storage import SECRET_KEYS, redact
+from .storage import redact, secret_values
 
 __all__ = [
     "Stage",
@@ -402,22 +402,9 @@ def register_secrets(options: Mapping[str, Any] | Iterable[str] | None) -> None:
     if options is None:
         return
     is_map = isinstance(options, Mapping)
-    values = _secret_values(options) if is_map else [str(v) for v in options]
+    values = secret_values(options) if is_map else [str(v) for v in options]
     with _lock:
         _settings.secrets.update(v for v in values if len(v) >= _MIN_SECRET_LEN)
-
-
-def _secret_values(options: Mapping[str, Any]) -> list[str]:
-    out: list[str] = []
-    shown = redact(options)
-    for k, v in options.items():
-        if isinstance(v, Mapping):
-            out.extend(_secret_values(v))
-            if k.lower() in SECRET_KEYS:  # a whole mapping under a secret key: all its values
-                out.extend(str(x) for x in v.values() if not isinstance(x, Mapping))
-        elif shown.get(k) == "***" and v is not None:
-            out.append(str(v))
-    return out
 
 
 def _scrub(text: str) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "read_object",
     "read_url",
     "redact",
+    "secret_values",
     "url_exists",
     "write_url",
 ]
@@ -214,7 +215,7 @@ class Store:
 
     def _scrub(self, text: str) -> str:
         """``text`` with every secret value of the storage options replaced by ``***``."""
-        for value in _secret_values(self.storage_options):
+        for value in secret_values(self.storage_options):
             text = text.replace(value, "***")
         return text
 
@@ -732,8 +733,11 @@ def _md5_etag(etag: str | None) -> str | None:
     return None
 
 
-def _secret_values(options: Mapping[str, Any]) -> list[str]:
-    """Every secret string in ``options`` (what :func:`redact` hides), longest first."""
+def secret_values(options: Mapping[str, Any] | None) -> list[str]:
+    """Every secret string in ``options`` (what :func:`redact` hides), longest first.
+
+    Used to scrub secrets out of error messages and log lines that quote backend errors.
+    """
     found: list[str] = []
 
     def walk(orig: Any, red: Any) -> None:
@@ -853,8 +857,18 @@ def read_object(store: Store, fs_path: str, max_bytes: int | None = None) -> byt
 # EndpointConnectionError, NoCredentialsError, ...): matched by the top-level module of their
 # class, so that storage needs no hard import of any optional backend library.
 _BACKEND_MODULES = frozenset(
-    {"botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs",
-     "google", "azure"}
+    {
+        "botocore",
+        "aiobotocore",
+        "aiohttp",
+        "urllib3",
+        "requests",
+        "s3fs",
+        "gcsfs",
+        "adlfs",
+        "google",
+        "azure",
+    }
 )
 
 #: Characters that make a URL a glob pattern for fsspec.
@@ -867,26 +881,14 @@ def _is_backend_error(exc: BaseException) -> bool:
     return any(c.__module__.split(".")[0] in _BACKEND_MODULES for c in type(exc).__mro__)
 
 
-def _secret_values(options: Mapping[str, Any] | None) -> list[str]:
-    """Every string value under a secret key of ``options`` (nested mappings included)."""
-    found: list[str] = []
-    for k, v in (options or {}).items():
-        if isinstance(v, Mapping):
-            found += _secret_values(v)
-        elif isinstance(v, str) and redact({k: v})[k] == "***" and len(v) >= 4:
-            found.append(v)
-    return found
-
-
 def _scrub(text: str, options: Mapping[str, Any] | None) -> str:
     """``text`` with every secret value of ``options`` replaced by ``***``."""
-    for secret in _secret_values(options):
+    for secret in secret_values(options):
         text = text.replace(secret, "***")
     return text
 
 
-def _storage_error(url: str, exc: BaseException,
-                   options: Mapping[str, Any] | None) -> StorageError:
+def _storage_error(url: str, exc: BaseException, options: Mapping[str, Any] | None) -> StorageError:
     """Translate a backend exception raised while reading ``url`` into a one-line StorageError.
 
     The message names the URL and what to check; secrets from ``options`` never appear in it.
@@ -896,16 +898,24 @@ def _storage_error(url: str, exc: BaseException,
     endpoint = (options or {}).get("endpoint_url")
     where = f" {endpoint}" if endpoint else ""
     if names & {"NoCredentialsError", "PartialCredentialsError"}:
-        hint = ("no usable credentials: set key/secret in storage_options, the AWS_* environment "
-                "variables, a profile or a role")
+        hint = (
+            "no usable credentials: set key/secret in storage_options, the AWS_* environment "
+            "variables, a profile or a role"
+        )
     elif isinstance(exc, PermissionError):
-        hint = ("access denied: check the credentials (key/secret, profile, role) and that they "
-                "may read this bucket")
+        hint = (
+            "access denied: check the credentials (key/secret, profile, role) and that they "
+            "may read this bucket"
+        )
     elif isinstance(exc, FileNotFoundError):
         hint = "not found: check the bucket and the path"
     elif isinstance(exc, ConnectionError | TimeoutError) or names & {
-        "EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
-        "ConnectionError", "ProxyConnectionError", "SSLError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+        "ConnectionError",
+        "ProxyConnectionError",
+        "SSLError",
     }:
         hint = f"cannot reach the storage endpoint{where}: check endpoint_url and the network"
     else:
@@ -930,9 +940,12 @@ def _as_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if local else fs.unstrip_protocol(path)
 
 
-def expand_urls(urls: str | list[str] | tuple[str, ...],
-                storage_options: Mapping[str, Any] | None = None,
-                *, suffixes: tuple[str, ...] | None = None) -> list[str]:
+def expand_urls(
+    urls: str | list[str] | tuple[str, ...],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    suffixes: tuple[str, ...] | None = None,
+) -> list[str]:
     """Expand URLs, globs and folders into the sorted list of the files they name.
 
     Parameters
@@ -983,8 +996,9 @@ def expand_urls(urls: str | list[str] | tuple[str, ...],
     return sorted(found)
 
 
-def _expand_one(fs: fsspec.AbstractFileSystem, path: str,
-                suffixes: tuple[str, ...] | None) -> list[str]:
+def _expand_one(
+    fs: fsspec.AbstractFileSystem, path: str, suffixes: tuple[str, ...] | None
+) -> list[str]:
     if any(c in path for c in _GLOB_CHARS):
         hits = fs.glob(path, detail=True)
         files = [p for p, info in hits.items() if info.get("type", "file") == "file"]
@@ -1002,8 +1016,9 @@ def _expand_one(fs: fsspec.AbstractFileSystem, path: str,
     return [p for p in fs.find(path) if ends is None or p.lower().endswith(ends)]
 
 
-def _check_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str,
-                  options: Mapping[str, Any] | None) -> None:
+def _check_bucket(
+    fs: fsspec.AbstractFileSystem, url: str, path: str, options: Mapping[str, Any] | None
+) -> None:
     """Raise StorageError if ``path`` lies in a bucket that does not exist (remote stores).
 
     Listing a missing bucket gives an empty answer on S3, which would otherwise read as "no
@@ -1020,8 +1035,9 @@ def _check_bucket(fs: fsspec.AbstractFileSystem, url: str, path: str,
         )
 
 
-def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None, *,
-               compression: str | None = None) -> bytes:
+def read_bytes(
+    url: str, storage_options: Mapping[str, Any] | None = None, *, compression: str | None = None
+) -> bytes:
     """Read the whole file at ``url`` into memory, optionally decompressing it.
 
     Parameters

@@ -9,7 +9,7 @@ import fsspec
 import pytest
 
 from dedup_batch.errors import ScopeError, StorageError
-from dedup_batch.storage import Store, _secret_values, redact
+from dedup_batch.storage import Store, redact, secret_values
 
 # Each pair: (the object to act on, a decoy a glob of its name would match).
 PAIRS = [
@@ -141,7 +141,7 @@ def test_unreachable_s3_is_one_line_storage_error_without_secrets():
     assert "AKIDUNREACHABLE1" not in msg and "unreachable-secret-value" not in msg
 
 
-def test_secret_values_follow_redact():
+def testsecret_values_follow_redact():
     opts = {
         "key": "k-123",
         "secret": "s-456",
@@ -149,6 +149,6 @@ def test_secret_values_follow_redact():
         "client_kwargs": {"aws_session_token": "tok-789", "region_name": "eu"},
     }
     # Values under 4 characters are not scrubbed from messages: too likely to be ordinary text.
-    assert set(_secret_values(opts)) == {"k-123", "s-456", "tok-789"}
-    assert "http://x" not in _secret_values(opts)
+    assert set(secret_values(opts)) == {"k-123", "s-456", "tok-789"}
+    assert "http://x" not in secret_values(opts)
     assert redact(opts)["secret"] == "***"
