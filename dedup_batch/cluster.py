@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,10 +41,13 @@ log = logging.getLogger(__name__)
 #: Rows per tile side. A tile's float32 products take TILE**2 * 4 bytes (16 MiB at 2048); a
 #: worker holds one tile at a time, so memory stays a few tiles whatever n is.
 TILE = 2048
-#: Leaves of the projection tree hold at most this many representatives (one tile side).
-LEAF = TILE
-#: Principal directions used for the exact lower bounds (box gaps in this subspace).
-N_BOUND_DIMS = 16
+#: Leaves of the projection tree hold at most this many representatives: small leaves give
+#: tight boxes (more tile pairs skipped); a task multiplies one leaf by up to TILE columns.
+LEAF = 256
+#: Principal directions used for the exact lower bounds: leaf boxes, and a first low-rank
+#: product per tile (the distance of the projections never exceeds the distance), so the full
+#: d-dimensional product is only computed for the few pairs that pass it.
+N_BOUND_DIMS = 32
 #: scikit-learn's pairwise chunk (``pairwise_dist_chunk_size``): the geometry its brute-force
 #: euclidean GEMMs use, which the re-check must reproduce bit for bit.
 _SK_CHUNK = 256
@@ -198,17 +202,23 @@ class _UnionFind:
 class _Prepared:
     """Per-representative data shipped to tile tasks (scattered once under Dask).
 
-    ``A`` (m, d+2) float32 rows ``[c, |c|^2, 1]`` and ``B`` rows ``[-2c, 1, |c|^2]`` with ``c`` the
-    centred (euclidean) or normalised (cosine) vector, so one GEMM gives ``|c_i - c_j|^2``.
-    ``band`` (m,) float64: half-width of each row's rigorous error bound on that value, including
-    scikit-learn's own rounding. ``leaves`` lists index arrays (tree leaves, <= LEAF rows each);
-    ``lo``/``hi`` (n_leaves, k) their boxes in the principal subspace.
+    ``C`` (m, d) float32: the centred (euclidean) or normalised (cosine) vectors, ``csq`` (m,)
+    float64 their squared norms, so that |c_i - c_j|^2 = csq_i + csq_j - 2 c_i.c_j. ``Alo``,
+    ``Blo`` (m, k+2) float32 rows ``[p, |p|^2, 1]`` and ``[-2p, 1, |p|^2]`` of the projections
+    ``p`` on the k leading principal directions: one small GEMM gives |p_i - p_j|^2, a lower
+    bound of |c_i - c_j|^2. ``band``/``band_lo`` (m,) float64: half-widths of each row's
+    rigorous error bounds on the two values (``band`` includes scikit-learn's own rounding,
+    ``sk_err``). ``leaves`` lists index arrays (<= LEAF rows each); ``lo``/``hi`` (n_leaves, k)
+    their boxes in the projected space.
     """
 
-    A: np.ndarray
-    B: np.ndarray
+    C: np.ndarray
+    csq: np.ndarray
+    Alo: np.ndarray
+    Blo: np.ndarray
     band: np.ndarray
-    sk_err: np.ndarray  # (m,) float64: scikit-learn's own rounding bound, per row
+    band_lo: np.ndarray
+    sk_err: np.ndarray
     threshold: float  # |c_i - c_j|^2 <= threshold  <=>  neighbour (before rounding)
     leaves: list[np.ndarray]
     lo: np.ndarray
@@ -216,57 +226,90 @@ class _Prepared:
     slack: float  # absolute slack on the projection bounds
 
 
+def _float32_band(sq: np.ndarray, n_terms: int, threshold: float) -> np.ndarray:
+    """Bound on |float32 value - exact value| of |x_i - x_j|^2 near ``threshold``, per row.
+
+    Rounding a vector to float32 moves it by <= u32 |x| (term in |x|); a dot product of n terms
+    in float32 errs by <= gamma_n sum|terms| <= gamma_n (|x_i|^2 + |x_j|^2)/... (term in sq),
+    whatever the summation order (BLAS kernels, einsum). Doubled for margin.
+    """
+    return (
+        2.0
+        * (
+            (n_terms + 6) * _U32 * 2.0 * sq
+            + 2.0 * _U32 * np.sqrt(sq) * (2.0 * math.sqrt(threshold) + 1e-30)
+            + 4.0 * _U32 * _U32 * sq
+        )
+        + 1e-30
+    )
+
+
 def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Prepared:
-    """Centre/normalise the representatives, build the augmented float32 factors, the error
-    bands and the projection tree. Memory: ~3 float32 copies of R (A, B, projections)."""
+    """Centre/normalise the representatives, build the float32 factors, the error bands and
+    the projection tree.
+
+    Memory: one float32 copy of R (``C``), (m, k) float64 projections and 2 (m, k+2) float32
+    factors; float64 work arrays are per 64k-row chunk only.
+    """
     m, d = R.shape
-    R64 = R.astype(np.float64, copy=False)
-    sq_orig = np.einsum("ij,ij->i", R64, R64)
-    if mode.kind == "cosine":
-        norms = np.sqrt(sq_orig)
-        C = R64 / norms[:, None]
+    step = 65536
+    k = min(N_BOUND_DIMS, d)
+    cosine = mode.kind == "cosine"
+    sq_orig = np.empty(m)
+    total = np.zeros(d)
+    for s in range(0, m, step):
+        r64 = R[s : s + step].astype(np.float64)
+        sq_orig[s : s + step] = np.einsum("ij,ij->i", r64, r64)
+        total += r64.sum(axis=0)
+    mean = np.zeros(d) if cosine else total / max(m, 1)
+
+    def centred(rows: np.ndarray, sq: np.ndarray) -> np.ndarray:
+        r64 = rows.astype(np.float64)
+        if cosine:
+            return r64 / np.sqrt(sq)[:, None]
+        return r64 - mean
+
+    if cosine:
         threshold = 2.0 * eps  # |x^ - y^|^2 = 2 (1 - cos)
         sk_u = _U32 if sk_dtype == np.float32 else _U64
-        # sklearn: normalise, matmul, 1 - S, in the input dtype: error <= ~(d + 8) u on 1 - cos,
-        # i.e. 2x that on the squared-distance scale.
+        # sklearn: normalise, matmul, 1 - S, in the input dtype: error <= ~(d + 8) u on
+        # 1 - cos, i.e. 2x that on the squared-distance scale (and doubled for margin).
         sk_err = np.full(m, 2.0 * (d + 8) * sk_u * 2.0)
     else:
-        mean = R64.mean(axis=0)
-        C = R64 - mean
         threshold = eps * eps
         # brute: GEMM expansion on the raw vectors in float64 (float32 input is upcast).
         # tree: sequential sum of squared differences plus node-bound rounding (sqrt/pow).
         sk_err = (4.0 * (d + 8) * _U64) * sq_orig + 64 * _U64 * threshold
-    del R64
-    csq = np.einsum("ij,ij->i", C, C)
-    A = np.empty((m, d + 2), np.float32)
-    B = np.empty((m, d + 2), np.float32)
-    A[:, :d] = C
-    A[:, d] = csq
-    A[:, d + 1] = 1.0
-    B[:, :d] = C
-    B[:, :d] *= -2.0
-    B[:, d] = 1.0
-    B[:, d + 1] = csq
-    cnorm = np.sqrt(csq)
-    # Our float32 value vs the exact distance of the float64 vectors: rounding c to float32
-    # moves each vector by <= u32 |c| (term in cnorm), the GEMM with d+2 terms errs by at most
-    # gamma_{d+2} * sum|terms| <= gamma (2|c_i|^2 + 2|c_j|^2) (term in csq). Doubled for margin.
-    ours = 2.0 * (
-        (d + 4) * _U32 * 2.0 * csq
-        + 2.0 * _U32 * cnorm * (2.0 * math.sqrt(threshold))
-        + 4.0 * _U32 * _U32 * csq
-    )
-    band = ours + sk_err + 1e-300
-    # Projection tree: principal directions of a sample, recursive median splits.
-    k = min(N_BOUND_DIMS, d)
-    sample = C[np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False)]
+    # Principal directions of a sample (orthonormal: eigh of the covariance).
+    pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
     if k < d:
-        _, _, vt = np.linalg.svd(sample - sample.mean(axis=0), full_matrices=False)
-        V = vt[:k].T
+        sample = centred(R[pick], sq_orig[pick])
+        _, vecs = np.linalg.eigh(np.cov(sample, rowvar=False))
+        V = np.ascontiguousarray(vecs[:, ::-1][:, :k])
+        del sample
     else:
         V = np.eye(d)
-    P = C @ V  # (m, k) float64
+    C = np.empty((m, d), np.float32)
+    csq = np.empty(m)
+    P = np.empty((m, k))
+    for s in range(0, m, step):
+        c64 = centred(R[s : s + step], sq_orig[s : s + step])
+        csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
+        C[s : s + step] = c64
+        P[s : s + step] = c64 if k == d else c64 @ V
+    band = _float32_band(csq, d + 2, threshold) + sk_err
+    psq = np.einsum("ij,ij->i", P, P)
+    band_lo = _float32_band(psq, k + 2, threshold) + 1e-12 * (1.0 + psq)
+    Alo = np.empty((m, k + 2), np.float32)
+    Blo = np.empty((m, k + 2), np.float32)
+    Alo[:, :k] = P
+    Alo[:, k] = psq
+    Alo[:, k + 1] = 1.0
+    Blo[:, :k] = P
+    Blo[:, :k] *= -2.0
+    Blo[:, k] = 1.0
+    Blo[:, k + 1] = psq
+    # Projection tree: recursive median splits along the widest projected direction.
     leaves = []
     stack = [np.arange(m)]
     while stack:
@@ -282,10 +325,10 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         stack.append(idx[order[:half]])
     lo = np.array([P[lf].min(axis=0) for lf in leaves])
     hi = np.array([P[lf].max(axis=0) for lf in leaves])
-    # Projection errors (float64, orthonormal V from SVD) are ~1e-15 |c|: a generous absolute
-    # slack keeps the bound a true lower bound.
+    # Projection errors (float64, V orthonormal to ~1e-15) are ~1e-15 |c|: a generous absolute
+    # slack keeps the bounds true lower bounds.
     slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
-    return _Prepared(A, B, band, sk_err, threshold, leaves, lo, hi, slack)
+    return _Prepared(C, csq, Alo, Blo, band, band_lo, sk_err, threshold, leaves, lo, hi, slack)
 
 
 def _leaf_pairs(prep: _Prepared) -> list[tuple[int, list[int]]]:
@@ -304,25 +347,52 @@ def _leaf_pairs(prep: _Prepared) -> list[tuple[int, list[int]]]:
 def _tile_task(prep: _Prepared, a: int, bs: list[int]) -> tuple[np.ndarray, ...]:
     """Edges from leaf ``a`` to leaves ``bs``: ``(sure_i, sure_j, band_i, band_j)``.
 
-    Memory: one (|leaf a| x sum |leaf b|) float32 block at a time, bounded by TILE x TILE.
+    The leaves ``bs`` are multiplied in groups of about TILE columns, so one task holds one
+    (LEAF x TILE) float32 block at a time.
     """
     ia = prep.leaves[a]
-    Aa = prep.A[ia]
+    Ca = prep.C[ia]
+    Alo_a = prep.Alo[ia]
     sure_i, sure_j, band_i, band_j = [], [], [], []
     t = prep.threshold
     bmax_a = prep.band[ia].max()
+    blo_a = prep.band_lo[ia].max()
+    groups, cur, size = [], [], 0
     for b in bs:
-        ib = prep.leaves[b]
-        S = Aa @ prep.B[ib].T  # |c_i - c_j|^2 in float32
+        cur.append(b)
+        size += len(prep.leaves[b])
+        if size >= TILE:
+            groups.append(cur)
+            cur, size = [], 0
+    if cur:
+        groups.append(cur)
+    for grp in groups:
+        ib = np.concatenate([prep.leaves[b] for b in grp])
         hi = t + bmax_a + prep.band[ib].max()
-        r, c = np.nonzero(hi >= S)
-        if a == b:
-            keep = r < c
-            r, c = r[keep], c[keep]
-        if len(r) == 0:
+        # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
+        L = Alo_a @ prep.Blo[ib].T
+        hi_lo = hi + blo_a + prep.band_lo[ib].max() + prep.slack
+        rows = np.nonzero(L.min(axis=1) <= hi_lo)[0]  # most rows have no candidate at all
+        if len(rows) == 0:
             continue
+        r, c = np.nonzero(L[rows] <= hi_lo)
+        r = rows[r]
+        del L
+        # Full value for the survivors only (a GEMM when they are many).
+        if len(r) > len(ia) * len(ib) // 16:
+            dots = (Ca @ prep.C[ib].T)[r, c]
+        else:
+            dots = np.einsum("ij,ij->i", Ca[r], prep.C[ib[c]])
+        s32 = (prep.csq[ia[r]] + prep.csq[ib[c]]).astype(np.float32) - 2.0 * dots
+        sel = s32 <= hi
+        r, c, s32 = r[sel], c[sel], s32[sel]
         gi, gj = ia[r], ib[c]
-        s = S[r, c].astype(np.float64)
+        # the diagonal leaf (first columns of the first group): each unordered pair once
+        keep = (c >= len(ia)) | (r < c) if grp[0] == a else np.ones(len(r), bool)
+        gi, gj, s32 = gi[keep], gj[keep], s32[keep]
+        if len(gi) == 0:
+            continue
+        s = s32.astype(np.float64)
         w = prep.band[gi] + prep.band[gj]
         sure = s < t - w
         unsure = ~sure & (s <= t + w)
@@ -330,8 +400,7 @@ def _tile_task(prep: _Prepared, a: int, bs: list[int]) -> tuple[np.ndarray, ...]
         sure_j.append(gj[sure])
         band_i.append(gi[unsure])
         band_j.append(gj[unsure])
-    cat = _cat
-    return cat(sure_i), cat(sure_j), cat(band_i), cat(band_j)
+    return _cat(sure_i), _cat(sure_j), _cat(band_i), _cat(band_j)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -378,14 +447,16 @@ def _run_tiles(prep: _Prepared, n_jobs: int | None) -> Iterator[tuple[np.ndarray
     from joblib import effective_n_jobs
     from threadpoolctl import threadpool_limits
 
-    n_threads = max(1, effective_n_jobs(n_jobs))
-    if n_threads == 1:
-        for a, bs in work:
-            yield _tile_task(prep, a, bs)
-        return
-    # n_threads tiles at once, each with a single-threaded BLAS: no oversubscription.
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n_threads) as pool:
-        yield from pool.map(lambda w: _tile_task(prep, *w), work)
+    # None: every core, as scikit-learn's OpenMP brute force does. Each tile runs a
+    # single-threaded BLAS: OpenBLAS threads on tile-sized products cost more than they give.
+    n_threads = (os.cpu_count() or 1) if n_jobs is None else max(1, effective_n_jobs(n_jobs))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads == 1:
+            for a, bs in work:
+                yield _tile_task(prep, a, bs)
+            return
+        with ThreadPoolExecutor(n_threads) as pool:
+            yield from pool.map(lambda w: _tile_task(prep, *w), work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,8 +792,9 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     p : float, default=None
         Minkowski power; only ``None`` or 2 run on the engine.
     n_jobs : int, default=None
-        Threads for the tiles when no Dask client is current (None: 1 thread, whose BLAS uses
-        every core; k > 1: k tiles at once, each with a single-threaded BLAS; -1: all cores).
+        Threads for the tiles when no Dask client is current (None or -1: every core, like
+        scikit-learn's OpenMP brute force; k: k tiles at once). Each tile uses a
+        single-threaded BLAS, so threads are never oversubscribed.
 
     Attributes
     ----------
