@@ -1,22 +1,826 @@
-"""DBSCAN with scikit-learn's semantics.
+"""Exact DBSCAN with scikit-learn's semantics, computed in tiles.
 
-Interim engine: delegates to :class:`sklearn.cluster.DBSCAN`. The tiled Dask engine replaces the
-internals without changing this surface.
+:class:`DBSCAN` is a drop-in for :class:`sklearn.cluster.DBSCAN`: same parameters, same
+``labels_`` (numbering included), ``core_sample_indices_`` and ``components_``. It never holds the
+neighbourhoods: identical rows collapse to one representative, the eps-graph between
+representatives is computed tile by tile (float32 matrix products on a thread pool or on Dask
+workers), tiles that cannot hold a pair within ``eps`` are skipped by exact lower bounds, and
+components are merged with union-find as tiles finish.
+
+Exactness. A float32 product rounds, so every pair whose float32 value lies within a rigorous
+error bound of ``eps`` is re-decided by the computation scikit-learn itself performs for that pair
+(same library routine, same chunk geometry): scikit-learn's own rounding decides a pair that is
+mathematically at ``eps``, and the result is its result. If such a re-decided pair turns out not to
+be uniform (scikit-learn's rounding can make ``j`` a neighbour of ``i`` but not ``i`` of ``j``, or
+treat two copies of one vector differently), the fit is delegated to scikit-learn, which is the
+only way to reproduce that asymmetry. Inputs the engine does not cover (sparse or precomputed
+input, metrics other than euclidean/cosine, ``metric_params``, ``sample_weight``) are delegated to
+scikit-learn as well.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import DBSCAN as _SkDBSCAN
 
-__all__ = ["DBSCAN", "dbscan"]
+__all__ = ["DBSCAN", "dbscan", "eps_graph"]
+
+log = logging.getLogger(__name__)
+
+#: Rows per tile side. A tile's float32 products take TILE**2 * 4 bytes (16 MiB at 2048); a
+#: worker holds one tile at a time, so memory stays a few tiles whatever n is.
+TILE = 2048
+#: Leaves of the projection tree hold at most this many representatives: small leaves give
+#: tight boxes (more tile pairs skipped); a task multiplies one leaf by up to TILE columns.
+LEAF = 256
+#: Principal directions used for the exact lower bounds: leaf boxes, and a first low-rank
+#: product per tile (the distance of the projections never exceeds the distance), so the full
+#: d-dimensional product is only computed for the few pairs that pass it.
+N_BOUND_DIMS = 32
+#: scikit-learn's pairwise chunk (``pairwise_dist_chunk_size``): the geometry its brute-force
+#: euclidean GEMMs use, which the re-check must reproduce bit for bit.
+_SK_CHUNK = 256
+_U32 = 2.0**-24
+_U64 = 2.0**-53
+
+
+# --------------------------------------------------------------------------------------------
+# What the engine covers, and how scikit-learn would compute a distance
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """How scikit-learn decides a pair for these parameters.
+
+    ``kind`` is ``"brute"`` (EuclideanRadiusNeighbors: ||x||^2 - 2x.y + ||y||^2 by GEMM in
+    256-row chunks), ``"tree"`` (KDTree/BallTree: sum of squared differences, with node bounds)
+    or ``"cosine"`` (pairwise_distances_chunked: 1 - x^.y^ by a matmul of row chunks).
+    """
+
+    kind: str
+    tree: str = ""  # "kd_tree" or "ball_tree" for kind == "tree"
+
+
+def _resolve_mode(est: DBSCAN, X: Any, sample_weight: Any) -> _Mode | None:
+    """The engine's mode for this fit, or ``None`` to delegate to scikit-learn."""
+    if sample_weight is not None or sparse.issparse(X) or est.metric_params:
+        return None
+    if not isinstance(est.metric, str):
+        return None
+    metric = est.metric
+    if metric in ("minkowski", "l2", "euclidean"):
+        if metric == "minkowski" and est.p not in (None, 2):
+            return None
+        if metric == "l2" and est.algorithm in ("auto", "kd_tree", "ball_tree"):
+            # sklearn resolves "l2" through DistanceMetric; keep its exact path.
+            return None
+        d = X.shape[1]
+        algo = est.algorithm
+        if algo == "auto":
+            algo = "brute" if d > 15 else "kd_tree"
+        if algo == "brute":
+            return _Mode("brute")
+        return _Mode("tree", algo)
+    if metric == "cosine":
+        if est.algorithm not in ("auto", "brute"):
+            return None  # sklearn raises: trees do not support cosine
+        return _Mode("cosine")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Duplicates
+# --------------------------------------------------------------------------------------------
+
+
+def _unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, inverse)``: representative row indices (the lowest index of each group of
+    bitwise-identical rows, ascending) and each row's representative number.
+
+    Rows are hashed in chunks (8 bytes per row held), grouped by hash, then verified equal to
+    their representative; a hash collision (never seen) falls back to an exact sort.
+    """
+    n = X.shape[0]
+    raw = np.ascontiguousarray(X).view(np.uint8).reshape(n, -1)
+    width = raw.shape[1]
+    pad = (-width) % 8
+    rng = np.random.default_rng(0x5EED)
+    mult = rng.integers(1, 2**63, size=(width + pad) // 8, dtype=np.uint64) | np.uint64(1)
+    h = np.empty(n, dtype=np.uint64)
+    step = max(1, (64 << 20) // max(1, width + pad))
+    with np.errstate(over="ignore"):
+        for s in range(0, n, step):
+            block = raw[s : s + step]
+            if pad:
+                block = np.concatenate([block, np.zeros((len(block), pad), np.uint8)], axis=1)
+            words = np.ascontiguousarray(block).view(np.uint64)
+            acc = (words * mult).sum(axis=1, dtype=np.uint64)
+            acc ^= acc >> np.uint64(29)
+            h[s : s + step] = acc
+    _, first_of_hash, inverse = np.unique(h, return_index=True, return_inverse=True)
+    # np.unique orders groups by hash; renumber them by their first row so that representative
+    # k is the k-th new vector in input order.
+    order = np.argsort(first_of_hash, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    first = first_of_hash[order]
+    inverse = rank[inverse.ravel()]
+    for s in range(0, n, step):
+        rows = raw[s : s + step]
+        if not np.array_equal(rows, raw[first[inverse[s : s + step]]]):
+            _, first, inverse = np.unique(raw, axis=0, return_index=True, return_inverse=True)
+            order = np.argsort(first, kind="stable")
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(order))
+            return first[order], rank[inverse.ravel()]
+    return first, inverse
+
+
+# --------------------------------------------------------------------------------------------
+# Union-find over representative numbers (vectorised)
+# --------------------------------------------------------------------------------------------
+
+
+class _UnionFind:
+    """Disjoint sets of ``0..n-1``; ``union(i, j)`` takes whole edge arrays at once."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: np.ndarray) -> np.ndarray:
+        p = self.parent
+        r = p[x]
+        while True:
+            rr = p[r]
+            if np.array_equal(rr, r):
+                break
+            r = rr
+        p[x] = r  # path compression for the queried nodes
+        return r
+
+    def union(self, i: np.ndarray, j: np.ndarray) -> None:
+        if len(i) == 0:
+            return
+        ri, rj = self.find(i), self.find(j)
+        keep = ri != rj
+        if not keep.any():
+            return
+        ri, rj = ri[keep], rj[keep]
+        nodes, inv = np.unique(np.concatenate([ri, rj]), return_inverse=True)
+        k = len(nodes)
+        g = sparse.coo_matrix(
+            (np.ones(len(ri), np.int8), (inv[: len(ri)], inv[len(ri) :])), shape=(k, k)
+        )
+        _, comp = connected_components(g, directed=False)
+        # each component's root becomes its smallest node (deterministic)
+        root = np.full(comp.max() + 1, np.iinfo(np.int64).max)
+        np.minimum.at(root, comp, nodes)
+        self.parent[nodes] = root[comp]
+
+    def roots(self) -> np.ndarray:
+        return self.find(np.arange(len(self.parent)))
+
+
+# --------------------------------------------------------------------------------------------
+# The tiled eps-graph
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    """Per-representative data shipped to tile tasks (scattered once under Dask).
+
+    ``C`` (m, d) float32: the centred (euclidean) or normalised (cosine) vectors, ``csq`` (m,)
+    float64 their squared norms, so that |c_i - c_j|^2 = csq_i + csq_j - 2 c_i.c_j. ``Alo``,
+    ``Blo`` (m, k+2) float32 rows ``[p, |p|^2, 1]`` and ``[-2p, 1, |p|^2]`` of the projections
+    ``p`` on the k leading principal directions: one small GEMM gives |p_i - p_j|^2, a lower
+    bound of |c_i - c_j|^2. ``band``/``band_lo`` (m,) float64: half-widths of each row's
+    rigorous error bounds on the two values (``band`` includes scikit-learn's own rounding,
+    ``sk_err``). ``leaves`` lists index arrays (<= LEAF rows each); ``lo``/``hi`` (n_leaves, k)
+    their boxes in the projected space.
+    """
+
+    C: np.ndarray
+    csq: np.ndarray
+    Alo: np.ndarray
+    Blo: np.ndarray
+    band: np.ndarray
+    band_lo: np.ndarray
+    sk_err: np.ndarray
+    threshold: float  # |c_i - c_j|^2 <= threshold  <=>  neighbour (before rounding)
+    leaves: list[np.ndarray]
+    lo: np.ndarray
+    hi: np.ndarray
+    slack: float  # absolute slack on the projection bounds
+
+
+def _float32_band(sq: np.ndarray, n_terms: int, threshold: float) -> np.ndarray:
+    """Bound on |float32 value - exact value| of |x_i - x_j|^2 near ``threshold``, per row.
+
+    Rounding a vector to float32 moves it by <= u32 |x| (term in |x|); a dot product of n terms
+    in float32 errs by <= gamma_n sum|terms| <= gamma_n (|x_i|^2 + |x_j|^2)/... (term in sq),
+    whatever the summation order (BLAS kernels, einsum). Doubled for margin.
+    """
+    return (
+        2.0
+        * (
+            (n_terms + 6) * _U32 * 2.0 * sq
+            + 2.0 * _U32 * np.sqrt(sq) * (2.0 * math.sqrt(threshold) + 1e-30)
+            + 4.0 * _U32 * _U32 * sq
+        )
+        + 1e-30
+    )
+
+
+def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Prepared:
+    """Centre/normalise the representatives, build the float32 factors, the error bands and
+    the projection tree.
+
+    Memory: one float32 copy of R (``C``), (m, k) float64 projections and 2 (m, k+2) float32
+    factors; float64 work arrays are per 64k-row chunk only.
+    """
+    m, d = R.shape
+    step = 65536
+    k = min(N_BOUND_DIMS, d)
+    cosine = mode.kind == "cosine"
+    sq_orig = np.empty(m)
+    total = np.zeros(d)
+    for s in range(0, m, step):
+        r64 = R[s : s + step].astype(np.float64)
+        sq_orig[s : s + step] = np.einsum("ij,ij->i", r64, r64)
+        total += r64.sum(axis=0)
+    mean = np.zeros(d) if cosine else total / max(m, 1)
+
+    def centred(rows: np.ndarray, sq: np.ndarray) -> np.ndarray:
+        r64 = rows.astype(np.float64)
+        if cosine:
+            return r64 / np.sqrt(sq)[:, None]
+        return r64 - mean
+
+    if cosine:
+        threshold = 2.0 * eps  # |x^ - y^|^2 = 2 (1 - cos)
+        sk_u = _U32 if sk_dtype == np.float32 else _U64
+        # sklearn: normalise, matmul, 1 - S, in the input dtype: error <= ~(d + 8) u on
+        # 1 - cos, i.e. 2x that on the squared-distance scale (and doubled for margin).
+        sk_err = np.full(m, 2.0 * (d + 8) * sk_u * 2.0)
+    else:
+        threshold = eps * eps
+        # brute: GEMM expansion on the raw vectors in float64 (float32 input is upcast).
+        # tree: sequential sum of squared differences plus node-bound rounding (sqrt/pow).
+        sk_err = (4.0 * (d + 8) * _U64) * sq_orig + 64 * _U64 * threshold
+    # Principal directions of a sample (orthonormal: eigh of the covariance).
+    pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
+    if k < d:
+        sample = centred(R[pick], sq_orig[pick])
+        _, vecs = np.linalg.eigh(np.cov(sample, rowvar=False))
+        V = np.ascontiguousarray(vecs[:, ::-1][:, :k])
+        del sample
+    else:
+        V = np.eye(d)
+    C = np.empty((m, d), np.float32)
+    csq = np.empty(m)
+    P = np.empty((m, k))
+    for s in range(0, m, step):
+        c64 = centred(R[s : s + step], sq_orig[s : s + step])
+        csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
+        C[s : s + step] = c64
+        P[s : s + step] = c64 if k == d else c64 @ V
+    band = _float32_band(csq, d + 2, threshold) + sk_err
+    psq = np.einsum("ij,ij->i", P, P)
+    band_lo = _float32_band(psq, k + 2, threshold) + 1e-12 * (1.0 + psq)
+    Alo = np.empty((m, k + 2), np.float32)
+    Blo = np.empty((m, k + 2), np.float32)
+    Alo[:, :k] = P
+    Alo[:, k] = psq
+    Alo[:, k + 1] = 1.0
+    Blo[:, :k] = P
+    Blo[:, :k] *= -2.0
+    Blo[:, k] = 1.0
+    Blo[:, k + 1] = psq
+    # Projection tree: recursive median splits along the widest projected direction.
+    leaves = []
+    stack = [np.arange(m)]
+    while stack:
+        idx = stack.pop()
+        if len(idx) <= LEAF:
+            leaves.append(np.sort(idx))
+            continue
+        sub = P[idx]
+        axis = int(np.argmax(sub.max(axis=0) - sub.min(axis=0)))
+        order = np.argsort(sub[:, axis], kind="stable")
+        half = len(idx) // 2
+        stack.append(idx[order[half:]])
+        stack.append(idx[order[:half]])
+    lo = np.array([P[lf].min(axis=0) for lf in leaves])
+    hi = np.array([P[lf].max(axis=0) for lf in leaves])
+    # Projection errors (float64, V orthonormal to ~1e-15) are ~1e-15 |c|: a generous absolute
+    # slack keeps the bounds true lower bounds.
+    slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
+    return _Prepared(C, csq, Alo, Blo, band, band_lo, sk_err, threshold, leaves, lo, hi, slack)
+
+
+def _leaf_pairs(prep: _Prepared) -> list[tuple[int, list[int]]]:
+    """For each leaf a, the leaves b >= a whose boxes may hold a pair within eps (exact lower
+    bound: the box gap in an orthonormal subspace never exceeds the full distance)."""
+    lo, hi = prep.lo, prep.hi
+    r = math.sqrt(prep.threshold + float(prep.band.max(initial=0.0)) * 2) + prep.slack
+    out = []
+    for a in range(len(prep.leaves)):
+        gap = np.maximum(0.0, np.maximum(lo[a:] - hi[a], lo[a] - hi[a:]))
+        lb = np.sqrt(np.einsum("ij,ij->i", gap, gap))
+        out.append((a, [a + int(b) for b in np.nonzero(lb <= r)[0]]))
+    return out
+
+
+def _tile_task(prep: _Prepared, a: int, bs: list[int]) -> tuple[np.ndarray, ...]:
+    """Edges from leaf ``a`` to leaves ``bs``: ``(sure_i, sure_j, band_i, band_j)``.
+
+    The leaves ``bs`` are multiplied in groups of about TILE columns, so one task holds one
+    (LEAF x TILE) float32 block at a time.
+    """
+    ia = prep.leaves[a]
+    Ca = prep.C[ia]
+    Alo_a = prep.Alo[ia]
+    sure_i, sure_j, band_i, band_j = [], [], [], []
+    t = prep.threshold
+    bmax_a = prep.band[ia].max()
+    blo_a = prep.band_lo[ia].max()
+    groups, cur, size = [], [], 0
+    for b in bs:
+        cur.append(b)
+        size += len(prep.leaves[b])
+        if size >= TILE:
+            groups.append(cur)
+            cur, size = [], 0
+    if cur:
+        groups.append(cur)
+    for grp in groups:
+        ib = np.concatenate([prep.leaves[b] for b in grp])
+        hi = t + bmax_a + prep.band[ib].max()
+        # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
+        L = Alo_a @ prep.Blo[ib].T
+        hi_lo = hi + blo_a + prep.band_lo[ib].max() + prep.slack
+        rows = np.nonzero(L.min(axis=1) <= hi_lo)[0]  # most rows have no candidate at all
+        if len(rows) == 0:
+            continue
+        r, c = np.nonzero(L[rows] <= hi_lo)
+        r = rows[r]
+        del L
+        # Full value for the survivors only (a GEMM when they are many).
+        if len(r) > len(ia) * len(ib) // 16:
+            dots = (Ca @ prep.C[ib].T)[r, c]
+        else:
+            dots = np.einsum("ij,ij->i", Ca[r], prep.C[ib[c]])
+        s32 = (prep.csq[ia[r]] + prep.csq[ib[c]]).astype(np.float32) - 2.0 * dots
+        sel = s32 <= hi
+        r, c, s32 = r[sel], c[sel], s32[sel]
+        gi, gj = ia[r], ib[c]
+        # the diagonal leaf (first columns of the first group): each unordered pair once
+        keep = (c >= len(ia)) | (r < c) if grp[0] == a else np.ones(len(r), bool)
+        gi, gj, s32 = gi[keep], gj[keep], s32[keep]
+        if len(gi) == 0:
+            continue
+        s = s32.astype(np.float64)
+        w = prep.band[gi] + prep.band[gj]
+        sure = s < t - w
+        unsure = ~sure & (s <= t + w)
+        sure_i.append(gi[sure])
+        sure_j.append(gj[sure])
+        band_i.append(gi[unsure])
+        band_j.append(gj[unsure])
+    return _cat(sure_i), _cat(sure_j), _cat(band_i), _cat(band_j)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+def _current_client() -> Any:
+    """The distributed Client made current by ``with client.as_current()`` (or the default
+    client), else ``None``."""
+    try:
+        from distributed import get_client
+    except ImportError:
+        return None
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+def _run_tiles(prep: _Prepared, n_jobs: int | None) -> Iterator[tuple[np.ndarray, ...]]:
+    """Yield each task's edges as it finishes: on the current Dask client's workers (the
+    prepared arrays scattered once, broadcast) or on a local pool of ``n_jobs`` threads."""
+    work = [(a, bs) for a, bs in _leaf_pairs(prep) if bs]
+    skipped = sum(len(prep.leaves) - a for a in range(len(prep.leaves))) - sum(
+        len(bs) for _, bs in work
+    )
+    log.debug(
+        "eps-graph: %d leaves, %d leaf pairs computed, %d skipped by bounds",
+        len(prep.leaves),
+        sum(len(bs) for _, bs in work),
+        skipped,
+    )
+    client = _current_client()
+    if client is not None:
+        from distributed import as_completed
+
+        # hash=False: a fresh key per fit, so a previous fit's release cannot race this one
+        fut = client.scatter(prep, broadcast=True, hash=False)
+        futures = [client.submit(_tile_task, fut, a, bs, pure=False) for a, bs in work]
+        for f in as_completed(futures):
+            yield f.result()
+            f.release()
+        return
+    from joblib import effective_n_jobs
+    from threadpoolctl import threadpool_limits
+
+    # None: every core, as scikit-learn's OpenMP brute force does. Each tile runs a
+    # single-threaded BLAS: OpenBLAS threads on tile-sized products cost more than they give.
+    n_threads = (os.cpu_count() or 1) if n_jobs is None else max(1, effective_n_jobs(n_jobs))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads == 1:
+            for a, bs in work:
+                yield _tile_task(prep, a, bs)
+            return
+        with ThreadPoolExecutor(n_threads) as pool:
+            yield from pool.map(lambda w: _tile_task(prep, *w), work)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-deciding pairs near eps exactly as scikit-learn does
+# --------------------------------------------------------------------------------------------
+
+
+class _Irregular(Exception):
+    """scikit-learn decides some re-checked pair asymmetrically or per copy: delegate."""
+
+
+class _SkDecider:
+    """Decides directed pairs ``i -> j`` (original row numbers) exactly as scikit-learn's
+    ``radius_neighbors`` would in this fit, by running its own routine on the same chunk."""
+
+    def __init__(self, X: np.ndarray, eps: float, mode: _Mode, leaf_size: int) -> None:
+        self.X, self.eps, self.mode, self.leaf_size = X, eps, mode, leaf_size
+        self.n = X.shape[0]
+        self._tree = None
+        self._cache: dict = {}
+
+    def decide(self, qi: np.ndarray, tj: np.ndarray) -> np.ndarray:
+        """Boolean array: is ``tj[k]`` in scikit-learn's eps-neighbourhood of ``qi[k]``."""
+        out = np.empty(len(qi), bool)
+        if self.mode.kind == "brute":
+            c = min(self.n, _SK_CHUNK)
+            key = (qi // c) * (self.n // c + 2) + tj // c
+            for k in np.unique(key):
+                sel = np.nonzero(key == k)[0]
+                bi, bj = int(qi[sel[0]] // c), int(tj[sel[0]] // c)
+                mask = self._brute_block(bi, bj)
+                out[sel] = mask[qi[sel] - bi * c, tj[sel] - bj * c]
+        elif self.mode.kind == "tree":
+            # Copies of the query vector traverse the tree identically: query each distinct
+            # query row once (the caller passes representatives' rows as queries).
+            for q in np.unique(qi):
+                sel = np.nonzero(qi == q)[0]
+                out[sel] = np.isin(tj[sel], self._tree_query(int(q)))
+        else:
+            rows = self._cosine_rows()
+            which = np.searchsorted(rows[1:], qi, side="right")
+            for c in np.unique(which):
+                sel = np.nonzero(which == c)[0]
+                D = self._cosine_chunk(int(rows[c]), int(rows[c + 1]))
+                out[sel] = D[qi[sel] - rows[c], tj[sel]] <= self.eps
+        return out
+
+    def _brute_block(self, bi: int, bj: int) -> np.ndarray:
+        """scikit-learn's neighbour mask for its chunk pair (bi, bj): (<=256, <=256) bool."""
+        from sklearn.metrics._pairwise_distances_reduction import RadiusNeighbors
+
+        key = ("b", bi, bj)
+        if key not in self._cache:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            c = min(self.n, _SK_CHUNK)
+            Xi = self.X[bi * c : (bi + 1) * c]
+            Xj = self.X[bj * c : (bj + 1) * c]
+            ind = RadiusNeighbors.compute(
+                Xi, Xj, radius=self.eps, metric="euclidean", return_distance=False
+            )
+            mask = np.zeros((len(Xi), len(Xj)), bool)
+            lens = [len(r) for r in ind]
+            if sum(lens):
+                mask[np.repeat(np.arange(len(Xi)), lens), np.concatenate(ind)] = True
+            self._cache[key] = mask
+        return self._cache[key]
+
+    def _tree_query(self, q: int) -> np.ndarray:
+        from sklearn.neighbors import NearestNeighbors
+
+        if self._tree is None:
+            self._tree = NearestNeighbors(
+                radius=self.eps, algorithm=self.mode.tree, leaf_size=self.leaf_size
+            ).fit(self.X)
+        return self._tree.radius_neighbors(self.X[q : q + 1], return_distance=False)[0]
+
+    def _cosine_rows(self) -> np.ndarray:
+        from sklearn.utils import gen_batches
+        from sklearn.utils._chunking import get_chunk_n_rows
+
+        rows = get_chunk_n_rows(row_bytes=8 * self.n, max_n_rows=self.n)
+        return np.array([s.start for s in gen_batches(self.n, rows)] + [self.n])
+
+    def _cosine_chunk(self, s: int, e: int) -> np.ndarray:
+        from sklearn.metrics import pairwise_distances
+
+        key = ("c", s)
+        if key not in self._cache:
+            self._cache.clear()  # one row chunk (<= working_memory) held at a time
+            Xc = self.X if (s == 0 and e == self.n) else self.X[s:e]
+            self._cache[key] = pairwise_distances(Xc, self.X, metric="cosine")
+        return self._cache[key]
+
+
+def _refine(
+    X: np.ndarray,
+    first: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    prep: _Prepared,
+    active_pos: np.ndarray,
+    mode: _Mode,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Second look at representative pairs whose float32 value is near eps, in float64 from the
+    original rows: ``(surely_in, undecided)`` masks. Only pairs within scikit-learn's own
+    rounding of eps stay undecided. Memory: two (len(a), d) float64 blocks per 4096 pairs."""
+    sure = np.zeros(len(a), bool)
+    undecided = np.zeros(len(a), bool)
+    d = X.shape[1]
+    t = prep.threshold
+    for s in range(0, len(a), 4096):
+        xa = X[first[a[s : s + 4096]]].astype(np.float64)
+        xb = X[first[b[s : s + 4096]]].astype(np.float64)
+        if mode.kind == "cosine":
+            na = np.sqrt(np.einsum("ij,ij->i", xa, xa))
+            nb = np.sqrt(np.einsum("ij,ij->i", xb, xb))
+            v = 2.0 * (1.0 - np.einsum("ij,ij->i", xa, xb) / (na * nb))
+            err = np.full(len(v), 4.0 * (d + 8) * _U64)
+        else:
+            diff = xa - xb
+            v = np.einsum("ij,ij->i", diff, diff)
+            err = 4.0 * (d + 8) * _U64 * v + 1e-300
+        w = (
+            err
+            + prep.sk_err[active_pos[a[s : s + 4096]]]
+            + prep.sk_err[active_pos[b[s : s + 4096]]]
+        )
+        sure[s : s + 4096] = v < t - w
+        undecided[s : s + 4096] = (v >= t - w) & (v <= t + w)
+    return sure, undecided
+
+
+def _recheck(
+    band_i: np.ndarray, band_j: np.ndarray, members: list[np.ndarray], decider: _SkDecider
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resolve representative pairs near eps: returns the ones that are edges.
+
+    Every directed pair of copies is decided by scikit-learn's computation (copies can sit in
+    chunks of different shapes, whose GEMM kernels round differently). Raises
+    :class:`_Irregular` unless the decision is the same for both directions and all copies.
+    """
+    if len(band_i) == 0:
+        return band_i, band_j
+    tree = decider.mode.kind == "tree"
+    qs, ts, owner = [], [], []
+    for k, (a, b) in enumerate(zip(band_i.tolist(), band_j.tolist(), strict=True)):
+        ma, mb = members[a], members[b]
+        if len(ma) * len(mb) > 1_000_000:
+            raise _Irregular
+        for src, dst in ((ma, mb), (mb, ma)):
+            q = src[:1] if tree else src  # copies query a tree identically
+            qs.append(np.repeat(q, len(dst)))
+            ts.append(np.tile(dst, len(q)))
+            owner.append(np.full(len(q) * len(dst), k))
+    owner_a = np.concatenate(owner)
+    dec = decider.decide(np.concatenate(qs), np.concatenate(ts))
+    n_pairs = len(band_i)
+    yes = np.bincount(owner_a, weights=dec, minlength=n_pairs)
+    tot = np.bincount(owner_a, minlength=n_pairs)
+    if np.any((yes > 0) & (yes < tot)):
+        raise _Irregular
+    edge = yes == tot
+    return band_i[edge], band_j[edge]
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Graph:
+    """The eps-graph between representatives, reduced as requested."""
+
+    first: np.ndarray  # (m,) lowest row of each representative
+    inverse: np.ndarray  # (n,) representative of each row
+    counts: np.ndarray  # (m,) copies of each representative
+    excluded: np.ndarray  # (m,) bool: cosine zero vectors, handled by rule
+    uf: _UnionFind | None  # components (min_samples == 1)
+    edges: tuple[np.ndarray, np.ndarray] | None  # all edges (min_samples > 1 / eps_graph)
+
+
+def _build_graph(
+    X: np.ndarray,
+    eps: float,
+    mode: _Mode,
+    *,
+    keep_edges: bool,
+    n_jobs: int | None,
+    leaf_size: int = 30,
+) -> _Graph:
+    first, inverse = _unique_rows(X)
+    m = len(first)
+    counts = np.bincount(inverse, minlength=m)
+    R = X[first]
+    excluded = np.zeros(m, bool)
+    if mode.kind == "cosine":
+        excluded = ~np.any(R != 0, axis=1)
+    active = np.nonzero(~excluded)[0]
+    uf = None if keep_edges else _UnionFind(m)
+    ei, ej = [], []
+    if len(active):
+        prep = _prepare(R[active], eps, mode, X.dtype)
+        _check_self_pairs(prep, eps, mode, X.dtype)
+        members = None
+        active_pos = np.full(m, -1, np.int64)
+        active_pos[active] = np.arange(len(active))
+        decider = _SkDecider(X, eps, mode, leaf_size)
+        for si, sj, bi, bj in _run_tiles(prep, n_jobs):
+            si, sj = active[si], active[sj]
+            if len(bi):
+                bi, bj = active[bi], active[bj]
+                sure, und = _refine(X, first, bi, bj, prep, active_pos, mode)
+                if members is None and und.any():
+                    order = np.argsort(inverse, kind="stable")
+                    members = np.split(order, np.cumsum(counts)[:-1])
+                ri, rj = _recheck(bi[und], bj[und], members, decider)
+                si = np.concatenate([si, bi[sure], ri])
+                sj = np.concatenate([sj, bj[sure], rj])
+            if keep_edges:
+                ei.append(si)
+                ej.append(sj)
+            else:
+                uf.union(si, sj)
+    edges = None
+    if keep_edges:
+        i, j = _cat(ei), _cat(ej)
+        swap = i > j
+        i[swap], j[swap] = j[swap], i[swap]
+        edges = (i, j)
+    return _Graph(first, inverse, counts, excluded, uf, edges)
+
+
+def _check_self_pairs(prep: _Prepared, eps: float, mode: _Mode, dtype: np.dtype) -> None:
+    """Identical vectors collapse to one only if scikit-learn surely finds them within eps
+    (its rounding gives them a tiny non-zero distance): else delegate."""
+    if mode.kind == "tree":
+        return  # exact zero differences
+    if float(prep.band.max(initial=0.0)) >= prep.threshold:
+        raise _Irregular
+
+
+def _labels_from_graph(
+    g: _Graph, min_samples: int, cosine_single_chunk: bool, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``dbscan_inner`` result from the representative graph: ``(labels,
+    is_core)`` over the original rows.
+
+    Clusters are the components of the graph among core points, numbered in the order of their
+    lowest core row; a border row takes the lowest-numbered cluster among its core neighbours
+    (the first cluster whose depth-first search reaches it).
+    """
+    m = len(g.first)
+    big = np.iinfo(np.int64).max
+    if g.excluded.any() and eps >= 1.0:
+        raise _Irregular  # cosine zero vectors at distance 1 <= eps from everything
+    if g.edges is None:
+        roots = g.uf.roots()  # min_samples == 1: every row is its own neighbour, so core
+        rep_core = ~g.excluded
+    else:
+        i, j = g.edges
+        # A representative's neighbourhood size in rows: its own copies plus its neighbours'.
+        deg = g.counts.astype(np.int64).copy()
+        np.add.at(deg, i, g.counts[j])
+        np.add.at(deg, j, g.counts[i])
+        rep_core = (deg >= min_samples) & ~g.excluded
+        cc = rep_core[i] & rep_core[j]
+        graph = sparse.coo_matrix((np.ones(int(cc.sum()), np.int8), (i[cc], j[cc])), shape=(m, m))
+        _, roots = connected_components(graph, directed=False)
+    # Cosine zero rows: at distance 1 > eps from every row, and from themselves too unless
+    # sklearn computed all rows as one chunk (it then zeroes the diagonal). Each zero row is
+    # then a cluster of its own when min_samples <= 1, noise otherwise; copies stay apart.
+    zero_rows = np.nonzero(g.excluded[g.inverse])[0]
+    zero_core = cosine_single_chunk and min_samples <= 1
+    core_reps = np.nonzero(rep_core)[0]
+    keys = roots[core_reps].astype(np.int64)
+    lows = g.first[core_reps]
+    if zero_core and len(zero_rows):
+        keys = np.concatenate([keys, -1 - zero_rows])
+        lows = np.concatenate([lows, zero_rows])
+    labels_rep = np.full(m, -1, np.int64)
+    zero_labels = np.full(len(zero_rows), -1, np.int64)
+    if len(keys):
+        uniq, inv = np.unique(keys, return_inverse=True)
+        low = np.full(len(uniq), big)
+        np.minimum.at(low, inv, lows)
+        number = np.empty(len(uniq), np.int64)
+        number[np.argsort(low, kind="stable")] = np.arange(len(uniq))
+        lab = number[inv]
+        labels_rep[core_reps] = lab[: len(core_reps)]
+        if zero_core and len(zero_rows):
+            zero_labels = lab[len(core_reps) :]
+    if g.edges is not None:
+        i, j = g.edges
+        border = np.full(m, big)
+        for a, b in ((i, j), (j, i)):
+            sel = ~rep_core[a] & rep_core[b]
+            np.minimum.at(border, a[sel], labels_rep[b[sel]])
+        has = border != big
+        labels_rep[has] = border[has]
+    labels = labels_rep[g.inverse]
+    is_core = rep_core[g.inverse]
+    labels[zero_rows] = zero_labels
+    is_core[zero_rows] = zero_core
+    return labels, is_core
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
 
 
 class DBSCAN(ClusterMixin, BaseEstimator):
-    """Drop-in for :class:`sklearn.cluster.DBSCAN` (same parameters, same results)."""
+    """Exact DBSCAN, a drop-in for :class:`sklearn.cluster.DBSCAN`.
+
+    Parameters
+    ----------
+    eps : float, default=0.5
+        Neighbourhood radius; points at distance exactly ``eps`` are neighbours (``<=``).
+    min_samples : int, default=5
+        Rows (the point itself included, copies counted) within ``eps`` for a core point.
+    metric : str or callable, default="euclidean"
+        ``"euclidean"`` (also ``"minkowski"`` with ``p`` 2 or None) and ``"cosine"`` (1 - cos of
+        the raw vectors) run on the tiled engine; anything else is delegated to scikit-learn.
+    metric_params : dict, default=None
+        Delegated to scikit-learn when given.
+    algorithm : {"auto", "ball_tree", "kd_tree", "brute"}, default="auto"
+        Does not change the result; it tells the engine which of scikit-learn's distance
+        computations decides pairs that lie within rounding of ``eps``.
+    leaf_size : int, default=30
+        As in scikit-learn (used only when re-deciding near-eps pairs with a tree).
+    p : float, default=None
+        Minkowski power; only ``None`` or 2 run on the engine.
+    n_jobs : int, default=None
+        Threads for the tiles when no Dask client is current (None or -1: every core, like
+        scikit-learn's OpenMP brute force; k: k tiles at once). Each tile uses a
+        single-threaded BLAS, so threads are never oversubscribed.
+
+    Attributes
+    ----------
+    core_sample_indices_ : ndarray of shape (n_core_samples,)
+        Indices of core samples.
+    components_ : ndarray of shape (n_core_samples, n_features)
+        Copy of each core sample.
+    labels_ : ndarray of shape (n_samples,)
+        Cluster labels, numbered as scikit-learn numbers them (order of each cluster's
+        lowest-index core sample); noise is -1.
+
+    Notes
+    -----
+    Memory and complexity: identical rows collapse first (8 bytes per row for the hashes, then
+    one copy of the m distinct rows); the tiles need about three float32 copies of the distinct
+    rows plus one TILE x TILE float32 block per thread (16 MiB). No neighbourhood is stored:
+    with ``min_samples=1`` edges are merged by union-find as each tile finishes; with
+    ``min_samples > 1`` the edge list between distinct rows is kept (16 bytes per edge), never
+    the copies' neighbourhoods. Time is O(m^2 d) products in the worst case; exact lower bounds
+    (boxes in the 16 leading principal directions) skip tile pairs that cannot hold a neighbour,
+    which on clustered data removes most of the work. scikit-learn by contrast holds every
+    neighbourhood, O(sum of neighbourhood sizes) memory, quadratic in a group of copies.
+
+    When a ``distributed.Client`` is current, the prepared rows are scattered once (broadcast)
+    and tiles run as tasks on the workers; the client process only merges components.
+    """
 
     def __init__(
         self,
@@ -40,16 +844,161 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         self.n_jobs = n_jobs
 
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> DBSCAN:
-        sk = _SkDBSCAN(**self.get_params()).fit(X, sample_weight=sample_weight)
-        self.labels_ = sk.labels_
-        self.core_sample_indices_ = sk.core_sample_indices_
-        self.components_ = sk.components_
+        """Cluster ``X`` (n_samples, n_features); see :class:`sklearn.cluster.DBSCAN.fit`.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features) or (n_samples,
+            n_samples)
+            Rows to cluster, or distances when ``metric="precomputed"``.
+        y : Ignored
+        sample_weight : array-like of shape (n_samples,), default=None
+            As in scikit-learn (delegated to it when given).
+
+        Returns
+        -------
+        self : DBSCAN
+        """
+        sk = _SkDBSCAN(**self.get_params())
+        sk._validate_params()
+        from sklearn.utils.validation import validate_data
+
+        Xv = validate_data(sk, X, accept_sparse="csr")
+        mode = _resolve_mode(self, Xv, sample_weight)
+        result = None
+        if mode is not None:
+            try:
+                result = self._fit_engine(Xv, mode)
+            except _Irregular:
+                log.info(
+                    "DBSCAN: a pair within rounding of eps is decided asymmetrically by "
+                    "scikit-learn; delegating this fit to scikit-learn for its exact result"
+                )
+        if result is None:
+            sk.fit(X, sample_weight=sample_weight)
+            self.labels_ = sk.labels_
+            self.core_sample_indices_ = sk.core_sample_indices_
+            self.components_ = sk.components_
+        else:
+            self.labels_, core = result
+            self.core_sample_indices_ = np.nonzero(core)[0]
+            if len(self.core_sample_indices_):
+                self.components_ = Xv[self.core_sample_indices_].copy()
+            else:
+                self.components_ = np.empty((0, Xv.shape[1]))
+        self.n_features_in_ = Xv.shape[1]
         return self
+
+    def _fit_engine(self, X: np.ndarray, mode: _Mode) -> tuple[np.ndarray, np.ndarray]:
+        X = np.ascontiguousarray(X)
+        g = _build_graph(
+            X,
+            float(self.eps),
+            mode,
+            keep_edges=self.min_samples > 1,
+            n_jobs=self.n_jobs,
+            leaf_size=self.leaf_size,
+        )
+        single = False
+        if mode.kind == "cosine" and g.excluded.any():
+            single = len(_SkDecider(X, self.eps, mode, self.leaf_size)._cosine_rows()) == 2
+        labels, core = _labels_from_graph(g, int(self.min_samples), single, float(self.eps))
+        return labels.astype(np.intp), core
+
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
+        """Fit and return ``labels_`` (n_samples,)."""
+        return self.fit(X, sample_weight=sample_weight).labels_
 
 
 def dbscan(
-    X: Any, eps: float = 0.5, *, min_samples: int = 5, metric: Any = "minkowski", **kwargs: Any
+    X: Any,
+    eps: float = 0.5,
+    *,
+    min_samples: int = 5,
+    metric: Any = "minkowski",
+    metric_params: dict | None = None,
+    algorithm: str = "auto",
+    leaf_size: int = 30,
+    p: float = 2,
+    sample_weight: Any = None,
+    n_jobs: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Functional form: ``(core_sample_indices, labels)``."""
-    est = DBSCAN(eps, min_samples=min_samples, metric=metric, **kwargs).fit(X)
+    """Functional form, as :func:`sklearn.cluster.dbscan`: ``(core_sample_indices, labels)``.
+
+    Parameters are those of :class:`DBSCAN` (same defaults as scikit-learn's function: metric
+    ``"minkowski"`` with ``p=2``, i.e. euclidean). Memory and time as :class:`DBSCAN`.
+    """
+    est = DBSCAN(
+        eps,
+        min_samples=min_samples,
+        metric=metric,
+        metric_params=metric_params,
+        algorithm=algorithm,
+        leaf_size=leaf_size,
+        p=p,
+        n_jobs=n_jobs,
+    )
+    est.fit(X, sample_weight=sample_weight)
     return est.core_sample_indices_, est.labels_
+
+
+def eps_graph(
+    X: Any, eps: float, *, metric: str = "euclidean", n_jobs: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The eps-neighbourhood graph between distinct rows, as scikit-learn's DBSCAN sees it.
+
+    Parameters
+    ----------
+    X : array-like of shape (n, d)
+        Rows (float32 or float64).
+    eps : float
+        Radius (``<=``), in the metric's units.
+    metric : {"euclidean", "cosine"}, default="euclidean"
+        Euclidean decisions follow scikit-learn's brute-force computation for d > 15 and its
+        KD-tree for d <= 15 (``algorithm="auto"``).
+    n_jobs : int, default=None
+        Threads when no Dask client is current (as :class:`DBSCAN`).
+
+    Returns
+    -------
+    inverse : ndarray of shape (n,), int64
+        Each row's representative: the index of the first row with bitwise the same vector.
+    i, j : ndarray of shape (n_edges,), int64
+        Edges between representatives (row indices, ``i < j``, sorted), exactly the pairs
+        scikit-learn finds within ``eps``.
+    d : ndarray of shape (n_edges,), float64
+        Their distance in float64 (euclidean: from the differences; cosine: ``1 - cos``).
+
+    Notes
+    -----
+    Memory: the edge list (24 bytes per edge) plus the engine's working set (see
+    :class:`DBSCAN`). Raises ``ValueError`` for other metrics, and for the rare input whose
+    near-eps pairs scikit-learn itself decides asymmetrically (no symmetric graph exists).
+    Cosine zero vectors (distance 1 to everything, themselves included) have no edges.
+    """
+    from sklearn.utils import check_array
+
+    X = check_array(X, dtype=[np.float64, np.float32], order="C")
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"eps_graph: metric must be 'euclidean' or 'cosine', got {metric!r}")
+    est = DBSCAN(eps, metric=metric)
+    mode = _resolve_mode(est, X, None)
+    try:
+        g = _build_graph(X, float(eps), mode, keep_edges=True, n_jobs=n_jobs)
+    except _Irregular as e:
+        raise ValueError(
+            "eps_graph: scikit-learn decides a pair within rounding of eps "
+            "asymmetrically for this input; no symmetric graph exists"
+        ) from e
+    i, j = g.first[g.edges[0]], g.first[g.edges[1]]
+    order = np.lexsort((j, i))
+    i, j = i[order], j[order]
+    Xi = X[i].astype(np.float64)
+    Xj = X[j].astype(np.float64)
+    if metric == "euclidean":
+        d = np.sqrt(np.einsum("ij,ij->i", Xi - Xj, Xi - Xj))
+    else:
+        ni = np.sqrt(np.einsum("ij,ij->i", Xi, Xi))
+        nj = np.sqrt(np.einsum("ij,ij->i", Xj, Xj))
+        d = np.clip(1.0 - np.einsum("ij,ij->i", Xi, Xj) / (ni * nj), 0.0, 2.0)
+    return g.first[g.inverse], i, j, d
