@@ -46,6 +46,8 @@ def make_demo(
     ``directory`` is wiped and rebuilt, but only if it is empty or was made by this function
     (it holds a marker file): the demo never deletes a folder it did not create.
 
+    Also writes ``truth.csv`` (``path,group``: each file's original) for ``sweep --truth``.
+
     Returns a dict with ``root``, ``features`` (glob), ``images``, ``duplicates`` (how many
     near-duplicate files were written) and ``groups`` (relative path -> original's path).
     """
@@ -98,6 +100,10 @@ def make_demo(
     )
     for s, part in enumerate(np.array_split(np.arange(len(paths)), shards)):
         frame.iloc[part].to_parquet(feats / f"part-{s:04d}.parquet")
+    # the ground truth, for `dedup-batch sweep --truth`: each file's original
+    pd.DataFrame({"path": paths, "group": [groups[p] for p in paths]}).to_csv(
+        base / "truth.csv", index=False
+    )
     return {
         "root": str(photos),
         "features": str(feats / "part-*.parquet"),

@@ -279,6 +279,8 @@ def test_demo_command(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "plan:" in out and "dedup-batch apply" in out
     assert (tmp_path / "d" / "plan" / "plan.parquet").exists()
+    truth = pd.read_csv(tmp_path / "d" / "truth.csv")
+    assert list(truth.columns) == ["path", "group"] and len(truth) >= 12
     # never wipes a folder it did not make
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("x")
