@@ -68,8 +68,15 @@ def child(side: str, n: int, repeat: int, out: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     np.save(out + ".npy", labels)
     with open(out, "w") as f:
-        json.dump({"seconds": secs, "peak_rss": peak, "data_rss": base * 1024,
-                   "n_clusters": int(labels.max()) + 1}, f)
+        json.dump(
+            {
+                "seconds": secs,
+                "peak_rss": peak,
+                "data_rss": base * 1024,
+                "n_clusters": int(labels.max()) + 1,
+            },
+            f,
+        )
 
 
 def run_side(side: str, n: int, repeat: int, timeout: float) -> dict | None:
@@ -108,8 +115,12 @@ def main() -> None:
         return
     cases = [(20_000, 0, True), (50_000, 20_000, True)]
     if not a.quick:
-        cases += [(50_000, 0, True), (100_000, 0, True), (100_000, 40_000, False),
-                  (1_000_000, 0, False)]
+        cases += [
+            (50_000, 0, True),
+            (100_000, 0, True),
+            (100_000, 40_000, False),
+            (1_000_000, 0, False),
+        ]
     print(f"DBSCAN eps={EPS} min_samples=1, {D}-d float32, {os.cpu_count()} cores")
     print(f"{'case':>24} | {'sklearn':>20} | {'dedup_batch':>20} | speed  | memory | same labels")
     for n, repeat, with_sk in cases:
@@ -119,9 +130,10 @@ def main() -> None:
         ok = sk and "error" not in sk and ours and "error" not in ours
         speed = f"{sk['seconds'] / ours['seconds']:5.1f}x" if ok else "   - "
         mem = f"{sk['peak_rss'] / ours['peak_rss']:5.1f}x" if ok else "   - "
-        same = (np.array_equal(sk["labels"], ours["labels"]) if ok else "-")
-        print(f"{name:>24} | {fmt(sk):>20} | {fmt(ours):>20} | {speed} | {mem} | {same}",
-              flush=True)
+        same = np.array_equal(sk["labels"], ours["labels"]) if ok else "-"
+        print(
+            f"{name:>24} | {fmt(sk):>20} | {fmt(ours):>20} | {speed} | {mem} | {same}", flush=True
+        )
 
 
 if __name__ == "__main__":
