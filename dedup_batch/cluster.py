@@ -282,13 +282,13 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         sk_err = (4.0 * (d + 8) * _U64) * sq_orig + 64 * _U64 * threshold
     # Principal directions of a sample (orthonormal: eigh of the covariance).
     pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
-    if k < d:
+    if k < d and m >= 2:
         sample = centred(R[pick], sq_orig[pick])
         _, vecs = np.linalg.eigh(np.cov(sample, rowvar=False))
         V = np.ascontiguousarray(vecs[:, ::-1][:, :k])
         del sample
-    else:
-        V = np.eye(d)
+    else:  # any orthonormal basis gives an exact bound; one row has no covariance
+        V = np.eye(d)[:, : min(k, d)]
     C = np.empty((m, d), np.float32)
     csq = np.empty(m)
     P = np.empty((m, k))
