@@ -107,6 +107,13 @@ def fmt(r: dict | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="20k and heavy repetition only")
+    ap.add_argument(
+        "--case",
+        action="append",
+        metavar="N[:REPEATS]",
+        help="run only this case (repeatable), e.g. --case 1000000 or --case 50000:20000; "
+        "sklearn runs too where it fits",
+    )
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -121,6 +128,9 @@ def main() -> None:
             (100_000, 40_000, False),
             (1_000_000, 0, False),
         ]
+    if a.case:
+        picked = [tuple(int(x) for x in [*c.split(":"), "0"][:2]) for c in a.case]
+        cases = [(n, r, n <= 100_000 and not r > 20_000) for n, r in picked]
     print(f"DBSCAN eps={EPS} min_samples=1, {D}-d float32, {os.cpu_count()} cores")
     print(f"{'case':>24} | {'sklearn':>20} | {'dedup_batch':>20} | speed  | memory | same labels")
     for n, repeat, with_sk in cases:
