@@ -30,7 +30,7 @@ from .config import JobSpec
 from .errors import ConfigError, InputError, StorageError
 from .load import load_features
 from .progress import StageTimer, log_dashboard
-from .report import write_report
+from .report import build_report
 from .select import select_keepers
 from .storage import Store, join_url, read_url, url_exists, write_url
 
@@ -165,14 +165,14 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
         recorded = dataclasses.replace(spec, root=store.root_path) if store.is_local else spec
         write_url(join_url(spec.out, "job.yaml"), recorded.to_yaml().encode(), so)
     summary["timings"] = timer.timings
-    _write_summary(spec.out, summary, so)
+    _write_summary(spec.out, summary, so)  # the report reads it
     if spec.report:
-        # write_report logs its own stage and merges its entry ("report") into summary.json
-        t0 = time.perf_counter()
-        write_report(spec.out, store=store, client=client, storage_options=so)
+        t0 = time.perf_counter()  # build_report logs its own stage
+        made = build_report(
+            spec.out, store=store, client=client, storage_options=so, update_summary=False
+        )
         timer.timings["report"] = round(time.perf_counter() - t0, 4)
-        summary = json.loads(read_url(join_url(spec.out, "summary.json"), so))
-        summary["timings"] = timer.timings
+        summary["report"] = made.summary_entry()
         _write_summary(spec.out, summary, so)
     return PlanResult(spec.out, table, summary)
 
