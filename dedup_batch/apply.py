@@ -512,18 +512,7 @@ def _apply_batch(
             )
         else:
             out[it.path] = (it.path, FAILED, r.code, r.message, 0)
-    records = [out[it.path] for it in batch.items]
-    _write_json(
-        plan_store,
-        f"{JOURNAL_DIR}/batch-{batch.id:06d}.json",
-        {
-            "version": JOURNAL_VERSION,
-            "plan_digest": digest,
-            "batch": batch.id,
-            "records": [*batch.prior, *records],
-        },
-    )
-    return records
+    return _journal(plan_store, "batch", digest, batch, [out[it.path] for it in batch.items])
 
 
 def _restore_batch(
@@ -579,10 +568,16 @@ def _restore_batch(
                 f"restored, but the trash copy was not removed: {r.message}",
                 0,
             )
-    records = [out[it.path] for it in batch.items]
+    return _journal(plan_store, "restore", digest, batch, [out[it.path] for it in batch.items])
+
+
+def _journal(
+    plan_store: Store, kind: str, digest: str, batch: _Batch, records: list[_Record]
+) -> list[_Record]:
+    """Write one finished batch's records (with those of earlier runs) to the journal."""
     _write_json(
         plan_store,
-        f"{JOURNAL_DIR}/restore-{batch.id:06d}.json",
+        f"{JOURNAL_DIR}/{kind}-{batch.id:06d}.json",
         {
             "version": JOURNAL_VERSION,
             "plan_digest": digest,

@@ -64,23 +64,26 @@ def cli(*args: str, s3: dict) -> int:
     )
 
 
+def plan_on_s3(out: str, *extra: str, s3: dict) -> int:
+    """``dedup-batch plan`` of the photo bucket at the demo's eps."""
+    return cli(
+        "plan",
+        "--features",
+        "s3://photos/features/part-*.parquet",
+        "--root",
+        "s3://photos/lib",
+        "--eps",
+        str(DEMO_EPS),
+        "--out",
+        out,
+        *extra,
+        s3=s3,
+    )
+
+
 def test_plan_report_apply_on_s3(photo_bucket: dict, s3, s3fs_client, capsys) -> None:
     plan_url = "s3://photos/plans/run1"
-    assert (
-        cli(
-            "plan",
-            "--features",
-            "s3://photos/features/part-*.parquet",
-            "--root",
-            "s3://photos/lib",
-            "--eps",
-            str(DEMO_EPS),
-            "--out",
-            plan_url,
-            s3=s3,
-        )
-        == 0
-    )
+    assert plan_on_s3(plan_url, s3=s3) == 0
     names = bucket_keys(s3fs_client, "photos/plans/run1")
     assert {"plan.parquet", "summary.json", "job.yaml", "report.html"} <= names
     plan = pd.read_parquet(s3fs_client.open("photos/plans/run1/plan.parquet"))
@@ -105,22 +108,7 @@ def test_denied_delete_exits_4_and_rerun_finishes(
     photo_bucket: dict, s3, s3fs_client, capsys
 ) -> None:
     plan_url = "s3://photos/plans/run2"
-    assert (
-        cli(
-            "plan",
-            "--features",
-            "s3://photos/features/part-*.parquet",
-            "--root",
-            "s3://photos/lib",
-            "--eps",
-            str(DEMO_EPS),
-            "--out",
-            plan_url,
-            "--no-report",
-            s3=s3,
-        )
-        == 0
-    )
+    assert plan_on_s3(plan_url, "--no-report", s3=s3) == 0
     plan = pd.read_parquet(s3fs_client.open("photos/plans/run2/plan.parquet"))
     # moto matches policy resources as regular expressions: pick a key without metacharacters
     plain = [p for p in plan.loc[~plan["keep"], "path"] if re.fullmatch(r"[\w ./-]+", p)]
