@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from . import progress
 from .errors import ConfigError, InputError, SafetyError, ScopeError
 from .storage import Store, etags_equal, md5_of_etag
 
@@ -683,6 +684,7 @@ def _run_threads(
                 recs = fut.result()
                 done += 1
                 _progress(what, done, len(batches), t0)
+                progress.advance(1, total=len(batches))
                 yield b, recs
                 for nb in _take(queue, 1):
                     pending[pool.submit(fn, *args, nb)] = nb
@@ -722,6 +724,7 @@ def _run_dask(
             fut.release()
             done += 1
             _progress(what, done, len(batches), t0)
+            progress.advance(1, total=len(batches))
             yield b, recs
             for nb in _take(queue, 1):
                 submit(nb)

@@ -29,7 +29,7 @@ from .cluster import DBSCAN
 from .config import JobSpec
 from .errors import ConfigError, InputError, StorageError
 from .load import load_features
-from .progress import StageTimer, log_dashboard
+from .progress import StageTimer, log_dashboard, stage
 from .report import build_report
 from .select import select_keepers
 from .storage import Store, join_url, read_url, url_exists, write_url
@@ -185,18 +185,19 @@ def apply(plan_dir: str, spec: JobSpec, client: Any = None) -> ApplyResult:
     """
     so = spec.storage_options
     store = _plan_store(plan_dir, spec)
-    result = apply_plan(
-        plan_dir,
-        store=store,
-        dry_run=spec.dry_run,
-        max_delete=spec.max_delete,
-        max_delete_fraction=spec.max_delete_fraction,
-        trash=spec.trash,
-        batch_size=spec.batch_size,
-        concurrency=spec.concurrency,
-        client=client,
-        plan_storage_options=so,
-    )
+    with stage("apply", unit="batches"):
+        result = apply_plan(
+            plan_dir,
+            store=store,
+            dry_run=spec.dry_run,
+            max_delete=spec.max_delete,
+            max_delete_fraction=spec.max_delete_fraction,
+            trash=spec.trash,
+            batch_size=spec.batch_size,
+            concurrency=spec.concurrency,
+            client=client,
+            plan_storage_options=so,
+        )
     if not spec.dry_run:
         summary = json.loads(read_url(join_url(plan_dir, "summary.json"), so))
         summary["apply"] = result.to_dict()
@@ -222,15 +223,16 @@ def restore(plan_dir: str, spec: JobSpec, client: Any = None) -> ApplyResult:
                 f"{plan_dir}: no apply with --trash is journaled here; nothing to restore "
                 "(pass --trash URL if the plan directory moved)"
             )
-    return restore_trash(
-        plan_dir,
-        store=store,
-        trash=trash,
-        client=client,
-        plan_storage_options=so,
-        dry_run=spec.dry_run,
-        concurrency=spec.concurrency,
-    )
+    with stage("restore", unit="batches"):
+        return restore_trash(
+            plan_dir,
+            store=store,
+            trash=trash,
+            client=client,
+            plan_storage_options=so,
+            dry_run=spec.dry_run,
+            concurrency=spec.concurrency,
+        )
 
 
 def run(

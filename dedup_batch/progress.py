@@ -25,6 +25,8 @@ The API the pipeline uses::
             ...
             st.advance()                        # or st.advance(k)
 
+    advance(k, total=n)                         # deep inside a stage: the innermost one
+
     # futures (distributed or concurrent.futures), advanced as each one finishes:
     for fut in track(futures, "thumbnails", unit="batches"):
         result = fut.result()
@@ -220,6 +222,27 @@ def stage(name: str, total: int | None = None, *, unit: str = "items") -> Iterat
             )
         if _settings.mode == "bar":
             _draw_bar()  # the enclosing stage's bar, if any
+
+
+def current() -> Stage | None:
+    """The innermost running stage, or ``None``."""
+    with _lock:
+        return _active[-1] if _active else None
+
+
+def advance(k: int = 1, *, total: int | None = None) -> None:
+    """Advance the innermost running stage by ``k`` (setting its total first, when given).
+
+    For code deep inside a stage (apply's batch loop, the clustering tiles) that should report
+    progress without being handed the :class:`Stage`; a no-op when no stage is running.
+    """
+    st = current()
+    if st is None:
+        return
+    if total is not None and st.total is None:
+        st.set_total(total)
+    if k:
+        st.advance(k)
 
 
 class StageTimer:

@@ -396,3 +396,21 @@ def test_local_apply_on_dask_matches_threads(dask_client, tmp_path):
     assert res.ok and res.counts == {"deleted": sum(len(v) for v in clusters.values())}
     assert local_files(root) == set(clusters)
     assert res.batches_run == res.batches_total > 1
+
+
+def test_apply_advances_the_running_stage(tmp_path):
+    from dedup_batch import progress
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    clusters = {f"k{i}.jpg": [f"d{i}a.jpg", f"d{i}b.jpg"] for i in range(5)}
+    for k, dups in clusters.items():
+        for name in (k, *dups):
+            (root / name).write_bytes(name.encode())
+    store = Store(str(root))
+    write_plan(str(tmp_path / "plan"), clusters, store=store)
+    with progress.stage("apply", unit="batches") as st:
+        res = apply_plan(str(tmp_path / "plan"), store=store, batch_size=2)
+    assert res.ok
+    assert st.total == res.to_dict()["batches"]["total"] >= 3
+    assert st.done == st.total

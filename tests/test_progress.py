@@ -250,3 +250,14 @@ def test_track_weights_advance_by_items(dask_client):
         assert st.total == 15 and st.done == 15
     with pytest.raises(ValueError, match="2 weights for 3 futures"):
         list(track(futs, "x", weights=[1, 2]))
+
+
+def test_advance_reaches_the_innermost_stage_only() -> None:
+    progress.advance(5)  # no stage running: nothing to advance, no error
+    with progress.stage("outer") as outer, progress.stage("inner") as inner:
+        assert progress.current() is inner
+        progress.advance(2, total=4)
+        progress.advance(1, total=99)  # the first total stays
+    assert (inner.done, inner.total) == (3, 4)
+    assert (outer.done, outer.total) == (0, None)
+    assert progress.current() is None
