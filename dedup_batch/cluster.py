@@ -48,6 +48,13 @@ LEAF = 256
 #: product per tile (the distance of the projections never exceeds the distance), so the full
 #: d-dimensional product is only computed for the few pairs that pass it.
 N_BOUND_DIMS = 32
+#: The projection tree splits only along the SPLIT_DIMS leading principal directions: leaves
+#: then form a fine grid there (cells much narrower than eps), and the box gap prunes every
+#: leaf pair whose leading coordinates differ by more than eps. Splitting along the widest of
+#: all 32 directions instead cuts each direction once or twice into cells wider than eps, which
+#: prune almost nothing (measured on 200k decaying-spectrum rows: 50% of pairs computed with 2
+#: directions, 52% with 3, 64% with 4, 88% with all 32).
+SPLIT_DIMS = 2
 #: scikit-learn's pairwise chunk (``pairwise_dist_chunk_size``): the geometry its brute-force
 #: euclidean GEMMs use, which the re-check must reproduce bit for bit.
 _SK_CHUNK = 256
@@ -307,7 +314,8 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         c64 = centred(R[s : s + step], sq_orig[s : s + step])
         P[s : s + step] = c64 if k == d else c64 @ V
     del c64
-    # Projection tree: recursive median splits along the widest projected direction.
+    # Projection tree: recursive median splits along the widest of the SPLIT_DIMS leading
+    # projected directions (see SPLIT_DIMS).
     leaves = []
     stack = [np.arange(m)]
     while stack:
@@ -315,7 +323,7 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         if len(idx) <= LEAF:
             leaves.append(np.sort(idx))
             continue
-        sub = P[idx]
+        sub = P[idx, :SPLIT_DIMS]
         axis = int(np.argmax(sub.max(axis=0) - sub.min(axis=0)))
         order = np.argsort(sub[:, axis], kind="stable")
         half = len(idx) // 2
