@@ -202,6 +202,26 @@ def test_threads_and_many_tiles(small_tiles, min_samples):
         assert_same(X, eps=0.3, min_samples=min_samples, n_jobs=n_jobs)
 
 
+@pytest.mark.parametrize(("metric", "eps"), [("euclidean", 0.3), ("cosine", 0.004)])
+@pytest.mark.parametrize("min_samples", [1, 3])
+def test_grid_tree_over_several_directions(monkeypatch, metric, eps, min_samples):
+    """Tiny leaves and tiles, the tree split along several leading directions: tile groups
+    made of leaves that are not contiguous (pruned leaves between them) are exercised."""
+    monkeypatch.setattr(cluster_mod, "LEAF", 32)
+    monkeypatch.setattr(cluster_mod, "TILE", 96)
+    monkeypatch.setattr(cluster_mod, "SPLIT_CELLS", 2)
+    rng = np.random.default_rng(11)
+    X = clustered(rng, 2000, 48, 150, 0.4, np.float32, repeat=0.02)
+    # preconditions: some leaf pairs are pruned, and some partner lists skip leaves
+    first, _ = cluster_mod._unique_rows(X)
+    mode = cluster_mod._resolve_mode(DBSCAN(eps=eps, metric=metric), X, None)
+    prep = cluster_mod._prepare(X[first], eps, mode, X.dtype)
+    pairs = cluster_mod._leaf_pairs(prep)
+    assert any(len(bs) > 1 and np.diff(bs).max() > 1 for _, bs in pairs)
+    assert 0 < sum(len(bs) for _, bs in pairs) < prep.n_leaves * (prep.n_leaves + 1) // 2
+    assert_same(X, eps=eps, min_samples=min_samples, metric=metric, n_jobs=2)
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_dask_workers_same_result(dask_client, small_tiles, metric):
     rng = np.random.default_rng(9)
