@@ -34,6 +34,8 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import DBSCAN as _SkDBSCAN
 
+from . import progress
+
 __all__ = ["DBSCAN", "dbscan", "eps_graph"]
 
 log = logging.getLogger(__name__)
@@ -509,6 +511,15 @@ def _run_tiles(prep: _Prepared, n_jobs: int | None) -> Iterator[tuple[np.ndarray
         sum(len(bs) for _, bs in work),
         skipped,
     )
+    # one unit of the running stage's progress (bar, heartbeat, JSON event) per tile task
+    for out in _tile_outputs(prep, work, n_jobs):
+        progress.advance(1, total=len(work))
+        yield out
+
+
+def _tile_outputs(
+    prep: _Prepared, work: list[tuple[int, list[int]]], n_jobs: int | None
+) -> Iterator[tuple[np.ndarray, ...]]:
     client = _current_client()
     if client is not None:
         from distributed import as_completed

@@ -143,7 +143,7 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
         )
     with timer.stage("list"):
         objects, protected = _objects(store, feats.paths, spec.protect)
-    with timer.stage("cluster"):
+    with timer.stage("cluster", unit="tiles"):
         labels = _cluster(feats.X, spec, client)
     with timer.stage("select"):
         table = select_keepers(

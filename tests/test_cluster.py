@@ -315,3 +315,12 @@ def test_eps_graph_brute_force(metric, d):
         dist, D[np.searchsorted(reps, i), np.searchsorted(reps, j)], atol=1e-12
     )
     assert (i < j).all() and (dist <= eps).all()
+
+
+def test_fit_advances_the_running_stage(small_tiles):
+    from dedup_batch import progress
+
+    X = clustered(np.random.default_rng(9), 600, 20, 30, 0.4)
+    with progress.stage("cluster", unit="tiles") as st:
+        DBSCAN(eps=0.3, min_samples=1).fit(X)
+    assert st.total and st.done == st.total
