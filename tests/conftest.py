@@ -70,9 +70,7 @@ def s3fs_client(s3: dict):
 
     return s3fs.S3FileSystem(
         client_kwargs={"endpoint_url": s3["endpoint_url"]},
-        key=s3["key"],
-        secret=s3["secret"],
-        skip_instance_cache=True,
+        key=s3["key"], secret=s3["secret"], skip_instance_cache=True,
     )
 
 
@@ -81,14 +79,7 @@ def dask_client() -> Iterator:
     """A real ``distributed.Client`` on a 2-worker ``LocalCluster`` (processes), per session."""
     from distributed import Client, LocalCluster
 
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, host="127.0.0.1") as cluster, \
+            Client(cluster) as client:
         yield client
