@@ -116,7 +116,10 @@ def test_pickle_is_never_unpickled_without_allow_pickle(root, tmp_path):
     with pytest.raises(InputError, match="pickle shards run code"):
         load_features([str(tmp_path / "feat" / "*")], store=root)
     assert not marker.exists()
-    assert url.endswith("evil.pickle")
+    # The same file does run its code once allowed: the refusal above is what protected us.
+    with pytest.raises(InputError, match=r"evil\.pickle: pickle holds a NoneType"):
+        load_features(url, store=root, allow_pickle=True)
+    assert marker.is_dir()
 
 
 # -- globs, ordering, literal names ----------------------------------------------------------
