@@ -33,7 +33,6 @@ __all__ = [
     "Store",
     "expand_urls",
     "join_url",
-    "open_store",
     "read_bytes",
     "read_object",
     "read_url",
@@ -759,11 +758,6 @@ def secret_values(options: Mapping[str, Any] | None) -> list[str]:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def open_store(root: str, storage_options: Mapping[str, Any] | None = None) -> Store:
-    """Open ``root`` with ``storage_options`` (see :class:`Store`)."""
-    return Store(root, storage_options)
 
 
 # -- whole-file I/O by URL (plan directories, job specs, reports) ---------------------------
