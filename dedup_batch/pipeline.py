@@ -266,8 +266,10 @@ def _objects(
             len(paths),
             store.root,
         )
-    prefixes = [_protect_prefix(store, p) for p in protect]
-    protected = np.array([any(f.startswith(pre) for pre in prefixes) for f in full], dtype=bool)
+    protected = np.zeros(len(full), dtype=bool)
+    if protect:
+        prefixes = tuple(_protect_prefix(store, p) for p in protect)
+        protected[:] = [f.startswith(prefixes) for f in full]
     return objects.reset_index(drop=True), protected
 
 
