@@ -343,10 +343,7 @@ def apply_plan(
         result.guard,
     )
     if dry_run:
-        for b in todo:
-            for it in b.items:
-                if it.path not in records or records[it.path][1] not in DONE_APPLY:
-                    records[it.path] = (it.path, WOULD_DELETE, "", "", it.size or 0)
+        _mark_would(todo, records, DONE_APPLY, WOULD_DELETE)
         return _finish(result, records, None, t0)
     if items and manifest is None:
         _write_json(
@@ -435,10 +432,7 @@ def restore(
         result.batches_skipped,
     )
     if dry_run:
-        for b in todo:
-            for it in b.items:
-                if it.path not in records or records[it.path][1] not in DONE_RESTORE:
-                    records[it.path] = (it.path, WOULD_RESTORE, "", "", it.size or 0)
+        _mark_would(todo, records, DONE_RESTORE, WOULD_RESTORE)
         return _finish(result, records, None, t0)
     task_args = (store, plan_store, trash_store, digest)
     for _, recs in _run_batches(todo, _restore_batch, task_args, client, concurrency, "restore"):
@@ -570,6 +564,16 @@ def _restore_batch(
                 0,
             )
     return _journal(plan_store, "restore", digest, batch, [out[it.path] for it in batch.items])
+
+
+def _mark_would(
+    todo: Sequence[_Batch], records: dict[str, _Record], done: frozenset[str], status: str
+) -> None:
+    """Dry run: record ``status`` (would delete / restore) for every path not already done."""
+    for b in todo:
+        for it in b.items:
+            if it.path not in records or records[it.path][1] not in done:
+                records[it.path] = (it.path, status, "", "", it.size or 0)
 
 
 def _journal(
