@@ -261,7 +261,7 @@ def _objects(
     missing = int((~objects["exists"]).sum())
     if missing:
         log.warning(
-            "%d of %d feature paths have no object under %s: they are never kept",
+            "%d of %d feature paths have no object under %s: they are never kept and never deleted",
             missing,
             len(paths),
             store.root,

@@ -66,8 +66,9 @@ def select_keepers(
         DBSCAN labels; -1 is noise (never deleted).
     objects : DataFrame, optional
         Indexed by position ``0..n-1`` (aligned with ``paths``), columns ``size`` (bytes),
-        ``mtime`` (seconds), ``etag``, ``exists`` (bool). Missing objects are never chosen as
-        keepers. Without it every object is assumed to exist, with unknown size and time.
+        ``mtime`` (seconds), ``etag``, ``exists`` (bool) and optionally ``kind`` (``"file"``
+        or ``"link"``). Without it every object is taken as existing and observed, with
+        unknown size and time.
     policy : str, default="first-path"
         One of :data:`POLICIES`. Ties are broken by path, never by input order.
     protected : ndarray of bool, shape (n,), optional
@@ -83,6 +84,14 @@ def select_keepers(
 
     Notes
     -----
+    Only what was seen is deleted: a row is deleted only if its object was *observed* at plan
+    time (it exists, with a size and an ETag or a modification time, so that apply can tell
+    whether it changed). Every other row (missing, or seen without those) is kept as its own
+    keeper and never deleted. Keepers are observed regular files: a symbolic link (``kind``
+    ``"link"``) may be deleted (the link only) but is never a keeper, since deleting the file
+    it points to would leave a keeper with no content. Every deleted row lies within
+    ``max_keeper_distance`` of its keeper; a row that no eligible keeper covers is kept.
+
     Singletons (most rows in a real bucket) are handled in one vectorised pass. Each cluster of
     size m with k keepers costs O(m·k·d) time and O(m) memory beyond its vectors.
     """
@@ -93,7 +102,7 @@ def select_keepers(
     n = len(paths)
     if X.shape[0] != n or labels.shape[0] != n:
         raise ValueError(f"paths ({n}), X ({X.shape[0]}) and labels ({labels.shape[0]}) differ")
-    objects = _objects_frame(objects, n)
+    given, objects = objects, _objects_frame(objects, n)
     protected = np.zeros(n, dtype=bool) if protected is None else np.asarray(protected, bool)
     _check_policy_inputs(policy, objects, labels)
 
@@ -107,6 +116,10 @@ def select_keepers(
     sizes = objects["size"].to_numpy(dtype="float64", na_value=np.nan)
     mtimes = objects["mtime"].to_numpy(dtype="float64", na_value=np.nan)
     exists = objects["exists"].to_numpy(dtype=bool)
+    # Without a listing the caller vouches for every object (apply still deletes only rows
+    # whose size and version the plan recorded).
+    observed = np.ones(n, dtype=bool) if given is None else _observed(objects)
+    candidate = observed & (objects["kind"].to_numpy(dtype=object) == "file")
     rank = _policy_rank(policy, paths, sizes, mtimes)
     dist = _DISTANCES[metric]
     limit = np.inf if max_keeper_distance is None else float(max_keeper_distance)
@@ -115,7 +128,7 @@ def select_keepers(
         if e - s < 2 or sorted_labels[s] == -1:
             continue
         members = order[s:e]
-        k_of, d_of = _choose(members, X, rank, exists, protected, policy, dist, limit)
+        k_of, d_of = _choose(members, X, rank, observed, candidate, protected, policy, dist, limit)
         keeper_idx[members] = k_of
         distance[members] = d_of
 
@@ -144,15 +157,33 @@ def _objects_frame(objects: pd.DataFrame | None, n: int) -> pd.DataFrame:
                 "mtime": np.full(n, np.nan),
                 "etag": pd.array([pd.NA] * n, dtype="string"),
                 "exists": np.ones(n, dtype=bool),
+                "kind": np.full(n, "file", dtype=object),
             }
         )
     if len(objects) != n:
         raise ValueError(f"objects has {len(objects)} rows, expected {n}")
     out = objects.reset_index(drop=True)
-    for col, default in (("size", pd.NA), ("mtime", np.nan), ("etag", pd.NA), ("exists", True)):
+    for col, default in (
+        ("size", pd.NA),
+        ("mtime", np.nan),
+        ("etag", pd.NA),
+        ("exists", True),
+        ("kind", "file"),
+    ):
         if col not in out:
             out[col] = default
+    out["kind"] = out["kind"].fillna("file")
     return out
+
+
+def _observed(objects: pd.DataFrame) -> np.ndarray:
+    """Rows whose object was seen at plan time well enough to tell later if it changed."""
+    exists = objects["exists"].to_numpy(dtype=bool)
+    size = objects["size"].notna().to_numpy(dtype=bool)
+    version = objects["etag"].notna().to_numpy(dtype=bool) | objects["mtime"].notna().to_numpy(
+        dtype=bool
+    )
+    return exists & size & version
 
 
 def _check_policy_inputs(policy: str, objects: pd.DataFrame, labels: np.ndarray) -> None:
@@ -191,13 +222,18 @@ def _choose(
     members: np.ndarray,
     X: np.ndarray,
     rank: np.ndarray,
-    exists: np.ndarray,
+    observed: np.ndarray,
+    candidate: np.ndarray,
     protected: np.ndarray,
     policy: str,
     dist: Callable[[np.ndarray, np.ndarray], Any],
     limit: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Keepers of one cluster: returns (keeper row index, distance to it) for each member."""
+    """Keepers of one cluster: returns (keeper row index, distance to it) for each member.
+
+    Keepers come from ``candidate`` rows; only ``observed`` rows within ``limit`` of a keeper
+    are assigned to it (deleted); every other member keeps itself.
+    """
     Xm = np.asarray(X[members], dtype=np.float64)
     m = len(members)
     best_d = np.full(m, np.inf)
@@ -212,19 +248,21 @@ def _choose(
         best_k[closer] = j
 
     # Protected members are never deleted, so each is a keeper; chosen first, in policy order.
-    prot = np.flatnonzero(protected[members] & exists[members])
+    prot = np.flatnonzero(protected[members] & candidate[members])
     for j in prot[np.argsort(rank[members[prot]], kind="stable")]:
         add_keeper(int(j))
-    candidates = exists[members].copy()
+    deletable = observed[members] & ~protected[members]
+    eligible = candidate[members]
     while True:
-        uncovered = candidates & ~is_keeper & ((best_k < 0) | (best_d > limit))
+        uncovered = deletable & eligible & ~is_keeper & ((best_k < 0) | (best_d > limit))
         if not uncovered.any():
             break
         add_keeper(_pick(np.flatnonzero(uncovered), Xm, members, rank, policy, dist))
-    if not is_keeper.any():  # no member exists: nothing to delete, nothing to keep
-        return members, np.zeros(m)
-    best_d[is_keeper] = 0.0
-    best_k[is_keeper] = np.flatnonzero(is_keeper)
+    # Kept as their own keepers: keepers, and every member that may not be deleted or that no
+    # keeper covers (missing or unobserved rows, links far from every keeper, protected links).
+    own = is_keeper | ~deletable | (best_k < 0) | (best_d > limit)
+    best_d[own] = 0.0
+    best_k[own] = np.flatnonzero(own)
     return members[best_k], best_d
 
 

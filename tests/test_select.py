@@ -121,12 +121,14 @@ def test_noise_is_never_deleted() -> None:
     assert plan["keep"].sum() == 2
 
 
-def test_missing_objects_are_never_keepers() -> None:
+def test_missing_objects_are_never_keepers_and_never_deleted() -> None:
     objects = OBJECTS.copy()
     objects["exists"] = [True, False, True, True]  # a.jpg is gone
     objects.loc[1, "size"] = pd.NA
     plan = select_keepers(PATHS, X, LABELS, objects, policy="first-path")
-    assert keeper_of(plan) == ["b.jpg"]
+    row = plan.set_index("path")
+    assert row.loc["a.jpg", "keep"] and row.loc["a.jpg", "keeper"] == "a.jpg"
+    assert set(row.loc[~row["keep"], "keeper"]) == {"b.jpg"}
     gone = select_keepers(PATHS, X, LABELS, objects.assign(exists=[False] * 3 + [True]))
     assert gone[gone["cluster"] == 0]["keep"].all()  # nothing to delete, nothing chosen
 
