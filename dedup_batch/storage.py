@@ -435,7 +435,7 @@ class Store:
                     # Linux answers ENOTDIR, not ELOOP, for a link opened with O_DIRECTORY.
                     st = os.stat(d, dir_fd=fd, follow_symlinks=False)
                     if _stat_mod.S_ISLNK(st.st_mode):
-                        raise OSError(errno.ELOOP, "a folder on the path is a symbolic link", d)
+                        raise OSError(errno.ELOOP, "a folder on the path is a link", d) from None
                     raise
                 os.close(fd)
                 fd = nfd
