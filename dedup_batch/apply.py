@@ -498,14 +498,22 @@ def _run_and_record(
     and every further batch would only wait for the same timeouts."""
     run = 0
     worked = False
-    for _, recs in _run_batches(todo, fn, args, client, concurrency, what):
-        run += 1
-        for r in recs:
-            records[r.path] = r
-        down = bool(recs) and all(r.code == "RequestFailed" for r in recs)
-        worked = worked or not down
-        if down and not worked:
-            return _Stopped(run, recs[0].message)
+    try:
+        for _, recs in _run_batches(todo, fn, args, client, concurrency, what):
+            run += 1
+            for r in recs:
+                records[r.path] = r
+            down = bool(recs) and all(r.code == "RequestFailed" for r in recs)
+            worked = worked or not down
+            if down and not worked:
+                return _Stopped(run, recs[0].message)
+    except DedupError as exc:
+        # A batch could not even journal itself (the plan directory is unreachable): its
+        # objects may be done, so exit 2's "nothing was deleted" would not be true.
+        raise IncompleteError(
+            f"{what} stopped: {exc}; objects of the batches in flight may already be done: "
+            "re-run the same command to resume"
+        ) from None
     return _Stopped(run, None)
 
 
@@ -517,7 +525,7 @@ def _stop(message: str, records: Mapping[str, _Record], acted: frozenset[str], r
         raise IncompleteError(
             f"stopped: {message}; part of the plan was already done (see {report}): {hint}"
         )
-    raise StorageError(f"{message}; nothing was deleted: {hint}")
+    raise StorageError(f"{message}; nothing was deleted or moved: {hint}")
 
 
 # -- the tasks (run on workers) ---------------------------------------------------------------
