@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
@@ -233,6 +234,29 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_global(p: argparse.ArgumentParser, default: Any) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--debug",
+        action="store_true",
+        default=default if default is not None else False,
+        help="show tracebacks and debug logs",
+    )
+    g.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=default,
+        help="log lines as text (default) or one JSON object per line",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default if default is not None else False,
+        help="warnings and errors only",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dedup-batch",
@@ -241,15 +265,18 @@ def _parser() -> argparse.ArgumentParser:
         "'run --apply'.",
     )
     p.add_argument("--version", action="version", version=f"dedup-batch {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default=None,
-        help="log lines as text (default) or one JSON object per line",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    _add_global(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The global flags work after the command too (and show in COMMAND --help); there they
+    # default to SUPPRESS, so a flag given before the command is not reset.
+    glob = argparse.ArgumentParser(add_help=False)
+    _add_global(glob, argparse.SUPPRESS)
+    real_add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return real_add(name, parents=[glob], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     sp = sub.add_parser(
         "plan",
@@ -408,7 +435,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     with dask_client(spec) as client:
         result = plan(spec, client)
     _print_plan(result.summary, result.out)
-    print(f"dry run: nothing deleted. To delete: dedup-batch apply {result.out}")
+    print(f"dry run: nothing deleted. To delete: {_apply_hint(spec, result.out)}")
     return 0
 
 
@@ -438,7 +465,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         planned, applied = run(spec, client, apply_now=args.apply)
     _print_plan(planned.summary, planned.out, reused=planned.reused)
     if applied is None:
-        print(f"dry run: nothing deleted. To delete: dedup-batch apply {planned.out}")
+        print(f"dry run: nothing deleted. To delete: {_apply_hint(spec, planned.out)}")
         return 0
     return _print_apply(applied)
 
@@ -537,6 +564,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _apply_hint(spec: JobSpec, out: str) -> str:
+    """The command that applies the plan in ``out``, runnable as printed.
+
+    ``apply DIR`` reads the root and the non-secret storage options from ``DIR/job.yaml``;
+    but a plan directory in a bucket can only be read with those options, so they are part
+    of the command then (secrets never are: the user is told to pass them again).
+    """
+    from .storage import redact
+
+    cmd = ["dedup-batch", "apply", out]
+    remote = "://" in out and not out.startswith("file://")
+    secret = False
+    if remote:
+        for key, value in _flatten(redact(spec.storage_options)):
+            if value == "***":
+                secret = True
+            else:
+                cmd += ["-o", f"{key}={value}"]
+    text = " ".join(shlex.quote(c) for c in cmd)
+    if secret:
+        text += "  (plus the credential options you gave this command)"
+    return text
+
+
+def _flatten(options: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def _print_plan(summary: dict[str, Any], out: str, *, reused: bool = False) -> None:
     c = summary["counts"]
     mb = summary["reclaimable_bytes"] / 1e6
@@ -553,7 +612,14 @@ def _print_apply(result: Any) -> int:
     info = result.to_dict()
     what = info.get("operation", "apply") + (" (dry run)" if info.get("dry_run") else "")
     counts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in info["counts"].items())
-    print(f"{what}: {info['planned']:,} planned; {counts or 'nothing to do'}")
+    batches = info["batches"]
+    if batches["total"] and not batches["run"] and batches["skipped_finished"] == batches["total"]:
+        # Every batch was journaled as finished by an earlier run: nothing was touched now.
+        print(f"{what}: already finished: nothing to do (earlier runs: {counts})")
+    else:
+        print(f"{what}: {info['planned']:,} planned; {counts or 'nothing to do'}")
+    if info.get("dry_run") and result.report:
+        _print_head(result.report, DRY_RUN_LINES)
     if not result.ok:
         print(
             f"{what} finished, but {info['not_done']:,} objects were not done: see "
@@ -562,6 +628,26 @@ def _print_apply(result: Any) -> int:
         )
         return EXIT_INCOMPLETE
     return 0
+
+
+#: Lines of would-delete.csv a dry run prints.
+DRY_RUN_LINES = 10
+
+
+def _print_head(url: str, n: int) -> None:
+    from .storage import read_url
+
+    if "://" in url and not url.startswith("file://"):
+        print(f"  the list: {url}")
+        return
+    try:
+        lines = read_url(url).decode("utf-8").splitlines()
+    except (OSError, ValueError):
+        return
+    for line in lines[: n + 1]:
+        print("  " + line)
+    if len(lines) > n + 1:
+        print(f"  ... {len(lines) - 1 - n:,} more in {url}")
 
 
 # -- entry point ---------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class JobSpec:
     mode: str = "plan"
     dry_run: bool = False
     max_delete: int | None = None
-    max_delete_fraction: float | None = None
+    max_delete_fraction: float | None = 0.5
     trash: str | None = None
     batch_size: int = 1000
     concurrency: int | None = None

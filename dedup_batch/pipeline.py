@@ -27,6 +27,7 @@ from .apply import MANIFEST_FILE, ApplyResult, apply_plan
 from .apply import restore as restore_trash
 from .cluster import DBSCAN
 from .config import JobSpec
+from .diagnose import plan_warnings
 from .errors import ConfigError, InputError, StorageError
 from .load import load_features
 from .progress import StageTimer, log_dashboard, stage
@@ -156,7 +157,13 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
             max_keeper_distance=spec.keeper_distance(),
             metric=spec.metric,
         )
+    warnings = plan_warnings(
+        feats.X, labels, eps=spec.eps, metric=spec.metric, min_samples=spec.min_samples
+    )
+    for w in warnings:
+        log.warning("plan: %s", w)
     summary = _summary(spec, table, feats.shards, feats.X.shape, timer.timings, started)
+    summary["warnings"] = [*summary.get("warnings", []), *warnings]
     with timer.stage("write"):
         buf = io.BytesIO()
         table.to_parquet(buf, index=False)
@@ -259,6 +266,8 @@ def _objects(
     objects = listing.reindex(full)
     objects["exists"] = objects["size"].notna().to_numpy()
     missing = int((~objects["exists"]).sum())
+    if len(paths) and missing == len(paths):
+        raise InputError(_no_object_hint(store, paths, listing))
     if missing:
         log.warning(
             "%d of %d feature paths have no object under %s: they are never kept and never deleted",
@@ -271,6 +280,25 @@ def _objects(
         prefixes = tuple(_protect_prefix(store, p) for p in protect)
         protected[:] = [f.startswith(prefixes) for f in full]
     return objects.reset_index(drop=True), protected
+
+
+def _no_object_hint(store: Store, paths: np.ndarray, listing: pd.DataFrame) -> str:
+    """The message for a root under which no feature path has an object: what to check."""
+    first = str(paths[0])
+    msg = (
+        f"none of the {len(paths):,} feature paths has an object under root {store.root!r} "
+        f"(e.g. {first!r} would be {store.url(store.resolve(first))!r}); "
+    )
+    # The usual mistake: the root is one folder too high or too low. Look for the first path
+    # at the end of a listed object, which gives the root it is relative to.
+    tail = "/" + first
+    for fs_path in listing.index[:200_000]:
+        if str(fs_path).endswith(tail):
+            return msg + f"did you mean --root {store.url(str(fs_path)[: -len(tail)])!r}?"
+    common = os.path.commonpath([str(p) for p in paths[:10_000]]) if len(paths) > 1 else ""
+    if common:
+        msg += f"the feature paths all start with {common + '/'!r}; "
+    return msg + "set --root to the folder (or bucket prefix) the feature paths are relative to"
 
 
 def _protect_prefix(store: Store, prefix: str) -> str:

@@ -48,6 +48,7 @@ registered secret value (:func:`register_secrets`, which the CLI calls with the 
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import datetime as _dt
 import json
@@ -56,6 +57,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -348,22 +350,42 @@ class _Ticker:
         self._thread = threading.Thread(target=self._run, name=f"progress-{st.name}", daemon=True)
 
     def start(self) -> None:
+        _tickers.add(self)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        _tickers.discard(self)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with _lock:
-                innermost = bool(_active) and _active[-1] is self.st
-            if not innermost:
-                continue
-            if self.mode == "bar":
-                _draw_bar()
-            else:
-                log.info("%s", self.st.line(), extra={"event": "heartbeat", **self.st.fields()})
+        try:
+            while not self._stop.wait(self.interval):
+                with _lock:
+                    innermost = bool(_active) and _active[-1] is self.st
+                if not innermost:
+                    continue
+                if self.mode == "bar":
+                    _draw_bar()
+                else:
+                    log.info("%s", self.st.line(), extra={"event": "heartbeat", **self.st.fields()})
+        except BaseException:
+            # At interpreter exit a daemon thread can find logging or the stream half torn
+            # down: a heartbeat is not worth a traceback on the user's terminal then.
+            if self._stop.is_set() or sys.is_finalizing():
+                return
+            raise
+
+
+#: Tickers still running, stopped at exit (a stage left open in an abandoned generator).
+_tickers: weakref.WeakSet[_Ticker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_tickers() -> None:
+    for t in list(_tickers):
+        t._stop.set()
 
 
 _bar_shown = False

@@ -183,7 +183,10 @@ class Store:
         self._real_dirs: dict[str, str] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Store, (self.root, self.storage_options))
+        # A local root travels as its absolute real path: a worker (another process, maybe
+        # another working directory) must open the same folder, not './photos' of its own.
+        root = self.root_path if self.is_local else self.root
+        return (Store, (root, self.storage_options))
 
     def __repr__(self) -> str:  # never shows storage_options: they may hold credentials
         return f"Store({self.root!r})"
