@@ -136,7 +136,7 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="F",
         help="refuse the whole apply (exit 3) if it deletes more than this fraction "
-        "of the plan's paths",
+        "of the plan's paths (default 0.5; 1 allows any)",
     )
     g.add_argument(
         "--trash",
