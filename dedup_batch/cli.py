@@ -563,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .progress import scrub_message
 
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
         print(scrub_message(f"error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -574,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .storage import setup_error
 
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
         # No credentials, refused credentials, an unreachable endpoint: the user's to fix.
         setup = setup_error(exc)
         if setup is not None:
@@ -589,6 +589,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _print_traceback() -> None:
+    from .progress import scrub_message
+
+    print(scrub_message(traceback.format_exc()), end="", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:

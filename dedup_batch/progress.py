@@ -459,6 +459,13 @@ class _SecretFilter(logging.Filter):
             record.args = None
             for k, v in _extras(record).items():
                 setattr(record, k, _scrub_value(v))
+            # Text formatters print exc_text (formatted once, here) verbatim: scrub it too.
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = _scrub(record.exc_text)
+            if record.stack_info:
+                record.stack_info = _scrub(record.stack_info)
         return True
 
 
