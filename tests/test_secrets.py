@@ -471,7 +471,12 @@ def test_command_errors_name_the_option_never_its_value(tmp_path: Path) -> None:
     }
     outputs = []
     for name, (args, env, message) in cases.items():
-        r = _cli(*args, cwd=tmp_path, env=env)
+        # loopback only, even where an option is refused before any request
+        r = _cli(
+            *args,
+            cwd=tmp_path,
+            env={"AWS_ENDPOINT_URL": no_creds["AWS_ENDPOINT_URL"], **(env or {})},
+        )
         err = r.stderr.decode()
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert r.returncode == 2, (name, err[-2000:])
