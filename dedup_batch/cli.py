@@ -583,8 +583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A bug: say so in one line, traceback only with --debug.
         print(
             scrub_message(
-                f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (re-run with "
-                "--debug for the traceback)"
+                f"error: unexpected {type(exc).__name__}: {exc} (re-run with --debug for the "
+                "traceback)"
             ),
             file=sys.stderr,
         )
@@ -595,8 +595,3 @@ def _print_traceback() -> None:
     from .progress import scrub_message
 
     print(scrub_message(traceback.format_exc()), end="", file=sys.stderr)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
