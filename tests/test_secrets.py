@@ -128,6 +128,35 @@ def test_store_errors_and_log_lines_use_the_same_policy() -> None:
         progress._settings.secrets.clear()
 
 
+def test_tracebacks_in_text_logs_are_scrubbed() -> None:
+    import io
+    import logging
+
+    sse, pw = _secret(), _secret()
+    buf = io.StringIO()
+    try:
+        progress.configure_logging("text", stream=buf, progress="off")
+        progress.register_secrets(
+            {
+                "s3_additional_kwargs": {"SSECustomerKey": sse},
+                "endpoint_url": f"http://u:{pw}@127.0.0.1:9",
+            }
+        )
+        try:
+            raise OSError(f"refused key {sse} at http://u:{pw}@127.0.0.1:9")
+        except OSError:
+            logging.getLogger("dedup_batch.test").exception("storage failed")
+            logging.getLogger("dedup_batch.test").error("again", exc_info=True)
+    finally:
+        root = logging.getLogger("dedup_batch")
+        root.handlers[:] = []
+        root.propagate = True
+        progress._settings.secrets.clear()
+    out = buf.getvalue()
+    assert "Traceback" in out and "storage failed" in out
+    assert sse not in out and pw not in out
+
+
 def test_typed_options_are_non_secret() -> None:
     # A typed option's value is shown (job.yaml, summary.json): it must be on the allow-list.
     assert set(TYPED_OPTIONS) <= NON_SECRET_OPTIONS
@@ -369,7 +398,17 @@ def test_every_command_keeps_unusual_secrets_out_of_every_output(tmp_path: Path)
             cwd=tmp_path,
         ),
         _cli("report", str(plan_dir), *o, cwd=tmp_path),
-        _cli("apply", str(plan_dir), "--trash", str(trash), *o, *common, cwd=tmp_path),
+        _cli(
+            "apply",
+            str(plan_dir),
+            "--trash",
+            str(trash),
+            "--max-delete-fraction",
+            "1",
+            *o,
+            *common,
+            cwd=tmp_path,
+        ),
         _cli("--log-format", "json", "restore", str(plan_dir), *o, *common, cwd=tmp_path),
         _cli(
             "run",
@@ -494,11 +533,24 @@ def test_yaml_hostile_credentials_work_on_s3_and_are_never_written(
     from dedup_batch.demo import DEMO_EPS, make_demo
 
     info = make_demo(tmp_path / "demo", n_images=8, seed=5)
-    s3fs_client.mkdir("photos")
     photos = Path(info["root"])
-    for f in photos.rglob("*"):
-        if f.is_file():
-            s3fs_client.pipe(f"photos/lib/{f.relative_to(photos).as_posix()}", f.read_bytes())
+    s3fs_client.mkdir("photos")
+
+    def upload() -> set[str]:
+        names = set()
+        for f in photos.rglob("*"):
+            if f.is_file():
+                name = f.relative_to(photos).as_posix()
+                s3fs_client.pipe(f"photos/lib/{name}", f.read_bytes())
+                names.add(name)
+        s3fs_client.invalidate_cache()
+        return names
+
+    def listed() -> set[str]:
+        s3fs_client.invalidate_cache()
+        return {k[len("photos/lib/") :] for k in s3fs_client.find("photos/lib")}
+
+    images = upload()
     for f in sorted((tmp_path / "demo" / "features").glob("*.parquet")):
         s3fs_client.pipe(f"photos/features/{f.name}", f.read_bytes())
     # moto takes any key pair: these reach botocore only if they stay the strings given
@@ -510,31 +562,33 @@ def test_yaml_hostile_credentials_work_on_s3_and_are_never_written(
         *("-o", f"token={token}"),
         *("-o", "config_kwargs.retries.max_attempts=2"),
     ]
+    plan = ["plan", "--features", "s3://photos/features/*.parquet", "--root", "s3://photos/lib"]
+    plan += ["--eps", str(DEMO_EPS), "--n-workers", "1"]
+    apply = ["--n-workers", "1", "--max-delete-fraction", "1"]  # the demo is mostly copies
+
+    # 1. A local plan; then 'apply DIR' with no -o at all: the recorded endpoint_url is used
+    #    (AWS_ENDPOINT_URL points nowhere) and the credentials come from the environment.
+    local_plan = tmp_path / "local-plan"
+    nowhere = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}
+    runs = [_cli(*plan, "--out", str(local_plan), "--no-report", *o, cwd=tmp_path)]
+    runs.append(_cli("apply", str(local_plan), *apply, cwd=tmp_path, env=nowhere))
+    for r in runs:
+        assert r.returncode == 0, (r.args, r.stderr.decode()[-3000:])
+    assert len(listed()) == len(images) - info["duplicates"]
+    job = (local_plan / "job.yaml").read_text()
+    assert f"endpoint_url: {s3['endpoint_url']}" in job
+
+    # 2. Everything in the bucket: plan, report, apply.
+    upload()
     plan_url = "s3://photos/plans/p"
-    runs = [
-        _cli(
-            "plan",
-            "--features",
-            "s3://photos/features/*.parquet",
-            "--root",
-            "s3://photos/lib",
-            "--eps",
-            str(DEMO_EPS),
-            "--out",
-            plan_url,
-            "--n-workers",
-            "1",
-            *o,
-            cwd=tmp_path,
-        ),
+    runs += [
+        _cli(*plan, "--out", plan_url, *o, cwd=tmp_path),
         _cli("report", plan_url, *o, cwd=tmp_path),
-        _cli("apply", plan_url, "--n-workers", "1", *o, cwd=tmp_path),
+        _cli("apply", plan_url, *apply, *o, cwd=tmp_path),
     ]
     for r in runs:
         assert r.returncode == 0, (r.args, r.stderr.decode()[-3000:])
-    job = s3fs_client.cat("photos/plans/p/job.yaml").decode()
-    assert f"endpoint_url: {s3['endpoint_url']}" in job
-    s3fs_client.invalidate_cache()
+    assert len(listed()) == len(images) - info["duplicates"]
     written = {k: s3fs_client.cat(k) for k in s3fs_client.find("photos/plans")}
     assert {"job.yaml", "summary.json", "plan.parquet"} <= {k.rsplit("/", 1)[1] for k in written}
     outputs = [b for r in runs for b in (r.stdout, r.stderr)] + list(written.values())
