@@ -18,11 +18,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import yaml
-
 from . import __version__
-from .config import KEEP_POLICIES, METRICS, JobSpec, load_spec
-from .errors import ConfigError, DedupError
+from .config import KEEP_POLICIES, METRICS, JobSpec, load_spec, parse_storage_options
+from .errors import DedupError
 
 __all__ = ["main"]
 
@@ -398,9 +396,8 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         source = args.config
     spec = JobSpec.from_mapping(base, source=source)
     overrides = {k: getattr(args, k) for k in _SPEC_FLAGS if getattr(args, k, None) is not None}
-    options = dict(spec.storage_options)
-    options.update(_storage_options(getattr(args, "storage_option", None) or []))
-    overrides["storage_options"] = options
+    flags = getattr(args, "storage_option", None) or []
+    overrides["storage_options"] = parse_storage_options(flags, base=spec.storage_options)
     spec = spec.merged(overrides, source="flags") if overrides else spec
     from .progress import register_secrets
 
@@ -410,21 +407,6 @@ def _spec(args: argparse.Namespace) -> JobSpec:
 
         configure_logging(spec.log_format, logging.getLogger("dedup_batch").level)
     return spec
-
-
-def _storage_options(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option {item.split('=')[0]!r}: expected KEY=VALUE")
-        value = yaml.safe_load(raw) if raw else ""
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -664,19 +646,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DedupError as exc:
+        from .progress import scrub_message
+
         if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+            _print_traceback()
+        print(scrub_message(f"error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug: say so in one line, traceback only with --debug
+    except Exception as exc:
+        from .progress import scrub_message
+        from .storage import setup_error
+
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
+        # No credentials, refused credentials, an unreachable endpoint: the user's to fix.
+        setup = setup_error(exc)
+        if setup is not None:
+            print(scrub_message(f"error: {setup}"), file=sys.stderr)
+            return setup.exit_code
+        # A bug: say so in one line, traceback only with --debug.
         print(
-            f"error: unexpected {type(exc).__name__}: {exc} (re-run with --debug for the "
-            "traceback)",
+            scrub_message(
+                f"error: unexpected {type(exc).__name__}: {exc} (re-run with --debug for the "
+                "traceback)"
+            ),
             file=sys.stderr,
         )
         return 1
+
+
+def _print_traceback() -> None:
+    from .progress import scrub_message
+
+    print(scrub_message(traceback.format_exc()), end="", file=sys.stderr)

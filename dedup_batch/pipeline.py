@@ -358,6 +358,9 @@ def _write_summary(out: str, summary: dict[str, Any], so: dict[str, Any]) -> Non
 
 
 def _planned_spec(plan_dir: str, so: dict[str, Any]) -> JobSpec:
+    """The plan's job spec; ``so`` (the user's storage options) is checked against its root."""
+    from .config import check_option_names
+
     url = join_url(plan_dir, "job.yaml")
     try:
         data = yaml.safe_load(read_url(url, so))
@@ -365,7 +368,20 @@ def _planned_spec(plan_dir: str, so: dict[str, Any]) -> JobSpec:
         raise InputError(
             f"{plan_dir} is not a plan directory (no job.yaml): run 'dedup-batch plan' first"
         ) from None
-    return JobSpec.from_mapping(data, source=url)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        # safe_load refuses python tags (!!python/object...) as it should: never build objects
+        raise InputError(
+            f"{url} is not a job spec dedup-batch wrote (not plain YAML); re-run 'dedup-batch "
+            "plan' to write the plan directory again"
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{url} is not a job spec dedup-batch wrote (not a mapping of keys to values); "
+            "re-run 'dedup-batch plan' to write the plan directory again"
+        )
+    planned = JobSpec.from_mapping(data, source=url)
+    check_option_names(so, [planned.root] if planned.root else [], source="storage options")
+    return planned
 
 
 def _plan_store(plan_dir: str, spec: JobSpec) -> Store:
