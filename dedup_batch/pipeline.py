@@ -32,6 +32,7 @@ from .errors import ConfigError, InputError, StorageError
 from .load import load_features
 from .progress import StageTimer, log_dashboard, stage
 from .report import build_report
+from .secrets import merge_options, without_redacted
 from .select import select_keepers
 from .storage import Store, join_url, read_url, url_exists, write_url
 
@@ -387,8 +388,7 @@ def _planned_spec(plan_dir: str, so: dict[str, Any]) -> JobSpec:
 def _plan_store(plan_dir: str, spec: JobSpec) -> Store:
     """The plan's root, opened with its non-secret options overlaid by ``spec``'s."""
     planned = _planned_spec(plan_dir, spec.storage_options)
-    options = {k: v for k, v in planned.storage_options.items() if v != "***"}
-    options.update(spec.storage_options)
+    options = merge_options(without_redacted(planned.storage_options), spec.storage_options)
     return Store(planned.root, options)  # type: ignore[arg-type]
 
 

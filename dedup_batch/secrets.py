@@ -27,10 +27,12 @@ __all__ = [
     "SECRET_ENV",
     "URL_OPTIONS",
     "env_secret_values",
+    "merge_options",
     "redact",
     "scrub",
     "secret_values",
     "strip_userinfo",
+    "without_redacted",
 ]
 
 #: What a hidden value is written as.
@@ -135,6 +137,27 @@ def _redact(options: Mapping[str, Any], prefix: str) -> dict[str, Any]:
             out[k] = strip_userinfo(v) if name in URL_OPTIONS and isinstance(v, str) else v
         else:
             out[k] = REDACTED
+    return out
+
+
+def without_redacted(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` (as read back from a redacted ``job.yaml``) without the ``***`` values, at
+    every depth: those credentials come again from the user or the environment."""
+    return {
+        k: (without_redacted(v) if isinstance(v, Mapping) else v)
+        for k, v in (options or {}).items()
+        if v != REDACTED
+    }
+
+
+def merge_options(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``, nested mappings merged key by key (``over`` wins)."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge_options(out[k], v)
+        else:
+            out[k] = v
     return out
 
 
