@@ -664,29 +664,25 @@ def test_malformed_shard_names_the_file(root, case):
         load_features(url, store=root)
 
 
-@pytest.mark.slow
-def test_malformed_shards_exit_2_with_one_line_from_the_cli(tmp_path):
-    import subprocess
-    import sys
+def test_malformed_shards_exit_2_with_one_line_from_the_cli(tmp_path, dask_client, capsys):
+    # The real CLI, in this process, on the session's cluster (a LocalCluster per case would
+    # cost seconds each).
+    from dedup_batch.cli import main
 
     (tmp_path / "photos").mkdir()
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for case, (name, make, _) in MALFORMED.items():
         shard = tmp_path / case / name
         shard.parent.mkdir()
         shard.write_bytes(make())
-        proc = subprocess.run(
+        code = main(
             [
-                *(sys.executable, "-m", "dedup_batch", "plan", "--features", str(shard)),
-                *("--root", str(tmp_path / "photos"), "--eps", "0.5"),
-                *("--out", str(tmp_path / "plan"), "--n-workers", "1"),
-            ],
-            env={**os.environ, "PYTHONPATH": repo},
-            capture_output=True,
-            text=True,
-            timeout=120,
+                *("plan", "--features", str(shard), "--root", str(tmp_path / "photos")),
+                *("--eps", "0.5", "--out", str(tmp_path / "plan")),
+                *("--scheduler", dask_client.scheduler.address),
+            ]
         )
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2, (case, proc.stderr[-2000:])
-        assert len(errors) == 1 and str(shard) in errors[0], (case, proc.stderr[-2000:])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2, (case, err[-2000:])
+        assert len(errors) == 1 and str(shard) in errors[0], (case, err[-2000:])
         assert "unexpected" not in errors[0]
