@@ -509,13 +509,15 @@ def _run_and_record(
             worked = worked or not down
             if down and not worked:
                 return _Stopped(run, recs[0].message)
-    except DedupError as exc:
-        # A batch could not even journal itself (the plan directory is unreachable): its
-        # objects may be done, so exit 2's "nothing was deleted" would not be true.
+    except Exception as exc:
+        # A batch could not even journal itself (the plan directory is unreachable), or the
+        # cluster lost it: its objects may be done, so exit 2's "nothing was deleted" would
+        # not be true.
+        detail = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
         raise IncompleteError(
-            f"{what} stopped: {exc}; objects of the batches in flight may already be done: "
+            f"{what} stopped: {detail}; objects of the batches in flight may already be done: "
             "re-run the same command to resume"
-        ) from None
+        ) from exc
     return _Stopped(run, None)
 
 
