@@ -6,7 +6,8 @@ A plan is only as good as its ``eps``. Two signs that it is too large, each chea
   everything in one cluster: keep 1, delete the rest);
 * **eps lies beyond the knee of the k-distance curve**: sorted ascending, the distance from
   each image to its nearest other image stays on a low floor for near-duplicates, then rises
-  where distinct images begin. An eps past that rise links distinct images.
+  where distinct images begin (the largest clear gap, see :func:`knee`). An eps past that rise
+  links distinct images.
 
 Both give warnings (logged, in ``summary.json`` ``warnings``, and as a banner in the report);
 they never stop a plan. ``apply`` refuses by default to delete more than half of a plan
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 #: least ``MIN_IMAGES``): copies of one image rarely make a fifth of a real collection.
 LARGEST_CLUSTER_SHARE = 0.2
 MIN_IMAGES = 20
+#: A rise counts as the knee when its gap is at least this many times the mean gap.
+GAP_FACTOR = 10.0
 #: Images whose nearest-neighbour distance is computed for the knee: a random sample, so the
 #: check costs about ``KNEE_SAMPLE * n * d`` multiply-adds at most ...
 KNEE_SAMPLE = 1000
@@ -35,26 +38,29 @@ KNEE_MAX_WORK = 2e10
 
 
 def knee(kd: np.ndarray) -> float | None:
-    """The distance where an ascending k-distance curve leaves its floor, or None.
+    """Where an ascending k-distance curve rises from the near-duplicates to the distinct
+    images, or None when it has no clear rise.
 
-    Kneedle on the normalised curve: the point farthest below the chord from the first to the
-    last value is where the floor ends; the knee is the first distance *after* it, i.e. the
-    smallest distance of the images that are not on the floor. ``None`` for a flat curve or
-    fewer than 10 points.
+    Near-duplicates sit on a low floor (itself often in steps: byte-identical copies at 0,
+    re-encoded ones a little above), distinct images higher up. The rise is the largest gap
+    between consecutive distances, outside the top 1% (outliers with no near neighbour at all
+    leave large gaps between themselves), counted only when it is at least
+    ``GAP_FACTOR`` times the mean gap; the knee is the first distance after it, i.e. the
+    smallest distance at which distinct images begin. ``None`` for a curve without such a gap
+    (smooth data gives no safe place to warn from) or with fewer than 10 points.
     """
     kd = np.sort(np.asarray(kd, dtype=np.float64))
     if len(kd) < 10 or kd[-1] <= kd[0]:
         return None
-    # The top 1% are outliers (images with no near neighbour at all): they would pull the
-    # chord up and move the knee to the far right.
     top = max(2, int(np.ceil(len(kd) * 0.99)))
-    y = kd[:top]
-    if y[-1] <= y[0]:
+    gaps = np.diff(kd[:top])
+    if not len(gaps) or gaps.max() <= 0:
         return None
-    x = np.linspace(0.0, 1.0, len(y))
-    yn = (y - y[0]) / (y[-1] - y[0])
-    i = int(np.argmax(x - yn))
-    return float(y[min(i + 1, len(y) - 1)])
+    i = int(np.argmax(gaps))
+    typical = float(kd[top - 1] - kd[0]) / len(gaps)  # the mean gap
+    if gaps[i] < GAP_FACTOR * typical:
+        return None
+    return float(kd[i + 1])
 
 
 def plan_warnings(

@@ -87,6 +87,12 @@ def test_a_good_eps_gives_no_warning(collection):
     [
         (np.r_[np.full(30, 0.01), np.linspace(0.9, 1.1, 70)], (0.89, 0.91)),  # floor, then images
         (np.r_[np.zeros(10), np.linspace(0.5, 0.6, 90)], (0.49, 0.51)),
+        # a floor in steps (identical copies, re-encoded copies), then distinct images
+        (
+            np.r_[np.zeros(20), np.linspace(0.05, 0.4, 40), np.linspace(0.66, 1.2, 120)],
+            (0.65, 0.67),
+        ),
+        (np.linspace(0.1, 1.0, 500), None),  # smooth: no clear rise, no warning
         (np.full(50, 0.3), None),  # flat: no knee
         (np.arange(5.0), None),  # too few points
     ],
