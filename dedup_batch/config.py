@@ -18,19 +18,13 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .select import DEFAULT_POLICY, POLICIES, parse_policy
 from .storage import redact
 
 __all__ = ["KEEP_POLICIES", "METRICS", "MODES", "JobSpec", "load_spec"]
 
-KEEP_POLICIES = (
-    "first-path",
-    "last-path",
-    "largest-size",
-    "smallest-size",
-    "newest",
-    "oldest",
-    "centroid",
-)
+#: The named keep policies (owned by :mod:`dedup_batch.select`); ``keep`` may also be a key list.
+KEEP_POLICIES = tuple(POLICIES)
 METRICS = ("euclidean", "cosine")
 MODES = ("plan", "apply")
 LOG_FORMATS = ("text", "json")
@@ -54,7 +48,7 @@ class JobSpec:
     min_samples: int = 1
     metric: str = "euclidean"
     # select
-    keep: str = "first-path"
+    keep: str = DEFAULT_POLICY
     protect: list[str] = field(default_factory=list)
     max_keeper_distance: float | str | None = "eps"
     # output
@@ -128,8 +122,13 @@ class JobSpec:
         self.min_samples = _integer(self.min_samples, "min_samples", bad, minimum=1)
         if self.metric not in METRICS:
             raise bad("metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if self.keep not in KEEP_POLICIES:
-            raise bad("keep", f"must be one of {', '.join(KEEP_POLICIES)}, got {self.keep!r}")
+        if not isinstance(self.keep, str):
+            raise bad("keep", f"must be a policy name or a list of keys, got {self.keep!r}")
+        try:
+            parse_policy(self.keep)
+        except ConfigError as exc:
+            raise bad("keep", str(exc)) from None
+        self.keep = self.keep.strip()
         mkd = self.max_keeper_distance
         if isinstance(mkd, str) and mkd.lower() in ("none", "null", "off"):
             self.max_keeper_distance = None
