@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import KEEP_POLICIES, METRICS, JobSpec, load_spec
+from .config import METRICS, JobSpec, load_spec
 from .errors import ConfigError, DedupError
+from .select import POLICIES
 
 __all__ = ["main"]
 
@@ -89,16 +90,27 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metric", choices=METRICS, help="distance metric (default euclidean)")
     g.add_argument(
         "--keep",
-        choices=KEEP_POLICIES,
-        help="which image of a cluster to keep (default first-path: the smallest "
-        "path; last-path is the notebook's choice)",
+        metavar="POLICY",
+        help="which image of a cluster to keep: a policy, or comma-separated sort keys where "
+        "the first image of the sorted cluster is kept; KEY sorts ascending, -KEY descending. "
+        "Keys: pixels (fewest first; -pixels: most first; width x height from the image "
+        "header), copy (names without a copy marker such as ' (1)', ' copy', 'Copy of ', "
+        "'-edited' first; -copy: marked first), mtime (oldest first; -mtime: newest first), "
+        "size (smallest first; -size: largest first), path (first in code-point order; -path: "
+        "last; ends every list), centroid (nearest the cluster's mean vector; first key only). "
+        "Unknown values sort last. Policies: "
+        + "; ".join(f"{name} = {keys}" for name, keys in POLICIES.items())
+        + " (default original)",
     )
     g.add_argument(
         "--protect",
         action="append",
-        metavar="PREFIX",
-        help="never delete objects under PREFIX (relative to root); they are "
-        "preferred as keepers (repeatable)",
+        metavar="PATTERN",
+        help="never delete the images PATTERN matches (repeatable); they are kept before any "
+        "other. Relative to --root (or an absolute path/URL under it), case-sensitive. Always "
+        "a string prefix ('family' protects family/ and family-2/); with * ? or [ also a "
+        "glob in which * crosses '/' ('family/*' protects family/ at any depth, '*.png' every "
+        "PNG). A pattern that matches nothing is a warning in the plan and the report",
     )
     g.add_argument(
         "--max-keeper-distance",
