@@ -110,7 +110,8 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
         "other. Relative to --root (or an absolute path/URL under it), case-sensitive. Always "
         "a string prefix ('family' protects family/ and family-2/); with * ? or [ also a "
         "glob in which * crosses '/' ('family/*' protects family/ at any depth, '*.png' every "
-        "PNG). A pattern that matches nothing is a warning in the plan and the report",
+        "PNG; [abc] is a character class and literal brackets alike). A pattern that matches "
+        "nothing is a warning in the plan and the report",
     )
     g.add_argument(
         "--max-keeper-distance",

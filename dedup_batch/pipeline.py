@@ -302,13 +302,16 @@ def _protect_match(store: Store, pattern: str, full: list[str]) -> np.ndarray:
     # Relative to root or an absolute path/URL under it. Always a string prefix (S3 semantics:
     # "albums/2019" protects "albums/2019/x.jpg" and "albums/2019-b/y.jpg"). With * ? or [ it is
     # also an fnmatch pattern on the path relative to root, where * crosses "/" ("family/*"
-    # protects family/ at any depth) and case matters. Both, because a folder may be called
-    # "scans [old]" and protecting more is the safe side.
+    # protects family/ at any depth) and case matters; [...] is a character class and, as well,
+    # literal brackets. All of these, because a folder may be called "scans [old]" and
+    # protecting more is the safe side.
     prefix = _protect_prefix(store, pattern)
     hit = np.fromiter((f.startswith(prefix) for f in full), dtype=bool, count=len(full))
     if any(c in pattern for c in "*?["):
         root = store.root_path.rstrip("/") + "/"
-        rx = re.compile(fnmatch.translate(prefix[len(root) :]))
+        rel = prefix[len(root) :]
+        globs = [rel, rel.replace("[", "[[]")] if "[" in rel else [rel]
+        rx = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
         hit |= np.fromiter(
             (rx.match(f[len(root) :]) is not None for f in full), dtype=bool, count=len(full)
         )
@@ -316,7 +319,7 @@ def _protect_match(store: Store, pattern: str, full: list[str]) -> np.ndarray:
 
 
 def _protect_prefix(store: Store, prefix: str) -> str:
-    if prefix in (".", "./", ""):
+    if prefix in (".", "./", "") or prefix.rstrip("/") in (store.root_path, store.root.rstrip("/")):
         return store.root_path.rstrip("/") + "/"
     return store.resolve(prefix)
 

@@ -534,3 +534,66 @@ def test_invariants_on_random_plans(points: list, eps: float, policy: str, guard
     dup = plan[~plan["keep"]]
     assert (keepers.loc[dup["keeper"]].to_numpy() == dup["cluster"].to_numpy()).all()
     assert sorted(plan["path"]) == sorted(paths)
+
+
+# -- --protect: prefixes and globs -------------------------------------------------------------
+PROTECT_PATHS = [
+    "family/a.jpg",
+    "family/2019/b.jpg",
+    "family-2/c.jpg",
+    "scans [old]/d.jpg",
+    "scans o/e.jpg",
+    "x.png",
+    "deep/er/f.PNG",
+    "Family.jpg",
+]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        # no glob characters: a string prefix of the path relative to root (S3 semantics)
+        ("family", {"family/a.jpg", "family/2019/b.jpg", "family-2/c.jpg"}),
+        ("family/", {"family/a.jpg", "family/2019/b.jpg"}),
+        ("family/2019/b.jpg", {"family/2019/b.jpg"}),
+        (".", set(PROTECT_PATHS)),
+        # globs: * crosses '/', case matters
+        ("family/*", {"family/a.jpg", "family/2019/b.jpg"}),
+        ("*.png", {"x.png"}),
+        ("*.[pP][nN][gG]", {"x.png", "deep/er/f.PNG"}),
+        ("*/b.jpg", {"family/2019/b.jpg"}),
+        ("family/?.jpg", {"family/a.jpg"}),
+        ("**/f.PNG", {"deep/er/f.PNG"}),
+        # a folder whose name holds glob characters: literal prefix and glob both protect
+        ("scans [old]/", {"scans [old]/d.jpg"}),
+        ("scans [old]/*", {"scans [old]/d.jpg", "scans o/e.jpg"}),
+    ],
+)
+def test_protect_prefixes_and_globs(tmp_path, pattern: str, expected: set) -> None:
+    from dedup_batch.pipeline import _protected
+    from dedup_batch.storage import Store
+
+    store = Store(str(tmp_path / "root [1]"))  # glob characters in the root change nothing
+    full = [store.resolve(p) for p in PROTECT_PATHS]
+    mask, warnings = _protected(store, full, [pattern])
+    assert {p for p, m in zip(PROTECT_PATHS, mask, strict=True) if m} == expected
+    assert warnings == []
+    # an absolute path or URL under the root is the same pattern
+    absolute, _ = _protected(store, full, [f"{store.root_path}/{pattern.lstrip('.')}"])
+    assert (absolute == mask).all()
+
+
+def test_protect_patterns_that_match_nothing_are_warnings(tmp_path) -> None:
+    from dedup_batch.errors import ScopeError
+    from dedup_batch.pipeline import _protected
+    from dedup_batch.storage import Store
+
+    store = Store(f"memory://{tmp_path.name}/lib")
+    full = [store.resolve(p) for p in PROTECT_PATHS]
+    mask, warnings = _protected(store, full, ["family/", "FAMILY/*", "nope"])
+    assert mask.sum() == 2
+    assert len(warnings) == 2
+    assert warnings[0].startswith("--protect 'FAMILY/*' matches none of the 8 feature paths")
+    assert warnings[1].startswith("--protect 'nope' matches none")
+    with pytest.raises(ScopeError, match=r"contains '\.\.'"):
+        _protected(store, full, ["../elsewhere/*"])
