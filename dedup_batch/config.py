@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .select import DEFAULT_POLICY, POLICIES, parse_policy
+from .select import DEFAULT_POLICY, POLICIES, POLICY_CHOICES, policy_problem
 from .storage import redact
 
 __all__ = ["KEEP_POLICIES", "METRICS", "MODES", "JobSpec", "load_spec"]
@@ -122,12 +122,9 @@ class JobSpec:
         self.min_samples = _integer(self.min_samples, "min_samples", bad, minimum=1)
         if self.metric not in METRICS:
             raise bad("metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if not isinstance(self.keep, str):
-            raise bad("keep", f"must be a policy name or a list of keys, got {self.keep!r}")
-        try:
-            parse_policy(self.keep)
-        except ConfigError as exc:
-            raise bad("keep", str(exc)) from None
+        problem = policy_problem(self.keep)
+        if problem:
+            raise bad("keep", f"must be {POLICY_CHOICES}; got {self.keep!r} ({problem})")
         self.keep = self.keep.strip()
         mkd = self.max_keeper_distance
         if isinstance(mkd, str) and mkd.lower() in ("none", "null", "off"):

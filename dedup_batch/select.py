@@ -36,6 +36,7 @@ __all__ = [
     "KeepPolicy",
     "copy_marker",
     "parse_policy",
+    "policy_problem",
     "select_keepers",
 ]
 
@@ -151,6 +152,13 @@ class KeepPolicy:
         return ", then ".join(words)
 
 
+#: What ``--keep`` accepts, for error messages.
+POLICY_CHOICES = (
+    f"one of {', '.join(POLICIES)}, or a comma-separated list of sort keys "
+    f"({', '.join(KEYS)}; -KEY sorts descending)"
+)
+
+
 def parse_policy(text: str) -> KeepPolicy:
     """Parse ``--keep``: a named policy (:data:`POLICIES`) or a comma-separated key list.
 
@@ -163,31 +171,41 @@ def parse_policy(text: str) -> KeepPolicy:
     ConfigError
         An unknown name or key, a key given twice, ``centroid`` anywhere but first.
     """
-    if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"keep policy must be a name or a list of keys, got {text!r}")
+    policy, problem = _parse_policy(text)
+    if policy is None:
+        raise ConfigError(f"keep policy {text!r}: {problem}; use {POLICY_CHOICES}")
+    return policy
+
+
+def policy_problem(text: str) -> str | None:
+    """What is wrong with ``text`` as a keep policy (one short phrase), or None if it parses."""
+    return _parse_policy(text)[1] or None
+
+
+def _parse_policy(text: str) -> tuple[KeepPolicy | None, str]:
+    if not isinstance(text, str):
+        return None, "not text"
+    if not text.strip():
+        return None, "empty"
     text = text.strip()
-    spec = POLICIES.get(text, text)
     keys: list[tuple[str, bool]] = []
-    for i, raw in enumerate(spec.split(",")):
+    for i, raw in enumerate(POLICIES.get(text, text).split(",")):
         tok = raw.strip()
         desc = tok.startswith("-")
         name = tok[1:].strip() if tok[:1] in "+-" and tok else tok
         if name == CENTROID and i == 0 and not desc:
             keys.append((CENTROID, False))
             continue
+        if name == CENTROID:
+            return None, "centroid can only be the first key, without a sign"
         if name not in KEYS:
-            where = " (only first, without a sign)" if name == CENTROID else ""
-            raise ConfigError(
-                f"unknown keep policy or key {tok!r}{where} in {text!r}: use a policy "
-                f"({', '.join(POLICIES)}) or a comma-separated list of keys "
-                f"({', '.join(KEYS)}), each ascending, or descending with '-'"
-            )
+            return None, f"unknown policy or key {tok!r}"
         if any(k == name for k, _ in keys):
-            raise ConfigError(f"keep key {name!r} is given twice in {text!r}")
+            return None, f"key {name!r} is given twice"
         keys.append((name, desc))
     if not any(k == "path" for k, _ in keys):
         keys.append(("path", False))
-    return KeepPolicy(text, tuple(keys))
+    return KeepPolicy(text, tuple(keys)), ""
 
 
 def select_keepers(

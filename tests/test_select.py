@@ -152,7 +152,7 @@ def test_policy_needing_sizes_without_sizes_is_a_clear_error() -> None:
         select_keepers(PATHS, X, LABELS, None, policy="largest-size")
     with pytest.raises(ConfigError, match="-mtime,path needs the object mtime"):
         select_keepers(PATHS, X, LABELS, None, policy="-mtime,path")
-    with pytest.raises(ConfigError, match="unknown keep policy"):
+    with pytest.raises(ConfigError, match="keep policy 'biggest': unknown policy or key"):
         select_keepers(PATHS, X, LABELS, OBJECTS, policy="biggest")
     # the default needs nothing: unknown pixels, sizes and times fall back to the next key
     plan = select_keepers(PATHS, X, LABELS, None)
@@ -228,12 +228,12 @@ def test_sign_convention_first_of_the_sorted_cluster_is_kept() -> None:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("biggest", "unknown keep policy or key 'biggest'"),
-        ("-pixels,,path", "unknown keep policy or key ''"),
+        ("biggest", "unknown policy or key 'biggest'"),
+        ("-pixels,,path", "unknown policy or key ''"),
         ("size,-size", "'size' is given twice"),
-        ("path,centroid", "only first, without a sign"),
-        ("-centroid", "only first, without a sign"),
-        ("", "must be a name or a list of keys"),
+        ("path,centroid", "centroid can only be the first key, without a sign"),
+        ("-centroid", "centroid can only be the first key"),
+        ("", "keep policy '': empty; use one of original, first-path"),
     ],
 )
 def test_bad_key_lists_are_refused(text: str, match: str) -> None:
@@ -244,9 +244,10 @@ def test_bad_key_lists_are_refused(text: str, match: str) -> None:
 def test_job_spec_validates_keep_against_the_select_module() -> None:
     assert JobSpec().keep == "original"
     assert JobSpec.from_mapping({"keep": " -pixels,mtime "}).keep == "-pixels,mtime"
-    with pytest.raises(ConfigError, match=r"job\.yaml: 'keep' unknown keep policy or key 'big'"):
+    must = r"job\.yaml: 'keep' must be one of original, .* got 'big' \(unknown policy or key"
+    with pytest.raises(ConfigError, match=must):
         JobSpec.from_mapping({"keep": "big"}, source="job.yaml")
-    with pytest.raises(ConfigError, match="'keep' must be a policy name or a list of keys"):
+    with pytest.raises(ConfigError, match=r"'keep' must be one of .* got \['size'\] \(not text\)"):
         JobSpec.from_mapping({"keep": ["size"]})
 
 
