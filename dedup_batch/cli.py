@@ -22,7 +22,7 @@ import yaml
 from . import __version__
 from .config import METRICS, JobSpec, load_spec
 from .errors import ConfigError, DedupError
-from .select import POLICIES
+from .select import KEYS, POLICIES
 
 __all__ = ["main"]
 
@@ -577,13 +577,28 @@ def _print_apply(result: Any) -> int:
     return 0
 
 
+def _keep_values_attached(argv: Sequence[str]) -> list[str]:
+    """``--keep -pixels,path`` as ``--keep=-pixels,path``.
+
+    argparse reads a value that starts with '-' as the next option and stops with "expected
+    one argument"; a descending first key is the common case (the default starts with one).
+    """
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--keep" and arg[:1] == "-" and arg[1:].split(",")[0] in KEYS:
+            out[-1] = f"--keep={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 # -- entry point ---------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     from .progress import configure_logging
 
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_keep_values_attached(sys.argv[1:] if argv is None else argv))
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     configure_logging(args.log_format or "text", level)
     # distributed's own INFO chatter (worker start/stop) drowns the job's lines

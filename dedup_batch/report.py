@@ -41,6 +41,7 @@ import yaml
 from . import storage
 from .errors import ConfigError, InputError, ScopeError, StorageError
 from .progress import Stage, stage, track
+from .select import parse_policy
 
 __all__ = [
     "ReportResult",
@@ -738,6 +739,16 @@ def _missing(v: Any) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
+def _policy_words(keep: Any) -> str | None:
+    """``original (most pixels, then ...)``: the keep policy and what it prefers, in words."""
+    if not keep:
+        return None
+    try:
+        return f"{keep} ({parse_policy(str(keep)).describe()})"
+    except ConfigError:  # a plan from a version with other policies: show it as written
+        return str(keep)
+
+
 def _warnings_html(summary: Mapping[str, Any]) -> str:
     """The plan's warnings (``summary.json`` ``warnings``) as a banner above everything else."""
     items = []
@@ -810,7 +821,7 @@ def _overview_html(
         ("eps", settings.get("eps")),
         ("metric", settings.get("metric")),
         ("min_samples", settings.get("min_samples")),
-        ("keep policy", settings.get("keep")),
+        ("keep policy", _policy_words(settings.get("keep"))),
         ("max keeper distance", settings.get("max_keeper_distance")),
         ("generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     ]

@@ -18,6 +18,7 @@ its own keeper.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "COPY_MARKERS",
@@ -259,6 +262,7 @@ def select_keepers(
     keys is one global ``lexsort``: O(n log n).
     """
     pol = policy if isinstance(policy, KeepPolicy) else parse_policy(policy)
+    log.info("keep policy %s: %s", pol.text, pol.describe())
     paths = np.asarray(paths, dtype=object)
     labels = np.asarray(labels)
     n = len(paths)

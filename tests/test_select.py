@@ -598,3 +598,17 @@ def test_protect_patterns_that_match_nothing_are_warnings(tmp_path) -> None:
     assert warnings[1].startswith("--protect 'nope' matches none")
     with pytest.raises(ScopeError, match=r"contains '\.\.'"):
         _protected(store, full, ["../elsewhere/*"])
+
+
+def test_the_cli_takes_key_lists_and_refuses_bad_ones_before_any_work(capsys) -> None:
+    from dedup_batch.cli import _keep_values_attached, _parser, _spec, main
+
+    argv = ["plan", "--keep", "-pixels,mtime", "--protect", "family/*"]
+    spec = _spec(_parser().parse_args(_keep_values_attached(argv)))
+    assert spec.keep == "-pixels,mtime" and spec.protect == ["family/*"]
+    assert _keep_values_attached(["--keep", "-o", "x"]) == ["--keep", "-o", "x"]  # not a key
+    flags = ["--features", "nowhere/*.parquet", "--root", "nowhere", "--eps", "1"]
+    assert main(["plan", *flags, "--keep", "-pixels,bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "'keep' must be one of original, first-path" in err
+    assert "(unknown policy or key 'bogus')" in err
