@@ -63,8 +63,16 @@ import numpy as np
 import pandas as pd
 
 from . import progress
-from .errors import ConfigError, InputError, SafetyError, ScopeError
-from .storage import Store, etags_equal, md5_of_etag
+from .errors import (
+    ConfigError,
+    DedupError,
+    IncompleteError,
+    InputError,
+    SafetyError,
+    ScopeError,
+    StorageError,
+)
+from .storage import ObjectStat, Store, md5_of_etag, trash_key
 
 if TYPE_CHECKING:
     import distributed
@@ -90,7 +98,9 @@ DELETED = "deleted"
 TRASHED = "trashed"
 ALREADY_ABSENT = "already_absent"
 SKIPPED_KEEPER_MISSING = "skipped_keeper_missing"
+SKIPPED_KEEPER_CHANGED = "skipped_keeper_changed"
 SKIPPED_CHANGED = "skipped_changed"
+SKIPPED_UNOBSERVED = "skipped_unobserved"
 FAILED = "failed"
 WOULD_DELETE = "would_delete"
 RESTORED = "restored"
@@ -111,8 +121,6 @@ MAX_DEFAULT_CONCURRENCY = 64
 #: lie between them in key order; a listed entry costs about 1/20 of a HEAD request, so this
 #: keeps a listing never dearer than the HEADs it replaces.
 LIST_GAP = 16
-#: mtime values closer than this (seconds) are equal (float round trips through Parquet).
-MTIME_TOLERANCE_S = 1e-6
 #: Non-done outcomes shown in ``ApplyResult.to_dict()`` (the full list is in the CSV report).
 MAX_EXAMPLES = 20
 
@@ -120,7 +128,7 @@ _REPORT_COLUMNS = ["path", "status", "error_code", "message"]
 
 
 class _Item(NamedTuple):
-    """One path of the delete set, with what the plan knew about it."""
+    """One path of the delete set, with what the plan saw of it and of its keeper."""
 
     path: str
     fs: str
@@ -130,6 +138,28 @@ class _Item(NamedTuple):
     size: int | None
     mtime: float | None
     etag: str | None
+    #: the keeper as the plan saw it: it must be unchanged before this path is deleted
+    keeper_seen: ObjectStat | None = None
+
+    @property
+    def seen(self) -> ObjectStat:
+        """This object as the plan saw it (kind None: a file or a link, as it was listed)."""
+        return ObjectStat(
+            self.size, math.nan if self.mtime is None else self.mtime, self.etag, None
+        )
+
+
+class _Record(NamedTuple):
+    """One journal/report record of a path."""
+
+    path: str
+    status: str
+    code: str = ""
+    message: str = ""
+    #: bytes deleted, trashed or restored
+    bytes: int = 0
+    #: ``"md5:<hex>"`` of the bytes moved to the trash (what restore must put back)
+    checksum: str = ""
 
 
 class _Batch(NamedTuple):
@@ -138,11 +168,9 @@ class _Batch(NamedTuple):
     #: paths to read together (see Store.stat_many): keys close in order, keepers included.
     groups: tuple[tuple[str, ...], ...]
     #: records of paths of this batch finished by an earlier run (kept in its journal file).
-    prior: tuple[tuple[str, str, str, str, int], ...] = ()
-
-
-#: One journal/report record: path, status, error code, message, bytes freed.
-_Record = tuple[str, str, str, str, int]
+    prior: tuple[_Record, ...] = ()
+    #: restore: the apply's ``trashed`` records of the batch's paths (size and checksum taken)
+    took: tuple[_Record, ...] = ()
 
 
 @dataclass
@@ -308,11 +336,11 @@ def apply_plan(
         raise ConfigError(f"batch_size must be between 1 and 1000, got {batch_size}")
     plan_store = _plan_store(plan_dir, store, plan_storage_options)
     plan = _read_plan(plan_store, plan_dir)
-    items, all_fs = _delete_set(plan, store)
-    _check_limits(len(items), len(plan), max_delete, max_delete_fraction)
+    items, all_fs, unseen = _delete_set(plan, store)
+    _check_limits(len(items) + len(unseen), len(plan), max_delete, max_delete_fraction)
     trash_store = _trash_store(trash, store)
     digest = _plan_digest(items)
-    manifest = _read_manifest(plan_store, digest, trash_store, plan_dir)
+    manifest = _read_manifest(plan_store, digest, trash_store, plan_dir, store=store)
     if manifest is not None and int(manifest["batch_size"]) != int(batch_size):
         log.info(
             "apply: resuming with the journal's batch size %s (asked for %s)",
@@ -332,6 +360,7 @@ def apply_plan(
         batches_total=len(batches),
     )
     todo, records = _split_done(batches, journal, DONE_APPLY)
+    records.update((r.path, r) for r in unseen)
     result.batches_skipped = len(batches) - len(todo)
     log.info(
         "apply%s: %d object(s) to %s in %d batch(es), %d batch(es) already finished (guard: %s)",
@@ -346,24 +375,24 @@ def apply_plan(
         _mark_would(todo, records, DONE_APPLY, WOULD_DELETE)
         return _finish(result, records, None, t0)
     if items and manifest is None:
-        _write_json(
-            plan_store,
-            MANIFEST_FILE,
-            {
-                "version": JOURNAL_VERSION,
-                "plan_digest": digest,
-                "batch_size": int(batch_size),
-                "trash": trash_store.root if trash_store is not None else None,
-                "root": store._scrub(store.root),
-            },
-        )
-    task_args = (store, plan_store, trash_store, digest)
-    for batch, recs in _run_batches(todo, _apply_batch, task_args, client, concurrency, "apply"):
-        result.batches_run += 1
-        for r in recs:
-            records[r[0]] = r
-        del batch
+        manifest = {
+            "version": JOURNAL_VERSION,
+            "plan_digest": digest,
+            "batch_size": int(batch_size),
+            "trash": trash_store.root if trash_store is not None else None,
+            # Trashed objects go under a folder of their own per plan, never over another
+            # plan's (or another run's) copies.
+            "trash_scope": _new_trash_scope() if trash_store is not None else None,
+            "root": _root_id(store),
+        }
+        _write_json(plan_store, MANIFEST_FILE, manifest)
+    scope = (manifest or {}).get("trash_scope")
+    task_args = (store, plan_store, trash_store, digest, scope)
+    stopped = _run_and_record(todo, _apply_batch, task_args, client, concurrency, "apply", records)
+    result.batches_run = stopped.batches_run
     report = _write_report(plan_store, COMPLETION_REPORT, records)
+    if stopped.error is not None:
+        _stop(stopped.error, records, DONE_APPLY - {ALREADY_ABSENT}, report)
     return _finish(result, records, report, t0)
 
 
@@ -392,11 +421,13 @@ def restore(
     t0 = time.perf_counter()
     plan_store = _plan_store(plan_dir, store, plan_storage_options)
     plan = _read_plan(plan_store, plan_dir)
-    items, _ = _delete_set(plan, store)
+    items, _, _ = _delete_set(plan, store)
     trash_store = _trash_store(trash, store)
     assert trash_store is not None
     digest = _plan_digest(items)
-    manifest = _read_manifest(plan_store, digest, trash_store, plan_dir, check_trash=False)
+    manifest = _read_manifest(
+        plan_store, digest, trash_store, plan_dir, store=store, check_trash=False
+    )
     if manifest is None:
         raise InputError(f"no apply journal in {plan_dir!r}: nothing was moved to the trash")
     if manifest.get("trash") != trash_store.root:
@@ -406,9 +437,11 @@ def restore(
         )
     batches = _make_batches(items, int(manifest["batch_size"]), None)
     applied = _load_journal(plan_store, "batch-", digest)
-    trashed = {r[0] for recs in applied.values() for r in recs if r[1] == TRASHED}
+    trashed = {r.path: r for recs in applied.values() for r in recs if r.status == TRASHED}
     batches = [
-        _Batch(b.id, kept, tuple((it.fs,) for it in kept))
+        _Batch(
+            b.id, kept, tuple((it.fs,) for it in kept), took=tuple(trashed[i.path] for i in kept)
+        )
         for b in batches
         if (kept := tuple(it for it in b.items if it.path in trashed))
     ]
@@ -434,136 +467,286 @@ def restore(
     if dry_run:
         _mark_would(todo, records, DONE_RESTORE, WOULD_RESTORE)
         return _finish(result, records, None, t0)
-    task_args = (store, plan_store, trash_store, digest)
-    for _, recs in _run_batches(todo, _restore_batch, task_args, client, concurrency, "restore"):
-        result.batches_run += 1
-        for r in recs:
-            records[r[0]] = r
+    task_args = (store, plan_store, trash_store, digest, manifest.get("trash_scope"))
+    stopped = _run_and_record(
+        todo, _restore_batch, task_args, client, concurrency, "restore", records
+    )
+    result.batches_run = stopped.batches_run
     report = _write_report(plan_store, RESTORE_REPORT, records)
+    if stopped.error is not None:
+        _stop(stopped.error, records, frozenset({RESTORED}), report)
     return _finish(result, records, report, t0)
+
+
+class _Stopped(NamedTuple):
+    batches_run: int
+    #: the message of the whole-request failure that stopped the run, or None
+    error: str | None
+
+
+def _run_and_record(
+    todo: Sequence[_Batch],
+    fn: Callable[..., list[_Record]],
+    args: tuple[Any, ...],
+    client: distributed.Client | None,
+    concurrency: int | None,
+    what: str,
+    records: dict[str, _Record],
+) -> _Stopped:
+    """Run the batches, recording every path's outcome; stop early (``error`` set) when the
+    first batches of this run all fail as whole requests: the store is down or refuses us,
+    and every further batch would only wait for the same timeouts."""
+    run = 0
+    worked = False
+    try:
+        for _, recs in _run_batches(todo, fn, args, client, concurrency, what):
+            run += 1
+            for r in recs:
+                records[r.path] = r
+            down = bool(recs) and all(r.code == "RequestFailed" for r in recs)
+            worked = worked or not down
+            if down and not worked:
+                return _Stopped(run, recs[0].message)
+    except DedupError as exc:
+        # A batch could not even journal itself (the plan directory is unreachable): its
+        # objects may be done, so exit 2's "nothing was deleted" would not be true.
+        raise IncompleteError(
+            f"{what} stopped: {exc}; objects of the batches in flight may already be done: "
+            "re-run the same command to resume"
+        ) from None
+    return _Stopped(run, None)
+
+
+def _stop(message: str, records: Mapping[str, _Record], acted: frozenset[str], report: str) -> None:
+    """Raise for a run stopped by a store that does not answer: exit 2 when nothing was ever
+    done to any object of the plan, else exit 4 (the report lists what was done)."""
+    hint = "re-run the same command to resume once the store answers"
+    if any(r.status in acted for r in records.values()):
+        raise IncompleteError(
+            f"stopped: {message}; part of the plan was already done (see {report}): {hint}"
+        )
+    raise StorageError(f"{message}; nothing was deleted or moved: {hint}")
 
 
 # -- the tasks (run on workers) ---------------------------------------------------------------
 def _apply_batch(
-    store: Store, plan_store: Store, trash_store: Store | None, digest: str, batch: _Batch
+    store: Store,
+    plan_store: Store,
+    trash_store: Store | None,
+    digest: str,
+    scope: str | None,
+    batch: _Batch,
 ) -> list[_Record]:
-    """Check, (trash and) delete one batch; journal it. Idempotent: safe to run twice."""
-    stats = store.stat_many(batch.groups)
+    """Check, (trash and) delete one batch; journal it. Idempotent: safe to run twice.
+
+    Never raises for the state of one object or one failed request: every path of the batch
+    gets a record (``failed`` with the reason where the store refused or could not be reached),
+    so that one bad object or a flaky endpoint never stops the rest of the apply.
+    """
     out: dict[str, _Record] = {}
+    try:
+        _check_and_delete(store, trash_store, scope, batch, out)
+    except Exception as exc:  # a whole request failed: report the batch's rest, go on
+        msg = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
+        msg = store._scrub(" ".join(msg.split()))
+        for it in batch.items:
+            if it.path not in out:
+                out[it.path] = _Record(it.path, FAILED, "RequestFailed", msg)
+    return _journal(plan_store, "batch", digest, batch, [out[it.path] for it in batch.items])
+
+
+def _check_and_delete(
+    store: Store,
+    trash_store: Store | None,
+    scope: str | None,
+    batch: _Batch,
+    out: dict[str, _Record],
+) -> None:
+    # S3 reports LastModified at different resolutions in HEAD and in listings: there the
+    # ETag alone says whether an object changed.
+    mtimes = not store.is_s3
+    stats = store.stat_many(batch.groups)
     act: list[tuple[_Item, int]] = []
     for it in batch.items:
         cur = stats.get(it.fs)
-        if stats.get(it.keeper_fs) is None:
-            out[it.path] = (
+        keeper = stats.get(it.keeper_fs)
+        if keeper is None or keeper.kind not in ("file", "link"):
+            out[it.path] = _Record(
                 it.path,
                 SKIPPED_KEEPER_MISSING,
                 "KeeperMissing",
                 f"keeper {it.keeper!r} not found: duplicate left alone",
-                0,
+            )
+        elif it.keeper_seen is None or (
+            why := it.keeper_seen.differs(keeper, compare_mtime=mtimes)
+        ):
+            out[it.path] = _Record(
+                it.path,
+                SKIPPED_KEEPER_CHANGED,
+                "KeeperChanged",
+                f"keeper {it.keeper!r} is not the object the plan saw "
+                f"({why or 'not observed at plan time'}): duplicate left alone",
             )
         elif cur is None:
-            if trash_store is not None and _in_trash(store, trash_store, it):
-                out[it.path] = (it.path, TRASHED, "", "already in the trash", 0)
+            if trash_store is not None and (rec := _in_trash(store, trash_store, scope, it)):
+                out[it.path] = rec
             else:
-                out[it.path] = (
-                    it.path,
-                    ALREADY_ABSENT,
-                    "NoSuchKey",
-                    "not found before deleting",
-                    0,
+                out[it.path] = _Record(
+                    it.path, ALREADY_ABSENT, "NoSuchKey", "not found before deleting"
                 )
-        elif (why := _changed(it, cur, store)) is not None:
-            out[it.path] = (it.path, SKIPPED_CHANGED, "Changed", why, 0)
+        elif (why := it.seen.differs(cur, compare_mtime=mtimes)) is not None:
+            out[it.path] = _Record(it.path, SKIPPED_CHANGED, "Changed", why)
+        elif trash_store is not None and cur.kind == "link":
+            out[it.path] = _Record(
+                it.path,
+                SKIPPED_CHANGED,
+                "SymbolicLink",
+                "a symbolic link is not moved to the trash: left alone",
+            )
         else:
-            act.append((it, cur.size))
+            act.append((it, int(cur.size or 0)))
+    sums: dict[str, str] = {}
     if trash_store is not None:
         copied = []
         for it, size in act:
-            r = store.copy_exact(it.fs, trash_store, _trash_path(store, trash_store, it))
+            dst = _trash_path(store, trash_store, scope, it)
+            r = store.copy_exact(it.fs, trash_store, dst)
+            if r.status == "exists" and _same_object(store, it.fs, trash_store, dst):
+                # An earlier run of this task copied it and stopped before deleting.
+                r = r._replace(status="copied", checksum=trash_store.checksum(dst))
             if r.status == "copied":
                 copied.append((it, size))
+                sums[it.path] = r.checksum
             elif r.status == "absent":
-                out[it.path] = (it.path, ALREADY_ABSENT, r.code, "vanished before copying", 0)
+                out[it.path] = _Record(it.path, ALREADY_ABSENT, r.code, "vanished before copying")
+            elif r.status == "exists":
+                out[it.path] = _Record(
+                    it.path,
+                    FAILED,
+                    "TrashOccupied",
+                    "a different object already lies at its trash location: left alone",
+                )
             else:
-                out[it.path] = (it.path, FAILED, r.code, f"copy to trash: {r.message}", 0)
+                out[it.path] = _Record(it.path, FAILED, r.code, f"copy to trash: {r.message}")
         act = copied
     done_status = TRASHED if trash_store is not None else DELETED
     results = store.delete_exact(
-        [it.fs for it, _ in act], etags={it.fs: it.etag for it, _ in act if it.etag}
+        [it.fs for it, _ in act],
+        etags={it.fs: it.etag for it, _ in act if it.etag},
+        expect={it.fs: it.seen for it, _ in act},
     )
     for it, size in act:
         r = results[it.fs]
         if r.status == "deleted":
-            out[it.path] = (it.path, done_status, "", "", size)
+            out[it.path] = _Record(it.path, done_status, "", "", size, sums.get(it.path, ""))
         elif r.status == "already_absent":
-            out[it.path] = (it.path, ALREADY_ABSENT, r.code, "not found when deleting", 0)
+            out[it.path] = _Record(it.path, ALREADY_ABSENT, r.code, "not found when deleting")
         elif r.status == "changed":
-            out[it.path] = (
+            out[it.path] = _Record(
                 it.path,
                 SKIPPED_CHANGED,
                 r.code,
                 r.message or "the store refused the conditional delete",
-                0,
             )
         else:
-            out[it.path] = (it.path, FAILED, r.code, r.message, 0)
-    return _journal(plan_store, "batch", digest, batch, [out[it.path] for it in batch.items])
+            out[it.path] = _Record(it.path, FAILED, r.code, r.message)
 
 
 def _restore_batch(
-    store: Store, plan_store: Store, trash_store: Store, digest: str, batch: _Batch
+    store: Store,
+    plan_store: Store,
+    trash_store: Store,
+    digest: str,
+    scope: str | None,
+    batch: _Batch,
 ) -> list[_Record]:
-    """Copy one batch back from the trash and remove the trash copies; journal it."""
-    tpaths = {it.fs: _trash_path(store, trash_store, it) for it in batch.items}
+    """Copy one batch back from the trash and remove the trash copies; journal it.
+
+    A trash copy goes back only if it is byte for byte what the apply took (its size and
+    checksum as journaled), and never over an object that exists at the original path.
+    """
+    out: dict[str, _Record] = {}
+    try:
+        _check_and_restore(store, trash_store, scope, batch, out)
+    except Exception as exc:
+        msg = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
+        msg = store._scrub(" ".join(msg.split()))
+        for it in batch.items:
+            if it.path not in out:
+                out[it.path] = _Record(it.path, FAILED, "RequestFailed", msg)
+    return _journal(plan_store, "restore", digest, batch, [out[it.path] for it in batch.items])
+
+
+def _check_and_restore(
+    store: Store,
+    trash_store: Store,
+    scope: str | None,
+    batch: _Batch,
+    out: dict[str, _Record],
+) -> None:
+    took = {r.path: r for r in batch.took}
+    tpaths = {it.fs: _trash_path(store, trash_store, scope, it) for it in batch.items}
     orig = store.stat_many(batch.groups)
     intrash = trash_store.stat_many([(t,) for t in tpaths.values()])
-    out: dict[str, _Record] = {}
     remove: list[tuple[_Item, int]] = []
     for it in batch.items:
         t = tpaths[it.fs]
         cur, tcur = orig.get(it.fs), intrash.get(t)
+        rec = took.get(it.path)
         if tcur is None:
-            if cur is not None:
-                out[it.path] = (it.path, ALREADY_RESTORED, "", "", 0)
+            if cur is not None and rec is not None and _matches(store, it.fs, cur, rec):
+                out[it.path] = _Record(it.path, ALREADY_RESTORED, "", "")
             else:
-                out[it.path] = (
+                out[it.path] = _Record(
                     it.path,
                     FAILED,
                     "TrashMissing",
-                    "neither the original nor the trash copy exists",
-                    0,
+                    "the trash copy is gone and the original is not back",
                 )
+        elif rec is None or not _matches(trash_store, t, tcur, rec):
+            out[it.path] = _Record(
+                it.path,
+                FAILED,
+                "TrashChanged",
+                "the trash copy is not what the apply took (size or checksum differ): left alone",
+            )
         elif cur is not None:
-            if _same_content(store, it.fs, cur, trash_store, t, tcur):
-                remove.append((it, tcur.size))
+            if _same_object(store, it.fs, trash_store, t):
+                remove.append((it, int(tcur.size or 0)))
             else:
-                out[it.path] = (
+                out[it.path] = _Record(
                     it.path,
                     SKIPPED_EXISTS,
                     "ObjectExists",
                     "a different object now exists at the path: trash copy kept",
-                    0,
                 )
         else:
             r = trash_store.copy_exact(t, store, it.fs)
-            if r.status == "copied":
-                remove.append((it, tcur.size))
+            if r.status == "copied" or (
+                r.status == "exists" and _same_object(store, it.fs, trash_store, t)
+            ):
+                remove.append((it, int(tcur.size or 0)))
+            elif r.status == "exists":
+                out[it.path] = _Record(
+                    it.path,
+                    SKIPPED_EXISTS,
+                    "ObjectExists",
+                    "a different object appeared at the path: trash copy kept",
+                )
             else:
-                out[it.path] = (it.path, FAILED, r.code, f"copy back: {r.message}", 0)
+                out[it.path] = _Record(it.path, FAILED, r.code, f"copy back: {r.message}")
     results = trash_store.delete_exact([tpaths[it.fs] for it, _ in remove])
     for it, size in remove:
         r = results[tpaths[it.fs]]
         if r.status in ("deleted", "already_absent"):
-            out[it.path] = (it.path, RESTORED, "", "", size)
+            out[it.path] = _Record(it.path, RESTORED, "", "", size)
         else:
-            out[it.path] = (
+            out[it.path] = _Record(
                 it.path,
                 FAILED,
                 r.code,
                 f"restored, but the trash copy was not removed: {r.message}",
-                0,
             )
-    return _journal(plan_store, "restore", digest, batch, [out[it.path] for it in batch.items])
 
 
 def _mark_would(
@@ -572,8 +755,8 @@ def _mark_would(
     """Dry run: record ``status`` (would delete / restore) for every path not already done."""
     for b in todo:
         for it in b.items:
-            if it.path not in records or records[it.path][1] not in done:
-                records[it.path] = (it.path, status, "", "", it.size or 0)
+            if it.path not in records or records[it.path].status not in done:
+                records[it.path] = _Record(it.path, status, "", "", it.size or 0)
 
 
 def _journal(
@@ -593,48 +776,49 @@ def _journal(
     return records
 
 
-def _changed(it: _Item, cur: Any, store: Store) -> str | None:
-    """Why the object differs from what the plan saw, or None if it does not."""
-    if it.etag:
-        if etags_equal(it.etag, cur.etag):
-            return None
-        return "ETag differs from the plan: the object was overwritten"
-    if it.size is not None and int(cur.size) != int(it.size):
-        return f"size {cur.size} differs from the plan's {it.size}"
-    # S3 LastModified has second resolution in HEAD but not in listings: compare it only
-    # where the backend gives one consistent value.
-    if (
-        not store.is_s3
-        and it.mtime is not None
-        and not math.isnan(cur.mtime)
-        and abs(cur.mtime - it.mtime) > MTIME_TOLERANCE_S
-    ):
-        return "mtime differs from the plan: the object was modified"
-    return None
+def _new_trash_scope() -> str:
+    """A folder name under the trash URL for one plan's apply: sortable and unique."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
-def _trash_path(store: Store, trash_store: Store, it: _Item) -> str:
-    return trash_store.resolve(store.relative(it.fs))
+def _trash_path(store: Store, trash_store: Store, scope: str | None, it: _Item) -> str:
+    """Where ``it`` lies in the trash: ``<trash>/<scope>/<trash_key(path)>`` (journals written
+    before trash scopes: ``<trash>/<path>``)."""
+    rel = store.relative(it.fs)
+    if scope is None:
+        return trash_store.resolve(rel)
+    return trash_store.resolve(f"{scope}/{trash_key(rel)}")
 
 
-def _in_trash(store: Store, trash_store: Store, it: _Item) -> bool:
-    """Whether the trash holds this item as the plan saw it (a task that ran before)."""
-    got = trash_store.stat_many([(_trash_path(store, trash_store, it),)])
-    cur = next(iter(got.values()))
-    if cur is None:
+def _in_trash(store: Store, trash_store: Store, scope: str | None, it: _Item) -> _Record | None:
+    """The ``trashed`` record of ``it`` if this plan's trash folder holds it as the plan saw
+    it (a task that copied and deleted it, then died before journaling), else None."""
+    dst = _trash_path(store, trash_store, scope, it)
+    cur = trash_store.stat_many([(dst,)]).get(dst)
+    if cur is None or cur.kind != "file":
+        return None
+    if it.size is not None and int(cur.size or 0) != int(it.size):
+        return None
+    if it.etag and md5_of_etag(it.etag) and md5_of_etag(cur.etag) != md5_of_etag(it.etag):
+        return None
+    size, checksum = int(cur.size or 0), trash_store.checksum(dst, cur)
+    return _Record(it.path, TRASHED, "", "already in the trash", size, checksum)
+
+
+def _same_object(a: Store, pa: str, b: Store, pb: str) -> bool:
+    """Whether the objects at ``pa`` (in ``a``) and ``pb`` (in ``b``) hold the same bytes."""
+    sa = a.stat_many([(pa,)]).get(pa)
+    sb = b.stat_many([(pb,)]).get(pb)
+    if sa is None or sb is None or sa.kind != "file" or sb.kind != "file":
         return False
-    if it.etag and md5_of_etag(it.etag) and md5_of_etag(cur.etag):
-        return etags_equal(it.etag, cur.etag)
-    return it.size is None or int(cur.size) == int(it.size)
+    return sa.size == sb.size and a.checksum(pa, sa) == b.checksum(pb, sb)
 
 
-def _same_content(a: Store, pa: str, sa: Any, b: Store, pb: str, sb: Any) -> bool:
-    if sa.size != sb.size:
+def _matches(store: Store, path: str, cur: ObjectStat, rec: _Record) -> bool:
+    """Whether the object at ``path`` is what ``rec`` journaled (size, then checksum)."""
+    if cur.kind != "file" or int(cur.size or 0) != int(rec.bytes):
         return False
-    ma, mb = md5_of_etag(sa.etag), md5_of_etag(sb.etag)
-    if ma is not None and mb is not None:
-        return ma == mb
-    return a.md5(pa) == b.md5(pb)
+    return not rec.checksum or store.checksum(path, cur) == rec.checksum
 
 
 # -- running batches --------------------------------------------------------------------------
@@ -798,8 +982,15 @@ def _read_plan(plan_store: Store, plan_dir: str) -> pd.DataFrame:
     return plan.reset_index(drop=True)
 
 
-def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str]]:
-    """The delete set, structurally checked and resolved; also every plan path resolved."""
+def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str], list[_Record]]:
+    """The delete set, structurally checked and resolved; every plan path resolved; and the
+    ``skipped_unobserved`` records of rows to delete that the plan never saw.
+
+    Only what was seen is deleted: a row is deleted only if the plan recorded its object
+    (``exists``, a size, and an ETag or a modification time) and the same of its keeper, so
+    that each can be compared with what is there at apply time. Plans written by this version
+    never mark other rows for deletion; older plans may, and those rows are left alone here.
+    """
     paths = plan["path"].astype(str).to_numpy()
     keep = plan["keep"].astype(bool).to_numpy()
     cluster = plan["cluster"].astype("int64").to_numpy()
@@ -811,7 +1002,7 @@ def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str
     resolved = []
     for i, p in enumerate(paths):
         try:
-            resolved.append(store.resolve(p))
+            resolved.append(store.resolve(p, real=False))
         except ScopeError as exc:
             raise ScopeError(f"plan row {i}: {exc}; nothing was deleted") from None
     fs_of = dict(zip(paths, resolved, strict=True))
@@ -826,9 +1017,18 @@ def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str
     kept = {p for p, k in zip(paths, keep, strict=True) if k}
     keepers = {str(k) for k in keeper if isinstance(k, str)}
     items: list[_Item] = []
+    unseen: list[_Record] = []
     sizes = plan["size"] if "size" in plan.columns else None
     mtimes = plan["mtime"] if "mtime" in plan.columns else None
     etags = plan["etag"] if "etag" in plan.columns else None
+    exists = plan["exists"].astype(bool).to_numpy() if "exists" in plan.columns else None
+
+    def seen(i: int) -> ObjectStat | None:
+        size, mtime, etag = _opt_int(sizes, i), _opt_float(mtimes, i), _opt_str(etags, i)
+        if (exists is not None and not exists[i]) or size is None or (etag is mtime is None):
+            return None
+        return ObjectStat(size, math.nan if mtime is None else mtime, etag, None)
+
     for i in np.flatnonzero(~keep & (cluster != -1)):
         p, k = paths[i], keeper[i]
         if not isinstance(k, str) or not k:
@@ -849,6 +1049,18 @@ def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str
                 f"plan row {i}: keeper {k!r} is in cluster {cluster[j]}, not {cluster[i]}; "
                 "nothing was deleted: re-run `dedup-batch plan`"
             )
+        mine, theirs = seen(int(i)), seen(int(j))
+        if mine is None or theirs is None:
+            who = "it" if mine is None else f"its keeper {k!r}"
+            unseen.append(
+                _Record(
+                    p,
+                    SKIPPED_UNOBSERVED,
+                    "NotObserved",
+                    f"the plan did not see {who} (missing, or no size and version): left alone",
+                )
+            )
+            continue
         items.append(
             _Item(
                 path=p,
@@ -856,12 +1068,13 @@ def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str
                 cluster=int(cluster[i]),
                 keeper=k,
                 keeper_fs=fs_of[k],
-                size=_opt_int(sizes, i),
-                mtime=_opt_float(mtimes, i),
-                etag=_opt_str(etags, i),
+                size=mine.size,
+                mtime=None if math.isnan(mine.mtime) else mine.mtime,
+                etag=mine.etag,
+                keeper_seen=theirs._replace(kind="file"),
             )
         )
-    return items, resolved
+    return items, resolved, unseen
 
 
 def _opt_int(col: pd.Series | None, i: int) -> int | None:
@@ -991,12 +1204,18 @@ def _write_json(plan_store: Store, rel: str, obj: Any) -> None:
     plan_store.write_bytes(plan_store.resolve(rel), json.dumps(obj, ensure_ascii=False).encode())
 
 
+def _root_id(store: Store) -> str:
+    """The root as a journal records it: its canonical URL, without secrets."""
+    return store._scrub(store.url(store.root_path))
+
+
 def _read_manifest(
     plan_store: Store,
     digest: str,
     trash_store: Store | None,
     plan_dir: str,
     *,
+    store: Store,
     check_trash: bool = True,
 ) -> dict[str, Any] | None:
     data = plan_store.read_bytes(plan_store.resolve(MANIFEST_FILE))
@@ -1012,6 +1231,15 @@ def _read_manifest(
         raise SafetyError(
             f"the journal in {plan_dir}/{JOURNAL_DIR} belongs to another plan (the plan changed "
             "after an apply started); nothing was deleted: use a new plan directory"
+        )
+    recorded = manifest.get("root")
+    if recorded is not None and recorded not in (_root_id(store), store._scrub(store.root)):
+        # The same plan digest under another root (a backup copy, another bucket) would
+        # delete there objects this plan never listed.
+        raise SafetyError(
+            f"the journal in {plan_dir}/{JOURNAL_DIR} was written for root {recorded!r}, not "
+            f"{_root_id(store)!r}; nothing was deleted: resume with the plan's root (see "
+            "job.yaml), or make a new plan for this root"
         )
     want = trash_store.root if trash_store is not None else None
     if check_trash and manifest.get("trash") != want:
@@ -1040,7 +1268,7 @@ def _load_journal(plan_store: Store, prefix: str, digest: str) -> dict[int, list
             continue
         if rec.get("plan_digest") != digest:
             continue
-        out[int(rec["batch"])] = [tuple(r) for r in rec["records"]]  # type: ignore[misc]
+        out[int(rec["batch"])] = [_Record(*r) for r in rec["records"]]
     return out
 
 
@@ -1052,8 +1280,8 @@ def _split_done(
     records: dict[str, _Record] = {}
     todo = []
     for b in batches:
-        prev = {r[0]: r for r in journal.get(b.id, [])}
-        rest = tuple(it for it in b.items if prev.get(it.path, ("", ""))[1] not in done)
+        prev = {r.path: r for r in journal.get(b.id, [])}
+        rest = tuple(it for it in b.items if getattr(prev.get(it.path), "status", "") not in done)
         for it in b.items:
             if it.path in prev:
                 records[it.path] = prev[it.path]
@@ -1063,7 +1291,7 @@ def _split_done(
             else:
                 again = {it.path for it in rest}
                 kept = tuple(prev[it.path] for it in b.items if it.path not in again)
-                todo.append(_Batch(b.id, rest, b.groups, kept))
+                todo.append(b._replace(items=rest, prior=kept))
     return todo, records
 
 
@@ -1072,8 +1300,8 @@ def _write_report(plan_store: Store, rel: str, records: Mapping[str, _Record]) -
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(_REPORT_COLUMNS)
     for path in sorted(records):
-        p, status, code, msg, _ = records[path]
-        w.writerow([p, status, code, " ".join(str(msg).split())])
+        r = records[path]
+        w.writerow([r.path, r.status, r.code, " ".join(str(r.message).split())])
     full = plan_store.resolve(rel)
     plan_store.write_bytes(full, buf.getvalue().encode("utf-8"))
     return plan_store.url(full)
@@ -1082,14 +1310,14 @@ def _write_report(plan_store: Store, rel: str, records: Mapping[str, _Record]) -
 def _finish(
     result: ApplyResult, records: Mapping[str, _Record], report: str | None, t0: float
 ) -> ApplyResult:
-    rows = [records[p][:4] for p in sorted(records)]
+    rows = [tuple(records[p])[:4] for p in sorted(records)]
     result.outcomes = pd.DataFrame(rows, columns=_REPORT_COLUMNS)
     counts: dict[str, int] = {}
     for r in records.values():
-        counts[r[1]] = counts.get(r[1], 0) + 1
+        counts[r.status] = counts.get(r.status, 0) + 1
     result.counts = counts
     result.bytes_done = sum(
-        int(r[4]) for r in records.values() if r[1] in (DELETED, TRASHED, RESTORED)
+        int(r.bytes) for r in records.values() if r.status in (DELETED, TRASHED, RESTORED)
     )
     result.report = report
     result.elapsed_s = time.perf_counter() - t0

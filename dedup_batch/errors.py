@@ -49,3 +49,10 @@ class SafetyError(DedupError):
     """A safety limit refused the operation before anything was deleted (``--max-delete``...)."""
 
     exit_code = 3
+
+
+class IncompleteError(StorageError):
+    """The store stopped answering after part of an apply was done: exit 4 (not 2, which
+    promises that nothing was deleted); the completion report says what was done."""
+
+    exit_code = 4

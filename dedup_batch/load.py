@@ -99,7 +99,8 @@ class Features:
     Attributes
     ----------
     paths : ndarray of object, shape (n,)
-        The image paths (``str``), exactly as written in the shards; each listed once.
+        The image paths (``str``) relative to the root, in canonical form (see
+        :meth:`~dedup_batch.storage.Store.resolve`): each object listed once, by one spelling.
     X : ndarray of float32, shape (n, d)
         The embeddings, C-contiguous; row ``i`` belongs to ``paths[i]``.
     shards : tuple of str
@@ -144,7 +145,8 @@ def load_features(
     Features
         ``paths`` (n,), ``X`` (n, d) float32 C-contiguous, ``shards``. Rows come in shard
         order, then row order. A path listed twice (also as two spellings of one object, e.g.
-        ``a.jpg`` and ``./a.jpg``) with identical vectors is kept once, at its first place.
+        ``a.jpg``, ``./a.jpg`` and ``x/../a.jpg``-free forms like ``x//a.jpg``) with identical
+        vectors is kept once, at its first place, under its canonical relative path.
 
     Raises
     ------
@@ -332,9 +334,12 @@ def _drop_duplicates(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Keep the first row of each object; refuse the same object with differing vectors.
 
-    Objects are compared by their path relative to the root (``aliases`` gives it for the
-    rows where it differs from the written path), so two spellings of one object (``a.jpg``
-    and ``./a.jpg``) count as one: keeping both would let the plan delete the object it keeps.
+    Objects are compared by their canonical path relative to the root (see
+    :meth:`Store.resolve`; ``aliases`` gives it for the rows where it differs from the written
+    path), so two spellings of one object (``a.jpg``, ``./a.jpg``, ``x//a.jpg`` on a disk,
+    ``album/a.jpg`` through a linked folder) count as one: keeping both would let the plan
+    delete the object it keeps. Returns the canonical paths: from here on every stage names
+    each object by exactly one string.
     """
     n = len(paths)
     if aliases:
@@ -344,9 +349,8 @@ def _drop_duplicates(
     else:
         keys = paths
     codes, uniques = pd.factorize(keys)
-    del keys
     if len(uniques) == n:
-        return X, paths
+        return X, keys
     # factorize numbers objects in order of first appearance, so return_index gives each
     # object's first row.
     _, first_row = np.unique(codes, return_index=True)
@@ -358,9 +362,9 @@ def _drop_duplicates(
         if len(differs):
             r, o = int(rows[differs[0]]), int(orig[differs[0]])
             raise InputError(
-                f"path {paths[r]!r} at {_where(r, shards, starts)} is also listed at "
-                f"{_where(o, shards, starts)} as {paths[o]!r} with a different vector; "
-                "remove one of the two rows"
+                f"path {paths[r]!r} at {_where(r, shards, starts)} names the same object "
+                f"({keys[r]!r}) as {paths[o]!r} at {_where(o, shards, starts)}, with a "
+                "different vector; remove one of the two rows"
             )
     log.info(
         "load: %d path(s) listed more than once with identical vectors: kept the first "
@@ -378,7 +382,7 @@ def _drop_duplicates(
     for lo in range(0, len(kept), step):
         rows = kept[lo : lo + step]
         X[lo : lo + len(rows)] = X[rows]
-    return X[: len(kept)], paths[kept]
+    return X[: len(kept)], keys[kept]
 
 
 def _where(row: int, shards: list[str], starts: np.ndarray) -> str:

@@ -267,7 +267,7 @@ def _objects(
     missing = int((~objects["exists"]).sum())
     if missing:
         log.warning(
-            "%d of %d feature paths have no object under %s: they are never kept",
+            "%d of %d feature paths have no object under %s: they are never kept and never deleted",
             missing,
             len(paths),
             store.root,
@@ -321,7 +321,9 @@ def _protect_match(store: Store, pattern: str, full: list[str]) -> np.ndarray:
 def _protect_prefix(store: Store, prefix: str) -> str:
     if prefix in (".", "./", "") or prefix.rstrip("/") in (store.root_path, store.root.rstrip("/")):
         return store.root_path.rstrip("/") + "/"
-    return store.resolve(prefix)
+    # resolve() folds a trailing "/" on local roots; here it means "the folder, not family-2/"
+    full = store.resolve(prefix)
+    return full + "/" if prefix.endswith("/") and not full.endswith("/") else full
 
 
 def _with_dimensions(

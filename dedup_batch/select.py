@@ -234,9 +234,10 @@ def select_keepers(
         DBSCAN labels; -1 is noise (never deleted).
     objects : DataFrame, optional
         Indexed by position ``0..n-1`` (aligned with ``paths``), columns ``size`` (bytes),
-        ``mtime`` (seconds), ``etag``, ``exists`` (bool) and, when known, ``width`` and
-        ``height`` (pixels, from the image header). Missing objects are never chosen as
-        keepers. Without it every object is assumed to exist, with unknown size, time and pixels.
+        ``mtime`` (seconds), ``etag``, ``exists`` (bool), optionally ``kind`` (``"file"`` or
+        ``"link"``) and, when known, ``width`` and ``height`` (pixels, from the image header).
+        Without it every object is taken as existing and observed, with unknown size, time and
+        pixels.
     policy : str or KeepPolicy, default="original"
         A named policy (:data:`POLICIES`) or a key list such as ``"-pixels,mtime,path"``
         (see :func:`parse_policy`). Ties are broken by path, never by input order.
@@ -257,6 +258,14 @@ def select_keepers(
 
     Notes
     -----
+    Only what was seen is deleted: a row is deleted only if its object was *observed* at plan
+    time (it exists, with a size and an ETag or a modification time, so that apply can tell
+    whether it changed). Every other row (missing, or seen without those) is kept as its own
+    keeper and never deleted. Keepers are observed regular files: a symbolic link (``kind``
+    ``"link"``) may be deleted (the link only) but is never a keeper, since deleting the file
+    it points to would leave a keeper with no content. Every deleted row lies within
+    ``max_keeper_distance`` of its keeper; a row that no eligible keeper covers is kept.
+
     Singletons (most rows in a real bucket) are handled in one vectorised pass. Each cluster of
     size m with k keepers costs O(m·k·d) time and O(m) memory beyond its vectors. Sorting by the
     keys is one global ``lexsort``: O(n log n).
@@ -268,7 +277,7 @@ def select_keepers(
     n = len(paths)
     if X.shape[0] != n or labels.shape[0] != n:
         raise ValueError(f"paths ({n}), X ({X.shape[0]}) and labels ({labels.shape[0]}) differ")
-    objects = _objects_frame(objects, n)
+    given, objects = objects, _objects_frame(objects, n)
     protected = np.zeros(n, dtype=bool) if protected is None else np.asarray(protected, bool)
     _check_policy_inputs(pol, objects, labels)
 
@@ -280,6 +289,10 @@ def select_keepers(
     starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
     ends = np.r_[starts[1:], n]
     exists = objects["exists"].to_numpy(dtype=bool)
+    # Without a listing the caller vouches for every object (apply still deletes only rows
+    # whose size and version the plan recorded).
+    observed = np.ones(n, dtype=bool) if given is None else _observed(objects)
+    candidate = observed & (objects["kind"].to_numpy(dtype=object) == "file")
     values = _key_values(pol, paths, objects, labels)
     rank = _policy_rank(pol, values)
     ctx = _Context(pol, paths, values, objects, _DISTANCES[metric])
@@ -291,7 +304,9 @@ def select_keepers(
         if e - s < 2 or sorted_labels[s] == -1:
             continue
         members = order[s:e]
-        k_of, d_of, why = _choose(members, X, rank, exists, protected, ctx, limit)
+        k_of, d_of, why = _choose(
+            members, X, rank, exists, observed, candidate, protected, ctx, limit
+        )
         keeper_idx[members] = k_of
         distance[members] = d_of
         reason[members] = why
@@ -323,6 +338,7 @@ def _objects_frame(objects: pd.DataFrame | None, n: int) -> pd.DataFrame:
         ("mtime", np.nan),
         ("etag", pd.NA),
         ("exists", True),
+        ("kind", "file"),
         ("width", pd.NA),
         ("height", pd.NA),
     )
@@ -336,7 +352,18 @@ def _objects_frame(objects: pd.DataFrame | None, n: int) -> pd.DataFrame:
     for col, default in defaults:
         if col not in out:
             out[col] = default
+    out["kind"] = out["kind"].fillna("file")
     return out
+
+
+def _observed(objects: pd.DataFrame) -> np.ndarray:
+    """Rows whose object was seen at plan time well enough to tell later if it changed."""
+    exists = objects["exists"].to_numpy(dtype=bool)
+    size = objects["size"].notna().to_numpy(dtype=bool)
+    version = objects["etag"].notna().to_numpy(dtype=bool) | objects["mtime"].notna().to_numpy(
+        dtype=bool
+    )
+    return exists & size & version
 
 
 def _in_duplicate_cluster(labels: np.ndarray) -> np.ndarray:
@@ -408,11 +435,17 @@ def _choose(
     X: np.ndarray,
     rank: np.ndarray,
     exists: np.ndarray,
+    observed: np.ndarray,
+    candidate: np.ndarray,
     protected: np.ndarray,
     ctx: _Context,
     limit: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keepers of one cluster: (keeper row index, distance to it, keep reason) per member."""
+    """Keepers of one cluster: (keeper row index, distance to it, keep reason) per member.
+
+    Keepers come from ``candidate`` rows; only ``observed`` rows within ``limit`` of a keeper
+    are assigned to it (deleted); every other member keeps itself.
+    """
     Xm = np.asarray(X[members], dtype=np.float64)
     m = len(members)
     best_d = np.full(m, np.inf)
@@ -429,33 +462,49 @@ def _choose(
         best_k[closer] = j
 
     # Protected members are never deleted, so each is a keeper; chosen first, in policy order.
-    prot = np.flatnonzero(protected[members] & exists[members])
+    prot = np.flatnonzero(protected[members] & candidate[members])
     for j in prot[np.argsort(rank[members[prot]], kind="stable")]:
         add_keeper(int(j), "protected")
-    candidates = exists[members].copy()
-    if candidates.sum() == 1 and not is_keeper.any():
-        add_keeper(int(np.flatnonzero(candidates)[0]), "only existing member")
+    deletable = observed[members] & ~protected[members]
+    eligible = candidate[members]
     while True:
-        uncovered = candidates & ~is_keeper & ((best_k < 0) | (best_d > limit))
+        uncovered = deletable & eligible & ~is_keeper & ((best_k < 0) | (best_d > limit))
         if not uncovered.any():
             break
         idx = np.flatnonzero(uncovered)
         guard = ""
         if is_keeper.any():  # the chain guard: these members are too far from every keeper
             guard = f"chain guard: {best_d[idx].min():.4g} from the nearest keeper > {limit:.4g}; "
-        j, reason = _pick(idx, Xm, members, rank, ctx)
+        j, reason = _pick(idx, Xm, members, rank, ctx, first=not guard)
         add_keeper(j, guard + reason)
-    if not is_keeper.any():  # no member exists: nothing to delete, nothing to keep
-        return members, np.zeros(m), np.full(m, "no member exists", dtype=object)
-    best_d[is_keeper] = 0.0
-    best_k[is_keeper] = np.flatnonzero(is_keeper)
+    # Kept as their own keepers: keepers, and every member that may not be deleted or that no
+    # keeper covers (missing or unobserved rows, links far from every keeper, protected links).
+    own = is_keeper | ~deletable | (best_k < 0) | (best_d > limit)
+    rows = members
+    why[own & ~is_keeper & protected[rows]] = "protected"
+    why[own & ~is_keeper & ~protected[rows] & ~exists[rows]] = "not found (never deleted)"
+    why[own & ~is_keeper & ~protected[rows] & exists[rows] & ~observed[rows]] = (
+        "not observed at plan time (never deleted)"
+    )
+    why[own & ~is_keeper & deletable] = "no keeper within reach (never deleted)"
+    best_d[own] = 0.0
+    best_k[own] = np.flatnonzero(own)
     return members[best_k], best_d, why
 
 
 def _pick(
-    idx: np.ndarray, Xm: np.ndarray, members: np.ndarray, rank: np.ndarray, ctx: _Context
+    idx: np.ndarray,
+    Xm: np.ndarray,
+    members: np.ndarray,
+    rank: np.ndarray,
+    ctx: _Context,
+    *,
+    first: bool,
 ) -> tuple[int, str]:
-    """The best of the candidates ``idx`` (positions in ``members``) and why it won."""
+    """The best of the candidates ``idx`` (positions in ``members``) and why it won.
+
+    ``first``: this is the cluster's first keeper by the policy (not one the chain guard adds).
+    """
     d = None
     if ctx.policy.centroid:
         d = ctx.dist(Xm[idx], Xm[idx].mean(axis=0))
@@ -463,8 +512,8 @@ def _pick(
     else:
         order = np.argsort(rank[members[idx]], kind="stable")
     w = int(order[0])
-    if len(idx) == 1:
-        return int(idx[w]), "only candidate"
+    if len(idx) == 1:  # the others are missing, unobserved, links or (chain guard) covered
+        return int(idx[w]), "only member that can be kept" if first else "only candidate"
     r = int(order[1])
     dw_dr = None if d is None else (float(d[w]), float(d[r]))
     return int(idx[w]), _reason(int(members[idx[w]]), int(members[idx[r]]), ctx, dw_dr)

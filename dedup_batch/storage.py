@@ -11,8 +11,12 @@ Paths are always handled as exact names: nothing here expands glob patterns, so 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import logging
+import math
 import os
 import posixpath
 import random
@@ -38,6 +42,7 @@ __all__ = [
     "read_url",
     "redact",
     "secret_values",
+    "trash_key",
     "url_exists",
     "write_url",
 ]
@@ -75,6 +80,65 @@ def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+#: Longest path component a local filesystem takes (NAME_MAX on Linux, macOS and Windows).
+LOCAL_NAME_MAX_BYTES = 255
+#: Longest path the local OS takes (PATH_MAX on Linux, less the terminating NUL).
+LOCAL_PATH_MAX_BYTES = 4095
+#: Longest S3 key, in bytes of UTF-8 (S3 API limit).
+S3_KEY_MAX_BYTES = 1024
+#: Folders whose real path ``resolve`` remembers (one entry per folder, not per file).
+_REAL_DIR_CACHE = 1 << 16
+#: Control characters S3 cannot carry through DeleteObjects: its request body is XML 1.0,
+#: which has no way to write them (and turns a carriage return into a line feed).
+_XML_UNSAFE = frozenset(chr(c) for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0D, 0x20)))
+
+
+def _fold(full: str) -> str:
+    """A local path with ``//``, ``/./`` and a trailing ``/`` folded (no ``..`` here)."""
+    norm = posixpath.normpath(full)
+    if norm.startswith("//"):  # POSIX keeps a leading '//'; Linux treats it as '/'
+        norm = "/" + norm.lstrip("/")
+    return norm
+
+
+def _check_name(path: str, full: str, *, local: bool, s3: bool) -> None:
+    """Refuse a name the backend cannot hold, so that no apply ever fails on it midway."""
+    try:
+        encoded = full.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ScopeError(
+            f"path {path!r} is not valid UTF-8 text; no storage can hold this name: fix the "
+            "path in the shard"
+        ) from None
+    if "\x00" in full:
+        raise ScopeError(f"path {path!r} contains a NUL byte; no file can have this name")
+    if local:
+        if len(encoded) > LOCAL_PATH_MAX_BYTES:
+            raise ScopeError(
+                f"path {path[:60]!r}... is {len(encoded)} bytes long, more than a local path "
+                f"can be ({LOCAL_PATH_MAX_BYTES}); fix the path in the shard"
+            )
+        for part in full.split("/"):
+            if len(part.encode("utf-8")) > LOCAL_NAME_MAX_BYTES:
+                raise ScopeError(
+                    f"path {path[:60]!r}... has a component of {len(part.encode('utf-8'))} "
+                    f"bytes, more than a file name can be ({LOCAL_NAME_MAX_BYTES}); fix the "
+                    "path in the shard"
+                )
+    if s3:
+        key = full.partition("/")[2]
+        if len(key.encode("utf-8")) > S3_KEY_MAX_BYTES:
+            raise ScopeError(
+                f"path {path[:60]!r}... is a key of {len(key.encode('utf-8'))} bytes, more "
+                f"than S3 allows ({S3_KEY_MAX_BYTES}); fix the path in the shard"
+            )
+        if _XML_UNSAFE.intersection(key):
+            raise ScopeError(
+                f"path {path!r} contains a control character that S3's DeleteObjects cannot "
+                "carry; rename the object or drop the row"
+            )
+
+
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     p = fs.protocol
     return (p,) if isinstance(p, str) else tuple(p)
@@ -102,13 +166,21 @@ class Store:
         self.root = str(root)
         self.storage_options = dict(storage_options or {})
         try:
-            fs, path = fsspec.core.url_to_fs(self.root, **self.storage_options)
+            fs, path = fsspec.core.url_to_fs(
+                self.root, **_open_options(self.root, self.storage_options)
+            )
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open root {self.root!r}: {_one_line(exc)}") from None
         self.fs: fsspec.AbstractFileSystem = fs
         self.protocols = _protocols(fs)
         self.is_local = "file" in self.protocols or "local" in self.protocols
         self.root_path = path.rstrip("/") or path
+        if self.is_local:
+            # One identity per file: the root itself is taken by its real path, so that a root
+            # given through a symbolic link and every path under it compare as the same strings.
+            self.root_path = os.path.realpath(self.root_path)
+        self._prefix = self.root_path if self.root_path.endswith("/") else self.root_path + "/"
+        self._real_dirs: dict[str, str] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (Store, (self.root, self.storage_options))
@@ -117,14 +189,34 @@ class Store:
         return f"Store({self.root!r})"
 
     # -- paths -----------------------------------------------------------------------------
-    def resolve(self, path: str) -> str:
-        """Return the exact filesystem path of ``path`` (relative to root, or absolute under it).
+    def resolve(self, path: str, *, real: bool = True) -> str:
+        """Return the canonical filesystem path of ``path`` (relative to root, or absolute under
+        it): the one identity of the object it names.
+
+        This is where every spelling of an object becomes one string, and the only place that
+        decides it:
+
+        * **local roots**: ``x//a.jpg``, ``x/./a.jpg`` and ``x/a.jpg/`` are ``x/a.jpg``; every
+          folder on the path is replaced by its real path, so a path through a symbolic link to
+          a folder names the file where it really is (``album/p.jpg`` with ``album -> 2019`` is
+          ``2019/p.jpg``). The last component is not followed: a symbolic link to a file is the
+          link itself. A path whose real folder is outside the root is refused.
+        * **S3**: keys are exact byte strings (``a//b.jpg``, ``a/b.jpg/`` and ``a/b.jpg`` are
+          three objects), so the key is taken literally.
+        * **other fsspec backends** (``memory://``, ...): the backend's own normal form.
+
+        ``real=False`` (apply, restore) folds the spellings but follows no link: the plan's
+        paths are already real, and a folder that became a link since is then refused at the
+        moment of acting, per object, instead of being followed here.
 
         Raises
         ------
         ScopeError
             If ``path`` is empty, contains a ``..`` segment, names another protocol, bucket or
-            folder than the root, or is the root itself.
+            folder than the root, is the root itself, leads outside the root through a symbolic
+            link, or is a name the backend cannot hold (a NUL byte, text that is not valid
+            UTF-8, a path component over 255 bytes on local disks, a key over 1024 bytes or
+            with control characters on S3).
         """
         if not isinstance(path, str) or not path:
             raise ScopeError(f"empty or non-text path {path!r}")
@@ -133,8 +225,9 @@ class Store:
             if proto not in self.protocols and not (self.is_local and proto == "file"):
                 raise ScopeError(f"path {path!r} is on {proto}://, outside root {self.root!r}")
             full = self.fs._strip_protocol(path)
-        elif self.is_local and posixpath.isabs(path):
-            full = path
+        elif self.is_local:
+            # normpath (in _real_path) folds './', '//' and a trailing '/' of either form
+            full = path if posixpath.isabs(path) else f"{self.root_path}/{path}"
         else:
             rel = path[2:] if path.startswith("./") else path
             if rel.startswith("/"):
@@ -142,10 +235,33 @@ class Store:
             full = f"{self.root_path}/{rel}" if self.root_path not in ("", "/") else f"/{rel}"
         if ".." in full.split("/"):
             raise ScopeError(f"path {path!r} contains '..': refusing to leave root {self.root!r}")
-        prefix = self.root_path if self.root_path.endswith("/") else self.root_path + "/"
-        if not full.startswith(prefix) or len(full) == len(prefix):
+        _check_name(path, full, local=self.is_local, s3=self.is_s3)
+        if self.is_local:
+            full = self._real_path(full, path) if real else _fold(full)
+        elif not self.is_s3:
+            full = self.fs._strip_protocol(full)
+        if not full.startswith(self._prefix) or len(full) == len(self._prefix):
             raise ScopeError(f"path {path!r} resolves outside root {self.root!r}")
         return full
+
+    def _real_path(self, full: str, path: str) -> str:
+        """``full`` with ``//``, ``.`` and a trailing ``/`` folded and every folder real."""
+        norm = _fold(full)
+        parent, name = posixpath.split(norm)
+        real = self._real_dirs.get(parent)
+        if real is None:
+            lexical = self.root_path if parent + "/" == self._prefix else parent
+            real = os.path.realpath(lexical)
+            if len(self._real_dirs) < _REAL_DIR_CACHE:
+                self._real_dirs[parent] = real
+        out = f"{real.rstrip('/')}/{name}"
+        if not out.startswith(self._prefix) and norm.startswith(self._prefix):
+            raise ScopeError(
+                f"path {path!r} leads outside root {self.root!r} through a symbolic link (its "
+                f"folder is really {real!r}): choose a root that contains that folder, or drop "
+                "these rows"
+            )
+        return out
 
     def relative(self, full: str) -> str:
         """The path of ``full`` relative to the root (inverse of :meth:`resolve`)."""
@@ -165,10 +281,14 @@ class Store:
         Returns
         -------
         DataFrame indexed by the exact filesystem path, with columns ``size`` (int64, bytes),
-        ``mtime`` (float64, seconds since the epoch, NaN where the backend gives none) and
-        ``etag`` (str or None). One paginated listing: on S3 this costs one request per 1000
-        objects instead of one HEAD per object.
+        ``mtime`` (float64, seconds since the epoch, NaN where the backend gives none),
+        ``etag`` (str or None) and ``kind`` (``"file"``, or ``"link"`` for a symbolic link on a
+        local disk). One paginated listing: on S3 this costs one request per 1000 objects
+        instead of one HEAD per object. Local roots are walked without following links to
+        folders (see :meth:`resolve`).
         """
+        if self.is_local:
+            return self._list_local()
         try:
             found = self.fs.find(self.root_path, detail=True)
         except FileNotFoundError:
@@ -188,11 +308,33 @@ class Store:
             for name, info in found.items()
             if info.get("type", "file") == "file"
         ]
-        df = pd.DataFrame(rows, columns=["fs_path", "size", "mtime", "etag"])
-        df["size"] = df["size"].astype("int64")
-        df["mtime"] = df["mtime"].astype("float64")
-        df["etag"] = df["etag"].astype("object")
-        return df.set_index("fs_path")
+        return _listing_frame([(*r, "file") for r in rows])
+
+    def _list_local(self) -> pd.DataFrame:
+        # os.walk does not follow symbolic links to folders (fsspec's find does, and loops on
+        # a link to an ancestor): what lies behind such a link is listed where it really is,
+        # or not at all when it is outside the root. A link to a file is listed as a link
+        # (kind "link", its own size and time), never as the file it points to.
+        if not os.path.isdir(self.root_path):
+            raise StorageError(f"root {self.root!r} does not exist or is not a folder")
+        rows: list[tuple[str, int, float, str | None, str]] = []
+        errors: list[OSError] = []
+        for folder, _dirs, files in os.walk(self.root_path, onerror=errors.append):
+            for name in files:
+                full = os.path.join(folder, name)
+                try:
+                    st = os.lstat(full)
+                except FileNotFoundError:
+                    continue
+                kind = _kind(st.st_mode)
+                if kind != "other":
+                    rows.append((full, int(st.st_size), float(st.st_mtime), None, kind))
+        if errors and isinstance(errors[0], PermissionError):
+            raise StorageError(
+                f"cannot list {errors[0].filename!r} under root {self.root!r}: permission "
+                "denied; give the job read access to every folder under the root"
+            )
+        return _listing_frame(rows)
 
     # -- exact-key operations (used by apply) -----------------------------------------------
     # Everything below takes exact filesystem paths (from :meth:`resolve`) and never expands
@@ -266,19 +408,92 @@ class Store:
 
     def exists(self, full: str) -> bool:
         """Whether an object exists at exactly ``full`` (one HEAD or stat; no glob expansion)."""
-        return self._stat_one(full) is not None
+        st = self._stat_one(full)
+        return st is not None and st.kind in ("file", "link")
+
+    # -- local files: reached folder by folder, never through a symbolic link ------------------
+    def _open_parent(self, full: str, *, create: bool = False) -> tuple[int, str]:
+        """An open descriptor of ``full``'s folder and its name in it, reached from the root one
+        folder at a time with ``O_NOFOLLOW``: a folder that is (or has become, since the plan)
+        a symbolic link raises ``OSError(ELOOP)`` instead of being followed. The caller closes
+        the descriptor. ``create`` makes missing folders (restore)."""
+        *dirs, name = self.relative(full).split("/")
+        if create:
+            os.makedirs(self.root_path, exist_ok=True)
+        fd = os.open(self.root_path, _DIR_FLAGS)
+        try:
+            for d in dirs:
+                try:
+                    nfd = os.open(d, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(d, dir_fd=fd)
+                    nfd = os.open(d, _DIR_FLAGS, dir_fd=fd)
+                except NotADirectoryError:
+                    # Linux answers ENOTDIR, not ELOOP, for a link opened with O_DIRECTORY.
+                    st = os.stat(d, dir_fd=fd, follow_symlinks=False)
+                    if _stat_mod.S_ISLNK(st.st_mode):
+                        raise OSError(errno.ELOOP, "a folder on the path is a link", d) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, name
+
+    def _local_stat(self, full: str) -> ObjectStat | None:
+        try:
+            fd, name = self._open_parent(full)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return ObjectStat(0, float("nan"), None, "linked-folder")
+            raise self._storage_error(f"stat of {self.relative(full)!r}", exc) from None
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._storage_error(f"stat of {self.relative(full)!r}", exc) from None
+        finally:
+            os.close(fd)
+        return ObjectStat(int(st.st_size), float(st.st_mtime), None, _kind(st.st_mode))
+
+    def _local_delete(self, full: str, expect: ObjectStat | None) -> KeyResult:
+        """Unlink ``full`` if it is still what ``expect`` says, without following any link."""
+        try:
+            fd, name = self._open_parent(full)
+        except (FileNotFoundError, NotADirectoryError):
+            return KeyResult("already_absent", "NoSuchKey", "")
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return KeyResult("changed", "LinkedFolder", _LINKED_FOLDER)
+            return KeyResult("failed", _errno_code(exc), self._scrub(_one_line(exc)))
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            now = ObjectStat(int(st.st_size), float(st.st_mtime), None, _kind(st.st_mode))
+            if now.kind == "other":
+                return KeyResult("failed", "NotAFile", "not a file: left alone")
+            if expect is not None and (why := expect.differs(now)):
+                return KeyResult("changed", "Changed", why)
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            return KeyResult("already_absent", "NoSuchKey", "")
+        except PermissionError as exc:
+            return KeyResult("failed", "AccessDenied", self._scrub(_one_line(exc)))
+        except OSError as exc:
+            return KeyResult("failed", _errno_code(exc), self._scrub(_one_line(exc)))
+        finally:
+            os.close(fd)
+        return KeyResult("deleted", "", "")
 
     def _stat_one(self, full: str) -> ObjectStat | None:
         if self.is_local:
-            try:
-                st = os.stat(full)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            except OSError as exc:
-                raise self._storage_error(f"stat of {self.relative(full)!r}", exc) from None
-            if not _stat_mod.S_ISREG(st.st_mode):
-                return None
-            return ObjectStat(int(st.st_size), float(st.st_mtime), None)
+            return self._local_stat(full)
         if self.is_s3:
             bucket, key = self._split_key(full)
             try:
@@ -300,7 +515,7 @@ class Store:
         except Exception as exc:
             raise self._storage_error(f"info of {full!r}", exc) from None
         if info.get("type", "file") != "file":
-            return None
+            return ObjectStat(0, float("nan"), None, "other")
         return ObjectStat(*_stat(info))
 
     def _s3_stat_range(self, paths: Sequence[str]) -> dict[str, ObjectStat | None]:
@@ -344,7 +559,11 @@ class Store:
         return out
 
     def delete_exact(
-        self, fs_paths: Sequence[str], *, etags: Mapping[str, str | None] | None = None
+        self,
+        fs_paths: Sequence[str],
+        *,
+        etags: Mapping[str, str | None] | None = None,
+        expect: Mapping[str, ObjectStat] | None = None,
     ) -> dict[str, KeyResult]:
         """Delete exactly the objects named, one result per path.
 
@@ -355,6 +574,11 @@ class Store:
         etags : mapping, optional
             ``path -> ETag``: on S3 sent in each ``ObjectIdentifier`` so that a store honouring
             conditional deletes refuses a changed object (reported with status ``changed``).
+        expect : mapping, optional
+            ``path -> ObjectStat`` seen before: local files and other non-S3 backends compare
+            the object with it just before removing it (``changed`` if it differs). Local files
+            are reached folder by folder without following symbolic links, so a folder that
+            became a link is never deleted through (``changed``, code ``LinkedFolder``).
 
         Returns
         -------
@@ -382,14 +606,20 @@ class Store:
                 out.update(self._s3_delete(fs_paths[i : i + S3_MAX_DELETE_KEYS], etags))
             self.fs.invalidate_cache()
             return out
-        return {p: self._delete_one(p) for p in fs_paths}
+        expect = expect or {}
+        if self.is_local:
+            return {p: self._local_delete(p, expect.get(p)) for p in fs_paths}
+        return {p: self._delete_one(p, expect.get(p)) for p in fs_paths}
 
-    def _delete_one(self, full: str) -> KeyResult:
+    def _delete_one(self, full: str, expect: ObjectStat | None) -> KeyResult:
+        if expect is not None:
+            now = self._stat_one(full)
+            if now is None:
+                return KeyResult("already_absent", "NoSuchKey", "")
+            if why := expect.differs(now):
+                return KeyResult("changed", "Changed", why)
         try:
-            if self.is_local:
-                os.remove(full)
-            else:
-                self.fs.rm_file(full)
+            self.fs.rm_file(full)
         except FileNotFoundError:
             return KeyResult("already_absent", "NoSuchKey", "")
         except IsADirectoryError:
@@ -477,17 +707,26 @@ class Store:
     def copy_exact(self, src: str, dst_store: Store, dst: str) -> KeyResult:
         """Copy the object at exactly ``src`` to exactly ``dst`` in ``dst_store``, then verify.
 
-        Verification: the copy's size equals the source's, and its ETag (S3 to S3, where the
-        source ETag is a plain MD5, i.e. not multipart) or the MD5 of the bytes written equals
-        the source's. Returns ``KeyResult("copied", ...)``, ``("absent", ...)`` when there is no
-        source object, or ``("failed", code, message)``; never deletes anything. Memory: one
-        object is streamed through this process in 1 MiB blocks unless both ends are on the
-        same S3 endpoint (server-side ``CopyObject``).
+        Never overwrites: when an object already exists at ``dst`` nothing is written and the
+        result is ``("exists", ...)``; the caller decides whether that object is the same
+        content (:meth:`same_content`). Verification: the copy's size equals the source's, and
+        its ETag (S3 to S3, where the source ETag is a plain MD5, i.e. not multipart) or the MD5
+        of the bytes written equals the source's. Returns ``KeyResult("copied", ...)`` with
+        ``checksum`` ``"md5:<hex>"`` of the bytes copied where known, ``("absent", ...)`` when
+        there is no source object, or ``("failed", code, message)``; never deletes anything.
+        Local sources and destinations are reached without following symbolic links. Memory:
+        one object is streamed through this process in 1 MiB blocks (S3 destinations: held
+        whole, up to the object's size) unless both ends are on the same S3 endpoint
+        (server-side ``CopyObject``).
         """
         src_stat = self._stat_one(src)
-        if src_stat is None:
+        if src_stat is None or src_stat.kind not in ("file", "link"):
             return KeyResult("absent", "NoSuchKey", "source object not found")
+        if src_stat.kind == "link":
+            return KeyResult("failed", "SymbolicLink", "a symbolic link is not copied")
         try:
+            if dst_store._stat_one(dst) is not None:
+                return KeyResult("exists", "ObjectExists", "an object already exists there")
             if self.is_s3 and dst_store.is_s3 and self.storage_options == dst_store.storage_options:
                 sb, sk = self._split_key(src)
                 db, dk = dst_store._split_key(dst)
@@ -504,6 +743,8 @@ class Store:
                 digest = None
             else:
                 digest = self._stream_copy(src, dst_store, dst)
+                if digest is None:
+                    return KeyResult("exists", "ObjectExists", "an object already exists there")
                 got = dst_store._stat_one(dst)
         except StorageError as exc:
             return KeyResult("failed", "CopyFailed", str(exc))
@@ -521,6 +762,7 @@ class Store:
         if digest is None:
             if src_md5 is not None and _md5_etag(got.etag) != src_md5:
                 return KeyResult("failed", "VerifyFailed", "copy ETag differs from the source")
+            digest = src_md5
         else:
             dst_md5 = _md5_etag(got.etag)
             if dst_store.is_local:
@@ -529,30 +771,94 @@ class Store:
                 dst_md5 is not None and dst_md5 != digest
             ):
                 return KeyResult("failed", "VerifyFailed", "copy MD5 differs from the source")
-        return KeyResult("copied", "", "")
+        return KeyResult("copied", "", "", f"md5:{digest}" if digest else "")
 
-    def _stream_copy(self, src: str, dst_store: Store, dst: str) -> str:
+    def _open_read(self, full: str) -> Any:
+        """A binary reader of exactly ``full`` (local: no symbolic link followed on the way;
+        S3: one GetObject by exact key, the object held in memory)."""
+        if self.is_s3:
+            # fs.open would parse "?versionId=" out of the key and read another object.
+            from fsspec.asyn import sync
+
+            bucket, key = self._split_key(full)
+            resp = self._s3_call("get_object", Bucket=bucket, Key=key)
+            return io.BytesIO(sync(self.fs.loop, resp["Body"].read))
+        if not self.is_local:
+            return self.fs.open(full, "rb")
+        fd, name = self._open_parent(full)
+        try:
+            return os.fdopen(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb")
+        finally:
+            os.close(fd)
+
+    def _stream_copy(self, src: str, dst_store: Store, dst: str) -> str | None:
+        """Copy ``src`` to ``dst`` only if ``dst`` does not exist; the MD5 of the bytes copied,
+        or None when an object appeared at ``dst`` first (nothing written)."""
         md5 = hashlib.md5(usedforsecurity=False)
-        if dst_store.is_local:
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-        elif not dst_store.is_s3:
+        with self._open_read(src) as fin:
+            if dst_store.is_local:
+                return dst_store._local_create(dst, fin, md5)
+            if dst_store.is_s3:
+                body = bytearray()
+                while block := fin.read(COPY_BLOCK_BYTES):
+                    md5.update(block)
+                    body += block
+                bucket, key = dst_store._split_key(dst)
+                try:
+                    # If-None-Match: * makes the write conditional on the key being free, on
+                    # the stores that support it; the existence check above covers the rest.
+                    dst_store._s3_call(
+                        "put_object", Bucket=bucket, Key=key, Body=bytes(body), IfNoneMatch="*"
+                    )
+                except Exception as exc:
+                    if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                        return None
+                    raise
+                dst_store.fs.invalidate_cache()
+                return md5.hexdigest()
             dst_store.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-        # fs.open takes the path literally (no glob expansion) on every backend used here.
-        with self.fs.open(src, "rb") as fin, dst_store.fs.open(dst, "wb") as fout:
-            while block := fin.read(COPY_BLOCK_BYTES):
-                md5.update(block)
-                fout.write(block)
-        if dst_store.is_s3:
-            dst_store.fs.invalidate_cache()
+            with dst_store.fs.open(dst, "wb") as fout:
+                while block := fin.read(COPY_BLOCK_BYTES):
+                    md5.update(block)
+                    fout.write(block)
         return md5.hexdigest()
+
+    def _local_create(self, full: str, source: Any, md5: Any) -> str | None:
+        """Write ``source`` to a new local file ``full``: a temporary file, synced, then linked
+        to its name, which fails if the name is taken (never overwrites, even in a race)."""
+        fd, name = self._open_parent(full, create=True)
+        tmp = f".dedup-{uuid.uuid4().hex}.tmp"
+        try:
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=fd)
+            with os.fdopen(out, "wb") as fout:
+                while block := source.read(COPY_BLOCK_BYTES):
+                    md5.update(block)
+                    fout.write(block)
+                fout.flush()
+                os.fsync(fout.fileno())
+            try:
+                os.link(tmp, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+            except FileExistsError:
+                return None
+            return md5.hexdigest()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)
+            os.close(fd)
 
     def md5(self, full: str) -> str:
         """MD5 hex digest of the object at exactly ``full`` (read in 1 MiB blocks)."""
         md5 = hashlib.md5(usedforsecurity=False)
-        with self.fs.open(full, "rb") as f:
+        with self._open_read(full) as f:
             while block := f.read(COPY_BLOCK_BYTES):
                 md5.update(block)
         return md5.hexdigest()
+
+    def checksum(self, full: str, stat: ObjectStat | None = None) -> str:
+        """``"md5:<hex>"`` of the object at ``full``: from its ETag where that is a plain MD5
+        (no read), else by reading it."""
+        known = _md5_etag(stat.etag) if stat is not None else None
+        return f"md5:{known or self.md5(full)}"
 
     # -- small files (journal, reports) -----------------------------------------------------
     def read_bytes(self, full: str) -> bytes | None:
@@ -615,6 +921,22 @@ class Store:
             raise self._storage_error(f"listing {folder!r}", exc) from None
 
 
+def _kind(mode: int) -> str:
+    if _stat_mod.S_ISREG(mode):
+        return "file"
+    if _stat_mod.S_ISLNK(mode):
+        return "link"
+    return "other"
+
+
+def _listing_frame(rows: list[tuple[str, int, float, str | None, str]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=["fs_path", "size", "mtime", "etag", "kind"])
+    df["size"] = df["size"].astype("int64")
+    df["mtime"] = df["mtime"].astype("float64")
+    df["etag"] = df["etag"].astype("object")
+    return df.set_index("fs_path")
+
+
 def _stat(info: Mapping[str, Any]) -> tuple[int, float, str | None]:
     size = int(info.get("size") or 0)
     mtime: Any = info.get("mtime", info.get("LastModified", info.get("created")))
@@ -664,21 +986,67 @@ COPY_BLOCK_BYTES = 1 << 20
 
 
 class ObjectStat(NamedTuple):
-    """What the store says about one object now: ``size`` (bytes), ``mtime`` (seconds since the
-    epoch, NaN if unknown), ``etag`` (as the store gives it, quotes included; None if none)."""
+    """What the store says (or said at plan time) about one object: ``size`` (bytes),
+    ``mtime`` (seconds since the epoch, NaN if unknown), ``etag`` (as the store gives it, quotes
+    included; None if none) and ``kind``: ``"file"``, ``"link"`` (a symbolic link on a local
+    disk, never followed), ``"other"`` (a folder, a device...), ``"linked-folder"`` (a folder on
+    the way to it is a symbolic link) or, in an expectation, ``None`` for "file or link"."""
 
-    size: int
+    size: int | None
     mtime: float
     etag: str | None
+    kind: str | None = "file"
+
+    def differs(self, now: ObjectStat, *, compare_mtime: bool = True) -> str | None:
+        """Why the object ``now`` is not the one this stat describes, or None if it is.
+
+        The one comparison of "unchanged" for every check before acting: the ETag when this
+        stat has one (S3), else the size and the modification time (to the microsecond;
+        ``compare_mtime=False`` where the backend reports it at different resolutions).
+        """
+        if now.kind == "linked-folder":
+            return _LINKED_FOLDER
+        if now.kind not in ("file", "link"):
+            return "no longer a file: left alone"
+        if self.kind is not None and now.kind != self.kind:
+            return f"was a {_KIND_NAMES[self.kind]}, now a {_KIND_NAMES[now.kind]}"
+        if self.etag:
+            if etags_equal(self.etag, now.etag):
+                return None
+            return "ETag differs from the plan: the object was overwritten"
+        if self.size is not None and int(now.size or 0) != int(self.size):
+            return f"size {now.size} differs from the plan's {self.size}"
+        if (
+            compare_mtime
+            and not math.isnan(self.mtime)
+            and not math.isnan(now.mtime)
+            and abs(now.mtime - self.mtime) > MTIME_TOLERANCE_S
+        ):
+            return "modification time differs from the plan: the object was modified"
+        return None
+
+
+_KIND_NAMES = {"file": "file", "link": "symbolic link"}
+_LINKED_FOLDER = "a folder on its path is now a symbolic link: left alone"
+#: Flags to open a folder on the way to a local file: never through a symbolic link.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+#: mtime values closer than this (seconds) are equal (float round trips through Parquet).
+MTIME_TOLERANCE_S = 1e-6
+
+
+def _errno_code(exc: OSError) -> str:
+    return type(exc).__name__ if exc.errno is None else f"Errno{exc.errno}"
 
 
 class KeyResult(NamedTuple):
     """The outcome of one exact-key operation: ``status``, ``code`` (S3 style, "" when fine),
-    ``message`` (one line, no secrets)."""
+    ``message`` (one line, no secrets), ``checksum`` (``"md5:<hex>"`` of the bytes copied,
+    where a copy knows it)."""
 
     status: str
     code: str
     message: str
+    checksum: str = ""
 
 
 def _backoff(attempt: int) -> float:
@@ -760,10 +1128,91 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+# -- trash layout ------------------------------------------------------------------------------
+#: Characters written as %XX in trash names: '%' itself and '~' (so that the escapes and the
+#: folder marker below are unambiguous), the glob and query characters some fsspec calls parse
+#: ('*', '?', '[', ']'), the backslash, and control characters.
+_TRASH_ESCAPE = frozenset("%~*?[]\\") | frozenset(chr(c) for c in (*range(0x20), 0x7F))
+#: A trash name longer than this (bytes) keeps a readable head and ends in a digest.
+_TRASH_NAME_MAX_BYTES = 240
+_TRASH_HEAD_BYTES = 160
+
+
+def trash_key(rel: str) -> str:
+    """The path, relative to a trash folder, at which the object ``rel`` (its path relative
+    to the root) is kept: one-to-one for every name S3 allows, on every backend.
+
+    Each ``/``-separated part of ``rel`` is escaped (``%XX`` for the characters in
+    ``_TRASH_ESCAPE``; an empty part, as in ``a//b.jpg`` or ``a/b.jpg/``, is ``%``; a part
+    ``.`` or ``..`` is ``%2E`` or ``%2E%2E``), and every folder part ends in ``~``, which an
+    escaped name never does, so an object ``a/b.jpg`` (file ``a~/b.jpg``) and an object
+    ``a/b.jpg/c.jpg`` (folder ``a~/b.jpg~``) never collide on a disk. A part whose escaped
+    form is longer than 240 bytes is cut to a readable head plus ``%#`` and 40 hex digits of
+    its SHA-256, so every part fits a local file name. Distinct keys thus map to distinct trash
+    paths (up to a SHA-256 collision for such long parts).
+    """
+    parts = rel.split("/")
+    out = [_trash_part(p) + "~" for p in parts[:-1]]
+    out.append(_trash_part(parts[-1]))
+    return "/".join(out)
+
+
+def _trash_part(part: str) -> str:
+    if part == "":
+        return "%"
+    if part in (".", ".."):
+        return "%2E" * len(part)
+    esc = "".join(
+        "".join(f"%{b:02X}" for b in c.encode("utf-8")) if c in _TRASH_ESCAPE else c for c in part
+    )
+    if len(esc.encode("utf-8")) <= _TRASH_NAME_MAX_BYTES:
+        return esc
+    head = esc.encode("utf-8")[:_TRASH_HEAD_BYTES].decode("utf-8", "ignore")
+    if "%" in head[-2:]:  # never cut an escape in two
+        head = head[: head.rindex("%")]
+    digest = hashlib.sha256(part.encode("utf-8")).hexdigest()[:40]
+    return f"{head}%#{digest}"
+
+
 # -- whole-file I/O by URL (plan directories, job specs, reports) ---------------------------
 def _url_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     # Options such as endpoint_url belong to remote backends: never hand them to local files.
-    return {} if "://" not in url or url.startswith("file://") else dict(storage_options or {})
+    if "://" not in url or url.startswith("file://"):
+        return {}
+    return _open_options(url, storage_options)
+
+
+#: botocore settings for S3 unless the job sets its own (``config_kwargs``): a store that
+#: hangs fails within about a minute (s3fs tries a call twice, botocore each time twice, each
+#: attempt waiting at most 5 s to connect and 12 s for a read) instead of botocore's default of
+#: several minutes. "standard" retry mode backs off on throttling (SlowDown), as "legacy" does
+#: not for every error.
+S3_DEFAULT_CONFIG: Mapping[str, Any] = {
+    "connect_timeout": 5,
+    "read_timeout": 12,
+    "retries": {"max_attempts": 2, "mode": "standard"},
+}
+#: s3fs's own attempts per call (its default is 5).
+S3_DEFAULT_RETRIES = 2
+
+
+def _open_options(url: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fsspec options a URL is opened with: the job's, plus S3 timeout defaults."""
+    out = dict(options or {})
+    if url.split("://", 1)[0] in ("s3", "s3a"):
+        config = dict(out.get("config_kwargs") or {})
+        for k, v in S3_DEFAULT_CONFIG.items():
+            config.setdefault(k, v)
+        out["config_kwargs"] = config
+    return out
+
+
+def _url_to_fs(url: str, options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """``fsspec.core.url_to_fs`` with the job's options and this module's S3 defaults."""
+    fs, path = fsspec.core.url_to_fs(url, **_open_options(url, options))
+    if "s3" in _protocols(fs) and getattr(fs, "retries", 0) > S3_DEFAULT_RETRIES:
+        fs.retries = S3_DEFAULT_RETRIES  # s3fs's own attempts per call: an attribute only
+    return fs, path
 
 
 def join_url(base: str, *names: str) -> str:
@@ -773,7 +1222,7 @@ def join_url(base: str, *names: str) -> str:
 
 def read_url(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     """The whole content of ``url``; a missing file raises :class:`FileNotFoundError`."""
-    fs, path = fsspec.core.url_to_fs(url, **_url_options(url, storage_options))
+    fs, path = _url_to_fs(url, _url_options(url, storage_options))
     return fs.cat_file(path)
 
 
@@ -782,7 +1231,7 @@ def write_url(url: str, data: bytes, storage_options: Mapping[str, Any] | None =
 
     Local files are written to a temporary name and renamed, so a reader never sees half a file.
     """
-    fs, path = fsspec.core.url_to_fs(url, **_url_options(url, storage_options))
+    fs, path = _url_to_fs(url, _url_options(url, storage_options))
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -796,7 +1245,7 @@ def write_url(url: str, data: bytes, storage_options: Mapping[str, Any] | None =
 
 def url_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``url`` names an existing file or folder."""
-    fs, path = fsspec.core.url_to_fs(url, **_url_options(url, storage_options))
+    fs, path = _url_to_fs(url, _url_options(url, storage_options))
     return bool(fs.exists(path))
 
 
@@ -919,7 +1368,7 @@ def _storage_error(url: str, exc: BaseException, options: Mapping[str, Any] | No
 
 def _fs_for(url: str, options: Mapping[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return fsspec.core.url_to_fs(url, **dict(options or {}))
+        return _url_to_fs(url, options)
     except ImportError as exc:
         raise StorageError(
             f"{url}: the filesystem for this URL is not installed ({_one_line(exc)}); "

@@ -17,7 +17,7 @@ import pytest
 
 from dedup_batch.apply import _make_batches, apply_plan, restore
 from dedup_batch.errors import ConfigError, InputError, SafetyError, ScopeError
-from dedup_batch.storage import Store
+from dedup_batch.storage import Store, trash_key
 
 # Names that glob-expanding APIs get wrong: each decoy matches the pattern its duplicate's
 # name forms ("a[1].jpg" matches "a1.jpg", "b*.jpg" matches "bx.jpg", ...).
@@ -85,6 +85,13 @@ def make_tree(root: str, names: Sequence[str], fs: fsspec.AbstractFileSystem | N
                 f.write(n.encode())
         else:
             fs.pipe_file(path, n.encode())
+
+
+def in_trash(plan_dir: str, names) -> set[str]:
+    """Where ``names`` lie in the trash folder after an apply of ``plan_dir``."""
+    with open(os.path.join(plan_dir, "journal", "manifest.json")) as f:
+        scope = json.load(f)["trash_scope"]
+    return {f"{scope}/{trash_key(n)}" for n in names}
 
 
 def local_files(root) -> set[str]:
@@ -226,7 +233,7 @@ def test_limits_refuse_before_anything(tmp_path, kwargs, match):
     make_tree(str(root), ["k.jpg", "d1.jpg", "d2.jpg", "d3.jpg", "n.jpg"])
     store = Store(str(root))
     plan_dir = str(tmp_path / "plan")
-    write_plan(plan_dir, {"k.jpg": ["d1.jpg", "d2.jpg", "d3.jpg"], "n.jpg": []})
+    write_plan(plan_dir, {"k.jpg": ["d1.jpg", "d2.jpg", "d3.jpg"], "n.jpg": []}, store=store)
     with pytest.raises(SafetyError, match=match):
         apply_plan(plan_dir, store=store, **kwargs)
     assert len(local_files(root)) == 5
@@ -342,8 +349,12 @@ def test_trash_and_restore_local(local_job, tmp_path):
     res = apply_plan(plan_dir, store=store, trash=trash, batch_size=2)
     assert res.ok and res.counts == {"trashed": len(dups)}
     assert local_files(root) == set(keepers + decoys + ["noise.jpg"])
-    assert local_files(trash) == set(dups)
-    assert all((tmp_path / "trash" / d).read_bytes() == before[d] for d in dups)
+    assert local_files(trash) == in_trash(plan_dir, dups)
+    assert all(
+        (tmp_path / "trash" / t).read_bytes() == before[d]
+        for d in dups
+        for t in in_trash(plan_dir, [d])
+    )
     # The apply journal says "trash": finishing it without is refused.
     with pytest.raises(SafetyError, match="trash"):
         apply_plan(plan_dir, store=store)
@@ -368,7 +379,7 @@ def test_restore_leaves_a_new_object_alone(tmp_path):
     assert res.counts == {"restored": 1, "skipped_exists": 1} and not res.ok
     assert (root / "d1.jpg").read_bytes() == b"someone uploaded a new d1"
     assert (root / "d2.jpg").read_bytes() == b"d2.jpg"
-    assert local_files(trash) == {"d1.jpg"}
+    assert local_files(trash) == in_trash(plan_dir, ["d1.jpg"])
 
 
 @pytest.mark.parametrize("where", ["inside", "contains"])

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from test_apply import TRICKY, read_report, tricky_names, write_plan
+from test_apply import TRICKY, in_trash, read_report, tricky_names, write_plan
 
 import dedup_batch.storage as storage_mod
 from dedup_batch.apply import apply_plan, restore
@@ -241,9 +241,10 @@ def test_trash_and_restore_on_s3(tricky_bucket, s3, s3fs_client, tmp_path):
     res = apply_plan(plan_dir, store=store, trash=trash, batch_size=3)
     assert res.ok and res.counts == {"trashed": len(dups)}
     assert keys(s3fs_client, "photos") == set(keepers + decoys)
-    assert keys(s3fs_client, "trash-bkt", "dedup/") == set(dups)
+    assert keys(s3fs_client, "trash-bkt", "dedup/") == in_trash(plan_dir, dups)
     for d in dups:
-        assert s3fs_client.cat_file(f"trash-bkt/dedup/{d}") == d.encode()
+        (t,) = in_trash(plan_dir, [d])
+        assert s3fs_client.cat_file(f"trash-bkt/dedup/{t}") == d.encode()
     back = restore(plan_dir, store=store, trash=trash)
     assert back.ok and back.counts == {"restored": len(dups)}
     assert keys(s3fs_client, "photos") == set(keepers + dups + decoys)

@@ -352,18 +352,23 @@ def test_duplicate_path_with_different_vectors_names_both_places(root):
     with pytest.raises(InputError) as err:
         load_features(os.path.join(root.root, "feat", "*.parquet"), store=root)
     assert str(err.value).startswith(
-        f"path 'img/00001.jpg' at {b} row 3 is also listed at {a} row 1 as 'img/00001.jpg' "
-        "with a different vector"
+        f"path 'img/00001.jpg' at {b} row 3 names the same object ('img/00001.jpg') as "
+        f"'img/00001.jpg' at {a} row 1, with a different vector"
     )
 
 
-@pytest.mark.parametrize("spelling", ["./x/a.jpg", "{root}/x/a.jpg"])
+@pytest.mark.parametrize(
+    "spelling", ["./x/a.jpg", "{root}/x/a.jpg", "x//a.jpg", "x/./a.jpg", "x/a.jpg/", ".//x/a.jpg"]
+)
 def test_two_spellings_of_one_object_are_one_path(root, spelling):
     X = np.array([[1, 2], [3, 4]], np.float32)
     other = spelling.format(root=root.root)
     url = _local(root, "a.parquet", sh.wide_parquet(["x/a.jpg", other], X))
-    with pytest.raises(InputError, match=r"as 'x/a\.jpg' with a different vector"):
+    with pytest.raises(InputError, match=r"\('x/a\.jpg'\) as 'x/a\.jpg' .*different vector"):
         load_features(url, store=root)
+    # The same vector: one row, under the canonical spelling.
+    url = _local(root, "a.parquet", sh.wide_parquet([other, "x/a.jpg"], X[[0, 0]]))
+    assert load_features(url, store=root).paths.tolist() == ["x/a.jpg"]
 
 
 def test_identical_duplicates_collapse_to_first(root, caplog):
@@ -392,9 +397,11 @@ def test_scope_escape_local(root, bad):
 
 def test_absolute_path_inside_local_root_is_fine(root):
     paths, X = sh.vectors(2, 2)
-    paths[0] = os.path.join(root.root, "img", "a.jpg")
-    url = _local(root, "a.parquet", sh.wide_parquet(paths, X))
-    _check(load_features(url, store=root), paths, X)
+    written = list(paths)
+    written[0] = os.path.join(root.root, "img", "a.jpg")
+    url = _local(root, "a.parquet", sh.wide_parquet(written, X))
+    # Loaded under its canonical name: relative to the root.
+    _check(load_features(url, store=root), ["img/a.jpg", *paths[1:]], X)
 
 
 # -- memory:// and S3 ------------------------------------------------------------------------

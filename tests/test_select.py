@@ -137,12 +137,14 @@ def test_noise_is_never_deleted() -> None:
     assert plan["keep"].sum() == 2
 
 
-def test_missing_objects_are_never_keepers() -> None:
+def test_missing_objects_are_never_keepers_and_never_deleted() -> None:
     objects = OBJECTS.copy()
     objects["exists"] = [True, False, True, True]  # a.jpg is gone
     objects.loc[1, "size"] = pd.NA
     plan = select_keepers(PATHS, X, LABELS, objects, policy="first-path")
-    assert keeper_of(plan) == ["b.jpg"]
+    row = plan.set_index("path")
+    assert row.loc["a.jpg", "keep"] and row.loc["a.jpg", "keeper"] == "a.jpg"
+    assert set(row.loc[~row["keep"], "keeper"]) == {"b.jpg"}
     gone = select_keepers(PATHS, X, LABELS, objects.assign(exists=[False] * 3 + [True]))
     assert gone[gone["cluster"] == 0]["keep"].all()  # nothing to delete, nothing chosen
 
@@ -161,15 +163,13 @@ def test_policy_needing_sizes_without_sizes_is_a_clear_error() -> None:
 
 
 def test_a_value_missing_for_some_members_sorts_last_whatever_the_direction() -> None:
-    objects = OBJECTS.assign(size=pd.array([pd.NA, 100, 200, 50], dtype="Int64"))
-    # b.jpg (the largest) has no size now: c.jpg is the largest known, a.jpg the smallest
-    assert keeper_of(select_keepers(PATHS, X, LABELS, objects, policy="largest-size")) == ["c.jpg"]
-    assert keeper_of(select_keepers(PATHS, X, LABELS, objects, policy="smallest-size")) == ["a.jpg"]
-    # a size known for none of them falls through to the next key (mtime: c.jpg is oldest)
-    none = OBJECTS.assign(size=pd.array([pd.NA] * 4, dtype="Int64"))
-    assert keeper_of(select_keepers(PATHS, X, LABELS, none, policy="mtime,path")) == ["c.jpg"]
-    assert keeper_of(select_keepers(PATHS, X, LABELS, none, policy="pixels,-size,mtime")) == [
-        "c.jpg"
+    objects = OBJECTS.assign(mtime=[np.nan, 30.0, 10.0, 5.0])
+    # b.jpg has no time (it is still observed: it has an ETag): it sorts last both ways
+    assert keeper_of(select_keepers(PATHS, X, LABELS, objects, policy="oldest")) == ["c.jpg"]
+    assert keeper_of(select_keepers(PATHS, X, LABELS, objects, policy="newest")) == ["a.jpg"]
+    # pixels known for none of them: the next key decides (-size: b.jpg is the largest)
+    assert keeper_of(select_keepers(PATHS, X, LABELS, objects, policy="pixels,-size,mtime")) == [
+        "b.jpg"
     ]
 
 
@@ -314,6 +314,7 @@ def plan_of(rows: list[tuple], policy: str = "original", **kw) -> pd.DataFrame:
     objects = pd.DataFrame(
         {
             "size": pd.array([r[1] for r in rows], dtype="Int64"),
+            "etag": [f"e{i}" for i in range(len(rows))],  # observed even without a time
             "mtime": [float("nan") if r[2] is None else r[2] for r in rows],
             "width": pd.array([r[3] for r in rows], dtype="Int64"),
             "height": pd.array([r[4] for r in rows], dtype="Int64"),
@@ -396,10 +397,22 @@ def test_reasons_for_protected_singletons_noise_chains_and_deletions() -> None:
     assert plan.loc["n.jpg", "keep_reason"] == "noise (never deleted)"
     assert (plan.loc[~plan["keep"], "keep_reason"] == "").all()
     assert plan["keep_reason"].dtype == "string"
-    one = select_keepers(
-        ["a", "b"], np.zeros((2, 1)), np.zeros(2, int), pd.DataFrame({"exists": [False, True]})
-    ).set_index("path")
-    assert one.loc["b", "keep_reason"] == "only existing member"
+    seen = pd.DataFrame(
+        {
+            "exists": [False, True, True, True],
+            "size": pd.array([None, 5, None, 5], dtype="Int64"),
+            "etag": ["e0", "e1", None, "e3"],
+            "kind": ["file", "file", "file", "link"],
+        }
+    )
+    one = select_keepers(list("abcd"), np.zeros((4, 1)), np.zeros(4, int), seen).set_index("path")
+    assert one["keep"].tolist() == [True, True, True, False]  # only the link is deleted
+    assert one["keep_reason"].tolist() == [
+        "not found (never deleted)",
+        "only member that can be kept",
+        "not observed at plan time (never deleted)",
+        "",
+    ]
     centroid = select_keepers(
         ["a", "b", "c"], np.array([[0.0], [1.0], [3.0]]), np.zeros(3, int), policy="centroid"
     ).set_index("path")
@@ -447,7 +460,7 @@ def reference_keepers(rows: list[dict], keys: list[tuple[str, bool]]) -> dict[in
         st.tuples(
             st.integers(0, 4),  # cluster
             st.sampled_from(NAMES),
-            st.one_of(st.none(), st.integers(1, 3)),  # size
+            st.integers(1, 3),  # size: a listed object always has one
             st.one_of(st.none(), st.integers(0, 2)),  # mtime
             st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))),  # w, h
         ),
@@ -490,6 +503,7 @@ def test_the_engine_equals_a_sorted_reference_whatever_the_input_order(
         objects = pd.DataFrame(
             {
                 "size": pd.array([r["size"] for r in rows], dtype="Int64"),
+                "etag": [f"e{i}" for i in range(len(rows))],  # observed without a time too
                 "mtime": [np.nan if r["mtime"] is None else float(r["mtime"]) for r in rows],
                 "width": pd.array([r["wh"] and r["wh"][0] for r in rows], dtype="Int64"),
                 "height": pd.array([r["wh"] and r["wh"][1] for r in rows], dtype="Int64"),

@@ -1,0 +1,576 @@
+"""Nothing is lost: the invariants of plan + apply (+ restore), each tried on every backend.
+
+Named tests reproduce each way the first version deleted what it promised to keep (issue 9);
+the property tests generate collections mixing all of them (alias spellings, linked folders,
+rows missing at plan time, objects created, changed or replaced between plan and apply, shared
+trash, keys with ``//`` and glob characters) and check the invariants after a real plan and a
+real apply:
+
+* no keeper of the plan is deleted, nor changed;
+* nothing outside the root is touched;
+* only objects that the plan observed, unchanged since, are deleted;
+* every trashed object restores byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import _shards as sh
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+from fsspec.asyn import sync
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dedup_batch import pipeline
+from dedup_batch.apply import apply_plan, restore
+from dedup_batch.config import JobSpec
+from dedup_batch.errors import SafetyError, ScopeError, StorageError
+from dedup_batch.storage import Store, trash_key
+
+DIM = 4
+EPS = 1.0
+
+
+def vec(group: int, jitter: float = 0.0) -> np.ndarray:
+    """A vector of ``group``: groups lie 10 apart, members within ``jitter`` (< EPS / 2)."""
+    v = np.zeros(DIM, np.float32)
+    v[group % DIM] = 10.0 * (1 + group // DIM)
+    v[(group + 1) % DIM] += jitter
+    return v
+
+
+def write_features(url: str, rows: list[tuple[str, np.ndarray]], options=None) -> None:
+    paths = [p for p, _ in rows]
+    X = np.stack([v for _, v in rows]).astype(np.float32)
+    sh.put(url, sh.wide_parquet(paths, X, how="column"), options)
+
+
+def plan_job(root: str, features: str, out: str, options=None, **kw) -> pd.DataFrame:
+    spec = JobSpec(
+        features=[features],
+        root=root,
+        eps=EPS,
+        out=out,
+        report=False,
+        storage_options=dict(options or {}),
+        **kw,
+    )
+    spec.validate()
+    return pipeline.plan(spec).plan
+
+
+def snapshot(folder: str) -> dict[str, bytes]:
+    """Every regular file under ``folder`` (links not followed) -> its bytes."""
+    out = {}
+    for d, _, files in os.walk(folder):
+        for f in files:
+            full = os.path.join(d, f)
+            if os.path.isfile(full) and not os.path.islink(full):
+                with open(full, "rb") as fh:
+                    out[os.path.relpath(full, folder)] = fh.read()
+    return out
+
+
+def write(path, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+# -- 1. alias spellings of one object ----------------------------------------------------------
+@pytest.mark.parametrize("alias", ["x//a.jpg", "x/./a.jpg", "x/a.jpg/", "./x/a.jpg"])
+def test_alias_spelling_never_deletes_the_keeper_local(tmp_path, alias):
+    root = tmp_path / "root"
+    write(root / "x" / "a.jpg", b"the only copy")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("x/a.jpg", vec(0)), (alias, vec(0))])
+    plan = plan_job(str(root), feats, str(tmp_path / "plan"))
+    assert plan["path"].tolist() == ["x/a.jpg"]  # one object, one row
+    res = apply_plan(str(tmp_path / "plan"), store=Store(str(root)))
+    assert res.counts == {} and (root / "x" / "a.jpg").read_bytes() == b"the only copy"
+
+
+def test_alias_spellings_on_memory_and_s3_are_never_deleted_unseen(s3, s3fs_client, tmp_path):
+    # On object stores 'x//a.jpg' is another key: absent here, so seen missing, never deleted.
+    s3fs_client.mkdir("bkt")
+    s3fs_client.pipe({"bkt/r/x/a.jpg": b"only"})
+    fsspec.filesystem("memory").pipe({"/safety-mem/x/a.jpg": b"only"})
+    for root, opts, check in [
+        ("s3://bkt/r", s3, lambda: s3fs_client.cat_file("bkt/r/x/a.jpg")),
+        (
+            "memory://safety-mem",
+            None,
+            lambda: fsspec.filesystem("memory").cat("/safety-mem/x/a.jpg"),
+        ),
+    ]:
+        feats = str(tmp_path / f"{len(root)}.parquet")
+        write_features(feats, [("x/a.jpg", vec(0)), ("x//a.jpg", vec(0, 0.1))])
+        out = str(tmp_path / f"plan-{len(root)}")
+        plan = plan_job(root, feats, out, opts)
+        row = plan.set_index("path")
+        assert not row.loc["x//a.jpg", "exists"] and row.loc["x//a.jpg", "keep"]
+        res = apply_plan(out, store=Store(root, opts))
+        assert res.counts == {} and check() == b"only"
+
+
+# -- 2. linked folders inside a local root -----------------------------------------------------
+def test_linked_folder_to_outside_is_refused_at_plan(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write(outside / "o.jpg", b"outside")
+    write(root / "k.jpg", b"keeper")
+    os.symlink(outside, root / "ext")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("k.jpg", vec(0)), ("ext/o.jpg", vec(0, 0.1))])
+    with pytest.raises(ScopeError, match=r"row 1: path 'ext/o\.jpg' leads outside root"):
+        plan_job(str(root), feats, str(tmp_path / "plan"))
+    assert (outside / "o.jpg").read_bytes() == b"outside"
+
+
+def test_linked_folder_inside_root_is_one_object(tmp_path):
+    root = tmp_path / "root"
+    write(root / "2019" / "p.jpg", b"the only p")
+    os.symlink(root / "2019", root / "album")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("album/p.jpg", vec(0)), ("2019/p.jpg", vec(0))])
+    plan = plan_job(str(root), feats, str(tmp_path / "plan"))
+    assert plan["path"].tolist() == ["2019/p.jpg"]
+    assert apply_plan(str(tmp_path / "plan"), store=Store(str(root))).counts == {}
+    assert (root / "2019" / "p.jpg").read_bytes() == b"the only p"
+
+
+def test_folder_swapped_for_a_link_after_the_plan_is_not_deleted_through(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    write(root / "a.jpg", b"keeper")
+    write(root / "d" / "dup.jpg", b"dup")
+    write(outside / "dup.jpg", b"dup")  # same size; a different file outside the root
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("a.jpg", vec(0)), ("d/dup.jpg", vec(0, 0.1))])
+    plan_job(str(root), feats, str(tmp_path / "plan"), keep="first-path")
+    st = os.stat(root / "d" / "dup.jpg")
+    os.utime(outside / "dup.jpg", ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and time
+    shutil.rmtree(root / "d")
+    os.symlink(outside, root / "d")
+    res = apply_plan(str(tmp_path / "plan"), store=Store(str(root)))
+    assert res.counts == {"skipped_changed": 1}
+    assert (outside / "dup.jpg").read_bytes() == b"dup"
+
+
+def test_linked_file_is_never_a_keeper_and_deleting_it_removes_the_link_only(tmp_path):
+    root = tmp_path / "root"
+    write(root / "real.jpg", b"content")
+    os.symlink(root / "real.jpg", root / "a-link.jpg")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("a-link.jpg", vec(0)), ("real.jpg", vec(0))])
+    plan = plan_job(str(root), feats, str(tmp_path / "plan"), keep="first-path")
+    row = plan.set_index("path")
+    assert row.loc["real.jpg", "keep"] and not row.loc["a-link.jpg", "keep"]
+    res = apply_plan(str(tmp_path / "plan"), store=Store(str(root)))
+    assert res.counts == {"deleted": 1}
+    assert (
+        not os.path.lexists(root / "a-link.jpg") and (root / "real.jpg").read_bytes() == b"content"
+    )
+
+
+# -- 3. objects missing at plan time -----------------------------------------------------------
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_object_missing_at_plan_time_is_never_deleted(backend, tmp_path, request):
+    if backend == "s3":
+        s3 = request.getfixturevalue("s3")
+        fs = request.getfixturevalue("s3fs_client")
+        fs.mkdir("bkt")
+        root, opts, base = "s3://bkt/r", s3, "bkt/r"
+    else:
+        fs, root, opts = fsspec.filesystem("file", auto_mkdir=True), str(tmp_path / "root"), None
+        base = root
+    fs.pipe({f"{base}/k.jpg": b"keeper"})
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("k.jpg", vec(0)), ("late.jpg", vec(0, 0.1)), ("far.jpg", vec(0, 0.4))])
+    plan = plan_job(root, feats, str(tmp_path / "plan"), opts, max_keeper_distance=0.2)
+    assert plan["keep"].all()  # nothing seen to delete
+    fs.pipe({f"{base}/late.jpg": b"uploaded after the plan", f"{base}/far.jpg": b"too"})
+    res = apply_plan(str(tmp_path / "plan"), store=Store(root, opts))
+    assert res.counts == {}
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{base}/late.jpg") == b"uploaded after the plan"
+
+
+def test_old_plan_rows_without_an_observation_are_left_alone(tmp_path):
+    from test_apply import write_plan
+
+    root = tmp_path / "root"
+    write(root / "k.jpg", b"k")
+    write(root / "d.jpg", b"d")
+    write_plan(str(tmp_path / "plan"), {"k.jpg": ["d.jpg"]})  # no sizes, no times
+    res = apply_plan(str(tmp_path / "plan"), store=Store(str(root)))
+    assert res.counts == {"skipped_unobserved": 1} and not res.ok
+    assert (root / "d.jpg").read_bytes() == b"d"
+
+
+# -- 4 and 5. the trash: scoped per plan, one location per key ---------------------------------
+def test_two_plans_sharing_a_trash_keep_both_versions(tmp_path):
+    root, trash = tmp_path / "root", str(tmp_path / "trash")
+    write(root / "k.jpg", b"keeper")
+    write(root / "x.jpg", b"first x")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("k.jpg", vec(0)), ("x.jpg", vec(0, 0.1))])
+    plan_job(str(root), feats, str(tmp_path / "A"), keep="first-path")
+    assert apply_plan(str(tmp_path / "A"), store=Store(str(root)), trash=trash).counts == {
+        "trashed": 1
+    }
+    write(root / "x.jpg", b"second x, longer")
+    plan_job(str(root), feats, str(tmp_path / "B"), keep="first-path")
+    assert apply_plan(str(tmp_path / "B"), store=Store(str(root)), trash=trash).counts == {
+        "trashed": 1
+    }
+    assert sorted(snapshot(trash).values()) == [b"first x", b"second x, longer"]
+    back = restore(str(tmp_path / "A"), store=Store(str(root)), trash=trash)
+    assert back.counts == {"restored": 1}
+    assert (root / "x.jpg").read_bytes() == b"first x"
+    # B's copy is still there; restoring it would overwrite A's object: refused.
+    assert restore(str(tmp_path / "B"), store=Store(str(root)), trash=trash).counts == {
+        "skipped_exists": 1
+    }
+    assert (root / "x.jpg").read_bytes() == b"first x"
+
+
+def test_keys_that_differ_only_by_slashes_never_share_a_trash_file(s3, s3fs_client, tmp_path):
+    s3fs_client.mkdir("bkt")
+    names = ["k.jpg", "a/b.jpg", "a//b.jpg", "a/b.jpg/c", "x?versionId=1", "d*[1].jpg"]
+    for n in names:  # by exact key: s3fs would parse "?versionId=" out of a path
+        s3fs_client.call_s3("put_object", Bucket="bkt", Key=f"r/{n}", Body=f"<{n}>".encode())
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [(n, vec(0, 0.01 * i)) for i, n in enumerate(names)])
+    out, trash = str(tmp_path / "plan"), str(tmp_path / "trash")
+    plan = plan_job("s3://bkt/r", feats, out, s3, keep="first-path", max_keeper_distance="none")
+    assert (~plan["keep"]).sum() == len(names) - 1
+    res = apply_plan(out, store=Store("s3://bkt/r", s3), trash=trash)
+    assert res.counts == {"trashed": len(names) - 1}
+    assert len(snapshot(trash)) == len(names) - 1
+    back = restore(out, store=Store("s3://bkt/r", s3), trash=trash)
+    assert back.counts == {"restored": len(names) - 1}
+    for n in names:
+        got = s3fs_client.call_s3("get_object", Bucket="bkt", Key=f"r/{n}")
+        assert sync(s3fs_client.loop, got["Body"].read) == f"<{n}>".encode()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["a/b.jpg", "a//b.jpg", "a/b.jpg/", "a/./b.jpg", "a/b.jpg/c.jpg", "a/b.jpg~/c.jpg"],
+        ["%", "%25", "~", "%7E", ".", "..", "...", "", "x?versionId=2", "x%3FversionId=2"],
+    ],
+)
+def test_trash_key_is_one_to_one_and_tree_safe(keys):
+    out = [trash_key(k) for k in keys]
+    assert len(set(out)) == len(keys)
+    for t in out:  # no component a disk refuses, no file also used as a folder
+        assert all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in t.split("/"))
+    files, folders = set(out), {t.rsplit("/", 1)[0] for t in out if "/" in t}
+    assert not files & folders
+
+
+@given(st.lists(st.text(min_size=0, max_size=300), min_size=1, max_size=12, unique=True))
+@settings(max_examples=200, deadline=None)
+def test_trash_key_property(keys):
+    out = [trash_key(k) for k in keys if "\x00" not in k]
+    assert len(set(out)) == len(out)
+    prefixes = {"/".join(t.split("/")[:i]) for t in out for i in range(1, t.count("/") + 1)}
+    assert not set(out) & prefixes  # a trash file is never a folder of another
+    for t in out:
+        assert all(p not in ("", ".", "..") and len(p.encode()) <= 255 for p in t.split("/"))
+
+
+def test_restore_refuses_a_trash_copy_that_changed(tmp_path):
+    root, trash = tmp_path / "root", tmp_path / "trash"
+    write(root / "k.jpg", b"keeper")
+    write(root / "x.jpg", b"xxxx")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("k.jpg", vec(0)), ("x.jpg", vec(0, 0.1))])
+    plan_job(str(root), feats, str(tmp_path / "p"), keep="first-path")
+    apply_plan(str(tmp_path / "p"), store=Store(str(root)), trash=str(trash))
+    (copy,) = [os.path.join(d, f) for d, _, fs in os.walk(trash) for f in fs]
+    write(copy, b"yyyy")  # same size, other bytes
+    res = restore(str(tmp_path / "p"), store=Store(str(root)), trash=str(trash))
+    assert res.counts == {"failed": 1} and "TrashChanged" in res.outcomes["error_code"].tolist()
+    assert not (root / "x.jpg").exists()
+
+
+# -- 7. names the backend cannot take ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [("bad\x00name.jpg", "NUL byte"), ("d/" + "n" * 256 + ".jpg", "component of 260 bytes")],
+)
+def test_poison_names_are_refused_at_plan_time(tmp_path, name, match):
+    root = tmp_path / "root"
+    write(root / "k.jpg", b"k")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("k.jpg", vec(0)), (name, vec(0, 0.1))])
+    with pytest.raises(ScopeError, match=rf"f\.parquet: row 1: .*{match}"):
+        plan_job(str(root), feats, str(tmp_path / "plan"))
+
+
+def test_s3_key_too_long_or_with_control_characters_is_refused(s3, s3fs_client, tmp_path):
+    s3fs_client.mkdir("bkt")
+    store = Store("s3://bkt/r", s3)
+    with pytest.raises(ScopeError, match="more than S3 allows"):
+        store.resolve("k" * 1030)
+    with pytest.raises(ScopeError, match="control character"):
+        store.resolve("a\rb.jpg")
+    assert store.resolve("a\tb.jpg") == "bkt/r/a\tb.jpg"
+
+
+def test_one_failing_object_does_not_stop_the_apply(tmp_path):
+    root = tmp_path / "root"
+    for n in ("k.jpg", "a.jpg", "locked/b.jpg", "c.jpg"):
+        write(root / n, n.encode())
+    feats = str(tmp_path / "f.parquet")
+    write_features(
+        feats,
+        [(n, vec(0, 0.01 * i)) for i, n in enumerate(["k.jpg", "a.jpg", "locked/b.jpg", "c.jpg"])],
+    )
+    plan_job(str(root), feats, str(tmp_path / "p"), keep="first-path", batch_size=1)
+    os.chmod(root / "locked", 0o555)
+    try:
+        res = apply_plan(str(tmp_path / "p"), store=Store(str(root)), batch_size=1)
+    finally:
+        os.chmod(root / "locked", 0o755)
+    if os.geteuid() == 0:  # root may delete anyway: then everything is deleted
+        assert res.counts == {"deleted": 3}
+    else:
+        assert res.counts == {"deleted": 2, "failed": 1}
+
+
+# -- 8. resume in another root -----------------------------------------------------------------
+def test_resume_against_another_root_is_refused(tmp_path):
+    root, backup = tmp_path / "root", tmp_path / "backup"
+    for n in ("k.jpg", "a.jpg", "b.jpg"):
+        write(root / n, n.encode())
+    shutil.copytree(root, backup, copy_function=shutil.copy2)
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("k.jpg", vec(0)), ("a.jpg", vec(0, 0.1)), ("b.jpg", vec(0, 0.2))])
+    plan_job(str(root), feats, str(tmp_path / "p"), keep="first-path")
+    apply_plan(str(tmp_path / "p"), store=Store(str(root)), max_delete=5, batch_size=1)
+    # Pretend it was interrupted: drop one batch from the journal, then point at the backup.
+    journal = tmp_path / "p" / "journal"
+    os.remove(sorted(journal.glob("batch-*.json"))[-1])
+    with pytest.raises(SafetyError, match="was written for root"):
+        apply_plan(str(tmp_path / "p"), store=Store(str(backup)), batch_size=1)
+    assert snapshot(str(backup)) == {"k.jpg": b"k.jpg", "a.jpg": b"a.jpg", "b.jpg": b"b.jpg"}
+
+
+# -- 9. a keeper replaced since the plan -------------------------------------------------------
+@pytest.mark.parametrize("how", ["other size", "same size"])
+def test_changed_keeper_skips_its_cluster(tmp_path, how):
+    root = tmp_path / "root"
+    write(root / "a-keeper.jpg", b"keeper")
+    write(root / "d.jpg", b"dup")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("a-keeper.jpg", vec(0)), ("d.jpg", vec(0, 0.1))])
+    plan_job(str(root), feats, str(tmp_path / "p"), keep="first-path")
+    time.sleep(0.01)
+    write(root / "a-keeper.jpg", b"a different image" if how == "other size" else b"KEEPER")
+    res = apply_plan(str(tmp_path / "p"), store=Store(str(root)))
+    assert res.counts == {"skipped_keeper_changed": 1}
+    assert (root / "d.jpg").read_bytes() == b"dup"
+
+
+# -- timeouts ----------------------------------------------------------------------------------
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """An HTTP endpoint on 127.0.0.1 that accepts connections and never answers."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    t.join()
+    for c in held:
+        c.close()
+    srv.close()
+
+
+def test_a_hung_endpoint_fails_in_bounded_time(silent_endpoint, tmp_path):
+    from test_apply import write_plan
+
+    opts = {
+        "endpoint_url": silent_endpoint,
+        "key": "k",
+        "secret": "s",
+        "config_kwargs": {"read_timeout": 1, "connect_timeout": 1},
+    }
+    write_plan(str(tmp_path / "plan"), {"k.jpg": ["d.jpg"]})
+    df = pd.read_parquet(tmp_path / "plan" / "plan.parquet")
+    df["size"], df["etag"], df["exists"] = pd.array([1, 1], dtype="Int64"), '"e"', True
+    df.to_parquet(tmp_path / "plan" / "plan.parquet")
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match="nothing was deleted"):
+        apply_plan(str(tmp_path / "plan"), store=Store("s3://bkt/r", opts))
+    assert time.monotonic() - t0 < 30
+
+
+# -- the invariants, on generated collections --------------------------------------------------
+NAMES = st.text(alphabet=st.sampled_from(list("ab x[]*?é-_.()")), min_size=1, max_size=6).filter(
+    lambda s: s not in (".", "..") and not s.startswith(" ")
+)
+
+
+@st.composite
+def collections(draw):
+    """Objects in groups of near-duplicates, the rows the features list for them (with alias
+    spellings, linked folders and rows for missing objects), and what happens between the plan
+    and the apply."""
+    n_groups = draw(st.integers(1, 3))
+    objects: dict[str, tuple[int, bytes]] = {}
+    for g in range(n_groups):
+        for i in range(draw(st.integers(1, 4))):
+            folder = draw(st.sampled_from(["", "f/", "f/g/", "h/"]))
+            name = f"{folder}{draw(NAMES)}{g}{i}.jpg"
+            objects[name] = (g, f"<{name}>".encode() * draw(st.integers(1, 3)))
+    rows = []
+    for j, (name, (g, _)) in enumerate(sorted(objects.items())):
+        rows.append((name, vec(g, 0.05 * (j % 5))))
+        alias = draw(st.sampled_from([None, "//", "./", "/.", "link", "trail"]))
+        if alias == "//" and "/" in name:
+            rows.append((name.replace("/", "//", 1), vec(g, 0.05 * (j % 5))))
+        elif alias == "./":
+            rows.append(("./" + name, vec(g, 0.05 * (j % 5))))
+        elif alias == "/." and "/" in name:
+            rows.append((name.replace("/", "/./", 1), vec(g, 0.05 * (j % 5))))
+        elif alias == "link" and name.startswith("f/"):
+            rows.append(("linked/" + name[2:], vec(g, 0.05 * (j % 5))))
+        elif alias == "trail":
+            rows.append((name + "/", vec(g, 0.05 * (j % 5))))
+    missing = [f"gone{k}.jpg" for k in range(draw(st.integers(0, 2)))]
+    rows += [(m, vec(draw(st.integers(0, n_groups - 1)), 0.1)) for m in missing]
+    names = sorted(objects)
+    change = draw(st.lists(st.sampled_from(names), max_size=3, unique=True))
+    remove = draw(st.lists(st.sampled_from(names), max_size=2, unique=True))
+    create = draw(st.lists(st.sampled_from(missing), unique=True)) if missing else []
+    trash = draw(st.booleans())
+    return objects, rows, change, remove, create, trash
+
+
+@given(collections())
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_invariants_local(case):
+    objects, rows, change, remove, create, use_trash = case
+    tmp = tempfile.mkdtemp()
+    try:
+        root, outside = os.path.join(tmp, "root"), os.path.join(tmp, "outside")
+        for name, (_, body) in objects.items():
+            write(os.path.join(root, name), body)
+        write(os.path.join(outside, "o.jpg"), b"outside")
+        os.makedirs(os.path.join(root, "f"), exist_ok=True)
+        os.symlink(os.path.join(root, "f"), os.path.join(root, "linked"))
+        feats = os.path.join(tmp, "f.parquet")
+        write_features(feats, rows)
+        out = os.path.join(tmp, "plan")
+        plan = plan_job(root, feats, out, max_keeper_distance="none")
+        at_plan = snapshot(root)
+        keepers = set(plan.loc[plan["keep"], "path"])
+        # Between plan and apply: objects change, disappear, appear.
+        time.sleep(0.01)
+        for name in change:
+            write(os.path.join(root, name), b"changed " + objects[name][1])
+        for name in remove:
+            if os.path.exists(os.path.join(root, name)):
+                os.remove(os.path.join(root, name))
+        for name in create:
+            write(os.path.join(root, name), b"new object")
+        before = snapshot(root)
+        trash = os.path.join(tmp, "trash") if use_trash else None
+        res = apply_plan(out, store=Store(root), trash=trash)
+        after = snapshot(root)
+        gone = set(before) - set(after)
+        assert not keepers & gone, "a keeper was deleted"
+        assert all(after[k] == before[k] for k in keepers if k in after), "a keeper changed"
+        assert snapshot(outside) == {"o.jpg": b"outside"}
+        for name in gone:  # only what the plan saw, unchanged since
+            assert name in at_plan and at_plan[name] == before[name], name
+        assert set(after) <= set(before)
+        assert res.counts.get("deleted", 0) + res.counts.get("trashed", 0) == len(gone)
+        if use_trash and gone:
+            back = restore(out, store=Store(root), trash=trash)
+            assert back.counts.get("restored", 0) == len(gone)
+            assert snapshot(root) == before  # byte for byte
+    finally:
+        shutil.rmtree(tmp)
+
+
+@given(collections())
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+def test_invariants_memory(case):
+    objects, rows, change, remove, create, use_trash = case
+    rows = [(p, v) for p, v in rows if not p.startswith("linked/")]
+    fs = fsspec.filesystem("memory")
+    base = f"/inv-{time.monotonic_ns()}"
+    try:
+        fs.pipe({f"{base}/root/{n}": body for n, (_, body) in objects.items()})
+        feats = f"memory://{base}/f.parquet"
+        write_features(feats, rows)
+        out = f"memory://{base}/plan"
+        plan = plan_job(f"memory://{base}/root", feats, out, max_keeper_distance="none")
+        keepers = {f"{base}/root/{p}" for p in plan.loc[plan["keep"], "path"]}
+
+        def snap() -> dict[str, bytes]:
+            return {p: fs.cat_file(p) for p in fs.find(f"{base}/root")}
+
+        at_plan = snap()
+        for name in change:
+            fs.pipe_file(f"{base}/root/{name}", b"changed " + objects[name][1])
+        for name in remove:
+            fs.rm_file(f"{base}/root/{name}")
+        for name in create:
+            fs.pipe_file(f"{base}/root/{name}", b"new object")
+        before = snap()
+        trash = f"memory://{base}/trash" if use_trash else None
+        store = Store(f"memory://{base}/root")
+        apply_plan(out, store=store, trash=trash)
+        after = snap()
+        gone = set(before) - set(after)
+        assert not keepers & gone
+        for name in gone:
+            assert name in at_plan and at_plan[name] == before[name], name
+        if use_trash and gone:
+            restore(out, store=store, trash=trash)
+            assert snap() == before
+    finally:
+        fs.rm(base, recursive=True)
+
+
+def test_manifest_records_the_canonical_root(tmp_path):
+    root = tmp_path / "root"
+    for n in ("k.jpg", "a.jpg"):
+        write(root / n, n.encode())
+    os.symlink(root, tmp_path / "via-link")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("k.jpg", vec(0)), ("a.jpg", vec(0, 0.1))])
+    plan_job(str(tmp_path / "via-link"), feats, str(tmp_path / "p"), keep="first-path")
+    res = apply_plan(str(tmp_path / "p"), store=Store(str(tmp_path / "via-link")))
+    assert res.counts == {"deleted": 1}
+    manifest = json.loads((tmp_path / "p" / "journal" / "manifest.json").read_text())
+    assert manifest["root"] == str(root)
