@@ -70,7 +70,7 @@ def image_size(fp: IO[bytes]) -> tuple[int, int]:
 
 def _size_one(store: Store, fs_path: str) -> tuple[int, int] | None:
     if "?versionId=" in fs_path and store.is_s3:
-        # s3fs would read it as a version of another key (see FIELD_NOTES): size unknown.
+        # s3fs parses '?versionId=' out of a key: it would read another object. Size unknown.
         return None
     try:
         # One ranged GET on object stores (open() would add a HEAD for the size first);
