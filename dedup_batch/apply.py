@@ -92,6 +92,7 @@ JOURNAL_DIR = "journal"
 MANIFEST_FILE = "journal/manifest.json"
 COMPLETION_REPORT = "completion-report.csv"
 RESTORE_REPORT = "restore-report.csv"
+WOULD_DELETE_REPORT = "would-delete.csv"
 JOURNAL_VERSION = 1
 
 DELETED = "deleted"
@@ -373,7 +374,8 @@ def apply_plan(
     )
     if dry_run:
         _mark_would(todo, records, DONE_APPLY, WOULD_DELETE)
-        return _finish(result, records, None, t0)
+        report = _write_would_delete(plan_store, todo)
+        return _finish(result, records, report, t0)
     if items and manifest is None:
         manifest = {
             "version": JOURNAL_VERSION,
@@ -1303,6 +1305,18 @@ def _write_report(plan_store: Store, rel: str, records: Mapping[str, _Record]) -
         r = records[path]
         w.writerow([r.path, r.status, r.code, " ".join(str(r.message).split())])
     full = plan_store.resolve(rel)
+    plan_store.write_bytes(full, buf.getvalue().encode("utf-8"))
+    return plan_store.url(full)
+
+
+def _write_would_delete(plan_store: Store, todo: Sequence[_Batch]) -> str:
+    """``would-delete.csv``: what an apply would delete now (``path,keeper,cluster,size``)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "keeper", "cluster", "size"])
+    for it in sorted((it for b in todo for it in b.items), key=lambda x: (x.cluster, x.path)):
+        w.writerow([it.path, it.keeper, it.cluster, "" if it.size is None else it.size])
+    full = plan_store.resolve(WOULD_DELETE_REPORT)
     plan_store.write_bytes(full, buf.getvalue().encode("utf-8"))
     return plan_store.url(full)
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import yaml
-
 from . import __version__
-from .config import METRICS, JobSpec, load_spec
-from .errors import ConfigError, DedupError
+from .config import METRICS, JobSpec, load_spec, parse_storage_options
+from .errors import DedupError
 from .select import KEYS, POLICIES
 
 __all__ = ["main"]
@@ -148,7 +147,7 @@ def _add_apply(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="F",
         help="refuse the whole apply (exit 3) if it deletes more than this fraction "
-        "of the plan's paths",
+        "of the plan's paths (default 0.5; 1 allows any)",
     )
     g.add_argument(
         "--trash",
@@ -246,6 +245,29 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_global(p: argparse.ArgumentParser, default: Any) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--debug",
+        action="store_true",
+        default=default if default is not None else False,
+        help="show tracebacks and debug logs",
+    )
+    g.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=default,
+        help="log lines as text (default) or one JSON object per line",
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default if default is not None else False,
+        help="warnings and errors only",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dedup-batch",
@@ -254,15 +276,18 @@ def _parser() -> argparse.ArgumentParser:
         "'run --apply'.",
     )
     p.add_argument("--version", action="version", version=f"dedup-batch {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default=None,
-        help="log lines as text (default) or one JSON object per line",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    _add_global(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The global flags work after the command too (and show in COMMAND --help); there they
+    # default to SUPPRESS, so a flag given before the command is not reset.
+    glob = argparse.ArgumentParser(add_help=False)
+    _add_global(glob, argparse.SUPPRESS)
+    real_add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return real_add(name, parents=[glob], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     sp = sub.add_parser(
         "plan",
@@ -384,9 +409,8 @@ def _spec(args: argparse.Namespace) -> JobSpec:
         source = args.config
     spec = JobSpec.from_mapping(base, source=source)
     overrides = {k: getattr(args, k) for k in _SPEC_FLAGS if getattr(args, k, None) is not None}
-    options = dict(spec.storage_options)
-    options.update(_storage_options(getattr(args, "storage_option", None) or []))
-    overrides["storage_options"] = options
+    flags = getattr(args, "storage_option", None) or []
+    overrides["storage_options"] = parse_storage_options(flags, base=spec.storage_options)
     spec = spec.merged(overrides, source="flags") if overrides else spec
     from .progress import register_secrets
 
@@ -398,21 +422,6 @@ def _spec(args: argparse.Namespace) -> JobSpec:
     return spec
 
 
-def _storage_options(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option {item.split('=')[0]!r}: expected KEY=VALUE")
-        value = yaml.safe_load(raw) if raw else ""
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 # -- commands ------------------------------------------------------------------------------
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .pipeline import dask_client, plan
@@ -421,7 +430,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     with dask_client(spec) as client:
         result = plan(spec, client)
     _print_plan(result.summary, result.out)
-    print(f"dry run: nothing deleted. To delete: dedup-batch apply {result.out}")
+    print(f"dry run: nothing deleted. To delete: {_apply_hint(spec, result.out)}")
     return 0
 
 
@@ -451,7 +460,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         planned, applied = run(spec, client, apply_now=args.apply)
     _print_plan(planned.summary, planned.out, reused=planned.reused)
     if applied is None:
-        print(f"dry run: nothing deleted. To delete: dedup-batch apply {planned.out}")
+        print(f"dry run: nothing deleted. To delete: {_apply_hint(spec, planned.out)}")
         return 0
     return _print_apply(applied)
 
@@ -550,6 +559,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _apply_hint(spec: JobSpec, out: str) -> str:
+    """The command that applies the plan in ``out``, runnable as printed.
+
+    ``apply DIR`` reads the root and the non-secret storage options from ``DIR/job.yaml``;
+    but a plan directory in a bucket can only be read with those options, so they are part
+    of the command then (secrets never are: the user is told to pass them again).
+    """
+    from .storage import redact
+
+    cmd = ["dedup-batch", "apply", out]
+    remote = "://" in out and not out.startswith("file://")
+    secret = False
+    if remote:
+        for key, value in _flatten(redact(spec.storage_options)):
+            if value == "***":
+                secret = True
+            else:
+                cmd += ["-o", f"{key}={value}"]
+    text = " ".join(shlex.quote(c) for c in cmd)
+    if secret:
+        text += "  (plus the credential options you gave this command)"
+    return text
+
+
+def _flatten(options: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def _print_plan(summary: dict[str, Any], out: str, *, reused: bool = False) -> None:
     c = summary["counts"]
     mb = summary["reclaimable_bytes"] / 1e6
@@ -566,7 +607,14 @@ def _print_apply(result: Any) -> int:
     info = result.to_dict()
     what = info.get("operation", "apply") + (" (dry run)" if info.get("dry_run") else "")
     counts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in info["counts"].items())
-    print(f"{what}: {info['planned']:,} planned; {counts or 'nothing to do'}")
+    batches = info["batches"]
+    if batches["total"] and not batches["run"] and batches["skipped_finished"] == batches["total"]:
+        # Every batch was journaled as finished by an earlier run: nothing was touched now.
+        print(f"{what}: already finished: nothing to do (earlier runs: {counts})")
+    else:
+        print(f"{what}: {info['planned']:,} planned; {counts or 'nothing to do'}")
+    if info.get("dry_run") and result.report:
+        _print_head(result.report, DRY_RUN_LINES)
     if not result.ok:
         print(
             f"{what} finished, but {info['not_done']:,} objects were not done: see "
@@ -592,6 +640,26 @@ def _keep_values_attached(argv: Sequence[str]) -> list[str]:
     return out
 
 
+#: Lines of would-delete.csv a dry run prints.
+DRY_RUN_LINES = 10
+
+
+def _print_head(url: str, n: int) -> None:
+    from .storage import read_url
+
+    if "://" in url and not url.startswith("file://"):
+        print(f"  the list: {url}")
+        return
+    try:
+        lines = read_url(url).decode("utf-8").splitlines()
+    except (OSError, ValueError):
+        return
+    for line in lines[: n + 1]:
+        print("  " + line)
+    if len(lines) > n + 1:
+        print(f"  ... {len(lines) - 1 - n:,} more in {url}")
+
+
 # -- entry point ---------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
@@ -606,19 +674,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DedupError as exc:
+        from .progress import scrub_message
+
         if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+            _print_traceback()
+        print(scrub_message(f"error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug: say so in one line, traceback only with --debug
+    except Exception as exc:
+        from .progress import scrub_message
+        from .storage import setup_error
+
         if args.debug:
-            traceback.print_exc()
+            _print_traceback()
+        # No credentials, refused credentials, an unreachable endpoint: the user's to fix.
+        setup = setup_error(exc)
+        if setup is not None:
+            print(scrub_message(f"error: {setup}"), file=sys.stderr)
+            return setup.exit_code
+        # A bug: say so in one line, traceback only with --debug.
         print(
-            f"error: unexpected {type(exc).__name__}: {exc} (re-run with --debug for the "
-            "traceback)",
+            scrub_message(
+                f"error: unexpected {type(exc).__name__}: {exc} (re-run with --debug for the "
+                "traceback)"
+            ),
             file=sys.stderr,
         )
         return 1
+
+
+def _print_traceback() -> None:
+    from .progress import scrub_message
+
+    print(scrub_message(traceback.format_exc()), end="", file=sys.stderr)

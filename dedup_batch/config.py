@@ -9,19 +9,33 @@ an unknown key, a wrong type or an out-of-range value is a :class:`ConfigError` 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import inspect
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .secrets import NON_SECRET_OPTIONS, redact
 from .select import DEFAULT_POLICY, POLICIES, POLICY_CHOICES, policy_problem
-from .storage import redact
 
-__all__ = ["KEEP_POLICIES", "METRICS", "MODES", "JobSpec", "load_spec"]
+__all__ = [
+    "KEEP_POLICIES",
+    "METRICS",
+    "MODES",
+    "TYPED_OPTIONS",
+    "JobSpec",
+    "check_option_names",
+    "coerce_storage_options",
+    "load_spec",
+    "parse_storage_options",
+]
 
 #: The named keep policies (owned by :mod:`dedup_batch.select`); ``keep`` may also be a key list.
 KEEP_POLICIES = tuple(POLICIES)
@@ -58,7 +72,7 @@ class JobSpec:
     mode: str = "plan"
     dry_run: bool = False
     max_delete: int | None = None
-    max_delete_fraction: float | None = None
+    max_delete_fraction: float | None = 0.5
     trash: str | None = None
     batch_size: int = 1000
     concurrency: int | None = None
@@ -111,7 +125,11 @@ class JobSpec:
             raise bad("root", "must be a path or URL")
         if not isinstance(self.storage_options, Mapping):
             raise bad("storage_options", "must be a mapping of option names to values")
-        self.storage_options = dict(self.storage_options)
+        self.storage_options = coerce_storage_options(self.storage_options, source=source)
+        urls = [self.root, *self.features, self.out, self.trash]
+        check_option_names(
+            self.storage_options, [u for u in urls if isinstance(u, str)], source=source
+        )
         for key in ("allow_pickle", "report", "dry_run"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "must be true or false")
@@ -239,3 +257,238 @@ def _integer(value: Any, key: str, bad: Any, *, minimum: int) -> int:
     if out < minimum:
         raise bad(key, f"must be >= {minimum}, got {out}")
     return out
+
+
+# -- storage options -------------------------------------------------------------------------
+_BOOL = "true or false"
+_INT = "a whole number >= 0"
+_NUMBER = "a number >= 0 (seconds)"
+_BOOL_OR_PATH = "true, false or the path of a CA bundle"
+
+#: Storage options that are not strings: ``dotted name -> (kind, None allowed)``. A value given
+#: as text (every ``-o KEY=VALUE``) is converted strictly; every other option stays the text
+#: given, never YAML-parsed (``0123``, ``yes`` and ``x #y`` are credentials as often as not).
+#: Each of these is a non-secret option (:data:`dedup_batch.secrets.NON_SECRET_OPTIONS`).
+TYPED_OPTIONS: Mapping[str, tuple[str, bool]] = {
+    "anon": (_BOOL, False),
+    "use_ssl": (_BOOL, False),
+    "requester_pays": (_BOOL, False),
+    "version_aware": (_BOOL, False),
+    "default_fill_cache": (_BOOL, False),
+    "cache_regions": (_BOOL, False),
+    "fixed_upload_size": (_BOOL, False),
+    "skip_instance_cache": (_BOOL, False),
+    "use_listings_cache": (_BOOL, False),
+    "default_block_size": (_INT, True),
+    "max_concurrency": (_INT, False),
+    "max_paths": (_INT, True),
+    "listings_expiry_time": (_NUMBER, True),
+    "client_kwargs.use_ssl": (_BOOL, False),
+    "client_kwargs.verify": (_BOOL_OR_PATH, True),
+    "config_kwargs.connect_timeout": (_NUMBER, False),
+    "config_kwargs.read_timeout": (_NUMBER, False),
+    "config_kwargs.max_pool_connections": (_INT, False),
+    "config_kwargs.tcp_keepalive": (_BOOL, False),
+    "config_kwargs.parameter_validation": (_BOOL, False),
+    "config_kwargs.inject_host_prefix": (_BOOL, False),
+    "config_kwargs.retries.max_attempts": (_INT, False),
+    "config_kwargs.retries.total_max_attempts": (_INT, False),
+    "config_kwargs.s3.use_accelerate_endpoint": (_BOOL, False),
+    "config_kwargs.s3.use_dualstack_endpoint": (_BOOL, False),
+}
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_TRUE = ("true", "yes", "1")
+_FALSE = ("false", "no", "0")
+_NONE = ("none", "null", "")
+
+
+def parse_storage_options(
+    items: Sequence[str],
+    *,
+    base: Mapping[str, Any] | None = None,
+    source: str = "--storage-option",
+) -> dict[str, Any]:
+    """``-o KEY=VALUE`` flags as a nested mapping of strings (dotted keys nest).
+
+    ``base`` (the job spec's ``storage_options``) is copied and the flags are set into it, so
+    ``-o client_kwargs.region_name=...`` keeps the file's other ``client_kwargs``.
+
+    Values are kept as the exact text given (no YAML parsing); known typed options are
+    converted later, strictly, by :func:`coerce_storage_options`. No value ever appears in an
+    error message: it may be a credential.
+
+    Raises
+    ------
+    ConfigError
+        An item without ``=``, a key that is not a dotted name (``endpoint-url``), or a key
+        given both as a value and as a group (``a=1`` and ``a.b=2``).
+    """
+    out = _copy_tree(base or {})
+    for n, item in enumerate(items, 1):
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"{source} number {n} is not KEY=VALUE (e.g. -o endpoint_url=http://host:9000)"
+            )
+        parts = key.split(".")
+        for part in parts:
+            _check_name(part, key, source)
+        node = out
+        *parents, leaf = parts
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"{source} {'.'.join(parts[: i + 1])!r} is given both as a value and as a "
+                    f"group ({key!r}); keep one"
+                )
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"{source} {key!r} is given both as a value and as a group; keep one")
+        node[leaf] = raw
+    return out
+
+
+def _copy_tree(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _copy_tree(v) if isinstance(v, Mapping) else v for k, v in options.items()}
+
+
+def _check_name(part: str, key: str, source: str) -> None:
+    if _NAME.fullmatch(part):
+        return
+    fixed = re.sub(r"[^A-Za-z0-9_]", "_", part)
+    hint = f"; did you mean {key.replace(part, fixed)!r}?" if _NAME.fullmatch(fixed) else ""
+    raise ConfigError(
+        f"{source} {key!r}: option names are letters, digits and '_' (dots nest){hint}"
+    )
+
+
+def coerce_storage_options(
+    options: Mapping[str, Any], *, source: str = "job spec"
+) -> dict[str, Any]:
+    """A copy of ``options`` with the known typed options (:data:`TYPED_OPTIONS`) converted.
+
+    Text is converted strictly (``true``/``false``/``yes``/``no``/``1``/``0``; whole or decimal
+    numbers >= 0; ``none``/``null`` where allowed); other values must already have the type.
+    Every other option is left exactly as given. Top-level names must be Python names.
+
+    Raises
+    ------
+    ConfigError
+        Naming the option and the expected kind, never the value.
+    """
+    for key in options:
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: storage option names must be text")
+        _check_name(key, key, f"{source}: storage option")
+    return _coerce(options, "", source)
+
+
+def _coerce(options: Mapping[str, Any], prefix: str, source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        name = f"{prefix}{k}"
+        if name in TYPED_OPTIONS:
+            out[k] = _typed(name, v, source)
+        elif isinstance(v, Mapping):
+            out[k] = _coerce(v, name + ".", source)
+        else:
+            out[k] = v
+    return out
+
+
+def _typed(name: str, value: Any, source: str) -> Any:
+    kind, nullable = TYPED_OPTIONS[name]
+    bad = ConfigError(f"{source}: storage option {name!r} must be {kind}")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if nullable and text in _NONE:
+            return None
+        if kind in (_BOOL, _BOOL_OR_PATH) and text in _TRUE + _FALSE:
+            return text in _TRUE
+        if kind == _BOOL_OR_PATH and value:
+            return value
+        if kind == _INT and re.fullmatch(r"[0-9]+", text):
+            return int(text)
+        if kind == _NUMBER and re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", text):
+            return float(text)
+        raise bad
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool):
+        if kind in (_BOOL, _BOOL_OR_PATH):
+            return value
+        raise bad
+    if kind == _INT and isinstance(value, int) and value >= 0:
+        return value
+    if kind == _NUMBER and isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+        return value
+    raise bad
+
+
+def check_option_names(
+    options: Mapping[str, Any], urls: Sequence[str], *, source: str = "job spec"
+) -> None:
+    """Refuse storage option names the filesystem of ``urls`` does not take.
+
+    s3fs hands names it does not know to botocore's session, which fails only at the first
+    request (a misspelt ``endpoint-url`` is silently not an endpoint), so for ``s3://`` URLs
+    the names are checked against s3fs's keyword arguments, and ``config_kwargs`` against
+    botocore's ``Config``. Other backends are not checked.
+
+    Raises
+    ------
+    ConfigError
+        Naming the option and, where one is close, the option meant.
+    """
+    protocols = {u.split("://", 1)[0].lower() for u in urls if "://" in u}
+    if not protocols & {"s3", "s3a"} or not options:
+        return
+    known, config_known = _s3_option_names()
+    _check_known(options, known, "s3fs", "", source)
+    config = options.get("config_kwargs")
+    if isinstance(config, Mapping) and config_known:
+        _check_known(config, config_known, "botocore's Config", "config_kwargs.", source)
+
+
+def _check_known(
+    options: Mapping[str, Any], known: frozenset[str], what: str, prefix: str, source: str
+) -> None:
+    for name in options:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(str(name), sorted(known), n=1)
+        hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{source}: storage option {prefix + str(name)!r} is not an option of {what}{hint}"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _s3_option_names() -> tuple[frozenset[str], frozenset[str]]:
+    """s3fs's keyword arguments (from the installed version) and botocore Config's."""
+    import fsspec
+
+    try:
+        cls = fsspec.get_filesystem_class("s3")
+    except (ImportError, ValueError):
+        return frozenset(NON_SECRET_OPTIONS), frozenset()
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                names.add(p.name)
+    # fsspec's instance and listings caches take these; s3fs passes the rest of its keyword
+    # arguments to aiobotocore's session, whose one user-facing argument is ``profile``.
+    names |= {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+    names |= {"profile"}
+    try:
+        from botocore.config import Config
+
+        config = frozenset(Config.OPTION_DEFAULTS)
+    except ImportError:
+        config = frozenset()
+    return frozenset(names), config

@@ -456,8 +456,20 @@ def _read_parquet(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[st
             f"{url} is not a valid Parquet file ({_one_line(exc)}); re-export it"
         ) from None
     names = list(schema.names)
-    meta = schema.pandas_metadata or {}
-    index_cols = [c for c in meta.get("index_columns", []) if isinstance(c, str)]
+    _check_unique(url, names)
+    bad_meta = InputError(
+        f"{url}: its pandas metadata (the Parquet key b'pandas') is not what pandas writes; "
+        "re-export the shard with pandas, or drop that key (pyarrow: "
+        "table.replace_schema_metadata())"
+    )
+    try:
+        meta = schema.pandas_metadata or {}
+    except ValueError:  # not JSON
+        raise bad_meta from None
+    index_cols = meta.get("index_columns", []) if isinstance(meta, dict) else None
+    if not isinstance(index_cols, list):
+        raise bad_meta
+    index_cols = [c for c in index_cols if isinstance(c, str)]
     if "path" in names:
         path_col = "path"
     elif len(index_cols) == 1:
@@ -568,6 +580,11 @@ def _list_to_matrix(url: str, col: pa.ChunkedArray, paths: np.ndarray) -> np.nda
                 f"{url}: row {row} (path {paths[row]!r}) has a {int(lengths[row])}-dimensional "
                 f"embedding but row 0 has {d}; all embeddings must have the same length"
             )
+    if n and d == 0:
+        raise InputError(
+            f"{url}: row 0 (path {paths[0]!r}) has an empty embedding (0 dimensions); "
+            "re-export the shard with the vectors"
+        )
     values = arr.flatten().to_numpy(zero_copy_only=False)  # nulls -> NaN, rejected afterwards
     # Always copy into numpy's own memory, even for float32 values that could be viewed in
     # place: a view would keep the whole Arrow table alive (and Arrow's memory pool keeps
@@ -611,6 +628,11 @@ def _read_npz(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, None]:
         )
     if emb.dtype.kind not in "fiu":
         raise InputError(f"{url}: 'embeddings' holds {emb.dtype}, not numbers")
+    if emb.shape[0] and emb.shape[1] == 0:
+        raise InputError(
+            f"{url}: 'embeddings' has shape {emb.shape}: empty vectors (0 dimensions); "
+            "re-export the shard with the vectors"
+        )
     with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
         X = np.ascontiguousarray(emb, dtype=np.float32)
     return paths.astype(object), X, None
@@ -618,7 +640,7 @@ def _read_npz(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, None]:
 
 def _npz_array(url: str, npz: Any, name: str) -> np.ndarray:
     try:
-        return npz[name]
+        value = npz[name]
     except ValueError as exc:
         if "pickle" not in str(exc):
             raise
@@ -626,6 +648,12 @@ def _npz_array(url: str, npz: Any, name: str) -> np.ndarray:
             f"{url}: {name!r} is an object array, which needs pickle to load; save the paths "
             "as a unicode array (np.asarray(paths, dtype=str)) and the embeddings as floats"
         ) from None
+    if not isinstance(value, np.ndarray):  # a zip member without .npy is returned as bytes
+        raise InputError(
+            f"{url}: {name!r} is a raw file in the zip, not a NumPy array; write the shard "
+            "with np.savez(f, paths=..., embeddings=...)"
+        )
+    return value
 
 
 def _read_csv(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -633,6 +661,7 @@ def _read_csv(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
     header = next(csv.reader([first_line]), [])
     if not raw.strip() or not header:
         raise InputError(f"{url}: empty CSV file; expected a header line and rows")
+    _check_unique(url, header)
     path_col = "path" if "path" in header else header[0]
     try:
         table = pacsv.read_csv(
@@ -670,6 +699,7 @@ def _read_pickle(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str
         ) from None
     if not isinstance(df, pd.DataFrame):
         raise InputError(f"{url}: pickle holds a {type(df).__name__}, not a DataFrame of features")
+    _check_unique(url, [str(c) for c in df.columns])
     if "path" in df.columns:
         path_values = df["path"].to_numpy(dtype=object)
         feat = df.drop(columns=["path"])
@@ -687,6 +717,17 @@ def _read_pickle(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str
     with np.errstate(over="ignore"):  # beyond float32 range -> inf, rejected afterwards
         X = np.ascontiguousarray(feat.to_numpy(dtype=np.float32, na_value=np.nan))
     return path_values, X, [str(c) for c in feat.columns]
+
+
+def _check_unique(url: str, columns: Sequence[str]) -> None:
+    """Refuse a shard with two columns of one name: which one holds the paths is a guess."""
+    seen: set[str] = set()
+    for c in columns:
+        if c in seen:
+            raise InputError(
+                f"{url}: column {c!r} appears more than once; rename or drop one and re-export"
+            )
+        seen.add(c)
 
 
 def _check_finite(url: str, paths: np.ndarray, X: np.ndarray, columns: list[str] | None) -> None:

@@ -29,11 +29,13 @@ from .apply import MANIFEST_FILE, ApplyResult, apply_plan
 from .apply import restore as restore_trash
 from .cluster import DBSCAN
 from .config import JobSpec
+from .diagnose import plan_warnings
 from .errors import ConfigError, InputError, StorageError
 from .images import read_dimensions
 from .load import load_features
 from .progress import StageTimer, log_dashboard, stage
 from .report import build_report
+from .secrets import merge_options, without_redacted
 from .select import select_keepers
 from .storage import Store, join_url, read_url, url_exists, write_url
 
@@ -145,7 +147,7 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
             client=client,
         )
     with timer.stage("list"):
-        objects, protected, warnings = _objects(store, feats.paths, spec.protect)
+        objects, protected, protect_warnings = _objects(store, feats.paths, spec.protect)
     with timer.stage("cluster", unit="tiles"):
         labels = _cluster(feats.X, spec, client)
     with timer.stage("headers", unit="images") as st:
@@ -161,8 +163,13 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
             max_keeper_distance=spec.keeper_distance(),
             metric=spec.metric,
         )
+    warnings = plan_warnings(
+        feats.X, labels, eps=spec.eps, metric=spec.metric, min_samples=spec.min_samples
+    )
+    for w in warnings:
+        log.warning("plan: %s", w)
     summary = _summary(spec, table, feats.shards, feats.X.shape, timer.timings, started)
-    summary.setdefault("warnings", []).extend(warnings)
+    summary["warnings"] = [*summary.get("warnings", []), *protect_warnings, *warnings]
     with timer.stage("write"):
         buf = io.BytesIO()
         table.to_parquet(buf, index=False)
@@ -265,6 +272,8 @@ def _objects(
     objects = listing.reindex(full)
     objects["exists"] = objects["size"].notna().to_numpy()
     missing = int((~objects["exists"]).sum())
+    if len(paths) and missing == len(paths):
+        raise InputError(_no_object_hint(store, paths, listing))
     if missing:
         log.warning(
             "%d of %d feature paths have no object under %s: they are never kept and never deleted",
@@ -316,6 +325,25 @@ def _protect_match(store: Store, pattern: str, full: list[str]) -> np.ndarray:
             (rx.match(f[len(root) :]) is not None for f in full), dtype=bool, count=len(full)
         )
     return hit
+
+
+def _no_object_hint(store: Store, paths: np.ndarray, listing: pd.DataFrame) -> str:
+    """The message for a root under which no feature path has an object: what to check."""
+    first = str(paths[0])
+    msg = (
+        f"none of the {len(paths):,} feature paths has an object under root {store.root!r} "
+        f"(e.g. {first!r} would be {store.url(store.resolve(first))!r}); "
+    )
+    # The usual mistake: the root is one folder too high or too low. Look for the first path
+    # at the end of a listed object, which gives the root it is relative to.
+    tail = "/" + first
+    for fs_path in listing.index[:200_000]:
+        if str(fs_path).endswith(tail):
+            return msg + f"did you mean --root {store.url(str(fs_path)[: -len(tail)])!r}?"
+    common = os.path.commonpath([str(p) for p in paths[:10_000]]) if len(paths) > 1 else ""
+    if common:
+        msg += f"the feature paths all start with {common + '/'!r}; "
+    return msg + "set --root to the folder (or bucket prefix) the feature paths are relative to"
 
 
 def _protect_prefix(store: Store, prefix: str) -> str:
@@ -402,6 +430,9 @@ def _write_summary(out: str, summary: dict[str, Any], so: dict[str, Any]) -> Non
 
 
 def _planned_spec(plan_dir: str, so: dict[str, Any]) -> JobSpec:
+    """The plan's job spec; ``so`` (the user's storage options) is checked against its root."""
+    from .config import check_option_names
+
     url = join_url(plan_dir, "job.yaml")
     try:
         data = yaml.safe_load(read_url(url, so))
@@ -409,14 +440,26 @@ def _planned_spec(plan_dir: str, so: dict[str, Any]) -> JobSpec:
         raise InputError(
             f"{plan_dir} is not a plan directory (no job.yaml): run 'dedup-batch plan' first"
         ) from None
-    return JobSpec.from_mapping(data, source=url)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        # safe_load refuses python tags (!!python/object...) as it should: never build objects
+        raise InputError(
+            f"{url} is not a job spec dedup-batch wrote (not plain YAML); re-run 'dedup-batch "
+            "plan' to write the plan directory again"
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(
+            f"{url} is not a job spec dedup-batch wrote (not a mapping of keys to values); "
+            "re-run 'dedup-batch plan' to write the plan directory again"
+        )
+    planned = JobSpec.from_mapping(data, source=url)
+    check_option_names(so, [planned.root] if planned.root else [], source="storage options")
+    return planned
 
 
 def _plan_store(plan_dir: str, spec: JobSpec) -> Store:
     """The plan's root, opened with its non-secret options overlaid by ``spec``'s."""
     planned = _planned_spec(plan_dir, spec.storage_options)
-    options = {k: v for k, v in planned.storage_options.items() if v != "***"}
-    options.update(spec.storage_options)
+    options = merge_options(without_redacted(planned.storage_options), spec.storage_options)
     return Store(planned.root, options)  # type: ignore[arg-type]
 
 

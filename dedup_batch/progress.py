@@ -42,12 +42,13 @@ The API the pipeline uses::
 Secrets never reach the log: :func:`configure_logging` installs a filter that replaces every
 registered secret value (:func:`register_secrets`, which the CLI calls with the job's
 ``storage_options``; the AWS secret environment variables are registered automatically) with
-``***`` in messages and fields, and mappings passed as fields are redacted by key
-(:func:`dedup_batch.storage.redact`).
+``***`` in messages and fields, and mappings passed as fields are redacted
+(:func:`dedup_batch.secrets.redact`: only known non-secret options are shown).
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import datetime as _dt
 import json
@@ -56,12 +57,13 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .storage import redact, secret_values
+from .secrets import MIN_SECRET_LEN, env_secret_values, redact, scrub, secret_values
 
 __all__ = [
     "Stage",
@@ -69,6 +71,7 @@ __all__ = [
     "configure_logging",
     "log_dashboard",
     "register_secrets",
+    "scrub_message",
     "stage",
     "track",
 ]
@@ -82,10 +85,6 @@ HEARTBEAT_S = 30.0
 BAR_REFRESH_S = 0.2
 #: Environment variable that overrides the heartbeat interval (seconds) for the CLI.
 HEARTBEAT_ENV = "DEDUP_BATCH_HEARTBEAT_S"
-#: Environment variables whose values are secrets: registered at :func:`configure_logging`.
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-#: Secrets shorter than this are not scrubbed: replacing "a" everywhere would garble every line.
-_MIN_SECRET_LEN = 4
 
 # LogRecord attributes that are not user fields (everything else a record carries came in
 # through ``extra=`` and goes into the JSON object).
@@ -348,22 +347,42 @@ class _Ticker:
         self._thread = threading.Thread(target=self._run, name=f"progress-{st.name}", daemon=True)
 
     def start(self) -> None:
+        _tickers.add(self)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        _tickers.discard(self)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            with _lock:
-                innermost = bool(_active) and _active[-1] is self.st
-            if not innermost:
-                continue
-            if self.mode == "bar":
-                _draw_bar()
-            else:
-                log.info("%s", self.st.line(), extra={"event": "heartbeat", **self.st.fields()})
+        try:
+            while not self._stop.wait(self.interval):
+                with _lock:
+                    innermost = bool(_active) and _active[-1] is self.st
+                if not innermost:
+                    continue
+                if self.mode == "bar":
+                    _draw_bar()
+                else:
+                    log.info("%s", self.st.line(), extra={"event": "heartbeat", **self.st.fields()})
+        except BaseException:
+            # At interpreter exit a daemon thread can find logging or the stream half torn
+            # down: a heartbeat is not worth a traceback on the user's terminal then.
+            if self._stop.is_set() or sys.is_finalizing():
+                return
+            raise
+
+
+#: Tickers still running, stopped at exit (a stage left open in an abandoned generator).
+_tickers: weakref.WeakSet[_Ticker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_tickers() -> None:
+    for t in list(_tickers):
+        t._stop.set()
 
 
 _bar_shown = False
@@ -418,23 +437,29 @@ def register_secrets(options: Mapping[str, Any] | Iterable[str] | None) -> None:
     Parameters
     ----------
     options : mapping or iterable of str
-        A ``storage_options`` mapping (the values of its secret keys, as decided by
-        :func:`dedup_batch.storage.redact`, are registered, nested mappings included), or the
-        secret strings themselves.
+        A ``storage_options`` mapping (every value :func:`dedup_batch.secrets.redact` hides,
+        and the userinfo of endpoint URLs, are registered), or the secret strings themselves.
     """
     if options is None:
         return
     is_map = isinstance(options, Mapping)
     values = secret_values(options) if is_map else [str(v) for v in options]
     with _lock:
-        _settings.secrets.update(v for v in values if len(v) >= _MIN_SECRET_LEN)
+        _settings.secrets.update(v for v in values if len(v) >= MIN_SECRET_LEN)
+
+
+def scrub_message(text: str) -> str:
+    """``text`` with every registered secret (and the secret environment variables) hidden.
+
+    For messages printed outside logging, such as the CLI's ``error:`` line.
+    """
+    with _lock:
+        registered = [*_settings.secrets, *env_secret_values()]
+    return scrub(text, registered)
 
 
 def _scrub(text: str) -> str:
-    for secret in _settings.secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
+    return scrub(text, _settings.secrets)
 
 
 def _scrub_value(value: Any) -> Any:
@@ -456,6 +481,13 @@ class _SecretFilter(logging.Filter):
             record.args = None
             for k, v in _extras(record).items():
                 setattr(record, k, _scrub_value(v))
+            # Text formatters print exc_text (formatted once, here) verbatim: scrub it too.
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = _scrub(record.exc_text)
+            if record.stack_info:
+                record.stack_info = _scrub(record.stack_info)
         return True
 
 
@@ -543,7 +575,7 @@ def configure_logging(
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     handler.addFilter(_SecretFilter())
-    register_secrets([os.environ[v] for v in _SECRET_ENV if os.environ.get(v)])
+    register_secrets(env_secret_values())
     root = logging.getLogger("dedup_batch")
     root.handlers[:] = [handler]
     root.setLevel(level)

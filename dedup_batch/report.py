@@ -41,6 +41,7 @@ import yaml
 from . import storage
 from .errors import ConfigError, InputError, ScopeError, StorageError
 from .progress import Stage, stage, track
+from .secrets import merge_options, without_redacted
 from .select import parse_policy
 
 __all__ = [
@@ -411,7 +412,7 @@ def build_report(
                 "(--root) to build the report"
             )
         # job.yaml holds the non-secret options; secrets come from the caller or the environment
-        image_options = {**_non_secret(job.get("storage_options") or {}), **options}
+        image_options = merge_options(without_redacted(job.get("storage_options")), options)
         store = storage.Store(root, image_options)
     settings = {**(job or {}), **(summary.get("settings") or {})}
     clusters = _rank_clusters(plan)
@@ -511,15 +512,6 @@ def _update_summary(plan_dir: str, options: Mapping[str, Any], entries: Mapping[
 def _write(url: str, text: str, options: Mapping[str, Any]) -> str:
     storage.write_url(url, text.encode("utf-8"), options)
     return url
-
-
-def _non_secret(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop redacted values (``"***"`` in job.yaml): credentials come from the environment."""
-    return {
-        k: (_non_secret(v) if isinstance(v, Mapping) else v)
-        for k, v in options.items()
-        if v != "***"
-    }
 
 
 def _rank_clusters(plan: pd.DataFrame) -> pd.DataFrame:

@@ -31,6 +31,9 @@ import pandas as pd
 
 from .errors import ScopeError, StorageError
 
+# redact and secret_values are re-exported: the secrets policy lives in dedup_batch.secrets.
+from .secrets import redact, scrub, secret_values, strip_userinfo
+
 __all__ = [
     "KeyResult",
     "ObjectStat",
@@ -48,36 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: storage_options keys whose values are secrets: never logged, written or shown in errors.
-SECRET_KEYS = frozenset(
-    {
-        "key",
-        "secret",
-        "token",
-        "password",
-        "session_token",
-        "aws_secret_access_key",
-        "aws_access_key_id",
-        "aws_session_token",
-        "client_kwargs",
-        "sas_token",
-        "account_key",
-    }
-)
-
-
-def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Return a copy of ``options`` with every secret value replaced by ``"***"``."""
-    out: dict[str, Any] = {}
-    for k, v in (options or {}).items():
-        if k.lower() in SECRET_KEYS or any(w in k.lower() for w in ("secret", "token", "pass")):
-            out[k] = "***"
-        elif isinstance(v, Mapping):
-            out[k] = redact(v)
-        else:
-            out[k] = v
-    return out
 
 
 #: Longest path component a local filesystem takes (NAME_MAX on Linux, macOS and Windows).
@@ -183,7 +156,10 @@ class Store:
         self._real_dirs: dict[str, str] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Store, (self.root, self.storage_options))
+        # A local root travels as its absolute real path: a worker (another process, maybe
+        # another working directory) must open the same folder, not './photos' of its own.
+        root = self.root_path if self.is_local else self.root
+        return (Store, (root, self.storage_options))
 
     def __repr__(self) -> str:  # never shows storage_options: they may hold credentials
         return f"Store({self.root!r})"
@@ -356,9 +332,7 @@ class Store:
 
     def _scrub(self, text: str) -> str:
         """``text`` with every secret value of the storage options replaced by ``***``."""
-        for value in secret_values(self.storage_options):
-            text = text.replace(value, "***")
-        return text
+        return scrub(text, self.storage_options)
 
     def _storage_error(self, what: str, exc: BaseException) -> StorageError:
         return StorageError(
@@ -1100,29 +1074,6 @@ def _md5_etag(etag: str | None) -> str | None:
     return None
 
 
-def secret_values(options: Mapping[str, Any] | None) -> list[str]:
-    """Every secret string in ``options`` (what :func:`redact` hides), longest first.
-
-    Used to scrub secrets out of error messages and log lines that quote backend errors.
-    """
-    found: list[str] = []
-
-    def walk(orig: Any, red: Any) -> None:
-        if isinstance(orig, Mapping):
-            for k, v in orig.items():
-                walk(v, red.get(k) if isinstance(red, Mapping) else "***")
-        elif red == "***" and orig not in (None, ""):
-            if isinstance(orig, str):
-                found.append(orig)
-            elif isinstance(orig, list | tuple):
-                found.extend(str(x) for x in orig if x)
-            else:
-                found.append(str(orig))
-
-    walk(dict(options or {}), redact(options))
-    return sorted({v for v in found if len(v) >= 4}, key=len, reverse=True)
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -1324,11 +1275,50 @@ def _is_backend_error(exc: BaseException) -> bool:
     return any(c.__module__.split(".")[0] in _BACKEND_MODULES for c in type(exc).__mro__)
 
 
-def _scrub(text: str, options: Mapping[str, Any] | None) -> str:
-    """``text`` with every secret value of ``options`` replaced by ``***``."""
-    for secret in secret_values(options):
-        text = text.replace(secret, "***")
-    return text
+# Exception class names (anywhere in the class's MRO) by what the user has to check.
+_CREDENTIAL_ERRORS = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ProfileNotFound"}
+)
+_ENDPOINT_ERRORS = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectorError",
+        "ConnectionError",
+        "ProxyConnectionError",
+        "SSLError",
+        "InvalidEndpointError",
+    }
+)
+
+
+def _advice(exc: BaseException, options: Mapping[str, Any] | None) -> tuple[str, str]:
+    """``(kind, what to check)`` for a backend exception; kind is ``credentials``,
+    ``denied``, ``not_found``, ``endpoint`` or ``other``."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    endpoint = (options or {}).get("endpoint_url")
+    where = f" {strip_userinfo(endpoint)}" if isinstance(endpoint, str) and endpoint else ""
+    if names & _CREDENTIAL_ERRORS:
+        return "credentials", (
+            "no usable credentials: set key/secret in storage_options, the AWS_* environment "
+            "variables, a profile or a role"
+        )
+    if isinstance(exc, PermissionError):
+        return "denied", (
+            "access denied: check the credentials (key/secret, profile, role) and that they "
+            "may use this bucket"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return "not_found", "not found: check the bucket and the path"
+    if isinstance(exc, ConnectionError | TimeoutError) or names & _ENDPOINT_ERRORS:
+        return "endpoint", (
+            f"cannot reach the storage endpoint{where}: check endpoint_url (-o "
+            "endpoint_url=... or $AWS_ENDPOINT_URL) and the network"
+        )
+    return "other", (
+        "the storage backend refused the request: check endpoint_url and the credentials"
+    )
 
 
 def _storage_error(url: str, exc: BaseException, options: Mapping[str, Any] | None) -> StorageError:
@@ -1336,34 +1326,25 @@ def _storage_error(url: str, exc: BaseException, options: Mapping[str, Any] | No
 
     The message names the URL and what to check; secrets from ``options`` never appear in it.
     """
-    names = {c.__name__ for c in type(exc).__mro__}
-    detail = _scrub(_one_line(exc), options)
-    endpoint = (options or {}).get("endpoint_url")
-    where = f" {endpoint}" if endpoint else ""
-    if names & {"NoCredentialsError", "PartialCredentialsError"}:
-        hint = (
-            "no usable credentials: set key/secret in storage_options, the AWS_* environment "
-            "variables, a profile or a role"
-        )
-    elif isinstance(exc, PermissionError):
-        hint = (
-            "access denied: check the credentials (key/secret, profile, role) and that they "
-            "may read this bucket"
-        )
-    elif isinstance(exc, FileNotFoundError):
-        hint = "not found: check the bucket and the path"
-    elif isinstance(exc, ConnectionError | TimeoutError) or names & {
-        "EndpointConnectionError",
-        "ConnectTimeoutError",
-        "ClientConnectorError",
-        "ConnectionError",
-        "ProxyConnectionError",
-        "SSLError",
-    }:
-        hint = f"cannot reach the storage endpoint{where}: check endpoint_url and the network"
-    else:
-        hint = "the storage backend refused the request: check endpoint_url and the credentials"
-    return StorageError(f"{url}: {hint} ({detail})")
+    _, hint = _advice(exc, options)
+    return StorageError(scrub(f"{url}: {hint} ({_one_line(exc)})", options))
+
+
+def setup_error(
+    exc: BaseException, options: Mapping[str, Any] | None = None
+) -> StorageError | None:
+    """A :class:`StorageError` saying what to check when ``exc`` means the storage is set up
+    wrong (no credentials, credentials refused, endpoint unreachable), else ``None``.
+
+    For errors that escaped every narrower handler (the CLI's last resort): they are the
+    user's to fix, not bugs. Secrets from ``options`` never appear in the message.
+    """
+    if not _is_backend_error(exc):
+        return None
+    kind, hint = _advice(exc, options)
+    if kind not in ("credentials", "denied", "endpoint"):
+        return None
+    return StorageError(scrub(f"storage: {hint} ({_one_line(exc)})", options))
 
 
 def _fs_for(url: str, options: Mapping[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -248,11 +248,14 @@ def test_dry_run_touches_nothing(local_job):
     before = local_files(root)
     _, dups, _ = tricky_names()
     res = apply_plan(plan_dir, store=store, dry_run=True)
-    assert res.dry_run and res.ok and res.report is None
+    assert res.dry_run and res.ok and res.report == os.path.join(plan_dir, "would-delete.csv")
     assert res.counts == {"would_delete": len(dups)}
     assert res.planned_bytes == sum(len(d.encode()) for d in dups)
     assert local_files(root) == before
-    assert os.listdir(plan_dir) == ["plan.parquet"]
+    assert sorted(os.listdir(plan_dir)) == ["plan.parquet", "would-delete.csv"]
+    listed = read_report(res.report)
+    assert sorted(r["path"] for r in listed) == sorted(dups)
+    assert all(r["keeper"] and r["size"] for r in listed)
 
 
 def test_changed_after_plan_is_skipped(tmp_path):

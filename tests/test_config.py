@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dedup_batch.config import JobSpec, load_spec
 from dedup_batch.errors import ConfigError
@@ -81,3 +82,98 @@ def test_secrets_are_redacted_in_yaml() -> None:
     text = spec.to_yaml()
     assert "s3cr3t-value" not in text and "AKIDEXAMPLE" not in text
     assert "http://127.0.0.1:9" in text
+
+
+# -- a plan's job.yaml is input too ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("root: !!python/object/apply:os.system ['touch {marker}']\n", "not plain YAML"),
+        ("eps: [1,\n", "not plain YAML"),
+        ("- just\n- a list\n", "not a mapping"),
+        (b"eps: \xc3\x28\n", "not plain YAML"),
+    ],
+)
+def test_a_plan_whose_job_yaml_is_not_plain_yaml_is_refused(
+    tmp_path: Path, text: str | bytes, match: str
+) -> None:
+    from dedup_batch.errors import InputError
+    from dedup_batch.pipeline import _planned_spec
+
+    marker = tmp_path / "ran"
+    job = tmp_path / "plan" / "job.yaml"
+    job.parent.mkdir()
+    if isinstance(text, bytes):
+        job.write_bytes(text)
+    else:
+        job.write_text(text.format(marker=marker))
+    with pytest.raises(InputError, match=match) as exc:
+        _planned_spec(str(job.parent), {})
+    assert str(job) in str(exc.value) and "re-run 'dedup-batch plan'" in str(exc.value)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_python_tag_in_job_yaml_is_exit_2_naming_the_file(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    (plan / "job.yaml").write_text(
+        f"root: !!python/object/apply:os.system ['touch {marker}']\neps: 0.3\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dedup_batch", "apply", str(plan), "--n-workers", "1"],
+        env={**os.environ, "PYTHONPATH": repo},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and str(plan / "job.yaml") in errors[0], proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_apply_checks_the_users_option_names_against_the_plans_root(tmp_path: Path) -> None:
+    from dedup_batch.pipeline import _planned_spec
+
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    (plan / "job.yaml").write_text("root: s3://photos/lib\neps: 0.3\n")
+    assert _planned_spec(str(plan), {"endpoint_url": "http://127.0.0.1:9"}).root == (
+        "s3://photos/lib"
+    )
+    with pytest.raises(ConfigError, match="'endpoint' is not an option of s3fs"):
+        _planned_spec(str(plan), {"endpoint": "http://127.0.0.1:9"})
+
+
+def test_recorded_options_drop_userinfo_and_unknown_values() -> None:
+    spec = JobSpec.from_mapping(
+        {
+            "storage_options": {
+                "endpoint_url": "http://minio:pw-in-url-77@127.0.0.1:9000",
+                "s3_additional_kwargs": {"SSECustomerKey": "sse-customer-key-77"},
+                "connection_string": "AccountName=a;AccountKey=account-key-77",
+                "credential": "credential-77",
+                "client_kwargs": {"region_name": "eu-west-1"},
+            }
+        }
+    )
+    text = spec.to_yaml()
+    for secret in (
+        "pw-in-url-77",
+        "minio",
+        "sse-customer-key-77",
+        "account-key-77",
+        "credential-77",
+    ):
+        assert secret not in text
+    recorded = yaml.safe_load(text)["storage_options"]
+    assert recorded["endpoint_url"] == "http://127.0.0.1:9000"
+    assert recorded["client_kwargs"] == {"region_name": "eu-west-1"}
+    assert recorded["credential"] == "***"

@@ -562,3 +562,131 @@ def test_distributed_reports_first_bad_shard(root, dask_client):
     _local(root, "c.parquet", sh.wide_parquet(*c))
     with pytest.raises(InputError, match=rf"^{b}: row 1 \(path 'b/00001.jpg'\)"):
         load_features(os.path.join(root.root, "feat", "*"), store=root, client=dask_client)
+
+
+# -- malformed shards: each one an InputError naming the file, exit 2 from the CLI ---------------
+def _parquet_with_metadata(pandas_meta: bytes) -> bytes:
+    table = pa.table({"path": ["a.jpg", "b.jpg"], "x0": [1.0, 2.0]})
+    buf = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({b"pandas": pandas_meta}), buf)
+    return buf.getvalue()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _list_parquet(rows: list[list[float]], value_type: pa.DataType) -> bytes:
+    table = pa.table({"path": [f"{i}.jpg" for i in range(len(rows))], "embedding": rows})
+    table = table.cast(pa.schema([("path", pa.string()), ("embedding", value_type)]))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+MALFORMED = {
+    "pandas-metadata-not-json": (
+        "a.parquet",
+        lambda: _parquet_with_metadata(b"{not json"),
+        "its pandas metadata .* is not what pandas writes",
+    ),
+    "pandas-metadata-not-an-object": (
+        "a.parquet",
+        lambda: _parquet_with_metadata(b"[1, 2]"),
+        "its pandas metadata .* is not what pandas writes",
+    ),
+    "pandas-metadata-odd-index": (
+        "a.parquet",
+        lambda: _parquet_with_metadata(b'{"index_columns": 5}'),
+        "its pandas metadata .* is not what pandas writes",
+    ),
+    "csv-two-path-headers": (
+        "a.csv",
+        lambda: b"path,x0,path\na.jpg,1.0,b.jpg\n",
+        "column 'path' appears more than once",
+    ),
+    "csv-two-feature-headers": (
+        "a.csv",
+        lambda: b"path,x0,x0\na.jpg,1.0,2.0\n",
+        "column 'x0' appears more than once",
+    ),
+    "parquet-two-path-columns": (
+        "a.parquet",
+        lambda: _table_bytes(pa.table([["a.jpg"], ["b.jpg"], [1.0]], names=["path", "path", "x"])),
+        "column 'path' appears more than once",
+    ),
+    "npz-raw-members": (
+        "a.npz",
+        lambda: _zip({"paths": b"a.jpg\n", "embeddings": b"\x00" * 8}),
+        "'paths' is a raw file in the zip, not a NumPy array",
+    ),
+    "npz-raw-embeddings": (
+        "a.npz",
+        lambda: _zip({"paths.npy": _npy(np.array(["a.jpg"])), "embeddings": b"\x00" * 8}),
+        "'embeddings' is a raw file in the zip",
+    ),
+    "npz-zero-length-embeddings": (
+        "a.npz",
+        lambda: sh.npz(["a.jpg", "b.jpg"], np.zeros((2, 0), np.float32)),
+        r"'embeddings' has shape \(2, 0\): empty vectors",
+    ),
+    "list-zero-length-embeddings": (
+        "a.parquet",
+        lambda: _list_parquet([[], []], pa.list_(pa.float32())),
+        "row 0 .* has an empty embedding",
+    ),
+}
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_shard_names_the_file(root, case):
+    name, make, match = MALFORMED[case]
+    url = _local(root, name, make())
+    with pytest.raises(InputError, match=rf"^{url}: {match}"):
+        load_features(url, store=root)
+
+
+@pytest.mark.slow
+def test_malformed_shards_exit_2_with_one_line_from_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "photos").mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for case, (name, make, _) in MALFORMED.items():
+        shard = tmp_path / case / name
+        shard.parent.mkdir()
+        shard.write_bytes(make())
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "dedup_batch", "plan", "--features", str(shard)),
+                *("--root", str(tmp_path / "photos"), "--eps", "0.5"),
+                *("--out", str(tmp_path / "plan"), "--n-workers", "1"),
+            ],
+            env={**os.environ, "PYTHONPATH": repo},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2, (case, proc.stderr[-2000:])
+        assert len(errors) == 1 and str(shard) in errors[0], (case, proc.stderr[-2000:])
+        assert "unexpected" not in errors[0]
