@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import __version__
-from .config import KEEP_POLICIES, METRICS, JobSpec, load_spec, parse_storage_options
+from .config import METRICS, JobSpec, load_spec, parse_storage_options
 from .errors import DedupError
+from .select import KEYS, POLICIES
 
 __all__ = ["main"]
 
@@ -88,16 +89,28 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metric", choices=METRICS, help="distance metric (default euclidean)")
     g.add_argument(
         "--keep",
-        choices=KEEP_POLICIES,
-        help="which image of a cluster to keep (default first-path: the smallest "
-        "path; last-path is the notebook's choice)",
+        metavar="POLICY",
+        help="which image of a cluster to keep: a policy, or comma-separated sort keys where "
+        "the first image of the sorted cluster is kept; KEY sorts ascending, -KEY descending. "
+        "Keys: pixels (fewest first; -pixels: most first; width x height from the image "
+        "header), copy (names without a copy marker such as ' (1)', ' copy', 'Copy of ', "
+        "'-edited' first; -copy: marked first), mtime (oldest first; -mtime: newest first), "
+        "size (smallest first; -size: largest first), path (first in code-point order; -path: "
+        "last; ends every list), centroid (nearest the cluster's mean vector; first key only). "
+        "Unknown values sort last. Policies: "
+        + "; ".join(f"{name} = {keys}" for name, keys in POLICIES.items())
+        + " (default original)",
     )
     g.add_argument(
         "--protect",
         action="append",
-        metavar="PREFIX",
-        help="never delete objects under PREFIX (relative to root); they are "
-        "preferred as keepers (repeatable)",
+        metavar="PATTERN",
+        help="never delete the images PATTERN matches (repeatable); they are kept before any "
+        "other. Relative to --root (or an absolute path/URL under it), case-sensitive. Always "
+        "a string prefix ('family' protects family/ and family-2/); with * ? or [ also a "
+        "glob in which * crosses '/' ('family/*' protects family/ at any depth, '*.png' every "
+        "PNG; [abc] is a character class and literal brackets alike). A pattern that matches "
+        "nothing is a warning in the plan and the report",
     )
     g.add_argument(
         "--max-keeper-distance",
@@ -612,6 +625,21 @@ def _print_apply(result: Any) -> int:
     return 0
 
 
+def _keep_values_attached(argv: Sequence[str]) -> list[str]:
+    """``--keep -pixels,path`` as ``--keep=-pixels,path``.
+
+    argparse reads a value that starts with '-' as the next option and stops with "expected
+    one argument"; a descending first key is the common case (the default starts with one).
+    """
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--keep" and arg[:1] == "-" and arg[1:].split(",")[0] in KEYS:
+            out[-1] = f"--keep={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 #: Lines of would-delete.csv a dry run prints.
 DRY_RUN_LINES = 10
 
@@ -638,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .progress import configure_logging
 
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_keep_values_attached(sys.argv[1:] if argv is None else argv))
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     configure_logging(args.log_format or "text", level)
     # distributed's own INFO chatter (worker start/stop) drowns the job's lines

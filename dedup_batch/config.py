@@ -23,6 +23,7 @@ import yaml
 
 from .errors import ConfigError
 from .secrets import NON_SECRET_OPTIONS, redact
+from .select import DEFAULT_POLICY, POLICIES, POLICY_CHOICES, policy_problem
 
 __all__ = [
     "KEEP_POLICIES",
@@ -36,15 +37,8 @@ __all__ = [
     "parse_storage_options",
 ]
 
-KEEP_POLICIES = (
-    "first-path",
-    "last-path",
-    "largest-size",
-    "smallest-size",
-    "newest",
-    "oldest",
-    "centroid",
-)
+#: The named keep policies (owned by :mod:`dedup_batch.select`); ``keep`` may also be a key list.
+KEEP_POLICIES = tuple(POLICIES)
 METRICS = ("euclidean", "cosine")
 MODES = ("plan", "apply")
 LOG_FORMATS = ("text", "json")
@@ -68,7 +62,7 @@ class JobSpec:
     min_samples: int = 1
     metric: str = "euclidean"
     # select
-    keep: str = "first-path"
+    keep: str = DEFAULT_POLICY
     protect: list[str] = field(default_factory=list)
     max_keeper_distance: float | str | None = "eps"
     # output
@@ -146,8 +140,10 @@ class JobSpec:
         self.min_samples = _integer(self.min_samples, "min_samples", bad, minimum=1)
         if self.metric not in METRICS:
             raise bad("metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if self.keep not in KEEP_POLICIES:
-            raise bad("keep", f"must be one of {', '.join(KEEP_POLICIES)}, got {self.keep!r}")
+        problem = policy_problem(self.keep)
+        if problem:
+            raise bad("keep", f"must be {POLICY_CHOICES}; got {self.keep!r} ({problem})")
+        self.keep = self.keep.strip()
         mkd = self.max_keeper_distance
         if isinstance(mkd, str) and mkd.lower() in ("none", "null", "off"):
             self.max_keeper_distance = None

@@ -1,14 +1,18 @@
 """The built-in example: a folder of images with near-duplicates, and their features.
 
 Each distinct image is a smooth random colour field; some get near-duplicates (re-encoded at
-another JPEG quality, brightened, slightly cropped and resized, or saved as PNG), as a real
-photo library has. The features are a real (if simple) embedding of each *written* file: the
-16x16 grey thumbnail, centred and scaled to unit length (256 dimensions, as in the seed
-notebook), so near-duplicates land close together and distinct images far apart.
+another JPEG quality, brightened, slightly cropped, or saved as PNG), as a real photo library
+has: named as copies usually are (``IMG_0007 (1).jpg``, ``Copy of IMG_0007.jpg``,
+``IMG_0007-edited.jpg``, ``IMG_0007.png``) and modified after the original, so the default keep
+policy, ``original``, keeps the originals. The features are a real (if simple) embedding of
+each *written* file: the 16x16 grey thumbnail, centred and scaled to unit length (256
+dimensions, as in the seed notebook), so near-duplicates land close together and distinct
+images far apart.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,16 @@ __all__ = ["DEMO_EPS", "embed_image", "make_demo", "run_demo"]
 DEMO_EPS = 0.3
 _MARKER = ".dedup-batch-demo"
 _ALBUMS = ("holiday 2024", "family", "scans [old]")
+#: How each kind of copy is named: what browsers, Finder, Explorer and photo editors write.
+_COPY_NAMES = {
+    "recompressed": ("{} (1)", "Copy of {}", "{} - Copy", "{} copy"),
+    "brighter": ("{}-edited", "{}_edited"),
+    "cropped": ("{}_copy", "{} (2)"),
+    "png": ("{}",),  # a format conversion keeps the name: only the date tells it apart
+}
+#: The originals were taken in 2019, one an hour; copies are made months later.
+_TAKEN = 1_560_000_000.0
+_HOUR, _DAY = 3600.0, 86400.0
 
 
 def embed_image(data: Any) -> np.ndarray:
@@ -76,7 +90,10 @@ def make_demo(
         img = Image.fromarray(small).resize((96, 96), Image.Resampling.BICUBIC)
         name = f"{album}/IMG_{i:04d}.jpg"
         img.save(photos / name, quality=92)
+        taken = _TAKEN + i * _HOUR
+        os.utime(photos / name, (taken, taken))
         groups[name] = name
+        used: set[str] = set()
         # about a third of the images get 1-3 near-duplicates
         for k in range(int(rng.integers(1, 4)) if rng.random() < 0.35 else 0):
             kind = ("recompressed", "brighter", "cropped", "png")[int(rng.integers(0, 4))]
@@ -85,11 +102,20 @@ def make_demo(
             elif kind == "brighter":
                 dup, ext = ImageEnhance.Brightness(img).enhance(1.15), ".jpg"
             elif kind == "cropped":
-                dup, ext = img.crop((3, 3, 93, 93)).resize((96, 96)), ".jpg"
+                dup, ext = img.crop((3, 3, 93, 93)), ".jpg"  # a crop has fewer pixels
             else:
                 dup, ext = img, ".png"
-            dname = f"{album}/IMG_{i:04d} ({kind} {k + 1}){ext}"
+            styles = _COPY_NAMES[kind][i % len(_COPY_NAMES[kind]) :] + _COPY_NAMES[kind]
+            stem = next(
+                f.format(f"IMG_{i:04d}")
+                for f in (*styles, "{} (" + str(k + 3) + ")")
+                if f.format(f"IMG_{i:04d}") + ext not in used
+            )
+            used.add(stem + ext)
+            dname = f"{album}/{stem}{ext}"
             dup.save(photos / dname, **({"quality": 60} if ext == ".jpg" else {}))
+            copied = taken + (30 + 7 * k) * _DAY
+            os.utime(photos / dname, (copied, copied))
             groups[dname] = name
             n_dupes += 1
 

@@ -7,10 +7,12 @@ Every stage takes the client as an argument; :func:`dask_client` makes one from 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import io
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from .cluster import DBSCAN
 from .config import JobSpec
 from .diagnose import plan_warnings
 from .errors import ConfigError, InputError, StorageError
+from .images import read_dimensions
 from .load import load_features
 from .progress import StageTimer, log_dashboard, stage
 from .report import build_report
@@ -144,9 +147,11 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
             client=client,
         )
     with timer.stage("list"):
-        objects, protected = _objects(store, feats.paths, spec.protect)
+        objects, protected, protect_warnings = _objects(store, feats.paths, spec.protect)
     with timer.stage("cluster", unit="tiles"):
         labels = _cluster(feats.X, spec, client)
+    with timer.stage("headers", unit="images") as st:
+        objects = _with_dimensions(store, feats.paths, labels, objects, client, st)
     with timer.stage("select"):
         table = select_keepers(
             feats.paths,
@@ -164,7 +169,7 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
     for w in warnings:
         log.warning("plan: %s", w)
     summary = _summary(spec, table, feats.shards, feats.X.shape, timer.timings, started)
-    summary["warnings"] = [*summary.get("warnings", []), *warnings]
+    summary["warnings"] = [*summary.get("warnings", []), *protect_warnings, *warnings]
     with timer.stage("write"):
         buf = io.BytesIO()
         table.to_parquet(buf, index=False)
@@ -261,7 +266,7 @@ def run(
 # -- helpers -------------------------------------------------------------------------------
 def _objects(
     store: Store, paths: np.ndarray, protect: list[str]
-) -> tuple[pd.DataFrame, np.ndarray]:
+) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
     listing = store.list_objects()
     full = [store.resolve(p) for p in paths]
     objects = listing.reindex(full)
@@ -276,11 +281,50 @@ def _objects(
             len(paths),
             store.root,
         )
+    protected, warnings = _protected(store, full, protect)
+    return objects.reset_index(drop=True), protected, warnings
+
+
+def _protected(store: Store, full: list[str], patterns: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Which of ``full`` (exact paths under the root) the ``--protect`` patterns protect.
+
+    Returns the mask and one warning for each pattern that protects none of them: a typo in a
+    protect pattern must not pass silently, since the objects it meant are then deletable.
+    """
     protected = np.zeros(len(full), dtype=bool)
-    if protect:
-        prefixes = tuple(_protect_prefix(store, p) for p in protect)
-        protected[:] = [f.startswith(prefixes) for f in full]
-    return objects.reset_index(drop=True), protected
+    warnings = []
+    for pattern in patterns:
+        hit = _protect_match(store, pattern, full)
+        if not hit.any():
+            msg = (
+                f"--protect {pattern!r} matches none of the {len(full):,} feature paths under "
+                f"{store.root}: it protects nothing (check spelling and case; see "
+                "'dedup-batch plan --help' for the matching rules)"
+            )
+            log.warning("%s", msg)
+            warnings.append(msg)
+        protected |= hit
+    return protected, warnings
+
+
+def _protect_match(store: Store, pattern: str, full: list[str]) -> np.ndarray:
+    # Relative to root or an absolute path/URL under it. Always a string prefix (S3 semantics:
+    # "albums/2019" protects "albums/2019/x.jpg" and "albums/2019-b/y.jpg"). With * ? or [ it is
+    # also an fnmatch pattern on the path relative to root, where * crosses "/" ("family/*"
+    # protects family/ at any depth) and case matters; [...] is a character class and, as well,
+    # literal brackets. All of these, because a folder may be called "scans [old]" and
+    # protecting more is the safe side.
+    prefix = _protect_prefix(store, pattern)
+    hit = np.fromiter((f.startswith(prefix) for f in full), dtype=bool, count=len(full))
+    if any(c in pattern for c in "*?["):
+        root = store.root_path.rstrip("/") + "/"
+        rel = prefix[len(root) :]
+        globs = [rel, rel.replace("[", "[[]")] if "[" in rel else [rel]
+        rx = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+        hit |= np.fromiter(
+            (rx.match(f[len(root) :]) is not None for f in full), dtype=bool, count=len(full)
+        )
+    return hit
 
 
 def _no_object_hint(store: Store, paths: np.ndarray, listing: pd.DataFrame) -> str:
@@ -303,11 +347,38 @@ def _no_object_hint(store: Store, paths: np.ndarray, listing: pd.DataFrame) -> s
 
 
 def _protect_prefix(store: Store, prefix: str) -> str:
-    # A prefix is relative to root or an absolute path/URL under it, matched as a string prefix
-    # (S3 semantics: "albums/2019" protects "albums/2019/x.jpg" and "albums/2019-b/y.jpg").
-    if prefix in (".", "./", ""):
+    if prefix in (".", "./", "") or prefix.rstrip("/") in (store.root_path, store.root.rstrip("/")):
         return store.root_path.rstrip("/") + "/"
-    return store.resolve(prefix)
+    # resolve() folds a trailing "/" on local roots; here it means "the folder, not family-2/"
+    full = store.resolve(prefix)
+    return full + "/" if prefix.endswith("/") and not full.endswith("/") else full
+
+
+def _with_dimensions(
+    store: Store,
+    paths: np.ndarray,
+    labels: np.ndarray,
+    objects: pd.DataFrame,
+    client: Any,
+    progress: Any,
+) -> pd.DataFrame:
+    """``objects`` with ``width`` and ``height`` from the image headers.
+
+    Read only for the existing members of clusters with duplicates: a singleton is kept
+    whatever its size, and in a real bucket most images are singletons, so reading every header
+    during the listing would cost one request per object for nothing.
+    """
+    dup = pd.Series(labels).duplicated(keep=False).to_numpy() & (labels != -1)
+    rows = np.flatnonzero(dup & objects["exists"].to_numpy(dtype=bool))
+    dims = read_dimensions(
+        store, [store.resolve(p) for p in paths[rows]], client=client, progress=progress
+    )
+    out = objects.copy()
+    for col in ("width", "height"):
+        values = pd.array([pd.NA] * len(out), dtype="Int64")
+        values[rows] = dims[col].array
+        out[col] = values
+    return out
 
 
 def _cluster(X: np.ndarray, spec: JobSpec, client: Any) -> np.ndarray:

@@ -42,6 +42,7 @@ from . import storage
 from .errors import ConfigError, InputError, ScopeError, StorageError
 from .progress import Stage, stage, track
 from .secrets import merge_options, without_redacted
+from .select import parse_policy
 
 __all__ = [
     "ReportResult",
@@ -607,6 +608,10 @@ color:#fff;margin-right:4px}.badge.keep{background:var(--keep)}.badge.del{backgr
 .d{font-variant-numeric:tabular-nums}.d.near{color:var(--near);font-weight:700}
 .more{color:var(--mute);font-size:12px;margin-top:6px}
 .p{display:block;color:var(--mute)}
+.px{display:block;font-variant-numeric:tabular-nums}
+.why{display:block;color:var(--keep)}
+.banner{background:#fff1e5;border:1px solid #bc4c00;border-radius:6px;padding:8px 12px;
+margin:10px 0}.banner ul{margin:4px 0 0;padding-left:20px}
 """
 
 # Marks each thumbnail that decoded (naturalWidth > 0) and counts them on <body>: lets a
@@ -687,7 +692,7 @@ def _cluster_html(
         figs.append(
             f'<figure class="{cls}">{thumb_html(thumbs.get(m.path), m.path)}'
             f'<figcaption><span class="badge {cls}">{badge}</span>{d}'
-            f'<span class="p">{esc(m.path)}</span>{to}</figcaption></figure>'
+            f'<span class="p">{esc(m.path)}</span>{_facts_html(m)}{to}</figcaption></figure>'
         )
     hidden = int(members.attrs.get("hidden", 0))
     more = (
@@ -703,6 +708,50 @@ def _cluster_html(
         f'{int(row.cluster)} <span class="m">· {int(row.size)} images · {int(row.n_delete)} '
         f'to delete{risk}{size_txt}</span></h3><div class="grid">{"".join(figs)}</div>{more}'
         "</section>\n"
+    )
+
+
+def _facts_html(m: Any) -> str:
+    """Pixel size and bytes of a member, and for a keeper why it was kept (when the plan has
+    them: plans made before these columns existed show what they have)."""
+    w, h, size = (getattr(m, k, None) for k in ("width", "height", "size"))
+    facts = []
+    if not _missing(w) and not _missing(h):
+        facts.append(f"{int(w)}×{int(h)}")
+    if not _missing(size):
+        facts.append(_human_bytes(size))
+    out = f'<span class="px">{esc(" · ".join(facts))}</span>' if facts else ""
+    why = getattr(m, "keep_reason", None)
+    if bool(m.keep) and not _missing(why) and why:
+        out += f'<span class="why">kept: {esc(why)}</span>'
+    return out
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
+def _policy_words(keep: Any) -> str | None:
+    """``original (most pixels, then ...)``: the keep policy and what it prefers, in words."""
+    if not keep:
+        return None
+    try:
+        return f"{keep} ({parse_policy(str(keep)).describe()})"
+    except ConfigError:  # a plan from a version with other policies: show it as written
+        return str(keep)
+
+
+def _warnings_html(summary: Mapping[str, Any]) -> str:
+    """The plan's warnings (``summary.json`` ``warnings``) as a banner above everything else."""
+    items = []
+    for w in summary.get("warnings") or []:
+        text = w.get("message", w) if isinstance(w, Mapping) else w
+        items.append(f"<li>{esc(text)}</li>")
+    if not items:
+        return ""
+    return (
+        f'<div class="banner" role="alert"><b>{len(items)} warning(s) from the plan</b>'
+        f"<ul>{''.join(items)}</ul></div>"
     )
 
 
@@ -764,7 +813,7 @@ def _overview_html(
         ("eps", settings.get("eps")),
         ("metric", settings.get("metric")),
         ("min_samples", settings.get("min_samples")),
-        ("keep policy", settings.get("keep")),
+        ("keep policy", _policy_words(settings.get("keep"))),
         ("max keeper distance", settings.get("max_keeper_distance")),
         ("generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     ]
@@ -785,7 +834,7 @@ def _overview_html(
             "are not shown: the full list is in plan.parquet.</p>"
         )
     return (
-        f'<h1>dedup-batch report</h1><p class="sub">{esc(store.root)}</p>'
+        f'<h1>dedup-batch report</h1><p class="sub">{esc(store.root)}</p>{_warnings_html(summary)}'
         f'<div class="cards">{card_html}</div>{charts}'
         f'<div class="cols"><div><h2>Settings</h2><table class="kv">{kv}</table></div>'
         + (f'<div><h2>Timings</h2><table class="kv">{tt}</table></div>' if tt else "")

@@ -14,7 +14,7 @@ from dedup_batch.errors import ConfigError
 def test_defaults_are_a_dry_run_with_chain_guard_at_eps() -> None:
     spec = JobSpec.from_mapping({"eps": 0.4})
     assert spec.mode == "plan" and not spec.dry_run
-    assert spec.min_samples == 1 and spec.keep == "first-path"
+    assert spec.min_samples == 1 and spec.keep == "original"
     assert spec.keeper_distance() == 0.4
 
 

@@ -314,3 +314,61 @@ def test_report_without_duplicates(tmp_path):
     text = (plan_dir / "report.html").read_text()
     assert sections(text) == [] and "<section" not in text
     assert isinstance(Thumb("p", "missing").data_uri, str)
+
+
+# -- cards: pixel size, bytes, why the keeper was kept; the warnings banner ----------------------
+def test_cards_show_pixel_size_bytes_and_the_keep_reason(tmp_path):
+    root, plan_dir = tmp_path / "img", tmp_path / "plan"
+    write_images_local(root)
+    write_plan_dir(str(plan_dir), str(root))
+    plan = plan_frame().set_index("path")
+    plan["width"] = pd.array([200] * len(plan), dtype="Int64")
+    plan["height"] = pd.array([150] * len(plan), dtype="Int64")
+    plan.loc["c0.jpg", ["width", "height"]] = (1600, 1200)
+    plan.loc["b1.jpg", ["width", "height"]] = (pd.NA, pd.NA)  # header unreadable
+    plan["keep_reason"] = pd.array([""] * len(plan), dtype="string")
+    plan.loc["c0.jpg", "keep_reason"] = "most pixels (1600×1200 vs 200×150)"
+    plan.loc["a0.jpg", "keep_reason"] = "name without copy marker (vs '<a1> (1).jpg')"
+    plan.reset_index().to_parquet(plan_dir / "plan.parquet", index=False)
+    build_report(str(plan_dir))
+    text = (plan_dir / "report.html").read_text()
+    check_report_html(text)
+    size_c0 = len(picture(4, size=(1600, 1200)))
+    assert f'<span class="px">1600×1200 · {size_c0 / 1024:.1f} KB</span>' in text
+    assert '<span class="why">kept: most pixels (1600×1200 vs 200×150)</span>' in text
+    assert "kept: name without copy marker (vs &#x27;&lt;a1&gt; (1).jpg&#x27;)" in text
+    b1 = text[text.index("b1.jpg</span>") :]
+    assert b1.startswith('b1.jpg</span><span class="px">30 B</span>')  # no pixels: bytes only
+    assert text.count('class="why"') == 2  # keepers only, and only those with a reason
+
+
+def test_plans_without_pixels_or_reasons_still_render(tmp_path):
+    root, plan_dir = tmp_path / "img", tmp_path / "plan"
+    write_images_local(root)
+    write_plan_dir(str(plan_dir), str(root))  # the columns of a plan from before issue 10
+    assert not {"width", "height", "keep_reason"} & set(pd.read_parquet(plan_dir / "plan.parquet"))
+    build_report(str(plan_dir))
+    text = (plan_dir / "report.html").read_text()
+    check_report_html(text)
+    assert 'class="why"' not in text and "×" not in text
+    assert '<span class="px">' in text  # the bytes are known
+    assert 'role="alert"' not in text  # no warnings: no banner
+
+
+def test_plan_warnings_are_a_banner(tmp_path):
+    root, plan_dir = tmp_path / "img", tmp_path / "plan"
+    write_images_local(root)
+    write_plan_dir(str(plan_dir), str(root))
+    summary = json.loads((plan_dir / "summary.json").read_text())
+    summary["warnings"] = [
+        "--protect 'Family/<b>*' matches none of the 11 feature paths",
+        {"message": "the largest cluster holds 90% of the images"},
+    ]
+    (plan_dir / "summary.json").write_text(json.dumps(summary))
+    build_report(str(plan_dir))
+    text = (plan_dir / "report.html").read_text()
+    banner = text[text.index('<div class="banner"') : text.index("</div>", text.index("banner"))]
+    assert "2 warning(s) from the plan" in banner
+    assert "--protect &#x27;Family/&lt;b&gt;*&#x27; matches none" in banner
+    assert "the largest cluster holds 90% of the images" in banner
+    assert text.index("banner") < text.index('<div class="cards">')  # above everything else
