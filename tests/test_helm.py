@@ -633,7 +633,12 @@ def test_schema_job_spec_matches_the_config_module() -> None:
     fields = {f.name for f in dataclasses.fields(JobSpec)}
     # every JobSpec field but `scheduler` (dask.mode decides it), and nothing else
     assert set(props) == fields - {"scheduler"}
-    assert props["keep"]["enum"] == list(KEEP_POLICIES)
+    assert props["keep"]["anyOf"][0]["enum"] == list(KEEP_POLICIES)
+    keys_pattern = re.compile(props["keep"]["anyOf"][1]["pattern"])
+    for spec in ("-pixels,copy,mtime,-size,path", "centroid,path", "size"):
+        JobSpec(keep=spec).validate()  # what the schema lets through, the job accepts
+        assert keys_pattern.match(spec)
+    assert not keys_pattern.match("pixels,centroid")
     assert props["metric"]["enum"] == list(METRICS)
     assert props["mode"]["enum"] == list(MODES)
     assert props["log_format"]["enum"] == list(LOG_FORMATS)
