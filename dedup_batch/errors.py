@@ -56,3 +56,12 @@ class IncompleteError(StorageError):
     promises that nothing was deleted); the completion report says what was done."""
 
     exit_code = 4
+
+
+def one_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of ``exc``'s message (its type name when it has none), for messages that
+    quote an error from a library: error lines here are one line each."""
+    text = str(exc).strip().splitlines()
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text[0]}" if with_type else text[0]

@@ -35,7 +35,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import DedupError, InputError, ScopeError
+from .errors import DedupError, InputError, ScopeError, one_line
 from .storage import Store
 
 if TYPE_CHECKING:
@@ -453,7 +453,7 @@ def _read_parquet(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[st
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise InputError(
-            f"{url} is not a valid Parquet file ({_one_line(exc)}); re-export it"
+            f"{url} is not a valid Parquet file ({one_line(exc)}); re-export it"
         ) from None
     names = list(schema.names)
     _check_unique(url, names)
@@ -498,7 +498,7 @@ def _read_parquet(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[st
         table = pf.read(columns=columns)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise InputError(
-            f"{url} is not a valid Parquet file ({_one_line(exc)}); re-export it"
+            f"{url} is not a valid Parquet file ({one_line(exc)}); re-export it"
         ) from None
     del pf, raw
     paths = _text_column(url, table.column(path_col), path_col)
@@ -611,9 +611,7 @@ def _read_npz(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, None]:
             paths = _npz_array(url, npz, "paths")
             emb = _npz_array(url, npz, "embeddings")
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise InputError(
-            f"{url} is not a valid NPZ file ({_one_line(exc)}); re-export it"
-        ) from None
+        raise InputError(f"{url} is not a valid NPZ file ({one_line(exc)}); re-export it") from None
     if paths.ndim != 1:
         raise InputError(f"{url}: 'paths' has shape {paths.shape}; expected one dimension")
     if paths.dtype.kind != "U":
@@ -670,9 +668,7 @@ def _read_csv(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
             convert_options=pacsv.ConvertOptions(column_types={path_col: pa.string()}),
         )
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(
-            f"{url} is not a valid CSV file ({_one_line(exc)}); re-export it"
-        ) from None
+        raise InputError(f"{url} is not a valid CSV file ({one_line(exc)}); re-export it") from None
     features = [c for c in table.column_names if c != path_col]
     if not features:
         raise InputError(f"{url}: no feature columns besides {path_col!r}")
@@ -695,7 +691,7 @@ def _read_pickle(url: str, raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str
         df = pd.read_pickle(io.BytesIO(raw))
     except Exception as exc:  # unpickling can fail in any way the file's content dictates
         raise InputError(
-            f"{url} is not a readable pandas pickle ({_one_line(exc)}); re-export it"
+            f"{url} is not a readable pandas pickle ({one_line(exc)}); re-export it"
         ) from None
     if not isinstance(df, pd.DataFrame):
         raise InputError(f"{url}: pickle holds a {type(df).__name__}, not a DataFrame of features")
@@ -771,8 +767,3 @@ def _check_paths(url: str, paths: np.ndarray, store: Store) -> dict[int, str]:
         if full != root + p:
             aliases[i] = full[len(root) :]
     return aliases
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -39,7 +39,7 @@ import pandas as pd
 import yaml
 
 from . import storage
-from .errors import ConfigError, InputError, ScopeError, StorageError
+from .errors import ConfigError, InputError, ScopeError, StorageError, one_line
 from .progress import Stage, stage, track
 from .secrets import merge_options, without_redacted
 from .select import parse_policy
@@ -154,11 +154,11 @@ def _thumb_one(store: storage.Store, path: str, size: int, max_bytes: int) -> Th
     except StorageError as exc:
         return Thumb(path, "error", reason=str(exc))
     except Exception as exc:  # a backend error we do not know: a placeholder, never a crash
-        return Thumb(path, "error", reason=_one_line(exc))
+        return Thumb(path, "error", reason=one_line(exc, with_type=True))
     try:
         jpeg, w, h = thumbnail_jpeg(data, size)
     except Exception as exc:  # corrupt, truncated, not an image, decompression bomb...
-        return Thumb(path, "unreadable", reason=_one_line(exc))
+        return Thumb(path, "unreadable", reason=one_line(exc, with_type=True))
     return Thumb(path, "ok", jpeg, w, h)
 
 
@@ -228,7 +228,7 @@ def make_thumbnails(
                 for t in fut.result():
                     out[t.path] = t
             except Exception as exc:
-                reason = _one_line(exc)
+                reason = one_line(exc, with_type=True)
                 log.warning(
                     "thumbnail task failed (%s); %d placeholders", reason, len(batch_of[id(fut)])
                 )
@@ -254,7 +254,9 @@ def _read_plan_dir(
     try:
         plan = pd.read_parquet(io.BytesIO(raw))
     except Exception as exc:
-        raise InputError(f"{url}: not a readable Parquet plan ({_one_line(exc)})") from None
+        raise InputError(
+            f"{url}: not a readable Parquet plan ({one_line(exc, with_type=True)})"
+        ) from None
     missing = {"path", "cluster", "keep", "keeper"} - set(plan.columns)
     if missing:
         raise InputError(
@@ -271,7 +273,9 @@ def _read_optional(url: str, options: Mapping[str, Any], parse: Any) -> dict[str
     except FileNotFoundError:
         return {}
     except (ValueError, yaml.YAMLError) as exc:
-        raise InputError(f"{url}: cannot parse ({_one_line(exc)}); fix or delete it") from None
+        raise InputError(
+            f"{url}: cannot parse ({one_line(exc, with_type=True)}); fix or delete it"
+        ) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -504,7 +508,9 @@ def _update_summary(plan_dir: str, options: Mapping[str, Any], entries: Mapping[
     except FileNotFoundError:
         return
     except ValueError as exc:
-        raise InputError(f"{url}: cannot parse ({_one_line(exc)}); fix or delete it") from None
+        raise InputError(
+            f"{url}: cannot parse ({one_line(exc, with_type=True)}); fix or delete it"
+        ) from None
     summary.update(entries)
     _write(url, json.dumps(summary, indent=2, default=str) + "\n", options)
 
@@ -923,11 +929,12 @@ def _distance_hist_png(d: np.ndarray, eps: float | None) -> bytes:
 
 def _human_bytes(n: Any) -> str:
     n = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+    # Powers of 1024, so binary unit names (KiB, MiB, ...).
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} PB"
+    return f"{n:.1f} PiB"
 
 
 def _float_or_none(v: Any) -> float | None:
@@ -936,8 +943,3 @@ def _float_or_none(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(f) else f
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import fsspec
 import pandas as pd
 
-from .errors import ScopeError, StorageError
+from .errors import ScopeError, StorageError, one_line
 
 # redact and secret_values are re-exported: the secrets policy lives in dedup_batch.secrets.
 from .secrets import redact, scrub, secret_values, strip_userinfo
@@ -143,7 +143,7 @@ class Store:
                 self.root, **_open_options(self.root, self.storage_options)
             )
         except (ImportError, ValueError) as exc:
-            raise StorageError(f"cannot open root {self.root!r}: {_one_line(exc)}") from None
+            raise StorageError(f"cannot open root {self.root!r}: {one_line(exc)}") from None
         self.fs: fsspec.AbstractFileSystem = fs
         self.protocols = _protocols(fs)
         self.is_local = "file" in self.protocols or "local" in self.protocols
@@ -271,12 +271,12 @@ class Store:
             raise StorageError(f"root {self.root!r} does not exist") from None
         except PermissionError as exc:
             raise StorageError(
-                f"cannot list root {self.root!r}: access denied ({_one_line(exc)}); "
+                f"cannot list root {self.root!r}: access denied ({one_line(exc)}); "
                 "check credentials and permissions"
             ) from None
         except OSError as exc:
             raise StorageError(
-                f"cannot list root {self.root!r}: {_one_line(exc)}; "
+                f"cannot list root {self.root!r}: {one_line(exc)}; "
                 "check endpoint_url and credentials"
             ) from None
         rows = [
@@ -337,7 +337,7 @@ class Store:
     def _storage_error(self, what: str, exc: BaseException) -> StorageError:
         return StorageError(
             self._scrub(
-                f"{what} under {self.root!r} failed: {_one_line(exc)}; "
+                f"{what} under {self.root!r} failed: {one_line(exc)}; "
                 "check endpoint_url, credentials and permissions"
             )
         )
@@ -446,7 +446,7 @@ class Store:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return KeyResult("changed", "LinkedFolder", _LINKED_FOLDER)
-            return KeyResult("failed", _errno_code(exc), self._scrub(_one_line(exc)))
+            return KeyResult("failed", _errno_code(exc), self._scrub(one_line(exc)))
         try:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             now = ObjectStat(int(st.st_size), float(st.st_mtime), None, _kind(st.st_mode))
@@ -458,9 +458,9 @@ class Store:
         except FileNotFoundError:
             return KeyResult("already_absent", "NoSuchKey", "")
         except PermissionError as exc:
-            return KeyResult("failed", "AccessDenied", self._scrub(_one_line(exc)))
+            return KeyResult("failed", "AccessDenied", self._scrub(one_line(exc)))
         except OSError as exc:
-            return KeyResult("failed", _errno_code(exc), self._scrub(_one_line(exc)))
+            return KeyResult("failed", _errno_code(exc), self._scrub(one_line(exc)))
         finally:
             os.close(fd)
         return KeyResult("deleted", "", "")
@@ -599,10 +599,10 @@ class Store:
         except IsADirectoryError:
             return KeyResult("failed", "IsADirectory", "a directory, not a file: left alone")
         except PermissionError as exc:
-            return KeyResult("failed", "AccessDenied", self._scrub(_one_line(exc)))
+            return KeyResult("failed", "AccessDenied", self._scrub(one_line(exc)))
         except OSError as exc:
             code = type(exc).__name__ if exc.errno is None else f"Errno{exc.errno}"
-            return KeyResult("failed", code, self._scrub(_one_line(exc)))
+            return KeyResult("failed", code, self._scrub(one_line(exc)))
         return KeyResult("deleted", "", "")
 
     def _s3_delete(
@@ -723,9 +723,9 @@ class Store:
         except StorageError as exc:
             return KeyResult("failed", "CopyFailed", str(exc))
         except PermissionError as exc:
-            return KeyResult("failed", "AccessDenied", self._scrub(_one_line(exc)))
+            return KeyResult("failed", "AccessDenied", self._scrub(one_line(exc)))
         except Exception as exc:
-            return KeyResult("failed", "CopyFailed", self._scrub(_one_line(exc)))
+            return KeyResult("failed", "CopyFailed", self._scrub(one_line(exc)))
         if got is None:
             return KeyResult("failed", "VerifyFailed", "the copy is not there after copying")
         if got.size != src_stat.size:
@@ -1074,11 +1074,6 @@ def _md5_etag(etag: str | None) -> str | None:
     return None
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 # -- trash layout ------------------------------------------------------------------------------
 #: Characters written as %XX in trash names: '%' itself and '~' (so that the escapes and the
 #: folder marker below are unambiguous), the glob and query characters some fsspec calls parse
@@ -1232,12 +1227,12 @@ def read_object(store: Store, fs_path: str, max_bytes: int | None = None) -> byt
         raise
     except PermissionError as exc:
         raise StorageError(
-            f"cannot read {store.url(fs_path)!r}: access denied ({_one_line(exc)})"
+            f"cannot read {store.url(fs_path)!r}: access denied ({one_line(exc)})"
         ) from None
     except IsADirectoryError:
         raise FileNotFoundError(fs_path) from None
     except OSError as exc:
-        raise StorageError(f"cannot read {store.url(fs_path)!r}: {_one_line(exc)}") from None
+        raise StorageError(f"cannot read {store.url(fs_path)!r}: {one_line(exc)}") from None
     if len(data) > max_bytes:
         from .errors import InputError  # imported here: this block is additive to the module
 
@@ -1327,7 +1322,7 @@ def _storage_error(url: str, exc: BaseException, options: Mapping[str, Any] | No
     The message names the URL and what to check; secrets from ``options`` never appear in it.
     """
     _, hint = _advice(exc, options)
-    return StorageError(scrub(f"{url}: {hint} ({_one_line(exc)})", options))
+    return StorageError(scrub(f"{url}: {hint} ({one_line(exc)})", options))
 
 
 def setup_error(
@@ -1344,7 +1339,7 @@ def setup_error(
     kind, hint = _advice(exc, options)
     if kind not in ("credentials", "denied", "endpoint"):
         return None
-    return StorageError(scrub(f"storage: {hint} ({_one_line(exc)})", options))
+    return StorageError(scrub(f"storage: {hint} ({one_line(exc)})", options))
 
 
 def _fs_for(url: str, options: Mapping[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -1352,11 +1347,11 @@ def _fs_for(url: str, options: Mapping[str, Any] | None) -> tuple[fsspec.Abstrac
         return _url_to_fs(url, options)
     except ImportError as exc:
         raise StorageError(
-            f"{url}: the filesystem for this URL is not installed ({_one_line(exc)}); "
+            f"{url}: the filesystem for this URL is not installed ({one_line(exc)}); "
             "install its fsspec backend (e.g. s3fs for s3://)"
         ) from None
     except ValueError as exc:
-        raise StorageError(f"{url}: cannot open this URL ({_one_line(exc)})") from None
+        raise StorageError(f"{url}: cannot open this URL ({one_line(exc)})") from None
 
 
 def _as_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -1514,5 +1509,5 @@ def read_bytes(
             return f.read()
     except Exception as exc:  # codecs raise OSError, EOFError, zlib.error, lzma.LZMAError, ...
         raise InputError(
-            f"{url}: cannot decompress as {codec} ({_one_line(exc)}); re-export the file"
+            f"{url}: cannot decompress as {codec} ({one_line(exc)}); re-export the file"
         ) from None

@@ -39,7 +39,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 from . import storage
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, one_line
 from .progress import Stage, stage, track
 
 __all__ = [
@@ -563,7 +563,7 @@ def read_truth(url: str, storage_options: Mapping[str, Any] | None = None) -> di
     try:
         df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
     except Exception as exc:
-        raise InputError(f"{url}: not a readable CSV ({_one_line(exc)})") from None
+        raise InputError(f"{url}: not a readable CSV ({one_line(exc)})") from None
     if not {"path", "group"} <= set(df.columns):
         raise InputError(
             f"{url}: needs columns 'path' and 'group', has {', '.join(map(str, df.columns))}"
@@ -866,8 +866,3 @@ def _pairs_html(
         )
     )
     return html_page(f"dedup-batch: pairs near eps {eps:.5g}", body)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -55,3 +55,17 @@ def test_every_job_spec_key_is_a_flag() -> None:
     for field in dataclasses.fields(JobSpec):
         flag = special.get(field.name, "--" + field.name.replace("_", "-"))
         assert flag is None or flag in flags, field.name
+
+
+def test_every_module_is_in_the_architecture_map() -> None:
+    """docs/architecture.md's module table names every module of the package (and only them)."""
+    pkg = REPO / "dedup_batch"
+    modules = {
+        p.stem if p.is_file() else p.name
+        for p in pkg.iterdir()
+        if (p.suffix == ".py" and not p.stem.startswith("_")) or (p / "__init__.py").exists()
+    }
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    mapped = set(re.findall(r"^\| `([a-z_]+)` \|", text, re.M))
+    assert modules - mapped == set(), "modules missing from docs/architecture.md"
+    assert mapped - modules == set(), "docs/architecture.md names modules that do not exist"

@@ -334,7 +334,7 @@ def test_cards_show_pixel_size_bytes_and_the_keep_reason(tmp_path):
     text = (plan_dir / "report.html").read_text()
     check_report_html(text)
     size_c0 = len(picture(4, size=(1600, 1200)))
-    assert f'<span class="px">1600×1200 · {size_c0 / 1024:.1f} KB</span>' in text
+    assert f'<span class="px">1600×1200 · {size_c0 / 1024:.1f} KiB</span>' in text
     assert '<span class="why">kept: most pixels (1600×1200 vs 200×150)</span>' in text
     assert "kept: name without copy marker (vs &#x27;&lt;a1&gt; (1).jpg&#x27;)" in text
     b1 = text[text.index("b1.jpg</span>") :]
