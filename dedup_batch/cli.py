@@ -580,11 +580,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .embed import DEFAULT_BATCH_SIZE, DEFAULT_EXTENSIONS, embed_images
+    from .embed import DEFAULT_BATCH_SIZE, DEFAULT_EXTENSIONS, embed_images, get_model
     from .pipeline import dask_client
 
     spec = _spec(args)
     spec.require("root")
+    get_model(args.model)  # an unknown model or a missing package: say so before Dask starts
     with dask_client(spec) as client:
         result = embed_images(
             spec.root,  # type: ignore[arg-type]
