@@ -7,6 +7,7 @@ decompression bomb, too small, a mode Pillow cannot convert) becomes a :class:`B
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 from typing import TYPE_CHECKING, NamedTuple
@@ -76,7 +77,7 @@ def read_image(store: Store, fs_path: str, *, max_bytes: int) -> bytes:
     except PermissionError:
         raise BadImage("read", "access denied") from None
     except OSError as exc:
-        if getattr(exc, "errno", None) == 40:  # ELOOP: a link appeared on the path since listing
+        if exc.errno == errno.ELOOP:  # a symbolic link appeared on the path since the listing
             raise BadImage("link", "a symbolic link (not followed)") from None
         raise BadImage("read", f"read failed: {_one_line(exc)}") from None
     except Exception as exc:  # botocore errors are not OSErrors
