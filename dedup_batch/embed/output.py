@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, StorageError
 from ..storage import Store, expand_urls
 
 __all__ = [
@@ -238,7 +238,8 @@ def default_eps(
     -------
     (eps, model info), or None
         ``None`` unless every shard is a Parquet file that records a model (shards from
-        elsewhere carry none: then ``--eps`` is required as before).
+        elsewhere carry none: then ``--eps`` is required as before), or when ``features``
+        cannot be expanded (``load`` then reports why, after the missing ``--eps``).
 
     Raises
     ------
@@ -252,7 +253,10 @@ def default_eps(
     -----
     One footer read per shard (``_READ_THREADS`` at a time); the vectors are read by ``load``.
     """
-    urls = expand_urls(list(features), storage_options, suffixes=_PARQUET_SUFFIXES)
+    try:
+        urls = expand_urls(list(features), storage_options, suffixes=_PARQUET_SUFFIXES)
+    except (InputError, StorageError):
+        return None  # no eps from here; '--eps is required' first, then load says what is wrong
     if not urls or not all(u.lower().endswith(_PARQUET_SUFFIXES) for u in urls):
         return None
     with concurrent.futures.ThreadPoolExecutor(min(_READ_THREADS, len(urls))) as pool:
