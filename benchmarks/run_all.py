@@ -20,6 +20,7 @@ BENCHMARKS = {
     "bench_cluster.py": ([], ["--quick"]),
     "bench_load.py": ([], ["--rows", "50000", "--shards", "8"]),
     "bench_delete.py": ([], ["--dups", "5000"]),
+    "bench_embed.py": ([], ["--quick"]),
 }
 
 

@@ -245,6 +245,42 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_embed(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embed")
+    g.add_argument(
+        "--root",
+        metavar="URL",
+        help="the image collection to embed: a folder, s3://bucket/prefix or any fsspec URL",
+    )
+    g.add_argument(
+        "--out",
+        dest="embed_out",
+        metavar="URL",
+        required=True,
+        help="folder for the feature shards (part-*.parquet) and embed-errors.csv; shards of "
+        "earlier runs there are kept and only new or changed images are embedded",
+    )
+    g.add_argument(
+        "--model",
+        default="pdq",
+        metavar="NAME[:ARG]",
+        help="embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights)",
+    )
+    g.add_argument(
+        "--extensions",
+        metavar="LIST",
+        help="comma-separated file extensions to embed, case-insensitive (default "
+        "jpg,jpeg,png,webp,gif,tif,tiff,bmp)",
+    )
+    g.add_argument(
+        "--batch-size",
+        dest="embed_batch_size",
+        type=int,
+        metavar="N",
+        help="images per Dask task and per shard, at most (default 256)",
+    )
+
+
 def _add_global(p: argparse.ArgumentParser, default: Any) -> None:
     g = p.add_argument_group("output")
     g.add_argument(
@@ -375,6 +411,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(sp)
     _add_sweep(sp)
     sp.set_defaults(func=_cmd_sweep)
+
+    sp = sub.add_parser(
+        "embed",
+        help="compute features for the images under --root (PDQ by default)",
+        description="List the images under --root, read and hash them on the Dask workers in "
+        "batches, and write sharded Parquet features to --out for 'plan --features'. "
+        "Incremental: only new or changed images are read. Unreadable images are listed in "
+        "OUT/embed-errors.csv. Deletes nothing.",
+    )
+    _add_common(sp)
+    _add_embed(sp)
+    sp.set_defaults(func=_cmd_embed)
 
     sp = sub.add_parser(
         "demo",
@@ -541,6 +589,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         _update_summary(spec.out, so, {"sweep": {**result.summary_entry(), "dir": "sweep"}})
     print(result.format_table())
     print("sweep: wrote " + ", ".join(result.files.values()))
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .embed import DEFAULT_BATCH_SIZE, DEFAULT_EXTENSIONS, embed_images, get_model
+    from .pipeline import dask_client
+
+    spec = _spec(args)
+    spec.require("root")
+    get_model(args.model)  # an unknown model or a missing package: say so before Dask starts
+    with dask_client(spec) as client:
+        result = embed_images(
+            spec.root,  # type: ignore[arg-type]
+            args.embed_out,
+            model=args.model,
+            storage_options=spec.storage_options,
+            extensions=args.extensions or DEFAULT_EXTENSIONS,
+            batch_size=DEFAULT_BATCH_SIZE
+            if args.embed_batch_size is None
+            else args.embed_batch_size,
+            client=client,
+        )
+    print(result.summary_line())
     return 0
 
 

@@ -128,6 +128,14 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
     Refuses an ``out`` that already holds an apply journal: that plan is being carried out,
     and a new plan written over it could not be resumed safely.
     """
+    if spec.eps is None and spec.features:
+        # Shards made by 'embed' record their model and its eps (footers only, read here).
+        from .embed.output import default_eps
+
+        found = default_eps(spec.features, spec.storage_options, metric=spec.metric)
+        if found is not None:
+            log.info("plan: eps %.6g, model %s's default (no --eps)", found[0], found[1]["name"])
+            spec = dataclasses.replace(spec, eps=found[0])
     spec.require("features", "root", "eps")
     timer = StageTimer()
     store = Store(spec.root, spec.storage_options)  # type: ignore[arg-type]
