@@ -17,6 +17,12 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# pdqhash (the embed extra's PDQ hasher) ships only as source: the builder needs a C++
+# compiler. It stays in this stage; the final image gets the built venv, no build tools.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
@@ -24,10 +30,10 @@ WORKDIR /src
 # Only what the wheel is built from (see .dockerignore): no tests, no data, no secrets.
 COPY pyproject.toml ./
 COPY dedup_batch ./dedup_batch
-# Extras: s3 (s3fs, for s3:// roots and outputs) and report (pillow + matplotlib, for
-# report.html). All dependencies ship manylinux wheels, so no compiler is needed here either.
-# The byte code is compiled now because the pod's root filesystem is read-only.
-RUN pip install --no-cache-dir "./[s3,report]" \
+# Extras: s3 (s3fs, for s3:// roots and outputs), report (pillow + matplotlib, for
+# report.html) and embed (pdqhash, built from source with the compiler above). The byte code
+# is compiled now because the pod's root filesystem is read-only.
+RUN pip install --no-cache-dir "./[s3,report,embed]" \
     && python -m compileall -q /opt/venv/lib
 
 # ---- final: the venv, tini and an unprivileged user; no build tools ---------------------------

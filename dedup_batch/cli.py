@@ -82,8 +82,9 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--eps",
         type=float,
-        help="DBSCAN eps: the largest distance at which two "
-        "images count as near-duplicates (required)",
+        help="DBSCAN eps: the largest distance at which two images count as "
+        "near-duplicates (required, unless the shards were made by 'embed', whose model "
+        "gives its own)",
     )
     g.add_argument("--min-samples", type=int, help="DBSCAN min_samples (default 1)")
     g.add_argument("--metric", choices=METRICS, help="distance metric (default euclidean)")

@@ -69,6 +69,10 @@ _FOLDER_SUFFIXES = (
     ),
 )
 
+#: Files that sit beside shards in an 'embed' output folder but are not shards (matched by
+#: name when a folder or glob is expanded; a file named explicitly is read as given).
+_NOT_SHARDS = frozenset({"embed-errors.csv"})
+
 # Wide columns are interleaved into rows block by block: a (d, block) float32 scratch of about
 # 1 MiB stays in cache while it is transposed, instead of d strided passes over the whole shard.
 _BLOCK_BYTES = 1 << 20
@@ -186,7 +190,13 @@ def load_features(
     if not urls:
         raise InputError("no feature shards given: pass one or more shard URLs or globs")
     opts = dict(storage_options or {})
-    shards = storage.expand_urls(list(urls), opts, suffixes=_FOLDER_SUFFIXES)
+    shards = [
+        u
+        for u in storage.expand_urls(list(urls), opts, suffixes=_FOLDER_SUFFIXES)
+        if u in urls or u.rsplit("/", 1)[-1] not in _NOT_SHARDS
+    ]
+    if not shards:
+        raise InputError(f"{urls[0]}: holds no feature shard; check the path or pattern")
     for url in shards:
         # Refuse unknown formats and unwanted pickles before reading anything.
         if _layout(url) == "pickle" and not allow_pickle:

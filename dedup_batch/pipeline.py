@@ -128,14 +128,7 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
     Refuses an ``out`` that already holds an apply journal: that plan is being carried out,
     and a new plan written over it could not be resumed safely.
     """
-    if spec.eps is None and spec.features:
-        # Shards made by 'embed' record their model and its eps (footers only, read here).
-        from .embed.output import default_eps
-
-        found = default_eps(spec.features, spec.storage_options, metric=spec.metric)
-        if found is not None:
-            log.info("plan: eps %.6g, model %s's default (no --eps)", found[0], found[1]["name"])
-            spec = dataclasses.replace(spec, eps=found[0])
+    spec = _with_model_eps(spec)
     spec.require("features", "root", "eps")
     timer = StageTimer()
     store = Store(spec.root, spec.storage_options)  # type: ignore[arg-type]
@@ -265,6 +258,7 @@ def run(
     pod started twice, a re-run after a crash), that plan is reused and its apply resumed:
     re-planning after a partial delete could choose differently.
     """
+    spec = _with_model_eps(spec)  # so that a re-run without --eps finds its plan again
     result = _reusable_plan(spec) or plan(spec, client)
     if not (apply_now or spec.mode == "apply"):
         return result, None
@@ -272,6 +266,20 @@ def run(
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _with_model_eps(spec: JobSpec) -> JobSpec:
+    """``spec`` with the shards' model eps when it has none: shards made by 'embed' record
+    their model and its default eps (read from the Parquet footers only)."""
+    if spec.eps is not None or not spec.features:
+        return spec
+    from .embed.output import default_eps
+
+    found = default_eps(spec.features, spec.storage_options, metric=spec.metric)
+    if found is None:
+        return spec
+    log.info("plan: eps %.6g, model %s's default (no --eps)", found[0], found[1]["name"])
+    return dataclasses.replace(spec, eps=found[0])
+
+
 def _objects(
     store: Store, paths: np.ndarray, protect: list[str]
 ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:

@@ -747,7 +747,7 @@ class Store:
                 return KeyResult("failed", "VerifyFailed", "copy MD5 differs from the source")
         return KeyResult("copied", "", "", f"md5:{digest}" if digest else "")
 
-    def _open_read(self, full: str) -> Any:
+    def open_exact(self, full: str) -> Any:
         """A binary reader of exactly ``full`` (local: no symbolic link followed on the way;
         S3: one GetObject by exact key, the object held in memory)."""
         if self.is_s3:
@@ -769,7 +769,7 @@ class Store:
         """Copy ``src`` to ``dst`` only if ``dst`` does not exist; the MD5 of the bytes copied,
         or None when an object appeared at ``dst`` first (nothing written)."""
         md5 = hashlib.md5(usedforsecurity=False)
-        with self._open_read(src) as fin:
+        with self.open_exact(src) as fin:
             if dst_store.is_local:
                 return dst_store._local_create(dst, fin, md5)
             if dst_store.is_s3:
@@ -823,7 +823,7 @@ class Store:
     def md5(self, full: str) -> str:
         """MD5 hex digest of the object at exactly ``full`` (read in 1 MiB blocks)."""
         md5 = hashlib.md5(usedforsecurity=False)
-        with self._open_read(full) as f:
+        with self.open_exact(full) as f:
             while block := f.read(COPY_BLOCK_BYTES):
                 md5.update(block)
         return md5.hexdigest()

@@ -305,13 +305,13 @@ def test_bad_objects_are_listed_and_never_stop_the_job(tmp_path: Path) -> None:
 def count_reads(monkeypatch):
     """Counts every image read through the Store (in this process: the threads path)."""
     reads: list[str] = []
-    real = Store._open_read
+    real = Store.open_exact
 
     def counting(self, full):
         reads.append(full)
         return real(self, full)
 
-    monkeypatch.setattr(Store, "_open_read", counting)
+    monkeypatch.setattr(Store, "open_exact", counting)
     return reads
 
 

@@ -686,3 +686,14 @@ def test_malformed_shards_exit_2_with_one_line_from_the_cli(tmp_path, dask_clien
         assert code == 2, (case, err[-2000:])
         assert len(errors) == 1 and str(shard) in errors[0], (case, err[-2000:])
         assert "unexpected" not in errors[0]
+
+
+def test_an_embed_output_folder_loads_without_its_errors_file(root):
+    paths, X = sh.vectors(3, 4)
+    _local(root, "part-1.parquet", sh.list_parquet(paths, X))
+    _local(root, "embed-errors.csv", b"path,reason\nbad.jpg,corrupt\n")
+    got = load_features(os.path.join(root.root, "feat"), store=root)
+    assert got.paths.tolist() == list(paths)
+    # Named explicitly, it is read as a shard (and refused as one).
+    with pytest.raises(InputError, match="embed-errors.csv"):
+        load_features(os.path.join(root.root, "feat", "embed-errors.csv"), store=root)

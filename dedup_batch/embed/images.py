@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from ..errors import one_line as _first_line
 from ..storage import Store
-from ..storage import _one_line as _first_line
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -68,9 +68,9 @@ def read_image(store: Store, fs_path: str, *, max_bytes: int) -> bytes:
         next run); ``too-large``: more than ``max_bytes`` bytes.
     """
     try:
-        # Store._open_read is the one exact-key reader of the storage module (apply's trash
+        # Store.open_exact is the one exact-key reader of the storage module (apply's trash
         # copies use it); read_object's fs.open/cat_file would parse '?versionId=' on S3.
-        with store._open_read(fs_path) as fh:
+        with store.open_exact(fs_path) as fh:
             data = fh.read(max_bytes + 1)
     except FileNotFoundError:
         raise BadImage("read", "no longer exists (deleted since it was listed)") from None
