@@ -695,5 +695,5 @@ def test_an_embed_output_folder_loads_without_its_errors_file(root):
     got = load_features(os.path.join(root.root, "feat"), store=root)
     assert got.paths.tolist() == list(paths)
     # Named explicitly, it is read as a shard (and refused as one).
-    with pytest.raises(InputError, match="embed-errors.csv"):
+    with pytest.raises(InputError, match=r"embed-errors\.csv"):
         load_features(os.path.join(root.root, "feat", "embed-errors.csv"), store=root)
