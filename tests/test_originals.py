@@ -258,7 +258,7 @@ def test_the_default_plan_keeps_the_original(default_plan, library: dict) -> Non
 def test_the_report_shows_pixels_bytes_and_why(default_plan, library: dict) -> None:
     html = (Path(default_plan.out) / "report.html").read_text()
     assert "kept: name without copy marker (vs &#x27;" in html
-    assert "330×330 · " in html and " KB</span>" in html
+    assert "330×330 · " in html and " KiB</span>" in html
     summary = json.loads((Path(default_plan.out) / "summary.json").read_text())
     assert not [w for w in summary["warnings"] if "--protect" in w]  # none was given
 
