@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ SPLIT_CELLS = 12
 #: scikit-learn's pairwise chunk (``pairwise_dist_chunk_size``): the geometry its brute-force
 #: euclidean GEMMs use, which the re-check must reproduce bit for bit.
 _SK_CHUNK = 256
+#: Smallest M*N*K for a GEMM the cosine re-check runs on a subset of scikit-learn's rows: far
+#: above OpenBLAS's small-matrix kernels (M*N*K <= 1e6) and single-thread cut-off (M*N*K <=
+#: 2^18 per thread), so the subset takes the same kernel path as scikit-learn's whole chunk.
+_GEMM_MIN_MNK = 1 << 24
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 
@@ -559,11 +564,15 @@ class _SkDecider:
     """Decides directed pairs ``i -> j`` (original row numbers) exactly as scikit-learn's
     ``radius_neighbors`` would in this fit, by running its own routine on the same chunk."""
 
-    def __init__(self, X: np.ndarray, eps: float, mode: _Mode, leaf_size: int) -> None:
+    def __init__(
+        self, X: np.ndarray, eps: float, mode: _Mode, leaf_size: int, n_jobs: int | None = None
+    ) -> None:
         self.X, self.eps, self.mode, self.leaf_size = X, eps, mode, leaf_size
         self.n = X.shape[0]
+        self.n_jobs = n_jobs
         self._tree = None
         self._cache: dict = {}
+        self._subset_ok: bool | None = None
 
     def decide(self, qi: np.ndarray, tj: np.ndarray) -> np.ndarray:
         """Boolean array: is ``tj[k]`` in scikit-learn's eps-neighbourhood of ``qi[k]``."""
@@ -586,9 +595,9 @@ class _SkDecider:
             rows = self._cosine_rows()
             which = np.searchsorted(rows[1:], qi, side="right")
             for c in np.unique(which):
+                # every pair queried from one chunk at once: at most one pass over the chunk
                 sel = np.nonzero(which == c)[0]
-                D = self._cosine_chunk(int(rows[c]), int(rows[c + 1]))
-                out[sel] = D[qi[sel] - rows[c], tj[sel]] <= self.eps
+                out[sel] = self._cosine_pairs(int(rows[c]), int(rows[c + 1]), qi[sel], tj[sel])
         return out
 
     def _brute_block(self, bi: int, bj: int) -> np.ndarray:
@@ -629,14 +638,113 @@ class _SkDecider:
         return np.array([s.start for s in gen_batches(self.n, rows)] + [self.n])
 
     def _cosine_chunk(self, s: int, e: int) -> np.ndarray:
+        """scikit-learn's cosine distances for its row chunk ``s:e`` against all rows, by its
+        own call (``pairwise_distances`` with this fit's ``n_jobs``): (e - s, n) float64."""
         from sklearn.metrics import pairwise_distances
 
-        key = ("c", s)
-        if key not in self._cache:
-            self._cache.clear()  # one row chunk (<= working_memory) held at a time
-            Xc = self.X if (s == 0 and e == self.n) else self.X[s:e]
-            self._cache[key] = pairwise_distances(Xc, self.X, metric="cosine")
-        return self._cache[key]
+        Xc = self.X if (s == 0 and e == self.n) else self.X[s:e]
+        return pairwise_distances(Xc, self.X, metric="cosine", n_jobs=self.n_jobs)
+
+    def _cosine_pairs(self, s: int, e: int, qi: np.ndarray, tj: np.ndarray) -> np.ndarray:
+        """Is ``tj[k]`` within eps of ``qi[k]`` (all ``qi`` in scikit-learn's row chunk
+        ``s:e``) in scikit-learn's cosine distances: bool array.
+
+        scikit-learn computes ``clip(1 - normalize(X[s:e]) @ normalize(X).T, 0, 2)`` in the
+        input dtype (float64 for non-float32 input). Normalisation is per row; the product is
+        a BLAS GEMM whose value for one entry depends on the kernel path it takes (small-matrix
+        kernels, single- or multi-threaded K blocking), not on the other rows and columns, as
+        long as the path is the same (measured for OpenBLAS's SGEMM; its DGEMM edge kernels
+        round differently, so float64 input, whose near-eps pairs are rare exact ties, always
+        takes scikit-learn's whole chunk). So only the needed rows and columns are multiplied,
+        padded to a product large enough for the same path (``_GEMM_MIN_MNK``), with the
+        caller's BLAS threads, as scikit-learn would run. That independence is verified once
+        per fit against scikit-learn's own operands (its chunk normalised as it does, against
+        all columns); a difference, a small chunk, or ``n_jobs`` splitting the columns over
+        threads falls back to scikit-learn's own call on the whole chunk.
+
+        Memory: (<= 2048 rows) x (<= 2048 + padding columns) per block, plus the verification
+        (a few rows against all columns). Time: O(pairs d) instead of O((e - s) n d).
+        """
+        from joblib import effective_n_jobs
+
+        n, d = self.X.shape
+        if (
+            (e - s) * n * d <= 4 * _GEMM_MIN_MNK
+            or self.X.dtype != np.float32
+            or effective_n_jobs(self.n_jobs) != 1
+            or not self._cosine_subset_ok(s, e, qi, tj)
+        ):
+            # small chunk (its own kernel path), scikit-learn splitting the columns over
+            # threads, or a BLAS whose rounding depends on the shape: its own whole chunk
+            key = ("c", s)
+            if key not in self._cache:
+                self._cache.clear()  # one row chunk (<= working_memory) held at a time
+                self._cache[key] = self._cosine_chunk(s, e)
+            return self._cache[key][qi - s, tj] <= self.eps
+        out = np.empty(len(qi), bool)
+        order = np.argsort(qi, kind="stable")
+        for b in range(0, len(qi), 2048):
+            sel = order[b : b + 2048]
+            D, pos_q, pos_t = self._cosine_sub(s, e, qi[sel], tj[sel])
+            out[sel] = D[pos_q, pos_t] <= self.eps
+        return out
+
+    def _cosine_sub(
+        self, s: int, e: int, qi: np.ndarray, tj: np.ndarray, wide: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """scikit-learn's cosine distances between the rows ``qi`` and columns ``tj`` (padded
+        to a large GEMM): ``(D, pos_q, pos_t)`` with ``D[pos_q[k], pos_t[k]]`` the value for
+        pair k. ``wide``: scikit-learn's operands, the query rows normalised as part of their
+        whole chunk, against all n rows normalised at once (or, when that copy would exceed
+        ~512 MiB, against 65,536 columns normalised at once)."""
+        from sklearn.preprocessing import normalize
+
+        n, d = self.X.shape
+
+        def conv(a: np.ndarray) -> np.ndarray:
+            return a if a.dtype == np.float32 else a.astype(np.float64)
+
+        q = np.unique(qi)
+        m_min = min(e - s, max(4, -(-_GEMM_MIN_MNK // (n * d))))
+        if len(q) < m_min:  # pad with other rows of the chunk (same path as its GEMM)
+            q = np.union1d(q, np.setdiff1d(np.arange(s, e), q)[: m_min - len(q)])
+        if wide:
+            Qn = normalize(conv(self.X[s:e]))[q - s]
+            if n * d <= 1 << 27:
+                t = np.arange(n)
+                Tn = normalize(conv(self.X))
+            else:
+                t = np.unique(tj)
+                t = np.union1d(t, np.setdiff1d(np.arange(65536 + len(t)), t)[: 65536 - len(t)])
+                Tn = normalize(conv(self.X[t]))
+        else:
+            Qn = normalize(conv(self.X[q]))
+            t = np.unique(tj)
+            n_min = min(n, max(64, -(-_GEMM_MIN_MNK // (len(q) * d))))
+            if len(t) < n_min:
+                t = np.union1d(t, np.setdiff1d(np.arange(n_min + len(t)), t)[: n_min - len(t)])
+            Tn = normalize(conv(self.X[t]))
+        D = Qn @ Tn.T
+        D *= -1
+        D += 1
+        np.clip(D, 0.0, 2.0, out=D)  # in scikit-learn's dtype: eps is compared in it, as there
+        return D, np.searchsorted(q, qi), np.searchsorted(t, tj)
+
+    def _cosine_subset_ok(self, s: int, e: int, qi: np.ndarray, tj: np.ndarray) -> bool:
+        """Once per fit: do a few pairs' values from a small padded GEMM equal the values from
+        scikit-learn's operands (its chunk's rows against all columns)?"""
+        if self._subset_ok is None:
+            # up to 16 query rows (<= 1024 pairs): 16 rows x n columns in the wide product
+            k = np.nonzero(np.isin(qi, np.unique(qi)[:16]))[0][:1024]
+            sub, pq, pt = self._cosine_sub(s, e, qi[k], tj[k])
+            full, fq, ft = self._cosine_sub(s, e, qi[k], tj[k], wide=True)
+            self._subset_ok = bool(np.array_equal(sub[pq, pt], full[fq, ft]))
+            if not self._subset_ok:
+                log.info(
+                    "DBSCAN: this BLAS rounds a GEMM entry differently by shape; re-deciding "
+                    "cosine pairs with scikit-learn's whole row chunks"
+                )
+        return self._subset_ok
 
 
 def _refine(
@@ -751,27 +859,33 @@ def _build_graph(
         # all rows active (always for euclidean): R itself, not a fancy-indexed full copy
         prep = _prepare(R if len(active) == m else R[active], eps, mode, X.dtype)
         _check_self_pairs(prep, eps, mode, X.dtype)
-        members = None
         active_pos = np.full(m, -1, np.int64)
         active_pos[active] = np.arange(len(active))
-        decider = _SkDecider(X, eps, mode, leaf_size)
         to_rep = active[prep.order]  # leaf order -> representative number
+        und_i, und_j = [], []
         for si, sj, bi, bj in _run_tiles(prep, n_jobs):
             si, sj = to_rep[si], to_rep[sj]
             if len(bi):
                 bi, bj = to_rep[bi], to_rep[bj]
                 sure, und = _refine(X, first, bi, bj, prep, active_pos, mode)
-                if members is None and und.any():
-                    order = np.argsort(inverse, kind="stable")
-                    members = np.split(order, np.cumsum(counts)[:-1])
-                ri, rj = _recheck(bi[und], bj[und], members, decider)
-                si = np.concatenate([si, bi[sure], ri])
-                sj = np.concatenate([sj, bj[sure], rj])
-            if keep_edges:
-                ei.append(si)
-                ej.append(sj)
-            else:
-                uf.union(si, sj)
+                si = np.concatenate([si, bi[sure]])
+                sj = np.concatenate([sj, bj[sure]])
+                und_i.append(bi[und])
+                und_j.append(bj[und])
+            _add_edges(si, sj, uf, ei, ej)
+        del prep
+        # Pairs within scikit-learn's own rounding of eps, from every tile, decided together
+        # once the tiles are done: each of scikit-learn's chunks is computed once per fit, and
+        # with the caller's BLAS threads (scikit-learn's GEMM rounds by its kernel path).
+        bi, bj = _cat(und_i), _cat(und_j)
+        log.debug("eps-graph: %d pairs within scikit-learn's rounding of eps", len(bi))
+        if len(bi):
+            order = np.argsort(inverse, kind="stable")
+            members = np.split(order, np.cumsum(counts)[:-1])
+            decider = _SkDecider(X, eps, mode, leaf_size, n_jobs)
+            t0 = time.perf_counter()
+            _add_edges(*_recheck(bi, bj, members, decider), uf, ei, ej)
+            log.debug("eps-graph: re-check %.2f s", time.perf_counter() - t0)
     edges = None
     if keep_edges:
         i, j = _cat(ei), _cat(ej)
@@ -779,6 +893,16 @@ def _build_graph(
         i[swap], j[swap] = j[swap], i[swap]
         edges = (i, j)
     return _Graph(first, inverse, counts, excluded, uf, edges)
+
+
+def _add_edges(i: np.ndarray, j: np.ndarray, uf: _UnionFind | None, ei: list, ej: list) -> None:
+    """Merge edges into the components (``uf``), or keep them (``ei``/``ej``) when no
+    union-find is kept."""
+    if uf is None:
+        ei.append(i)
+        ej.append(j)
+    else:
+        uf.union(i, j)
 
 
 def _check_self_pairs(prep: _Prepared, eps: float, mode: _Mode, dtype: np.dtype) -> None:
