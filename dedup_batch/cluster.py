@@ -20,12 +20,13 @@ scikit-learn as well.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -407,19 +408,94 @@ def _leaf_pairs(prep: _Prepared) -> list[tuple[int, list[int]]]:
     return out
 
 
-def _tile_task(prep: _Prepared, a: int, bs: list[int]) -> tuple[np.ndarray, ...]:
+class _LiveRoots:
+    """Component roots of leaf-order rows read from the union-find while the main thread
+    merges into it (thread pool). Read-only: every parent points to a smaller node of the same
+    set, so a stale read gives a valid, possibly older, root; rows reported in one component
+    always are (a stale read can only miss a merge, i.e. compute a tile for nothing)."""
+
+    def __init__(self, parent: np.ndarray) -> None:
+        self.parent = parent
+
+    def __call__(self, a: int, rows: np.ndarray) -> np.ndarray:
+        p = self.parent
+        r = p[rows]
+        while True:
+            rr = p[r]
+            if np.array_equal(rr, r):
+                return r
+            r = rr
+
+
+class _LeafRoots:
+    """Component roots from a snapshot per leaf (Dask tasks: a few KB shipped per task): the
+    root of a leaf whose rows were all in one component when the task was submitted, else a
+    distinct negative number per row (never equal to another row's)."""
+
+    def __init__(self, leaf_root: np.ndarray, bounds: np.ndarray) -> None:
+        self.leaf_root = leaf_root
+        self.bounds = bounds
+
+    def __call__(self, a: int, rows: np.ndarray) -> np.ndarray:
+        leaf = np.searchsorted(self.bounds, rows, side="right") - 1
+        r = self.leaf_root[leaf]
+        return np.where(r >= 0, r, -1 - rows)
+
+
+def _forest(
+    i: np.ndarray, j: np.ndarray, nodes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A spanning forest of the graph with edges ``(i, j)``: every node joined to its
+    component's smallest node (at most one edge per distinct node). ``nodes``: a sorted array
+    holding every endpoint, when known (saves sorting the edges)."""
+    if len(i) <= 64:
+        return i, j
+    if nodes is None:
+        nodes, inv = np.unique(np.concatenate([i, j]), return_inverse=True)
+        li, lj = inv[: len(i)], inv[len(i) :]
+    else:
+        li, lj = np.searchsorted(nodes, i), np.searchsorted(nodes, j)
+    k = len(nodes)
+    if len(i) < k // 2:
+        return i, j
+    g = sparse.csr_matrix((np.ones(len(i), np.int8), (li, lj)), shape=(k, k))
+    _, comp = connected_components(g, directed=False)
+    low = np.full(comp.max() + 1, k)
+    np.minimum.at(low, comp, np.arange(k))
+    root = low[comp]
+    sel = root != np.arange(k)  # a node without edges is its own root
+    return nodes[sel], nodes[root[sel]]
+
+
+def _take(arr: np.ndarray, runs: list[list[int]] | None, idx: np.ndarray) -> np.ndarray:
+    """Rows of ``arr``: the runs of contiguous rows (a slice, or a concatenation of slices)
+    when given, else a gather of ``idx``."""
+    if runs is None:
+        return arr[idx]
+    if len(runs) == 1:
+        return arr[runs[0][0] : runs[0][1]]
+    return np.concatenate([arr[x:y] for x, y in runs])
+
+
+def _tile_task(prep: _Prepared, a: int, bs: list[int], roots: Any = None) -> tuple[np.ndarray, ...]:
     """Edges from leaf ``a`` to leaves ``bs``: ``(sure_i, sure_j, band_i, band_j)``, in leaf
     order (row ``q`` is input row ``prep.order[q]``).
 
     The leaves ``bs`` are multiplied in groups of about TILE columns, so one task holds one
     (LEAF x TILE) float32 block at a time. Leaves are contiguous, so a group's factors are a
     slice (consecutive leaves) or a concatenation of slices, never a row gather.
+
+    ``roots`` (``min_samples=1``: only components matter): a callable giving the component
+    root of leaf-order rows (:class:`_LiveRoots` or :class:`_LeafRoots`). A group whose rows
+    and leaf ``a``'s are all in one component is skipped; when leaf ``a`` (or the group) is in
+    one component, only the columns (rows) outside it are computed; and the sure edges come
+    back as a spanning forest, at most one edge per row touched. Memory is then a few
+    (LEAF x TILE) blocks per task whatever the number of pairs within eps (a group of copies).
     """
     bnd = prep.bounds
     a0, a1 = int(bnd[a]), int(bnd[a + 1])
     na = a1 - a0
-    Ca = prep.C[a0:a1]
-    Alo_a = prep.Alo[a0:a1]
+    rows_a = np.arange(a0, a1)
     sure_i, sure_j, band_i, band_j = [], [], [], []
     t = prep.threshold
     bmax_a = float(prep.leaf_band[a])
@@ -442,50 +518,64 @@ def _tile_task(prep: _Prepared, a: int, bs: list[int]) -> tuple[np.ndarray, ...]
             runs, size, bmax, blomax = [], 0, 0.0, 0.0
     if runs:
         groups.append((runs, bmax, blomax))
-    for gno, (runs, bmax_b, blo_b) in enumerate(groups):
+    for runs, bmax_b, blo_b in groups:
+        ib = np.concatenate([np.arange(x, y) for x, y in runs])
+        ia = rows_a
+        if roots is not None:
+            ra, rb = roots(a, rows_a), roots(a, ib)
+            if (ra == ra[0]).all():
+                ib = ib[rb != ra[0]]  # pairs inside one component add nothing
+            elif (rb == rb[0]).all():
+                ia = rows_a[ra != rb[0]]
+            if len(ib) == 0 or len(ia) == 0:
+                continue
+        whole_a, whole_b = len(ia) == na, len(ib) == sum(y - x for x, y in runs)
 
-        def block(arr: np.ndarray, runs: list[list[int]] = runs) -> np.ndarray:
-            if len(runs) == 1:
-                return arr[runs[0][0] : runs[0][1]]
-            return np.concatenate([arr[x:y] for x, y in runs])
+        runs_a = [[a0, a1]] if whole_a else None
+        runs_b = runs if whole_b else None
 
         hi = t + bmax_a + bmax_b
         hi_lo = hi + blo_a + blo_b + prep.slack
         # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
-        L = Alo_a @ block(prep.Blo).T
+        L = _take(prep.Alo, runs_a, ia) @ _take(prep.Blo, runs_b, ib).T
         # One pass over the block: flatnonzero of the mask is ~3x cheaper per pair than a 2-d
         # np.nonzero (or a row-min pre-pass), and this pass costs as much as the GEMM itself.
         f = np.flatnonzero(np.less_equal(L, hi_lo))
-        nb = L.shape[1]
+        nr, nb = L.shape
         del L
         if len(f) == 0:
             continue
         r, c = np.divmod(f, nb)
-        ib = np.concatenate([np.arange(x, y) for x, y in runs])
+        del f
         # Full value for the survivors only (a GEMM when they are many).
-        if len(r) > na * nb // 16:
-            dots = (Ca @ block(prep.C).T)[r, c]
+        if len(r) > nr * nb // 16:
+            dots = (_take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T)[r, c]
         else:
-            dots = np.einsum("ij,ij->i", Ca[r], prep.C[ib[c]])
-        gi, gj = a0 + r, ib[c]
+            dots = np.einsum("ij,ij->i", prep.C[ia[r]], prep.C[ib[c]])
+        gi, gj = ia[r], ib[c]
+        del r, c
         s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
         sel = s32 <= hi
-        r, c, gi, gj, s32 = r[sel], c[sel], gi[sel], gj[sel], s32[sel]
-        # the diagonal leaf (first columns of the first group): each unordered pair once
-        if gno == 0 and bs[0] == a:
-            keep = (c >= na) | (r < c)
-            gi, gj, s32 = gi[keep], gj[keep], s32[keep]
+        # pairs inside leaf a (its diagonal block): each unordered pair once
+        sel &= (gj >= a1) | (gi < gj)
+        gi, gj, s32 = gi[sel], gj[sel], s32[sel]
         if len(gi) == 0:
             continue
         s = s32.astype(np.float64)
         w = prep.band[gi] + prep.band[gj]
         sure = s < t - w
         unsure = ~sure & (s <= t + w)
-        sure_i.append(gi[sure])
-        sure_j.append(gj[sure])
+        si, sj = gi[sure], gj[sure]
+        if roots is not None:
+            si, sj = _forest(si, sj, np.union1d(ia, ib))
+        sure_i.append(si)
+        sure_j.append(sj)
         band_i.append(gi[unsure])
         band_j.append(gj[unsure])
-    return _cat(sure_i), _cat(sure_j), _cat(band_i), _cat(band_j)
+    si, sj = _cat(sure_i), _cat(sure_j)
+    if roots is not None:
+        si, sj = _forest(si, sj)
+    return si, sj, _cat(band_i), _cat(band_j)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -505,9 +595,16 @@ def _current_client() -> Any:
         return None
 
 
-def _run_tiles(prep: _Prepared, n_jobs: int | None) -> Iterator[tuple[np.ndarray, ...]]:
+def _run_tiles(
+    prep: _Prepared, n_jobs: int | None, uf: _UnionFind | None = None
+) -> Iterator[tuple[np.ndarray, ...]]:
     """Yield each task's edges as it finishes: on the current Dask client's workers (the
-    prepared arrays scattered once, broadcast) or on a local pool of ``n_jobs`` threads."""
+    prepared arrays scattered once, broadcast) or on a local pool of ``n_jobs`` threads.
+
+    ``uf`` (``min_samples=1``): the union-find over leaf-order rows that the caller merges
+    each yielded result into before asking for the next; tasks read it to skip what is already
+    one component (see :func:`_tile_task`). At most a few tasks are in flight (2 per thread
+    or worker), so finished results never pile up whatever their size."""
     work = [(a, bs) for a, bs in _leaf_pairs(prep) if bs]
     skipped = sum(prep.n_leaves - a for a in range(prep.n_leaves)) - sum(len(bs) for _, bs in work)
     log.debug(
@@ -517,38 +614,85 @@ def _run_tiles(prep: _Prepared, n_jobs: int | None) -> Iterator[tuple[np.ndarray
         skipped,
     )
     # one unit of the running stage's progress (bar, heartbeat, JSON event) per tile task
-    for out in _tile_outputs(prep, work, n_jobs):
+    for out in _tile_outputs(prep, work, n_jobs, uf):
         progress.advance(1, total=len(work))
         yield out
 
 
 def _tile_outputs(
-    prep: _Prepared, work: list[tuple[int, list[int]]], n_jobs: int | None
+    prep: _Prepared,
+    work: list[tuple[int, list[int]]],
+    n_jobs: int | None,
+    uf: _UnionFind | None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
     client = _current_client()
     if client is not None:
-        from distributed import as_completed
-
-        # hash=False: a fresh key per fit, so a previous fit's release cannot race this one
-        fut = client.scatter(prep, broadcast=True, hash=False)
-        futures = [client.submit(_tile_task, fut, a, bs, pure=False) for a, bs in work]
-        for f in as_completed(futures):
-            yield f.result()
-            f.release()
+        yield from _dask_outputs(client, prep, work, uf)
         return
     from joblib import effective_n_jobs
     from threadpoolctl import threadpool_limits
 
+    roots = None if uf is None else _LiveRoots(uf.parent)
     # None: every core, as scikit-learn's OpenMP brute force does. Each tile runs a
     # single-threaded BLAS: OpenBLAS threads on tile-sized products cost more than they give.
     n_threads = (os.cpu_count() or 1) if n_jobs is None else max(1, effective_n_jobs(n_jobs))
     with threadpool_limits(limits=1, user_api="blas"):
         if n_threads == 1:
             for a, bs in work:
-                yield _tile_task(prep, a, bs)
+                yield _tile_task(prep, a, bs, roots)
             return
         with ThreadPoolExecutor(n_threads) as pool:
-            yield from pool.map(lambda w: _tile_task(prep, *w), work)
+            pending: set = set()
+            todo = iter(work)
+            while True:
+                for a, bs in todo:
+                    pending.add(pool.submit(_tile_task, prep, a, bs, roots))
+                    if len(pending) >= 2 * n_threads:
+                        break
+                if not pending:
+                    return
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+
+
+def _dask_outputs(
+    client: Any, prep: _Prepared, work: list[tuple[int, list[int]]], uf: _UnionFind | None
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Tiles as tasks on the client's workers, 2 per worker thread in flight; with ``uf``, each
+    task gets a per-leaf snapshot of the components (:class:`_LeafRoots`), refreshed as
+    results are merged."""
+    from distributed import as_completed
+
+    # hash=False: a fresh key per fit, so a previous fit's release cannot race this one
+    fut = client.scatter(prep, broadcast=True, hash=False)
+    n_slots = 2 * max(1, sum(client.nthreads().values()))
+    snapshot: _LeafRoots | None = None
+    merged_at_snapshot = -1
+    merged = 0
+
+    def submit(a: int, bs: list[int]) -> Any:
+        nonlocal snapshot, merged_at_snapshot
+        roots = None
+        if uf is not None:
+            if merged != merged_at_snapshot:
+                r = uf.roots()
+                lo = np.minimum.reduceat(r, prep.bounds[:-1])
+                hi = np.maximum.reduceat(r, prep.bounds[:-1])
+                snapshot = _LeafRoots(np.where(lo == hi, lo, -1), prep.bounds)
+                merged_at_snapshot = merged
+            roots = snapshot
+        return client.submit(_tile_task, fut, a, bs, roots, pure=False)
+
+    todo = iter(work)
+    running = as_completed([submit(a, bs) for a, bs in itertools.islice(todo, n_slots)])
+    for f in running:
+        out = f.result()
+        f.release()
+        yield out  # the caller merges it before the next submission reads the components
+        merged += 1
+        for a, bs in itertools.islice(todo, 1):
+            running.add(submit(a, bs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,30 +1006,50 @@ def _build_graph(
         active_pos = np.full(m, -1, np.int64)
         active_pos[active] = np.arange(len(active))
         to_rep = active[prep.order]  # leaf order -> representative number
+        # min_samples=1: components over leaf-order rows, read by the tiles to skip work
+        luf = None if keep_edges else _UnionFind(len(active))
         und_i, und_j = [], []
-        for si, sj, bi, bj in _run_tiles(prep, n_jobs):
-            si, sj = to_rep[si], to_rep[sj]
+        for si, sj, bi, bj in _run_tiles(prep, n_jobs, luf):
             if len(bi):
-                bi, bj = to_rep[bi], to_rep[bj]
-                sure, und = _refine(X, first, bi, bj, prep, active_pos, mode)
+                sure, und = _refine(X, first, to_rep[bi], to_rep[bj], prep, active_pos, mode)
                 si = np.concatenate([si, bi[sure]])
                 sj = np.concatenate([sj, bj[sure]])
-                und_i.append(bi[und])
-                und_j.append(bj[und])
-            _add_edges(si, sj, uf, ei, ej)
+                bi, bj = bi[und], bj[und]
+            if luf is None:
+                ei.append(to_rep[si])
+                ej.append(to_rep[sj])
+            else:
+                luf.union(si, sj)
+                # a pair already inside one component cannot change the labels
+                keep = luf.find(bi) != luf.find(bj)
+                bi, bj = bi[keep], bj[keep]
+            und_i.append(bi)
+            und_j.append(bj)
         del prep
         # Pairs within scikit-learn's own rounding of eps, from every tile, decided together
         # once the tiles are done: each of scikit-learn's chunks is computed once per fit, and
         # with the caller's BLAS threads (scikit-learn's GEMM rounds by its kernel path).
         bi, bj = _cat(und_i), _cat(und_j)
+        if luf is not None and len(bi):
+            keep = luf.find(bi) != luf.find(bj)
+            bi, bj = bi[keep], bj[keep]
         log.debug("eps-graph: %d pairs within scikit-learn's rounding of eps", len(bi))
         if len(bi):
             order = np.argsort(inverse, kind="stable")
             members = np.split(order, np.cumsum(counts)[:-1])
             decider = _SkDecider(X, eps, mode, leaf_size, n_jobs)
             t0 = time.perf_counter()
-            _add_edges(*_recheck(bi, bj, members, decider), uf, ei, ej)
+            ri, rj = _recheck(to_rep[bi], to_rep[bj], members, decider)
             log.debug("eps-graph: re-check %.2f s", time.perf_counter() - t0)
+            if luf is None:
+                ei.append(ri)
+                ej.append(rj)
+            else:
+                pos = np.empty(m, np.int64)
+                pos[to_rep] = np.arange(len(to_rep))
+                luf.union(pos[ri], pos[rj])
+        if luf is not None:
+            uf.union(to_rep, to_rep[luf.roots()])
     edges = None
     if keep_edges:
         i, j = _cat(ei), _cat(ej)
@@ -893,16 +1057,6 @@ def _build_graph(
         i[swap], j[swap] = j[swap], i[swap]
         edges = (i, j)
     return _Graph(first, inverse, counts, excluded, uf, edges)
-
-
-def _add_edges(i: np.ndarray, j: np.ndarray, uf: _UnionFind | None, ei: list, ej: list) -> None:
-    """Merge edges into the components (``uf``), or keep them (``ei``/``ej``) when no
-    union-find is kept."""
-    if uf is None:
-        ei.append(i)
-        ej.append(j)
-    else:
-        uf.union(i, j)
 
 
 def _check_self_pairs(prep: _Prepared, eps: float, mode: _Mode, dtype: np.dtype) -> None:

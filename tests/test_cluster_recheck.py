@@ -109,7 +109,7 @@ def test_cosine_recheck_uses_sub_gemms_and_is_batched(spy_sub):
     X = clip_like(rng, 1960, 512)
     with config_context(working_memory=3):
         eps = _tie_eps(X, rng, np.float32)
-        assert_same(X, eps=eps, min_samples=1, metric="cosine")
+        assert_same(X, eps=eps, min_samples=2, metric="cosine")
         n_chunks = (
             len(cluster_mod._SkDecider(X, eps, cluster_mod._Mode("cosine"), 30)._cosine_rows()) - 1
         )
@@ -138,7 +138,7 @@ def test_cosine_float64_uses_whole_chunks(spy_sub):
     X = clip_like(rng, 1500, 300, np.float64)
     with config_context(working_memory=3):
         eps = _tie_eps(X, rng, np.float64)
-        assert_same(X, eps=eps, min_samples=1, metric="cosine")
+        assert_same(X, eps=eps, min_samples=2, metric="cosine")
     assert spy_sub["sub"] == 0 and spy_sub["wide"] == 0 and spy_sub["chunk"] >= 1
 
 
