@@ -108,6 +108,10 @@ def _resolve_mode(est: DBSCAN, X: Any, sample_weight: Any) -> _Mode | None:
         if algo == "auto":
             algo = "brute" if d > 15 else "kd_tree"
         if algo == "brute":
+            if X.dtype not in (np.float32, np.float64):
+                # scikit-learn's brute force takes another route for other dtypes (integers:
+                # pairwise_distances_chunked in float64), which the re-check does not mirror
+                return None
             return _Mode("brute")
         return _Mode("tree", algo)
     if metric == "cosine":
