@@ -24,6 +24,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -277,16 +278,25 @@ def _float32_band(sq: np.ndarray, n_terms: int, threshold: float) -> np.ndarray:
     )
 
 
+def _chunk_rows(d: int) -> int:
+    """Rows per float64 working chunk of ``_prepare``: ~8 MiB whatever d."""
+    return max(256, (8 << 20) // (8 * max(1, d)))
+
+
 def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Prepared:
     """Centre/normalise the representatives, build the float32 factors, the error bands and
     the projection tree.
 
-    Memory: one float32 copy of R (``C``, in leaf order), (m, k) float64 projections (twice
-    while they are permuted) and 2 (m, k+2) float32 factors; float64 work arrays are per
-    64k-row chunk only.
+    Memory: one float32 copy of R (``C``, in leaf order), (m, k) float64 projections (k = 32;
+    freed once the leaves are built) and two (m, k+2) float32 factors. Every float64 working
+    array is one chunk of ~8 MiB (``_chunk_rows``), the principal directions come from the
+    covariance of a 20,000-row sample accumulated chunk by chunk (d x d float64), and the
+    passes over R are fused: one for norms and mean, one for projections, one (in leaf order)
+    for ``C``, its norms and the factors. Time: O(m d k) for the projections, O(m log m) for
+    the tree.
     """
     m, d = R.shape
-    step = 65536
+    step = _chunk_rows(d)
     k = min(N_BOUND_DIMS, d)
     cosine = mode.kind == "cosine"
     sq_orig = np.empty(m)
@@ -295,13 +305,16 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         r64 = R[s : s + step].astype(np.float64)
         sq_orig[s : s + step] = np.einsum("ij,ij->i", r64, r64)
         total += r64.sum(axis=0)
+    del r64
     mean = np.zeros(d) if cosine else total / max(m, 1)
 
     def centred(rows: np.ndarray, sq: np.ndarray) -> np.ndarray:
         r64 = rows.astype(np.float64)
         if cosine:
-            return r64 / np.sqrt(sq)[:, None]
-        return r64 - mean
+            r64 /= np.sqrt(sq)[:, None]
+        else:
+            r64 -= mean
+        return r64
 
     if cosine:
         threshold = 2.0 * eps  # |x^ - y^|^2 = 2 (1 - cos)
@@ -314,13 +327,21 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         # brute: GEMM expansion on the raw vectors in float64 (float32 input is upcast).
         # tree: sequential sum of squared differences plus node-bound rounding (sqrt/pow).
         sk_err = (4.0 * (d + 8) * _U64) * sq_orig + 64 * _U64 * threshold
-    # Principal directions of a sample (orthonormal: eigh of the covariance).
-    pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
+    # Principal directions of a sample (orthonormal: eigh of the covariance, accumulated by
+    # chunks of the sample: no (sample x d) float64 copy).
     if k < d and m >= 2:
-        sample = centred(R[pick], sq_orig[pick])
-        _, vecs = np.linalg.eigh(np.cov(sample, rowvar=False))
+        pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
+        smean = np.zeros(d)
+        gram = np.zeros((d, d))
+        for s in range(0, len(pick), step):
+            c64 = centred(R[pick[s : s + step]], sq_orig[pick[s : s + step]])
+            smean += c64.sum(axis=0)
+            gram += c64.T @ c64
+        smean /= len(pick)
+        cov = (gram - len(pick) * np.outer(smean, smean)) / (len(pick) - 1)
+        _, vecs = np.linalg.eigh(cov)
         V = np.ascontiguousarray(vecs[:, ::-1][:, :k])
-        del sample
+        del gram, cov, vecs
     else:  # any orthonormal basis gives an exact bound; one row has no covariance
         V = np.eye(d)[:, : min(k, d)]
     P = np.empty((m, k))
@@ -351,30 +372,33 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
     bounds = np.zeros(len(leaves) + 1, np.int64)
     bounds[1:] = np.cumsum([len(lf) for lf in leaves])
     order = np.concatenate(leaves)
-    del leaves
-    # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks).
-    P = P[order]
+    del leaves, P
+    # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks). The
+    # projections are computed again per chunk here rather than permuted (no second copy).
     C = np.empty((m, d), np.float32)
     csq = np.empty(m)
+    psq = np.empty(m)
+    Alo = np.empty((m, k + 2), np.float32)
+    Blo = np.empty((m, k + 2), np.float32)
     for s in range(0, m, step):
         rows = order[s : s + step]
         c64 = centred(R[rows], sq_orig[rows])
         csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
         C[s : s + step] = c64
-    del c64
+        p = c64 if k == d else c64 @ V
+        pq = np.einsum("ij,ij->i", p, p)
+        psq[s : s + step] = pq
+        Alo[s : s + step, :k] = p
+        Alo[s : s + step, k] = pq
+        Alo[s : s + step, k + 1] = 1.0
+        p *= -2.0
+        Blo[s : s + step, :k] = p
+        Blo[s : s + step, k] = 1.0
+        Blo[s : s + step, k + 1] = pq
+    del c64, p
     band = _float32_band(csq, d + 2, threshold) + sk_err[order]
-    psq = np.einsum("ij,ij->i", P, P)
     band_lo = _float32_band(psq, k + 2, threshold) + 1e-12 * (1.0 + psq)
-    Alo = np.empty((m, k + 2), np.float32)
-    Blo = np.empty((m, k + 2), np.float32)
-    Alo[:, :k] = P
-    Alo[:, k] = psq
-    Alo[:, k + 1] = 1.0
-    Blo[:, :k] = P
-    Blo[:, :k] *= -2.0
-    Blo[:, k] = 1.0
-    Blo[:, k + 1] = psq
-    del P
+    del psq
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
     leaf_band_lo = np.maximum.reduceat(band_lo, bounds[:-1])
     # Projection errors (float64, V orthonormal to ~1e-15) are ~1e-15 |c|: a generous absolute
@@ -588,11 +612,12 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 
 def _current_client() -> Any:
     """The distributed Client made current by ``with client.as_current()`` (or the default
-    client), else ``None``."""
-    try:
-        from distributed import get_client
-    except ImportError:
+    client), else ``None``. Without ``distributed`` imported there is no client: it is not
+    imported here for nothing (~100 MB of the process's memory)."""
+    if "distributed" not in sys.modules:
         return None
+    from distributed import get_client
+
     try:
         return get_client()
     except ValueError:
