@@ -505,7 +505,78 @@ def _take(arr: np.ndarray, runs: list[list[int]] | None, idx: np.ndarray) -> np.
     return np.concatenate([arr[x:y] for x, y in runs])
 
 
-def _tile_task(prep: _Prepared, a: int, bs: list[int], roots: Any = None) -> tuple[np.ndarray, ...]:
+@dataclass
+class _PassCtx:
+    """What a tile computes in one pass of the ``min_samples > 1`` engine (leaf-order arrays).
+
+    ``kind`` is ``"count"`` (neighbourhood sizes: each row's sure neighbours weighted by their
+    copies, ``weight``; rows whose ``deg`` already reaches ``need`` are saturated, and a pair
+    of saturated rows is not computed), ``"core"`` (components among ``core`` rows, as with
+    ``min_samples=1``) or ``"border"`` (for each ``rows`` row, the smallest ``label`` among its
+    core neighbours). Passes return per-row results or a spanning forest, never pairs.
+    """
+
+    kind: str
+    weight: np.ndarray | None = None
+    deg: np.ndarray | None = None
+    need: int = 0
+    core: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    label: np.ndarray | None = None
+
+
+def _restrict(
+    ctx: _PassCtx | None, roots: Any, a: int, ia: np.ndarray, ib: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of leaf ``a`` and the columns of a group that this pass needs."""
+    if ctx is not None:
+        if ctx.kind == "count":
+            sat_a, sat_b = ctx.deg[ia] >= ctx.need, ctx.deg[ib] >= ctx.need
+            if sat_a.all():
+                ib = ib[~sat_b]
+            elif sat_b.all():
+                ia = ia[~sat_a]
+        elif ctx.kind == "core":
+            ia, ib = ia[ctx.core[ia]], ib[ctx.core[ib]]
+        else:  # border: candidate rows against core rows, either side of the tile
+            ca, cb = ctx.rows[ia], ctx.rows[ib]
+            if not ca.any():
+                ia, ib = ia[ctx.core[ia]], ib[cb]
+            elif not cb.any():
+                ia, ib = ia[ca], ib[ctx.core[ib]]
+            else:
+                ia, ib = ia[ca | ctx.core[ia]], ib[cb | ctx.core[ib]]
+    if roots is not None and len(ia) and len(ib):
+        ra, rb = roots(a, ia), roots(a, ib)
+        if (ra == ra[0]).all():
+            ib = ib[rb != ra[0]]  # pairs inside one component add nothing
+        elif (rb == rb[0]).all():
+            ia = ia[ra != rb[0]]
+    return ia, ib
+
+
+def _border_min(ctx: _PassCtx, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, smallest label)``: for each candidate row among the edges ``(i, j)``, the
+    smallest label of its core neighbours (edges in either orientation)."""
+    m1 = ctx.rows[i] & ctx.core[j]
+    m2 = ctx.rows[j] & ctx.core[i]
+    rows = np.concatenate([i[m1], j[m2]])
+    return _per_row(rows, np.concatenate([ctx.label[j[m1]], ctx.label[i[m2]]]), "min")
+
+
+def _per_row(idx: np.ndarray, val: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, value)``: ``val`` summed (``how="sum"``) or minimised per distinct ``idx``."""
+    rows, inv = np.unique(idx, return_inverse=True)
+    if how == "sum":
+        return rows, np.bincount(inv, weights=val, minlength=len(rows))
+    out = np.full(len(rows), np.iinfo(np.int64).max)
+    np.minimum.at(out, inv, val)
+    return rows, out
+
+
+def _tile_task(
+    prep: _Prepared, a: int, bs: list[int], roots: Any = None, ctx: _PassCtx | None = None
+) -> tuple[np.ndarray, ...]:
     """Edges from leaf ``a`` to leaves ``bs``: ``(sure_i, sure_j, band_i, band_j)``, in leaf
     order (row ``q`` is input row ``prep.order[q]``).
 
@@ -519,6 +590,10 @@ def _tile_task(prep: _Prepared, a: int, bs: list[int], roots: Any = None) -> tup
     one component, only the columns (rows) outside it are computed; and the sure edges come
     back as a spanning forest, at most one edge per row touched. Memory is then a few
     (LEAF x TILE) blocks per task whatever the number of pairs within eps (a group of copies).
+
+    ``ctx`` (``min_samples > 1``, see :class:`_PassCtx`): ``"count"`` returns ``(rows,
+    neighbour weight, band_i, band_j)``; ``"core"`` a spanning forest among core rows and
+    their band pairs; ``"border"`` ``(rows, smallest core label, band_i, band_j)``.
     """
     bnd = prep.bounds
     a0, a1 = int(bnd[a]), int(bnd[a + 1])
@@ -548,15 +623,9 @@ def _tile_task(prep: _Prepared, a: int, bs: list[int], roots: Any = None) -> tup
         groups.append((runs, bmax, blomax))
     for runs, bmax_b, blo_b in groups:
         ib = np.concatenate([np.arange(x, y) for x, y in runs])
-        ia = rows_a
-        if roots is not None:
-            ra, rb = roots(a, rows_a), roots(a, ib)
-            if (ra == ra[0]).all():
-                ib = ib[rb != ra[0]]  # pairs inside one component add nothing
-            elif (rb == rb[0]).all():
-                ia = rows_a[ra != rb[0]]
-            if len(ib) == 0 or len(ia) == 0:
-                continue
+        ia, ib = _restrict(ctx, roots, a, rows_a, ib)
+        if len(ib) == 0 or len(ia) == 0:
+            continue
         whole_a, whole_b = len(ia) == na, len(ib) == sum(y - x for x, y in runs)
 
         runs_a = [[a0, a1]] if whole_a else None
@@ -594,12 +663,25 @@ def _tile_task(prep: _Prepared, a: int, bs: list[int], roots: Any = None) -> tup
         sure = s < t - w
         unsure = ~sure & (s <= t + w)
         si, sj = gi[sure], gj[sure]
-        if roots is not None:
+        kind = "edges" if ctx is None else ctx.kind
+        if kind == "count":  # both ends gain the other's copies
+            si, sj = _per_row(
+                np.concatenate([si, sj]),
+                np.concatenate([ctx.weight[sj], ctx.weight[si]]),
+                "sum",
+            )
+        elif kind == "border":
+            si, sj = _border_min(ctx, si, sj)
+        elif roots is not None:
             si, sj = _forest(si, sj, np.union1d(ia, ib))
         sure_i.append(si)
         sure_j.append(sj)
         band_i.append(gi[unsure])
         band_j.append(gj[unsure])
+    if ctx is not None and ctx.kind in ("count", "border"):
+        rows, val = _cat(sure_i), (np.concatenate(sure_j) if sure_j else np.empty(0))
+        si, sj = _per_row(rows, val, "sum" if ctx.kind == "count" else "min")
+        return si, sj, _cat(band_i), _cat(band_j)
     si, sj = _cat(sure_i), _cat(sure_j)
     if roots is not None:
         si, sj = _forest(si, sj)
@@ -625,7 +707,12 @@ def _current_client() -> Any:
 
 
 def _run_tiles(
-    prep: _Prepared, n_jobs: int | None, uf: _UnionFind | None = None
+    prep: _Prepared,
+    n_jobs: int | None,
+    uf: _UnionFind | None = None,
+    ctx: _PassCtx | None = None,
+    work: list[tuple[int, list[int]]] | None = None,
+    passes: int = 1,
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Yield each task's edges as it finishes: on the current Dask client's workers (the
     prepared arrays scattered once, broadcast) or on a local pool of ``n_jobs`` threads.
@@ -633,8 +720,11 @@ def _run_tiles(
     ``uf`` (``min_samples=1``): the union-find over leaf-order rows that the caller merges
     each yielded result into before asking for the next; tasks read it to skip what is already
     one component (see :func:`_tile_task`). At most a few tasks are in flight (2 per thread
-    or worker), so finished results never pile up whatever their size."""
-    work = [(a, bs) for a, bs in _leaf_pairs(prep) if bs]
+    or worker), so finished results never pile up whatever their size. ``ctx``: the pass of
+    the ``min_samples > 1`` engine; ``work``: the leaf pairs (computed once for all passes);
+    ``passes``: how many passes the fit makes (progress total)."""
+    if work is None:
+        work = _work(prep)
     skipped = sum(prep.n_leaves - a for a in range(prep.n_leaves)) - sum(len(bs) for _, bs in work)
     log.debug(
         "eps-graph: %d leaves, %d leaf pairs computed, %d skipped by bounds",
@@ -643,9 +733,14 @@ def _run_tiles(
         skipped,
     )
     # one unit of the running stage's progress (bar, heartbeat, JSON event) per tile task
-    for out in _tile_outputs(prep, work, n_jobs, uf):
-        progress.advance(1, total=len(work))
+    for out in _tile_outputs(prep, work, n_jobs, uf, ctx):
+        progress.advance(1, total=passes * len(work))
         yield out
+
+
+def _work(prep: _Prepared) -> list[tuple[int, list[int]]]:
+    """The tile tasks: each leaf with the leaves its box may reach (see :func:`_leaf_pairs`)."""
+    return [(a, bs) for a, bs in _leaf_pairs(prep) if bs]
 
 
 def _tile_outputs(
@@ -653,10 +748,11 @@ def _tile_outputs(
     work: list[tuple[int, list[int]]],
     n_jobs: int | None,
     uf: _UnionFind | None,
+    ctx: _PassCtx | None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
     client = _current_client()
     if client is not None:
-        yield from _dask_outputs(client, prep, work, uf)
+        yield from _dask_outputs(client, prep, work, uf, ctx)
         return
     from joblib import effective_n_jobs
     from threadpoolctl import threadpool_limits
@@ -668,14 +764,14 @@ def _tile_outputs(
     with threadpool_limits(limits=1, user_api="blas"):
         if n_threads == 1:
             for a, bs in work:
-                yield _tile_task(prep, a, bs, roots)
+                yield _tile_task(prep, a, bs, roots, ctx)
             return
         with ThreadPoolExecutor(n_threads) as pool:
             pending: set = set()
             todo = iter(work)
             while True:
                 for a, bs in todo:
-                    pending.add(pool.submit(_tile_task, prep, a, bs, roots))
+                    pending.add(pool.submit(_tile_task, prep, a, bs, roots, ctx))
                     if len(pending) >= 2 * n_threads:
                         break
                 if not pending:
@@ -686,7 +782,11 @@ def _tile_outputs(
 
 
 def _dask_outputs(
-    client: Any, prep: _Prepared, work: list[tuple[int, list[int]]], uf: _UnionFind | None
+    client: Any,
+    prep: _Prepared,
+    work: list[tuple[int, list[int]]],
+    uf: _UnionFind | None,
+    ctx: _PassCtx | None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
     """Tiles as tasks on the client's workers, 2 per worker thread in flight; with ``uf``, each
     task gets a per-leaf snapshot of the components (:class:`_LeafRoots`), refreshed as
@@ -695,6 +795,9 @@ def _dask_outputs(
 
     # hash=False: a fresh key per fit, so a previous fit's release cannot race this one
     fut = client.scatter(prep, broadcast=True, hash=False)
+    # the pass's arrays once per pass (their state when scattered: a task sees fewer rows
+    # saturated than threads would, never more)
+    ctx_f = None if ctx is None else client.scatter(ctx, broadcast=True, hash=False)
     n_slots = 2 * max(1, sum(client.nthreads().values()))
     snapshot: _LeafRoots | None = None
     merged_at_snapshot = -1
@@ -711,7 +814,7 @@ def _dask_outputs(
                 snapshot = _LeafRoots(np.where(lo == hi, lo, -1), prep.bounds)
                 merged_at_snapshot = merged
             roots = snapshot
-        return client.submit(_tile_task, fut, a, bs, roots, pure=False)
+        return client.submit(_tile_task, fut, a, bs, roots, ctx_f, pure=False)
 
     todo = iter(work)
     running = as_completed([submit(a, bs) for a, bs in itertools.islice(todo, n_slots)])
@@ -1088,6 +1191,160 @@ def _build_graph(
     return _Graph(first, inverse, counts, excluded, uf, edges)
 
 
+class _Rechecker:
+    """Decides a pass's near-eps pairs (leaf order) once the pass is done, in one batch: the
+    pairs ``_refine`` settles in float64 at once, the rest by scikit-learn's computation."""
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        eps: float,
+        mode: _Mode,
+        leaf_size: int,
+        n_jobs: int | None,
+        first: np.ndarray,
+        inverse: np.ndarray,
+        counts: np.ndarray,
+        to_rep: np.ndarray,
+        active_pos: np.ndarray,
+    ) -> None:
+        self.X, self.eps, self.mode, self.leaf_size, self.n_jobs = X, eps, mode, leaf_size, n_jobs
+        self.first, self.inverse, self.counts = first, inverse, counts
+        self.to_rep, self.active_pos = to_rep, active_pos
+        self.pos = np.empty(len(first), np.int64)
+        self.pos[to_rep] = np.arange(len(to_rep))
+        self._decider: _SkDecider | None = None
+        self._members: list[np.ndarray] | None = None
+
+    def refine(
+        self, prep: _Prepared, bi: np.ndarray, bj: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(sure_i, sure_j, undecided_i, undecided_j)`` of a tile's band pairs."""
+        if len(bi) == 0:
+            return bi, bj, bi, bj
+        tr = self.to_rep
+        sure, und = _refine(self.X, self.first, tr[bi], tr[bj], prep, self.active_pos, self.mode)
+        return bi[sure], bj[sure], bi[und], bj[und]
+
+    def decide(self, bi: np.ndarray, bj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The undecided pairs that are edges for scikit-learn (raises :class:`_Irregular`
+        when it decides one asymmetrically)."""
+        log.debug("eps-graph: %d pairs within scikit-learn's rounding of eps", len(bi))
+        if len(bi) == 0:
+            return bi, bj
+        if self._decider is None:
+            order = np.argsort(self.inverse, kind="stable")
+            self._members = np.split(order, np.cumsum(self.counts)[:-1])
+            self._decider = _SkDecider(self.X, self.eps, self.mode, self.leaf_size, self.n_jobs)
+        t0 = time.perf_counter()
+        ri, rj = _recheck(self.to_rep[bi], self.to_rep[bj], self._members, self._decider)
+        log.debug("eps-graph: re-check %.2f s", time.perf_counter() - t0)
+        return self.pos[ri], self.pos[rj]
+
+
+def _cluster_counts(
+    X: np.ndarray,
+    eps: float,
+    mode: _Mode,
+    min_samples: int,
+    *,
+    n_jobs: int | None,
+    leaf_size: int = 30,
+) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's DBSCAN for ``min_samples > 1`` without any neighbourhood or edge list:
+    ``(labels, is_core)`` over the rows.
+
+    Three passes over the tiles (see :class:`_PassCtx`): neighbourhood sizes (a pair of rows
+    already known to be core is not computed), components among core rows (tiles already one
+    component skipped, spanning forests), then each non-core row's smallest cluster number
+    among its core neighbours (a border row joins the first cluster, in scikit-learn's
+    numbering, that reaches it). Memory: the tiles' working set plus O(m) per-row arrays,
+    whatever the number of pairs within eps.
+    """
+    first, inverse = _unique_rows(X)
+    m = len(first)
+    counts = np.bincount(inverse, minlength=m)
+    R = X if m == X.shape[0] else X[first]
+    excluded = np.zeros(m, bool)
+    if mode.kind == "cosine":
+        excluded = ~np.any(R != 0, axis=1)
+        if excluded.any() and eps >= 1.0:
+            raise _Irregular  # cosine zero vectors at distance 1 <= eps from everything
+    active = np.nonzero(~excluded)[0]
+    big = np.iinfo(np.int64).max
+    labels_rep = np.full(m, -1, np.int64)
+    core_rep = np.zeros(m, bool)
+    if len(active):
+        prep = _prepare(R if len(active) == m else R[active], eps, mode, X.dtype)
+        _check_self_pairs(prep, eps, mode, X.dtype)
+        del R
+        active_pos = np.full(m, -1, np.int64)
+        active_pos[active] = np.arange(len(active))
+        to_rep = active[prep.order]
+        rc = _Rechecker(X, eps, mode, leaf_size, n_jobs, first, inverse, counts, to_rep, active_pos)
+        work = _work(prep)
+        ma = len(active)
+
+        def run(ctx: _PassCtx, luf: _UnionFind | None = None) -> Iterator[tuple]:
+            for out in _run_tiles(prep, n_jobs, luf, ctx, work, passes=3):
+                si, sj, ui, uj = rc.refine(prep, out[2], out[3])
+                yield out[0], out[1], si, sj, ui, uj
+
+        # 1. neighbourhood sizes, in rows (copies included, the row itself included)
+        weight = counts[to_rep].astype(np.float64)
+        deg = weight.copy()
+        und_i, und_j = [], []
+        for rows, add, si, sj, ui, uj in run(
+            _PassCtx("count", weight=weight, deg=deg, need=min_samples)
+        ):
+            deg[rows] += add
+            np.add.at(deg, si, weight[sj])
+            np.add.at(deg, sj, weight[si])
+            und_i.append(ui)
+            und_j.append(uj)
+        ei, ej = rc.decide(_cat(und_i), _cat(und_j))
+        np.add.at(deg, ei, weight[ej])
+        np.add.at(deg, ej, weight[ei])
+        core = deg >= min_samples
+        # 2. components among core rows
+        luf = _UnionFind(ma)
+        und_i, und_j = [], []
+        for fi, fj, si, sj, ui, uj in run(_PassCtx("core", core=core), luf):
+            luf.union(np.concatenate([fi, si]), np.concatenate([fj, sj]))
+            keep = luf.find(ui) != luf.find(uj)
+            und_i.append(ui[keep])
+            und_j.append(uj[keep])
+        bi, bj = _cat(und_i), _cat(und_j)
+        keep = luf.find(bi) != luf.find(bj)
+        luf.union(*rc.decide(bi[keep], bj[keep]))
+        # clusters numbered by their lowest core row (copies of a row share its core status)
+        core_q = np.nonzero(core)[0]
+        label = np.full(ma, big)
+        if len(core_q):
+            uniq, inv = np.unique(luf.find(core_q), return_inverse=True)
+            low = np.full(len(uniq), big)
+            np.minimum.at(low, inv, first[to_rep[core_q]])
+            number = np.empty(len(uniq), np.int64)
+            number[np.argsort(low, kind="stable")] = np.arange(len(uniq))
+            label[core_q] = number[inv]
+        # 3. border rows: non-core rows with a neighbour, the smallest core label reaching them
+        border = np.full(ma, big)
+        cand = ~core & (deg > weight)
+        if cand.any() and len(core_q):
+            und_i, und_j = [], []
+            ctx = _PassCtx("border", core=core, rows=cand, label=label)
+            for rows, low_lab, si, sj, ui, uj in run(ctx):
+                np.minimum.at(border, rows, low_lab.astype(np.int64))
+                np.minimum.at(border, *_border_min(ctx, si, sj))
+                und_i.append(ui)
+                und_j.append(uj)
+            np.minimum.at(border, *_border_min(ctx, *rc.decide(_cat(und_i), _cat(und_j))))
+        lab_q = np.where(core, label, np.where(border != big, border, -1))
+        labels_rep[to_rep] = lab_q
+        core_rep[to_rep] = core
+    return labels_rep[inverse], core_rep[inverse]
+
+
 def _check_self_pairs(prep: _Prepared, eps: float, mode: _Mode, dtype: np.dtype) -> None:
     """Identical vectors collapse to one only if scikit-learn surely finds them within eps
     (its rounding gives them a tiny non-zero distance): else delegate."""
@@ -1205,24 +1462,33 @@ class DBSCAN(ClusterMixin, BaseEstimator):
 
     Notes
     -----
-    Memory and complexity: identical rows collapse first (8 bytes per row for the hashes, plus
-    a copy of the m distinct rows when there are copies); the tiles need one float32 copy of
-    the distinct rows (kept in leaf order), their projections on 32 principal directions
-    ((m, 32) float64, twice while they are reordered, and two (m, 34) float32) and one
-    256 x ~2048 float32 block per thread (2 MiB); at 1M x 256 float32 rows without copies that
-    is about 1.5 GiB beyond the input. No neighbourhood is stored: with ``min_samples=1`` edges
-    are merged by union-find as each tile finishes; with ``min_samples > 1`` the edge list
-    between distinct rows is kept (16 bytes per edge), never the copies' neighbourhoods. Time is
-    O(m^2 k) for the low-rank lower bound (k = 32) plus O(d) per pair that passes it; the
-    projection tree cuts the 2-3 leading principal directions into a fine grid of leaves whose
-    box gaps skip whole tile pairs (about half of all pairs on embedding-like data).
+    Memory and complexity: peak memory is O(n d) plus a few tiles per thread, independent of
+    how many pairs lie within ``eps``, for every ``min_samples``. Identical rows collapse first
+    (8 bytes per row for the hashes, plus a copy of the m distinct rows when there are
+    copies); the tiles need one float32 copy of the distinct rows (kept in leaf order), their
+    projections on 32 principal directions ((m, 32) float64 while the tree is built, then two
+    (m, 34) float32 factors) and a few 256 x ~2048 float32 blocks per thread; preparation
+    works in ~8 MiB float64 chunks. No neighbourhood and no edge list is stored: with
+    ``min_samples=1`` a tile returns a spanning forest of its edges (at most one per row) that
+    is merged by union-find as it finishes, and a tile whose rows are already one component
+    is skipped (a group of near-identical rows costs about O(group) instead of O(group^2));
+    with ``min_samples > 1`` three passes over the tiles return per-row results only:
+    neighbourhood sizes (pairs of rows already known to be core skipped), components among
+    core rows (as for ``min_samples=1``), and each border row's first cluster. Time is
+    O(m^2 k) for the low-rank lower bound (k = 32) over the tile pairs the projection tree
+    cannot prune, plus O(d) per pair that passes it; the tree cuts the 2-3 leading principal
+    directions into a fine grid of leaves whose box gaps skip whole tile pairs. At 1M x 256
+    float32 rows without copies the working set is about 1.5 GiB beyond the input.
     scikit-learn by contrast holds every neighbourhood, O(sum of neighbourhood sizes) memory,
     quadratic in a group of copies (10.5 GB for 20,000 copies of one vector).
 
     Pairs whose float32 value lies within a rigorous rounding bound of ``eps`` are checked again
     in float64, and those still within scikit-learn's own rounding of ``eps`` are decided by
     scikit-learn's computation for that pair (its GEMM on the same 256-row chunk, its tree, or
-    its cosine chunk), so ties at exactly ``eps`` come out as in scikit-learn.
+    its cosine chunk), so ties at exactly ``eps`` come out as in scikit-learn. These pairs are
+    collected from all tiles and decided in one batch per pass; for cosine on float32 input
+    only the needed entries of scikit-learn's row chunks are computed (verified once per fit
+    to round as scikit-learn's whole chunk does, else the whole chunk).
 
     When a ``distributed.Client`` is current, the prepared rows are scattered once (broadcast)
     and tiles run as tasks on the workers; the client process only merges components.
@@ -1299,11 +1565,21 @@ class DBSCAN(ClusterMixin, BaseEstimator):
 
     def _fit_engine(self, X: np.ndarray, mode: _Mode) -> tuple[np.ndarray, np.ndarray]:
         X = np.ascontiguousarray(X)
+        if self.min_samples > 1:
+            labels, core = _cluster_counts(
+                X,
+                float(self.eps),
+                mode,
+                int(self.min_samples),
+                n_jobs=self.n_jobs,
+                leaf_size=self.leaf_size,
+            )
+            return labels.astype(np.intp), core
         g = _build_graph(
             X,
             float(self.eps),
             mode,
-            keep_edges=self.min_samples > 1,
+            keep_edges=False,
             n_jobs=self.n_jobs,
             leaf_size=self.leaf_size,
         )

@@ -76,6 +76,44 @@ def test_dense_noisy_groups_match_sklearn(seed, d, n, share, n_groups, spread, m
         cluster_mod.LEAF, cluster_mod.TILE = old
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    d=st.sampled_from([2, 16, 40, 128]),
+    n=st.integers(20, 1200),
+    share=st.sampled_from([0.3, 0.6, 0.95]),
+    n_groups=st.integers(1, 4),
+    spread=st.sampled_from([0.05, 0.3, 0.5]),
+    metric=st.sampled_from(["euclidean", "cosine"]),
+    min_samples=st.integers(2, 12),
+    n_jobs=st.sampled_from([1, 2]),
+)
+def test_min_samples_counts_engine_matches_sklearn(
+    seed, d, n, share, n_groups, spread, metric, min_samples, n_jobs
+):
+    # min_samples > 1 without edge lists: counts (saturated pairs skipped), core components,
+    # border rows' smallest cluster; chains of copies make core, border and noise rows.
+    rng = np.random.default_rng(seed)
+    X = noisy_groups(rng, n, d, share, n_groups, spread)
+    eps = 0.25 if metric == "euclidean" else 0.03
+    old = cluster_mod.LEAF, cluster_mod.TILE
+    cluster_mod.LEAF, cluster_mod.TILE = 32, 96
+    try:
+        assert_same(X, eps=eps, min_samples=min_samples, metric=metric, n_jobs=n_jobs)
+    finally:
+        cluster_mod.LEAF, cluster_mod.TILE = old
+
+
+@pytest.mark.parametrize("min_samples", [2, 3, 7])
+def test_min_samples_ties_at_eps(min_samples):
+    # integer grid: many pairs exactly at eps decide core and border status
+    rng = np.random.default_rng(min_samples)
+    for d in (2, 20):
+        X = rng.integers(0, 4, size=(500, d)).astype(np.float32)
+        for eps in (1.0, 2.0**0.5, 2.0):
+            assert_same(X, eps=eps, min_samples=min_samples)
+
+
 def _cells(monkeypatch, X, eps, skip):
     """Low-rank products' cells computed by a fit (rows x columns of every tile block)."""
     cells = []
@@ -159,7 +197,8 @@ _CAPPED = textwrap.dedent(
     vm_peak = int(status.split("VmPeak:")[1].split()[0]) * 1024
     limit = vm_peak + int(sys.argv[1])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    labels = DBSCAN(eps=float(sys.argv[3]), min_samples=1).fit(X).labels_
+    ms = int(sys.argv[5])
+    labels = DBSCAN(eps=float(sys.argv[3]), min_samples=ms).fit(X).labels_
     np.save(sys.argv[4], labels)
     """
 )
@@ -234,6 +273,7 @@ def test_dense_noisy_group_under_address_space_limit(tmp_path):
             str(tmp_path / "X.npy"),
             repr(eps),
             str(tmp_path / "labels.npy"),
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -244,3 +284,49 @@ def test_dense_noisy_group_under_address_space_limit(tmp_path):
     labels = np.load(tmp_path / "labels.npy")
     np.testing.assert_array_equal(labels, _reference_labels(X, eps, original, copies))
     assert (labels[copies] == labels[original]).all()
+
+
+def test_dense_group_min_samples_under_address_space_limit(tmp_path):
+    # min_samples=5: 30,000 copies within 0.15 of one vector (all ~4.5e8 pairs within eps
+    # sqrt(0.1): 7.2 GB as a pair list) among 2,000 isolated rows. The group is one cluster
+    # of core rows, the isolated rows noise; the fit runs with 640 MiB of address space
+    # beyond the warm-up's (the edge-list engine needed the pair list).
+    rng = np.random.default_rng(16)
+    n, k, d = 32_000, 30_000, 64
+    X = rng.standard_normal((n, d))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    copies = rng.permutation(n)[:k]
+    noise = rng.standard_normal((k - 1, d))
+    noise *= rng.uniform(0.0, 0.15, (k - 1, 1)) / np.linalg.norm(noise, axis=1)[:, None]
+    X[copies[1:]] = X[copies[0]] + noise
+    X = X.astype(np.float32)
+    eps = float(np.sqrt(0.1))
+    others = np.setdiff1d(np.arange(n), copies)
+    X64 = X.astype(np.float64)
+    sq = (X64**2).sum(axis=1)
+    for s in range(0, len(others), 256):  # float64: no other row within 1.5 eps of any row
+        o = others[s : s + 256]
+        D = sq[o][:, None] + sq[None, :] - 2.0 * X64[o] @ X64.T
+        D[np.arange(len(o)), o] = np.inf
+        assert D.min() > (1.5 * eps) ** 2
+    expected = np.full(n, -1)
+    expected[copies] = 0
+    np.save(tmp_path / "X.npy", X)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CAPPED,
+            str(640 << 20),
+            str(tmp_path / "X.npy"),
+            repr(eps),
+            str(tmp_path / "labels.npy"),
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected)
