@@ -1339,6 +1339,8 @@ def _cluster_counts(
                 und_i.append(ui)
                 und_j.append(uj)
             np.minimum.at(border, *_border_min(ctx, *rc.decide(_cat(und_i), _cat(und_j))))
+        else:  # no border pass: its share of the progress is done
+            progress.advance(len(work), total=3 * len(work))
         lab_q = np.where(core, label, np.where(border != big, border, -1))
         labels_rep[to_rep] = lab_q
         core_rep[to_rep] = core

@@ -326,3 +326,8 @@ def test_fit_advances_the_running_stage(small_tiles):
     with progress.stage("cluster", unit="tiles") as st:
         DBSCAN(eps=0.3, min_samples=1).fit(X)
     assert st.total and st.done == st.total
+    # min_samples > 1: three passes over the tiles, or two and the third's share (no border)
+    for eps, ms in ((0.3, 4), (100.0, 2)):
+        with progress.stage("cluster", unit="tiles") as st:
+            DBSCAN(eps=eps, min_samples=ms).fit(X)
+        assert st.total and st.done == st.total
