@@ -527,8 +527,9 @@ class _PassCtx:
 
 def _restrict(
     ctx: _PassCtx | None, roots: Any, a: int, ia: np.ndarray, ib: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of leaf ``a`` and the columns of a group that this pass needs."""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The blocks (rows of leaf ``a``, columns of a group) that this pass needs; together they
+    hold each needed pair once."""
     if ctx is not None:
         if ctx.kind == "count":
             sat_a, sat_b = ctx.deg[ia] >= ctx.need, ctx.deg[ib] >= ctx.need
@@ -546,13 +547,18 @@ def _restrict(
                 ia, ib = ia[ca], ib[ctx.core[ib]]
             else:
                 ia, ib = ia[ca | ctx.core[ia]], ib[cb | ctx.core[ib]]
-    if roots is not None and len(ia) and len(ib):
-        ra, rb = roots(a, ia), roots(a, ib)
-        if (ra == ra[0]).all():
-            ib = ib[rb != ra[0]]  # pairs inside one component add nothing
-        elif (rb == rb[0]).all():
-            ia = ia[ra != rb[0]]
-    return ia, ib
+    if roots is None or len(ia) == 0 or len(ib) == 0:
+        return [(ia, ib)]
+    # Pairs inside one component add nothing: with the largest component here, r, compute the
+    # rows outside r against every column, and the rows in r against the columns outside r.
+    ra, rb = roots(a, ia), roots(a, ib)
+    both = np.concatenate([ra, rb])
+    if (both == both[0]).all():
+        return []
+    vals, cnt = np.unique(both, return_counts=True)
+    r = vals[np.argmax(cnt)]
+    in_a = ra == r
+    return [(ia[~in_a], ib), (ia[in_a], ib[rb != r])]
 
 
 def _border_min(ctx: _PassCtx, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -597,12 +603,8 @@ def _tile_task(
     """
     bnd = prep.bounds
     a0, a1 = int(bnd[a]), int(bnd[a + 1])
-    na = a1 - a0
     rows_a = np.arange(a0, a1)
-    sure_i, sure_j, band_i, band_j = [], [], [], []
-    t = prep.threshold
-    bmax_a = float(prep.leaf_band[a])
-    blo_a = float(prep.leaf_band_lo[a])
+    out: tuple[list, list, list, list] = ([], [], [], [])
     # groups of ~TILE columns: (runs of contiguous rows, largest band, largest band_lo)
     groups: list[tuple[list[list[int]], float, float]] = []
     runs: list[list[int]] = []
@@ -622,62 +624,92 @@ def _tile_task(
     if runs:
         groups.append((runs, bmax, blomax))
     for runs, bmax_b, blo_b in groups:
-        ib = np.concatenate([np.arange(x, y) for x, y in runs])
-        ia, ib = _restrict(ctx, roots, a, rows_a, ib)
-        if len(ib) == 0 or len(ia) == 0:
-            continue
-        whole_a, whole_b = len(ia) == na, len(ib) == sum(y - x for x, y in runs)
+        ib_all = np.concatenate([np.arange(x, y) for x, y in runs])
+        for ia, ib in _restrict(ctx, roots, a, rows_a, ib_all):
+            if len(ib) and len(ia):
+                _pairs_block(prep, a, ia, ib, runs, bmax_b, blo_b, ctx, roots, out)
+    return _task_result(ctx, roots, out)
 
-        runs_a = [[a0, a1]] if whole_a else None
-        runs_b = runs if whole_b else None
 
-        hi = t + bmax_a + bmax_b
-        hi_lo = hi + blo_a + blo_b + prep.slack
-        # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
-        L = _take(prep.Alo, runs_a, ia) @ _take(prep.Blo, runs_b, ib).T
-        # One pass over the block: flatnonzero of the mask is ~3x cheaper per pair than a 2-d
-        # np.nonzero (or a row-min pre-pass), and this pass costs as much as the GEMM itself.
-        f = np.flatnonzero(np.less_equal(L, hi_lo))
-        nr, nb = L.shape
-        del L
-        if len(f) == 0:
-            continue
-        r, c = np.divmod(f, nb)
-        del f
-        # Full value for the survivors only (a GEMM when they are many).
-        if len(r) > nr * nb // 16:
-            dots = (_take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T)[r, c]
-        else:
-            dots = np.einsum("ij,ij->i", prep.C[ia[r]], prep.C[ib[c]])
-        gi, gj = ia[r], ib[c]
-        del r, c
-        s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
-        sel = s32 <= hi
-        # pairs inside leaf a (its diagonal block): each unordered pair once
-        sel &= (gj >= a1) | (gi < gj)
-        gi, gj, s32 = gi[sel], gj[sel], s32[sel]
-        if len(gi) == 0:
-            continue
-        s = s32.astype(np.float64)
-        w = prep.band[gi] + prep.band[gj]
-        sure = s < t - w
-        unsure = ~sure & (s <= t + w)
-        si, sj = gi[sure], gj[sure]
-        kind = "edges" if ctx is None else ctx.kind
-        if kind == "count":  # both ends gain the other's copies
-            si, sj = _per_row(
-                np.concatenate([si, sj]),
-                np.concatenate([ctx.weight[sj], ctx.weight[si]]),
-                "sum",
-            )
-        elif kind == "border":
-            si, sj = _border_min(ctx, si, sj)
-        elif roots is not None:
-            si, sj = _forest(si, sj, np.union1d(ia, ib))
-        sure_i.append(si)
-        sure_j.append(sj)
-        band_i.append(gi[unsure])
-        band_j.append(gj[unsure])
+def _pairs_block(
+    prep: _Prepared,
+    a: int,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    runs: list[list[int]],
+    bmax_b: float,
+    blo_b: float,
+    ctx: _PassCtx | None,
+    roots: Any,
+    out: tuple[list, list, list, list],
+) -> None:
+    """One block of a tile (rows ``ia`` of leaf ``a`` x columns ``ib`` of a group made of
+    ``runs``): its pairs within eps, reduced as the pass needs, appended to ``out``."""
+    sure_i, sure_j, band_i, band_j = out
+    bnd = prep.bounds
+    a0, a1 = int(bnd[a]), int(bnd[a + 1])
+    t = prep.threshold
+    bmax_a = float(prep.leaf_band[a])
+    blo_a = float(prep.leaf_band_lo[a])
+    whole_a, whole_b = len(ia) == a1 - a0, len(ib) == sum(y - x for x, y in runs)
+
+    runs_a = [[a0, a1]] if whole_a else None
+    runs_b = runs if whole_b else None
+
+    hi = t + bmax_a + bmax_b
+    hi_lo = hi + blo_a + blo_b + prep.slack
+    # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
+    L = _take(prep.Alo, runs_a, ia) @ _take(prep.Blo, runs_b, ib).T
+    # One pass over the block: flatnonzero of the mask is ~3x cheaper per pair than a 2-d
+    # np.nonzero (or a row-min pre-pass), and this pass costs as much as the GEMM itself.
+    f = np.flatnonzero(np.less_equal(L, hi_lo))
+    nr, nb = L.shape
+    del L
+    if len(f) == 0:
+        return
+    r, c = np.divmod(f, nb)
+    del f
+    # Full value for the survivors only (a GEMM when they are many).
+    if len(r) > nr * nb // 16:
+        dots = (_take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T)[r, c]
+    else:
+        dots = np.einsum("ij,ij->i", prep.C[ia[r]], prep.C[ib[c]])
+    gi, gj = ia[r], ib[c]
+    del r, c
+    s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
+    sel = s32 <= hi
+    # pairs inside leaf a (its diagonal block): each unordered pair once
+    sel &= (gj >= a1) | (gi < gj)
+    gi, gj, s32 = gi[sel], gj[sel], s32[sel]
+    if len(gi) == 0:
+        return
+    s = s32.astype(np.float64)
+    w = prep.band[gi] + prep.band[gj]
+    sure = s < t - w
+    unsure = ~sure & (s <= t + w)
+    si, sj = gi[sure], gj[sure]
+    kind = "edges" if ctx is None else ctx.kind
+    if kind == "count":  # both ends gain the other's copies
+        si, sj = _per_row(
+            np.concatenate([si, sj]),
+            np.concatenate([ctx.weight[sj], ctx.weight[si]]),
+            "sum",
+        )
+    elif kind == "border":
+        si, sj = _border_min(ctx, si, sj)
+    elif roots is not None:
+        si, sj = _forest(si, sj, np.union1d(ia, ib))
+    sure_i.append(si)
+    sure_j.append(sj)
+    band_i.append(gi[unsure])
+    band_j.append(gj[unsure])
+
+
+def _task_result(
+    ctx: _PassCtx | None, roots: Any, out: tuple[list, list, list, list]
+) -> tuple[np.ndarray, ...]:
+    """A task's result from its blocks' parts (see :func:`_tile_task`)."""
+    sure_i, sure_j, band_i, band_j = out
     if ctx is not None and ctx.kind in ("count", "border"):
         rows, val = _cat(sure_i), (np.concatenate(sure_j) if sure_j else np.empty(0))
         si, sj = _per_row(rows, val, "sum" if ctx.kind == "count" else "min")

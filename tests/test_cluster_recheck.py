@@ -82,7 +82,7 @@ def _tie_eps(X, rng, dtype):
     return float(D[i[k], j[k]])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
     d=st.sampled_from([17, 64, 300, 512]),
