@@ -1,15 +1,38 @@
-"""Benchmark: dedup_batch.cluster.DBSCAN against sklearn.cluster.DBSCAN, same data, same run.
+"""Benchmark: dedup_batch.cluster.DBSCAN against sklearn.cluster.DBSCAN and exact FAISS, same
+data, same run.
 
-One command: ``python benchmarks/bench_cluster.py [--quick]``. Each side runs in its own
-subprocess (time and peak RSS measured there); every scikit-learn subprocess runs under an
-address-space limit (RLIMIT_AS, 12 GiB by default) so that a case that does not fit fails
-cleanly instead of OOM-killing a shared machine. Printed: seconds, peak RSS, the ratios, and
-whether labels (numbering included) are identical.
+One command: ``python benchmarks/bench_cluster.py [--quick] [--case NAME ...]``. Each side of
+each case runs in its own subprocess (time and peak RSS measured there, the input array
+included); the scikit-learn and FAISS subprocesses run under an address-space limit (RLIMIT_AS,
+12 GiB) so that a case that does not fit fails cleanly instead of OOM-killing a shared machine.
+Printed per case: seconds and peak RSS of each side, the speed and memory ratios of
+dedup_batch against each baseline, and whether dedup_batch's labels equal scikit-learn's
+element by element (numbering included).
 
-Data: 256-d unit vectors in near-duplicate groups (a group centre plus small noise), the group
-centres drawn with a decaying spectrum as real image embeddings have (variance of the k-th
-principal direction ~ k^-1.2), eps 0.6 euclidean (min_samples=1, the pipeline's setting).
-The heavy-repetition case repeats one vector 20,000 times among 50,000 rows.
+Baselines:
+
+- ``sklearn``: ``sklearn.cluster.DBSCAN`` with the same parameters (``n_jobs=None``).
+- ``faiss``: exact range search (``IndexFlatIP`` on normalised rows for cosine, ``IndexFlatL2``
+  for euclidean) then connected components (scipy), min_samples=1 only. Not an exact DBSCAN
+  (float32 distances, no tie rule): it is the "what a user would write instead" baseline.
+  Needs ``faiss-cpu`` (a benchmark-only dependency); the column says ``skipped`` without it.
+
+Cases (``--case NAME``; ``--list`` prints them with their data):
+
+- ``decay-*``: the original benchmark data: 256-d unit vectors, groups of ~4 near-duplicates
+  around centres with a decaying spectrum (variance of direction k ~ k^-1.2), eps 0.6.
+- ``clip512-cos``, ``clip768-cos``, ``clip512-cos-ms5``, ``clip512-euc``: CLIP-like unit vectors
+  (centre spectrum: variance of direction k ~ k^-0.5), groups of ~4 copies, each copy with its
+  own noise level (uniform 0.1-1 of 0.3/sqrt(d) per coordinate), so pair distances spread
+  continuously through eps; cosine eps 0.05 (min_samples 1 or 5), euclidean eps sqrt(0.1).
+- ``iso256``: isotropic 256-d unit vectors plus noisy copies (a flat spectrum: no direction
+  prunes), eps 0.6.
+- ``dense``: the ``decay`` data with 20,000 of 50,000 rows (``dense-20k``: 8,000 of 20,000)
+  replaced by one vector plus
+  independent noise of 1e-3 per coordinate (near-identical, not bit-identical), eps 0.6.
+- ``copies200k``: issue 15's shape: 200,000 CLIP-like 512-d rows of which 60,000 are copies of
+  one vector at distance 0.05-0.4 from it, eps sqrt(0.1) (dedup_batch only: the pair list
+  needs tens of GB).
 """
 
 from __future__ import annotations
@@ -22,28 +45,35 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-D = 256
-EPS = 0.6
-SK_LIMIT = 12 << 30
+LIMIT = 12 << 30
+EPS_EUC = float(np.sqrt(0.1))
 
 
-def make_data(n: int, repeat: int = 0, seed: int = 0) -> np.ndarray:
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+
+def make_data(n: int, repeat: int = 0, seed: int = 0, d: int = 256) -> np.ndarray:
     """(n, 256) float32 unit vectors: groups of ~4 near-duplicates around decaying-spectrum
     centres; ``repeat`` rows replaced by one vector (placeholder images)."""
     rng = np.random.default_rng(seed)
     n_groups = max(1, n // 4)
-    scale = (np.arange(1, D + 1) ** -0.6).astype(np.float32)
-    X = np.empty((n, D), np.float32)
+    scale = (np.arange(1, d + 1) ** -0.6).astype(np.float32)
+    X = np.empty((n, d), np.float32)
     group = rng.integers(0, n_groups, n)
     step = 100_000
-    centres = rng.standard_normal((n_groups, D), dtype=np.float32) * scale
+    centres = rng.standard_normal((n_groups, d), dtype=np.float32) * scale
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     for s in range(0, n, step):
         g = group[s : s + step]
-        x = centres[g] + 0.25 / np.sqrt(D) * rng.standard_normal((len(g), D), dtype=np.float32)
+        x = centres[g] + np.float32(0.25 / np.sqrt(d)) * rng.standard_normal(
+            (len(g), d), dtype=np.float32
+        )
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         X[s : s + step] = x
     if repeat:
@@ -51,45 +81,175 @@ def make_data(n: int, repeat: int = 0, seed: int = 0) -> np.ndarray:
     return X
 
 
-def child(side: str, n: int, repeat: int, out: str) -> None:
-    """Run one side and write {seconds, peak_rss, n_clusters} + labels to ``out``."""
-    if side == "sklearn":
-        resource.setrlimit(resource.RLIMIT_AS, (SK_LIMIT, SK_LIMIT))
-    X = make_data(n, repeat)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if side == "sklearn":
-        from sklearn.cluster import DBSCAN
+def clip_like(n: int, d: int = 512, seed: int = 0, noise: float = 0.3) -> np.ndarray:
+    """(n, d) float32 CLIP-like unit vectors: centres with variance ~ k^-0.5 along the k-th
+    direction, ~4 copies per centre, each copy with its own noise level."""
+    rng = np.random.default_rng(seed)
+    scale = (np.arange(1, d + 1) ** -0.25).astype(np.float32)
+    centres = rng.standard_normal((max(1, n // 4), d), dtype=np.float32) * scale
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    X = np.empty((n, d), np.float32)
+    g = rng.integers(0, len(centres), n)
+    level = np.sqrt(scale / scale.mean()) * np.float32(noise / np.sqrt(d))
+    for s in range(0, n, 100_000):
+        gs = g[s : s + 100_000]
+        x = centres[gs] + rng.uniform(0.1, 1.0, (len(gs), 1)).astype(np.float32) * level * (
+            rng.standard_normal((len(gs), d), dtype=np.float32)
+        )
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        X[s : s + 100_000] = x
+    return X
+
+
+def isotropic(n: int, d: int = 256, seed: int = 0) -> np.ndarray:
+    """(n, d) float32: isotropic unit vectors, half of them with 1-3 noisy copies."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n // 2, d), dtype=np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    src = np.concatenate([np.arange(n // 2), rng.integers(0, n // 2, n - n // 2)])
+    X = base[src]
+    X[n // 2 :] += np.float32(0.35 / np.sqrt(d)) * rng.standard_normal(
+        (n - n // 2, d), dtype=np.float32
+    )
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X[rng.permutation(n)]
+
+
+def dense_group(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """``make_data(n)`` with ``k`` rows replaced by one vector plus noise 1e-3 per coordinate."""
+    X = make_data(n, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    idx = rng.choice(n, k, replace=False)
+    X[idx] = X[0] + np.float32(1e-3) * rng.standard_normal((k, X.shape[1]), dtype=np.float32)
+    return X
+
+
+def noisy_copies(n: int, k: int, d: int = 512, seed: int = 0) -> np.ndarray:
+    """``clip_like(n, d)`` with ``k`` rows replaced by copies of one vector, each at its own
+    distance (uniform 0.05-0.4) from it, renormalised."""
+    X = clip_like(n, d, seed)
+    rng = np.random.default_rng(seed + 2)
+    idx = rng.choice(n, k, replace=False)
+    for s in range(0, k, 50_000):
+        part = idx[s : s + 50_000]
+        noise = rng.standard_normal((len(part), d), dtype=np.float32)
+        noise *= (
+            rng.uniform(0.05, 0.4, (len(part), 1)).astype(np.float32)
+            / np.linalg.norm(noise, axis=1)[:, None]
+        )
+        X[part] = X[idx[0]] + noise
+    return X
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    data: str  # python expression over the generators above
+    metric: str
+    eps: float
+    min_samples: int = 1
+    sides: tuple[str, ...] = ("sklearn", "ours", "faiss")
+    quick: bool = False
+
+
+CASES = [
+    Case("decay-20k", "make_data(20_000)", "euclidean", 0.6, quick=True),
+    Case("decay-100k", "make_data(100_000)", "euclidean", 0.6),
+    Case("clip512-cos", "clip_like(50_000, 512)", "cosine", 0.05),
+    Case("clip512-cos-20k", "clip_like(20_000, 512)", "cosine", 0.05, quick=True),
+    Case("clip768-cos", "clip_like(50_000, 768)", "cosine", 0.05),
+    Case("clip512-cos-ms5", "clip_like(50_000, 512)", "cosine", 0.05, 5, ("sklearn", "ours")),
+    Case(
+        "clip512-cos-ms5-20k",
+        "clip_like(20_000, 512)",
+        "cosine",
+        0.05,
+        5,
+        ("sklearn", "ours"),
+        quick=True,
+    ),
+    Case("clip512-euc", "clip_like(50_000, 512)", "euclidean", EPS_EUC),
+    Case("iso256", "isotropic(50_000)", "euclidean", 0.6),
+    Case("iso256-100k", "isotropic(100_000)", "euclidean", 0.6, sides=("ours", "faiss")),
+    Case("dense-20k", "dense_group(20_000, 8_000)", "euclidean", 0.6, quick=True),
+    Case("dense", "dense_group(50_000, 20_000)", "euclidean", 0.6),
+    Case("copies200k", "noisy_copies(200_000, 60_000)", "euclidean", EPS_EUC, sides=("ours",)),
+]
+
+
+# ------------------------------------------------------------------------------------------
+# One side, in its own process
+# ------------------------------------------------------------------------------------------
+
+
+def _faiss_labels(X: np.ndarray, metric: str, eps: float) -> np.ndarray:
+    import faiss
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    if metric == "cosine":
+        X = X / np.linalg.norm(X, axis=1, keepdims=True)
+        index = faiss.IndexFlatIP(X.shape[1])
+        index.add(X)
+        lims, _, ind = index.range_search(X, 1.0 - eps)  # similarity > 1 - eps
     else:
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-        from dedup_batch.cluster import DBSCAN
+        index = faiss.IndexFlatL2(X.shape[1])
+        index.add(X)
+        lims, _, ind = index.range_search(X, eps * eps)  # squared distance < eps^2
+    rows = np.repeat(np.arange(len(X)), np.diff(lims).astype(np.int64))
+    g = sparse.csr_matrix((np.ones(len(ind), np.int8), (rows, ind)), shape=(len(X), len(X)))
+    _, comp = connected_components(g, directed=False)
+    # numbered as DBSCAN numbers clusters: by each component's lowest row
+    first = np.full(comp.max() + 1, len(X))
+    np.minimum.at(first, comp, np.arange(len(X)))
+    number = np.empty_like(first)
+    number[np.argsort(first)] = np.arange(len(first))
+    return number[comp]
+
+
+def child(case: Case, side: str, out: str) -> None:
+    """Run one side of one case and write {seconds, peak_rss, data_rss} + labels to ``out``."""
+    if side != "ours":
+        resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
+    X = eval(case.data)  # a generator call from this file's CASES
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    labels = DBSCAN(eps=EPS, min_samples=1, n_jobs=None).fit(X).labels_
+    if side == "faiss":
+        labels = _faiss_labels(X, case.metric, case.eps)
+    else:
+        if side == "sklearn":
+            from sklearn.cluster import DBSCAN
+        else:
+            sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+            from dedup_batch.cluster import DBSCAN
+        est = DBSCAN(eps=case.eps, min_samples=case.min_samples, metric=case.metric)
+        labels = est.fit(X).labels_
     secs = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     np.save(out + ".npy", labels)
     with open(out, "w") as f:
-        json.dump(
-            {
-                "seconds": secs,
-                "peak_rss": peak,
-                "data_rss": base * 1024,
-                "n_clusters": int(labels.max()) + 1,
-            },
-            f,
-        )
+        json.dump({"seconds": secs, "peak_rss": peak, "data_rss": base * 1024}, f)
 
 
-def run_side(side: str, n: int, repeat: int, timeout: float) -> dict | None:
+def run_side(case: Case, side: str, timeout: float) -> dict | None:
+    if side not in case.sides:
+        return None
+    if side == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            return None
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        cmd = [sys.executable, __file__, "--child", side, str(n), str(repeat), out]
+        cmd = [sys.executable, __file__, "--child", case.name, side, out]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f} s"}
         if p.returncode != 0 or not os.path.exists(out):
             last = (p.stderr.strip().splitlines() or ["?"])[-1]
-            return {"error": f"failed ({last[:80]})"}
+            return {"error": f"failed ({last[:60]})"}
         with open(out) as f:
             r = json.load(f)
         r["labels"] = np.load(out + ".npy")
@@ -101,48 +261,49 @@ def fmt(r: dict | None) -> str:
         return "skipped"
     if "error" in r:
         return r["error"]
-    return f"{r['seconds']:8.1f} s {r['peak_rss'] / 2**30:6.2f} GiB"
+    return f"{r['seconds']:7.1f} s {r['peak_rss'] / 2**30:5.2f} GiB"
+
+
+def ratio(base: dict | None, ours: dict | None, key: str) -> str:
+    if not base or not ours or "error" in base or "error" in ours:
+        return "  -  "
+    return f"{base[key] / ours[key]:5.2f}x"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="20k and heavy repetition only")
-    ap.add_argument(
-        "--case",
-        action="append",
-        metavar="N[:REPEATS]",
-        help="run only this case (repeatable), e.g. --case 1000000 or --case 50000:20000; "
-        "sklearn runs too where it fits",
-    )
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="the small cases only (a few minutes)")
+    ap.add_argument("--case", action="append", metavar="NAME", help="run only this case")
+    ap.add_argument("--list", action="store_true", help="list the cases and their data")
+    ap.add_argument("--timeout", type=float, default=1800, help="per side, seconds")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    by_name = {c.name: c for c in CASES}
     if a.child:
-        side, n, repeat, out = a.child
-        child(side, int(n), int(repeat), out)
+        name, side, out = a.child
+        child(by_name[name], side, out)
         return
-    cases = [(20_000, 0, True), (50_000, 20_000, True)]
-    if not a.quick:
-        cases += [
-            (50_000, 0, True),
-            (100_000, 0, True),
-            (100_000, 40_000, False),
-            (1_000_000, 0, False),
-        ]
-    if a.case:
-        picked = [tuple(int(x) for x in [*c.split(":"), "0"][:2]) for c in a.case]
-        cases = [(n, r, n <= 100_000 and not r > 20_000) for n, r in picked]
-    print(f"DBSCAN eps={EPS} min_samples=1, {D}-d float32, {os.cpu_count()} cores")
-    print(f"{'case':>24} | {'sklearn':>20} | {'dedup_batch':>20} | speed  | memory | same labels")
-    for n, repeat, with_sk in cases:
-        name = f"{n:,} rows" + (f", {repeat:,} repeats" if repeat else "")
-        sk = run_side("sklearn", n, repeat, 3600) if with_sk else None
-        ours = run_side("ours", n, repeat, 3600)
+    if a.list:
+        for c in CASES:
+            print(f"{c.name:20} {c.data:34} {c.metric:9} eps={c.eps:.4g} ms={c.min_samples}")
+        return
+    cases = [by_name[n] for n in a.case] if a.case else [c for c in CASES if c.quick or not a.quick]
+    print(f"DBSCAN, float32 input, {os.cpu_count()} cores; baselines limited to {LIMIT >> 30} GiB")
+    print(
+        f"{'case':>19} | {'sklearn':>17} | {'faiss':>17} | {'dedup_batch':>17} | "
+        "speed vs sk | vs faiss | memory vs sk | vs faiss | same labels as sk"
+    )
+    for c in cases:
+        sk = run_side(c, "sklearn", a.timeout)
+        fa = run_side(c, "faiss", a.timeout)
+        ours = run_side(c, "ours", a.timeout)
         ok = sk and "error" not in sk and ours and "error" not in ours
-        speed = f"{sk['seconds'] / ours['seconds']:5.1f}x" if ok else "   - "
-        mem = f"{sk['peak_rss'] / ours['peak_rss']:5.1f}x" if ok else "   - "
         same = np.array_equal(sk["labels"], ours["labels"]) if ok else "-"
         print(
-            f"{name:>24} | {fmt(sk):>20} | {fmt(ours):>20} | {speed} | {mem} | {same}", flush=True
+            f"{c.name:>19} | {fmt(sk):>17} | {fmt(fa):>17} | {fmt(ours):>17} | "
+            f"{ratio(sk, ours, 'seconds'):>11} | {ratio(fa, ours, 'seconds'):>8} | "
+            f"{ratio(sk, ours, 'peak_rss'):>12} | {ratio(fa, ours, 'peak_rss'):>8} | {same}",
+            flush=True,
         )
 
 

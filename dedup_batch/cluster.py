@@ -20,11 +20,14 @@ scikit-learn as well.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import sys
+import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +65,10 @@ SPLIT_CELLS = 12
 #: scikit-learn's pairwise chunk (``pairwise_dist_chunk_size``): the geometry its brute-force
 #: euclidean GEMMs use, which the re-check must reproduce bit for bit.
 _SK_CHUNK = 256
+#: Smallest M*N*K for a GEMM the cosine re-check runs on a subset of scikit-learn's rows: far
+#: above OpenBLAS's small-matrix kernels (M*N*K <= 1e6) and single-thread cut-off (M*N*K <=
+#: 2^18 per thread), so the subset takes the same kernel path as scikit-learn's whole chunk.
+_GEMM_MIN_MNK = 1 << 24
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 
@@ -102,6 +109,10 @@ def _resolve_mode(est: DBSCAN, X: Any, sample_weight: Any) -> _Mode | None:
         if algo == "auto":
             algo = "brute" if d > 15 else "kd_tree"
         if algo == "brute":
+            if X.dtype not in (np.float32, np.float64):
+                # scikit-learn's brute force takes another route for other dtypes (integers:
+                # pairwise_distances_chunked in float64), which the re-check does not mirror
+                return None
             return _Mode("brute")
         return _Mode("tree", algo)
     if metric == "cosine":
@@ -267,16 +278,25 @@ def _float32_band(sq: np.ndarray, n_terms: int, threshold: float) -> np.ndarray:
     )
 
 
+def _chunk_rows(d: int) -> int:
+    """Rows per float64 working chunk of ``_prepare``: ~8 MiB whatever d."""
+    return max(256, (8 << 20) // (8 * max(1, d)))
+
+
 def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Prepared:
     """Centre/normalise the representatives, build the float32 factors, the error bands and
     the projection tree.
 
-    Memory: one float32 copy of R (``C``, in leaf order), (m, k) float64 projections (twice
-    while they are permuted) and 2 (m, k+2) float32 factors; float64 work arrays are per
-    64k-row chunk only.
+    Memory: one float32 copy of R (``C``, in leaf order), (m, k) float64 projections (k = 32;
+    freed once the leaves are built) and two (m, k+2) float32 factors. Every float64 working
+    array is one chunk of ~8 MiB (``_chunk_rows``), the principal directions come from the
+    covariance of a 20,000-row sample accumulated chunk by chunk (d x d float64), and the
+    passes over R are fused: one for norms and mean, one for projections, one (in leaf order)
+    for ``C``, its norms and the factors. Time: O(m d k) for the projections, O(m log m) for
+    the tree.
     """
     m, d = R.shape
-    step = 65536
+    step = _chunk_rows(d)
     k = min(N_BOUND_DIMS, d)
     cosine = mode.kind == "cosine"
     sq_orig = np.empty(m)
@@ -285,13 +305,16 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         r64 = R[s : s + step].astype(np.float64)
         sq_orig[s : s + step] = np.einsum("ij,ij->i", r64, r64)
         total += r64.sum(axis=0)
+    del r64
     mean = np.zeros(d) if cosine else total / max(m, 1)
 
     def centred(rows: np.ndarray, sq: np.ndarray) -> np.ndarray:
         r64 = rows.astype(np.float64)
         if cosine:
-            return r64 / np.sqrt(sq)[:, None]
-        return r64 - mean
+            r64 /= np.sqrt(sq)[:, None]
+        else:
+            r64 -= mean
+        return r64
 
     if cosine:
         threshold = 2.0 * eps  # |x^ - y^|^2 = 2 (1 - cos)
@@ -304,13 +327,21 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         # brute: GEMM expansion on the raw vectors in float64 (float32 input is upcast).
         # tree: sequential sum of squared differences plus node-bound rounding (sqrt/pow).
         sk_err = (4.0 * (d + 8) * _U64) * sq_orig + 64 * _U64 * threshold
-    # Principal directions of a sample (orthonormal: eigh of the covariance).
-    pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
+    # Principal directions of a sample (orthonormal: eigh of the covariance, accumulated by
+    # chunks of the sample: no (sample x d) float64 copy).
     if k < d and m >= 2:
-        sample = centred(R[pick], sq_orig[pick])
-        _, vecs = np.linalg.eigh(np.cov(sample, rowvar=False))
+        pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
+        smean = np.zeros(d)
+        gram = np.zeros((d, d))
+        for s in range(0, len(pick), step):
+            c64 = centred(R[pick[s : s + step]], sq_orig[pick[s : s + step]])
+            smean += c64.sum(axis=0)
+            gram += c64.T @ c64
+        smean /= len(pick)
+        cov = (gram - len(pick) * np.outer(smean, smean)) / (len(pick) - 1)
+        _, vecs = np.linalg.eigh(cov)
         V = np.ascontiguousarray(vecs[:, ::-1][:, :k])
-        del sample
+        del gram, cov, vecs
     else:  # any orthonormal basis gives an exact bound; one row has no covariance
         V = np.eye(d)[:, : min(k, d)]
     P = np.empty((m, k))
@@ -341,30 +372,33 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
     bounds = np.zeros(len(leaves) + 1, np.int64)
     bounds[1:] = np.cumsum([len(lf) for lf in leaves])
     order = np.concatenate(leaves)
-    del leaves
-    # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks).
-    P = P[order]
+    del leaves, P
+    # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks). The
+    # projections are computed again per chunk here rather than permuted (no second copy).
     C = np.empty((m, d), np.float32)
     csq = np.empty(m)
+    psq = np.empty(m)
+    Alo = np.empty((m, k + 2), np.float32)
+    Blo = np.empty((m, k + 2), np.float32)
     for s in range(0, m, step):
         rows = order[s : s + step]
         c64 = centred(R[rows], sq_orig[rows])
         csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
         C[s : s + step] = c64
-    del c64
+        p = c64 if k == d else c64 @ V
+        pq = np.einsum("ij,ij->i", p, p)
+        psq[s : s + step] = pq
+        Alo[s : s + step, :k] = p
+        Alo[s : s + step, k] = pq
+        Alo[s : s + step, k + 1] = 1.0
+        p *= -2.0
+        Blo[s : s + step, :k] = p
+        Blo[s : s + step, k] = 1.0
+        Blo[s : s + step, k + 1] = pq
+    del c64, p
     band = _float32_band(csq, d + 2, threshold) + sk_err[order]
-    psq = np.einsum("ij,ij->i", P, P)
     band_lo = _float32_band(psq, k + 2, threshold) + 1e-12 * (1.0 + psq)
-    Alo = np.empty((m, k + 2), np.float32)
-    Blo = np.empty((m, k + 2), np.float32)
-    Alo[:, :k] = P
-    Alo[:, k] = psq
-    Alo[:, k + 1] = 1.0
-    Blo[:, :k] = P
-    Blo[:, :k] *= -2.0
-    Blo[:, k] = 1.0
-    Blo[:, k + 1] = psq
-    del P
+    del psq
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
     leaf_band_lo = np.maximum.reduceat(band_lo, bounds[:-1])
     # Projection errors (float64, V orthonormal to ~1e-15) are ~1e-15 |c|: a generous absolute
@@ -402,23 +436,175 @@ def _leaf_pairs(prep: _Prepared) -> list[tuple[int, list[int]]]:
     return out
 
 
-def _tile_task(prep: _Prepared, a: int, bs: list[int]) -> tuple[np.ndarray, ...]:
+class _LiveRoots:
+    """Component roots of leaf-order rows read from the union-find while the main thread
+    merges into it (thread pool). Read-only: every parent points to a smaller node of the same
+    set, so a stale read gives a valid, possibly older, root; rows reported in one component
+    always are (a stale read can only miss a merge, i.e. compute a tile for nothing)."""
+
+    def __init__(self, parent: np.ndarray) -> None:
+        self.parent = parent
+
+    def __call__(self, a: int, rows: np.ndarray) -> np.ndarray:
+        p = self.parent
+        r = p[rows]
+        while True:
+            rr = p[r]
+            if np.array_equal(rr, r):
+                return r
+            r = rr
+
+
+class _LeafRoots:
+    """Component roots from a snapshot per leaf (Dask tasks: a few KB shipped per task): the
+    root of a leaf whose rows were all in one component when the task was submitted, else a
+    distinct negative number per row (never equal to another row's)."""
+
+    def __init__(self, leaf_root: np.ndarray, bounds: np.ndarray) -> None:
+        self.leaf_root = leaf_root
+        self.bounds = bounds
+
+    def __call__(self, a: int, rows: np.ndarray) -> np.ndarray:
+        leaf = np.searchsorted(self.bounds, rows, side="right") - 1
+        r = self.leaf_root[leaf]
+        return np.where(r >= 0, r, -1 - rows)
+
+
+def _forest(
+    i: np.ndarray, j: np.ndarray, nodes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A spanning forest of the graph with edges ``(i, j)``: every node joined to its
+    component's smallest node (at most one edge per distinct node). ``nodes``: a sorted array
+    holding every endpoint, when known (saves sorting the edges)."""
+    if len(i) <= 64:
+        return i, j
+    if nodes is None:
+        nodes, inv = np.unique(np.concatenate([i, j]), return_inverse=True)
+        li, lj = inv[: len(i)], inv[len(i) :]
+    else:
+        li, lj = np.searchsorted(nodes, i), np.searchsorted(nodes, j)
+    k = len(nodes)
+    if len(i) < k // 2:
+        return i, j
+    g = sparse.csr_matrix((np.ones(len(i), np.int8), (li, lj)), shape=(k, k))
+    _, comp = connected_components(g, directed=False)
+    low = np.full(comp.max() + 1, k)
+    np.minimum.at(low, comp, np.arange(k))
+    root = low[comp]
+    sel = root != np.arange(k)  # a node without edges is its own root
+    return nodes[sel], nodes[root[sel]]
+
+
+def _take(arr: np.ndarray, runs: list[list[int]] | None, idx: np.ndarray) -> np.ndarray:
+    """Rows of ``arr``: the runs of contiguous rows (a slice, or a concatenation of slices)
+    when given, else a gather of ``idx``."""
+    if runs is None:
+        return arr[idx]
+    if len(runs) == 1:
+        return arr[runs[0][0] : runs[0][1]]
+    return np.concatenate([arr[x:y] for x, y in runs])
+
+
+@dataclass
+class _PassCtx:
+    """What a tile computes in one pass of the ``min_samples > 1`` engine (leaf-order arrays).
+
+    ``kind`` is ``"count"`` (neighbourhood sizes: each row's sure neighbours weighted by their
+    copies, ``weight``; rows whose ``deg`` already reaches ``need`` are saturated, and a pair
+    of saturated rows is not computed), ``"core"`` (components among ``core`` rows, as with
+    ``min_samples=1``) or ``"border"`` (for each ``rows`` row, the smallest ``label`` among its
+    core neighbours). Passes return per-row results or a spanning forest, never pairs.
+    """
+
+    kind: str
+    weight: np.ndarray | None = None
+    deg: np.ndarray | None = None
+    need: int = 0
+    core: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    label: np.ndarray | None = None
+
+
+def _restrict(
+    ctx: _PassCtx | None, roots: Any, a: int, ia: np.ndarray, ib: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The blocks (rows of leaf ``a``, columns of a group) that this pass needs; together they
+    hold each needed pair once."""
+    if ctx is not None:
+        if ctx.kind == "count":
+            sat_a, sat_b = ctx.deg[ia] >= ctx.need, ctx.deg[ib] >= ctx.need
+            if sat_a.all():
+                ib = ib[~sat_b]
+            elif sat_b.all():
+                ia = ia[~sat_a]
+        elif ctx.kind == "core":
+            ia, ib = ia[ctx.core[ia]], ib[ctx.core[ib]]
+        else:  # border: candidate rows against core rows, either side of the tile
+            ca, cb = ctx.rows[ia], ctx.rows[ib]
+            if not ca.any():
+                ia, ib = ia[ctx.core[ia]], ib[cb]
+            elif not cb.any():
+                ia, ib = ia[ca], ib[ctx.core[ib]]
+            else:
+                ia, ib = ia[ca | ctx.core[ia]], ib[cb | ctx.core[ib]]
+    if roots is None or len(ia) == 0 or len(ib) == 0:
+        return [(ia, ib)]
+    # Pairs inside one component add nothing: with the largest component here, r, compute the
+    # rows outside r against every column, and the rows in r against the columns outside r.
+    ra, rb = roots(a, ia), roots(a, ib)
+    both = np.concatenate([ra, rb])
+    if (both == both[0]).all():
+        return []
+    vals, cnt = np.unique(both, return_counts=True)
+    r = vals[np.argmax(cnt)]
+    in_a = ra == r
+    return [(ia[~in_a], ib), (ia[in_a], ib[rb != r])]
+
+
+def _border_min(ctx: _PassCtx, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, smallest label)``: for each candidate row among the edges ``(i, j)``, the
+    smallest label of its core neighbours (edges in either orientation)."""
+    m1 = ctx.rows[i] & ctx.core[j]
+    m2 = ctx.rows[j] & ctx.core[i]
+    rows = np.concatenate([i[m1], j[m2]])
+    return _per_row(rows, np.concatenate([ctx.label[j[m1]], ctx.label[i[m2]]]), "min")
+
+
+def _per_row(idx: np.ndarray, val: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, value)``: ``val`` summed (``how="sum"``) or minimised per distinct ``idx``."""
+    rows, inv = np.unique(idx, return_inverse=True)
+    if how == "sum":
+        return rows, np.bincount(inv, weights=val, minlength=len(rows))
+    out = np.full(len(rows), np.iinfo(np.int64).max)
+    np.minimum.at(out, inv, val)
+    return rows, out
+
+
+def _tile_task(
+    prep: _Prepared, a: int, bs: list[int], roots: Any = None, ctx: _PassCtx | None = None
+) -> tuple[np.ndarray, ...]:
     """Edges from leaf ``a`` to leaves ``bs``: ``(sure_i, sure_j, band_i, band_j)``, in leaf
     order (row ``q`` is input row ``prep.order[q]``).
 
     The leaves ``bs`` are multiplied in groups of about TILE columns, so one task holds one
     (LEAF x TILE) float32 block at a time. Leaves are contiguous, so a group's factors are a
     slice (consecutive leaves) or a concatenation of slices, never a row gather.
+
+    ``roots`` (``min_samples=1``: only components matter): a callable giving the component
+    root of leaf-order rows (:class:`_LiveRoots` or :class:`_LeafRoots`). A group whose rows
+    and leaf ``a``'s are all in one component is skipped; when leaf ``a`` (or the group) is in
+    one component, only the columns (rows) outside it are computed; and the sure edges come
+    back as a spanning forest, at most one edge per row touched. Memory is then a few
+    (LEAF x TILE) blocks per task whatever the number of pairs within eps (a group of copies).
+
+    ``ctx`` (``min_samples > 1``, see :class:`_PassCtx`): ``"count"`` returns ``(rows,
+    neighbour weight, band_i, band_j)``; ``"core"`` a spanning forest among core rows and
+    their band pairs; ``"border"`` ``(rows, smallest core label, band_i, band_j)``.
     """
     bnd = prep.bounds
     a0, a1 = int(bnd[a]), int(bnd[a + 1])
-    na = a1 - a0
-    Ca = prep.C[a0:a1]
-    Alo_a = prep.Alo[a0:a1]
-    sure_i, sure_j, band_i, band_j = [], [], [], []
-    t = prep.threshold
-    bmax_a = float(prep.leaf_band[a])
-    blo_a = float(prep.leaf_band_lo[a])
+    rows_a = np.arange(a0, a1)
+    out: tuple[list, list, list, list] = ([], [], [], [])
     # groups of ~TILE columns: (runs of contiguous rows, largest band, largest band_lo)
     groups: list[tuple[list[list[int]], float, float]] = []
     runs: list[list[int]] = []
@@ -437,50 +623,101 @@ def _tile_task(prep: _Prepared, a: int, bs: list[int]) -> tuple[np.ndarray, ...]
             runs, size, bmax, blomax = [], 0, 0.0, 0.0
     if runs:
         groups.append((runs, bmax, blomax))
-    for gno, (runs, bmax_b, blo_b) in enumerate(groups):
+    for runs, bmax_b, blo_b in groups:
+        ib_all = np.concatenate([np.arange(x, y) for x, y in runs])
+        for ia, ib in _restrict(ctx, roots, a, rows_a, ib_all):
+            if len(ib) and len(ia):
+                _pairs_block(prep, a, ia, ib, runs, bmax_b, blo_b, ctx, roots, out)
+    return _task_result(ctx, roots, out)
 
-        def block(arr: np.ndarray, runs: list[list[int]] = runs) -> np.ndarray:
-            if len(runs) == 1:
-                return arr[runs[0][0] : runs[0][1]]
-            return np.concatenate([arr[x:y] for x, y in runs])
 
-        hi = t + bmax_a + bmax_b
-        hi_lo = hi + blo_a + blo_b + prep.slack
-        # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
-        L = Alo_a @ block(prep.Blo).T
-        # One pass over the block: flatnonzero of the mask is ~3x cheaper per pair than a 2-d
-        # np.nonzero (or a row-min pre-pass), and this pass costs as much as the GEMM itself.
-        f = np.flatnonzero(np.less_equal(L, hi_lo))
-        nb = L.shape[1]
-        del L
-        if len(f) == 0:
-            continue
-        r, c = np.divmod(f, nb)
-        ib = np.concatenate([np.arange(x, y) for x, y in runs])
-        # Full value for the survivors only (a GEMM when they are many).
-        if len(r) > na * nb // 16:
-            dots = (Ca @ block(prep.C).T)[r, c]
-        else:
-            dots = np.einsum("ij,ij->i", Ca[r], prep.C[ib[c]])
-        gi, gj = a0 + r, ib[c]
-        s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
-        sel = s32 <= hi
-        r, c, gi, gj, s32 = r[sel], c[sel], gi[sel], gj[sel], s32[sel]
-        # the diagonal leaf (first columns of the first group): each unordered pair once
-        if gno == 0 and bs[0] == a:
-            keep = (c >= na) | (r < c)
-            gi, gj, s32 = gi[keep], gj[keep], s32[keep]
-        if len(gi) == 0:
-            continue
-        s = s32.astype(np.float64)
-        w = prep.band[gi] + prep.band[gj]
-        sure = s < t - w
-        unsure = ~sure & (s <= t + w)
-        sure_i.append(gi[sure])
-        sure_j.append(gj[sure])
-        band_i.append(gi[unsure])
-        band_j.append(gj[unsure])
-    return _cat(sure_i), _cat(sure_j), _cat(band_i), _cat(band_j)
+def _pairs_block(
+    prep: _Prepared,
+    a: int,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    runs: list[list[int]],
+    bmax_b: float,
+    blo_b: float,
+    ctx: _PassCtx | None,
+    roots: Any,
+    out: tuple[list, list, list, list],
+) -> None:
+    """One block of a tile (rows ``ia`` of leaf ``a`` x columns ``ib`` of a group made of
+    ``runs``): its pairs within eps, reduced as the pass needs, appended to ``out``."""
+    sure_i, sure_j, band_i, band_j = out
+    bnd = prep.bounds
+    a0, a1 = int(bnd[a]), int(bnd[a + 1])
+    t = prep.threshold
+    bmax_a = float(prep.leaf_band[a])
+    blo_a = float(prep.leaf_band_lo[a])
+    whole_a, whole_b = len(ia) == a1 - a0, len(ib) == sum(y - x for x, y in runs)
+
+    runs_a = [[a0, a1]] if whole_a else None
+    runs_b = runs if whole_b else None
+
+    hi = t + bmax_a + bmax_b
+    hi_lo = hi + blo_a + blo_b + prep.slack
+    # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
+    L = _take(prep.Alo, runs_a, ia) @ _take(prep.Blo, runs_b, ib).T
+    # One pass over the block: flatnonzero of the mask is ~3x cheaper per pair than a 2-d
+    # np.nonzero (or a row-min pre-pass), and this pass costs as much as the GEMM itself.
+    f = np.flatnonzero(np.less_equal(L, hi_lo))
+    nr, nb = L.shape
+    del L
+    if len(f) == 0:
+        return
+    r, c = np.divmod(f, nb)
+    del f
+    # Full value for the survivors only (a GEMM when they are many).
+    if len(r) > nr * nb // 16:
+        dots = (_take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T)[r, c]
+    else:
+        dots = np.einsum("ij,ij->i", prep.C[ia[r]], prep.C[ib[c]])
+    gi, gj = ia[r], ib[c]
+    del r, c
+    s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
+    sel = s32 <= hi
+    # pairs inside leaf a (its diagonal block): each unordered pair once
+    sel &= (gj >= a1) | (gi < gj)
+    gi, gj, s32 = gi[sel], gj[sel], s32[sel]
+    if len(gi) == 0:
+        return
+    s = s32.astype(np.float64)
+    w = prep.band[gi] + prep.band[gj]
+    sure = s < t - w
+    unsure = ~sure & (s <= t + w)
+    si, sj = gi[sure], gj[sure]
+    kind = "edges" if ctx is None else ctx.kind
+    if kind == "count":  # both ends gain the other's copies
+        si, sj = _per_row(
+            np.concatenate([si, sj]),
+            np.concatenate([ctx.weight[sj], ctx.weight[si]]),
+            "sum",
+        )
+    elif kind == "border":
+        si, sj = _border_min(ctx, si, sj)
+    elif roots is not None:
+        si, sj = _forest(si, sj, np.union1d(ia, ib))
+    sure_i.append(si)
+    sure_j.append(sj)
+    band_i.append(gi[unsure])
+    band_j.append(gj[unsure])
+
+
+def _task_result(
+    ctx: _PassCtx | None, roots: Any, out: tuple[list, list, list, list]
+) -> tuple[np.ndarray, ...]:
+    """A task's result from its blocks' parts (see :func:`_tile_task`)."""
+    sure_i, sure_j, band_i, band_j = out
+    if ctx is not None and ctx.kind in ("count", "border"):
+        rows, val = _cat(sure_i), (np.concatenate(sure_j) if sure_j else np.empty(0))
+        si, sj = _per_row(rows, val, "sum" if ctx.kind == "count" else "min")
+        return si, sj, _cat(band_i), _cat(band_j)
+    si, sj = _cat(sure_i), _cat(sure_j)
+    if roots is not None:
+        si, sj = _forest(si, sj)
+    return si, sj, _cat(band_i), _cat(band_j)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -489,21 +726,37 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 
 def _current_client() -> Any:
     """The distributed Client made current by ``with client.as_current()`` (or the default
-    client), else ``None``."""
-    try:
-        from distributed import get_client
-    except ImportError:
+    client), else ``None``. Without ``distributed`` imported there is no client: it is not
+    imported here for nothing (~100 MB of the process's memory)."""
+    if "distributed" not in sys.modules:
         return None
+    from distributed import get_client
+
     try:
         return get_client()
     except ValueError:
         return None
 
 
-def _run_tiles(prep: _Prepared, n_jobs: int | None) -> Iterator[tuple[np.ndarray, ...]]:
+def _run_tiles(
+    prep: _Prepared,
+    n_jobs: int | None,
+    uf: _UnionFind | None = None,
+    ctx: _PassCtx | None = None,
+    work: list[tuple[int, list[int]]] | None = None,
+    passes: int = 1,
+) -> Iterator[tuple[np.ndarray, ...]]:
     """Yield each task's edges as it finishes: on the current Dask client's workers (the
-    prepared arrays scattered once, broadcast) or on a local pool of ``n_jobs`` threads."""
-    work = [(a, bs) for a, bs in _leaf_pairs(prep) if bs]
+    prepared arrays scattered once, broadcast) or on a local pool of ``n_jobs`` threads.
+
+    ``uf`` (``min_samples=1``): the union-find over leaf-order rows that the caller merges
+    each yielded result into before asking for the next; tasks read it to skip what is already
+    one component (see :func:`_tile_task`). At most a few tasks are in flight (2 per thread
+    or worker), so finished results never pile up whatever their size. ``ctx``: the pass of
+    the ``min_samples > 1`` engine; ``work``: the leaf pairs (computed once for all passes);
+    ``passes``: how many passes the fit makes (progress total)."""
+    if work is None:
+        work = _work(prep)
     skipped = sum(prep.n_leaves - a for a in range(prep.n_leaves)) - sum(len(bs) for _, bs in work)
     log.debug(
         "eps-graph: %d leaves, %d leaf pairs computed, %d skipped by bounds",
@@ -512,38 +765,98 @@ def _run_tiles(prep: _Prepared, n_jobs: int | None) -> Iterator[tuple[np.ndarray
         skipped,
     )
     # one unit of the running stage's progress (bar, heartbeat, JSON event) per tile task
-    for out in _tile_outputs(prep, work, n_jobs):
-        progress.advance(1, total=len(work))
+    for out in _tile_outputs(prep, work, n_jobs, uf, ctx):
+        progress.advance(1, total=passes * len(work))
         yield out
 
 
+def _work(prep: _Prepared) -> list[tuple[int, list[int]]]:
+    """The tile tasks: each leaf with the leaves its box may reach (see :func:`_leaf_pairs`)."""
+    return [(a, bs) for a, bs in _leaf_pairs(prep) if bs]
+
+
 def _tile_outputs(
-    prep: _Prepared, work: list[tuple[int, list[int]]], n_jobs: int | None
+    prep: _Prepared,
+    work: list[tuple[int, list[int]]],
+    n_jobs: int | None,
+    uf: _UnionFind | None,
+    ctx: _PassCtx | None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
     client = _current_client()
     if client is not None:
-        from distributed import as_completed
-
-        # hash=False: a fresh key per fit, so a previous fit's release cannot race this one
-        fut = client.scatter(prep, broadcast=True, hash=False)
-        futures = [client.submit(_tile_task, fut, a, bs, pure=False) for a, bs in work]
-        for f in as_completed(futures):
-            yield f.result()
-            f.release()
+        yield from _dask_outputs(client, prep, work, uf, ctx)
         return
     from joblib import effective_n_jobs
     from threadpoolctl import threadpool_limits
 
+    roots = None if uf is None else _LiveRoots(uf.parent)
     # None: every core, as scikit-learn's OpenMP brute force does. Each tile runs a
     # single-threaded BLAS: OpenBLAS threads on tile-sized products cost more than they give.
     n_threads = (os.cpu_count() or 1) if n_jobs is None else max(1, effective_n_jobs(n_jobs))
     with threadpool_limits(limits=1, user_api="blas"):
         if n_threads == 1:
             for a, bs in work:
-                yield _tile_task(prep, a, bs)
+                yield _tile_task(prep, a, bs, roots, ctx)
             return
         with ThreadPoolExecutor(n_threads) as pool:
-            yield from pool.map(lambda w: _tile_task(prep, *w), work)
+            pending: set = set()
+            todo = iter(work)
+            while True:
+                for a, bs in todo:
+                    pending.add(pool.submit(_tile_task, prep, a, bs, roots, ctx))
+                    if len(pending) >= 2 * n_threads:
+                        break
+                if not pending:
+                    return
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+
+
+def _dask_outputs(
+    client: Any,
+    prep: _Prepared,
+    work: list[tuple[int, list[int]]],
+    uf: _UnionFind | None,
+    ctx: _PassCtx | None,
+) -> Iterator[tuple[np.ndarray, ...]]:
+    """Tiles as tasks on the client's workers, 2 per worker thread in flight; with ``uf``, each
+    task gets a per-leaf snapshot of the components (:class:`_LeafRoots`), refreshed as
+    results are merged."""
+    from distributed import as_completed
+
+    # hash=False: a fresh key per fit, so a previous fit's release cannot race this one
+    fut = client.scatter(prep, broadcast=True, hash=False)
+    # the pass's arrays once per pass (their state when scattered: a task sees fewer rows
+    # saturated than threads would, never more)
+    ctx_f = None if ctx is None else client.scatter(ctx, broadcast=True, hash=False)
+    n_slots = 2 * max(1, sum(client.nthreads().values()))
+    snapshot: _LeafRoots | None = None
+    merged_at_snapshot = -1
+    merged = 0
+
+    def submit(a: int, bs: list[int]) -> Any:
+        nonlocal snapshot, merged_at_snapshot
+        roots = None
+        if uf is not None:
+            if merged != merged_at_snapshot:
+                r = uf.roots()
+                lo = np.minimum.reduceat(r, prep.bounds[:-1])
+                hi = np.maximum.reduceat(r, prep.bounds[:-1])
+                snapshot = _LeafRoots(np.where(lo == hi, lo, -1), prep.bounds)
+                merged_at_snapshot = merged
+            roots = snapshot
+        return client.submit(_tile_task, fut, a, bs, roots, ctx_f, pure=False)
+
+    todo = iter(work)
+    running = as_completed([submit(a, bs) for a, bs in itertools.islice(todo, n_slots)])
+    for f in running:
+        out = f.result()
+        f.release()
+        yield out  # the caller merges it before the next submission reads the components
+        merged += 1
+        for a, bs in itertools.islice(todo, 1):
+            running.add(submit(a, bs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,11 +872,15 @@ class _SkDecider:
     """Decides directed pairs ``i -> j`` (original row numbers) exactly as scikit-learn's
     ``radius_neighbors`` would in this fit, by running its own routine on the same chunk."""
 
-    def __init__(self, X: np.ndarray, eps: float, mode: _Mode, leaf_size: int) -> None:
+    def __init__(
+        self, X: np.ndarray, eps: float, mode: _Mode, leaf_size: int, n_jobs: int | None = None
+    ) -> None:
         self.X, self.eps, self.mode, self.leaf_size = X, eps, mode, leaf_size
         self.n = X.shape[0]
+        self.n_jobs = n_jobs
         self._tree = None
         self._cache: dict = {}
+        self._subset_ok: bool | None = None
 
     def decide(self, qi: np.ndarray, tj: np.ndarray) -> np.ndarray:
         """Boolean array: is ``tj[k]`` in scikit-learn's eps-neighbourhood of ``qi[k]``."""
@@ -586,9 +903,9 @@ class _SkDecider:
             rows = self._cosine_rows()
             which = np.searchsorted(rows[1:], qi, side="right")
             for c in np.unique(which):
+                # every pair queried from one chunk at once: at most one pass over the chunk
                 sel = np.nonzero(which == c)[0]
-                D = self._cosine_chunk(int(rows[c]), int(rows[c + 1]))
-                out[sel] = D[qi[sel] - rows[c], tj[sel]] <= self.eps
+                out[sel] = self._cosine_pairs(int(rows[c]), int(rows[c + 1]), qi[sel], tj[sel])
         return out
 
     def _brute_block(self, bi: int, bj: int) -> np.ndarray:
@@ -629,14 +946,113 @@ class _SkDecider:
         return np.array([s.start for s in gen_batches(self.n, rows)] + [self.n])
 
     def _cosine_chunk(self, s: int, e: int) -> np.ndarray:
+        """scikit-learn's cosine distances for its row chunk ``s:e`` against all rows, by its
+        own call (``pairwise_distances`` with this fit's ``n_jobs``): (e - s, n) float64."""
         from sklearn.metrics import pairwise_distances
 
-        key = ("c", s)
-        if key not in self._cache:
-            self._cache.clear()  # one row chunk (<= working_memory) held at a time
-            Xc = self.X if (s == 0 and e == self.n) else self.X[s:e]
-            self._cache[key] = pairwise_distances(Xc, self.X, metric="cosine")
-        return self._cache[key]
+        Xc = self.X if (s == 0 and e == self.n) else self.X[s:e]
+        return pairwise_distances(Xc, self.X, metric="cosine", n_jobs=self.n_jobs)
+
+    def _cosine_pairs(self, s: int, e: int, qi: np.ndarray, tj: np.ndarray) -> np.ndarray:
+        """Is ``tj[k]`` within eps of ``qi[k]`` (all ``qi`` in scikit-learn's row chunk
+        ``s:e``) in scikit-learn's cosine distances: bool array.
+
+        scikit-learn computes ``clip(1 - normalize(X[s:e]) @ normalize(X).T, 0, 2)`` in the
+        input dtype (float64 for non-float32 input). Normalisation is per row; the product is
+        a BLAS GEMM whose value for one entry depends on the kernel path it takes (small-matrix
+        kernels, single- or multi-threaded K blocking), not on the other rows and columns, as
+        long as the path is the same (measured for OpenBLAS's SGEMM; its DGEMM edge kernels
+        round differently, so float64 input, whose near-eps pairs are rare exact ties, always
+        takes scikit-learn's whole chunk). So only the needed rows and columns are multiplied,
+        padded to a product large enough for the same path (``_GEMM_MIN_MNK``), with the
+        caller's BLAS threads, as scikit-learn would run. That independence is verified once
+        per fit against scikit-learn's own operands (its chunk normalised as it does, against
+        all columns); a difference, a small chunk, or ``n_jobs`` splitting the columns over
+        threads falls back to scikit-learn's own call on the whole chunk.
+
+        Memory: (<= 2048 rows) x (<= 2048 + padding columns) per block, plus the verification
+        (a few rows against all columns). Time: O(pairs d) instead of O((e - s) n d).
+        """
+        from joblib import effective_n_jobs
+
+        n, d = self.X.shape
+        if (
+            (e - s) * n * d <= 4 * _GEMM_MIN_MNK
+            or self.X.dtype != np.float32
+            or effective_n_jobs(self.n_jobs) != 1
+            or not self._cosine_subset_ok(s, e, qi, tj)
+        ):
+            # small chunk (its own kernel path), scikit-learn splitting the columns over
+            # threads, or a BLAS whose rounding depends on the shape: its own whole chunk
+            key = ("c", s)
+            if key not in self._cache:
+                self._cache.clear()  # one row chunk (<= working_memory) held at a time
+                self._cache[key] = self._cosine_chunk(s, e)
+            return self._cache[key][qi - s, tj] <= self.eps
+        out = np.empty(len(qi), bool)
+        order = np.argsort(qi, kind="stable")
+        for b in range(0, len(qi), 2048):
+            sel = order[b : b + 2048]
+            D, pos_q, pos_t = self._cosine_sub(s, e, qi[sel], tj[sel])
+            out[sel] = D[pos_q, pos_t] <= self.eps
+        return out
+
+    def _cosine_sub(
+        self, s: int, e: int, qi: np.ndarray, tj: np.ndarray, wide: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """scikit-learn's cosine distances between the rows ``qi`` and columns ``tj`` (padded
+        to a large GEMM): ``(D, pos_q, pos_t)`` with ``D[pos_q[k], pos_t[k]]`` the value for
+        pair k. ``wide``: scikit-learn's operands, the query rows normalised as part of their
+        whole chunk, against all n rows normalised at once (or, when that copy would exceed
+        ~512 MiB, against 65,536 columns normalised at once)."""
+        from sklearn.preprocessing import normalize
+
+        n, d = self.X.shape
+
+        def conv(a: np.ndarray) -> np.ndarray:
+            return a if a.dtype == np.float32 else a.astype(np.float64)
+
+        q = np.unique(qi)
+        m_min = min(e - s, max(4, -(-_GEMM_MIN_MNK // (n * d))))
+        if len(q) < m_min:  # pad with other rows of the chunk (same path as its GEMM)
+            q = np.union1d(q, np.setdiff1d(np.arange(s, e), q)[: m_min - len(q)])
+        if wide:
+            Qn = normalize(conv(self.X[s:e]))[q - s]
+            if n * d <= 1 << 27:
+                t = np.arange(n)
+                Tn = normalize(conv(self.X))
+            else:
+                t = np.unique(tj)
+                t = np.union1d(t, np.setdiff1d(np.arange(65536 + len(t)), t)[: 65536 - len(t)])
+                Tn = normalize(conv(self.X[t]))
+        else:
+            Qn = normalize(conv(self.X[q]))
+            t = np.unique(tj)
+            n_min = min(n, max(64, -(-_GEMM_MIN_MNK // (len(q) * d))))
+            if len(t) < n_min:
+                t = np.union1d(t, np.setdiff1d(np.arange(n_min + len(t)), t)[: n_min - len(t)])
+            Tn = normalize(conv(self.X[t]))
+        D = Qn @ Tn.T
+        D *= -1
+        D += 1
+        np.clip(D, 0.0, 2.0, out=D)  # in scikit-learn's dtype: eps is compared in it, as there
+        return D, np.searchsorted(q, qi), np.searchsorted(t, tj)
+
+    def _cosine_subset_ok(self, s: int, e: int, qi: np.ndarray, tj: np.ndarray) -> bool:
+        """Once per fit: do a few pairs' values from a small padded GEMM equal the values from
+        scikit-learn's operands (its chunk's rows against all columns)?"""
+        if self._subset_ok is None:
+            # up to 16 query rows (<= 1024 pairs): 16 rows x n columns in the wide product
+            k = np.nonzero(np.isin(qi, np.unique(qi)[:16]))[0][:1024]
+            sub, pq, pt = self._cosine_sub(s, e, qi[k], tj[k])
+            full, fq, ft = self._cosine_sub(s, e, qi[k], tj[k], wide=True)
+            self._subset_ok = bool(np.array_equal(sub[pq, pt], full[fq, ft]))
+            if not self._subset_ok:
+                log.info(
+                    "DBSCAN: this BLAS rounds a GEMM entry differently by shape; re-deciding "
+                    "cosine pairs with scikit-learn's whole row chunks"
+                )
+        return self._subset_ok
 
 
 def _refine(
@@ -751,27 +1167,53 @@ def _build_graph(
         # all rows active (always for euclidean): R itself, not a fancy-indexed full copy
         prep = _prepare(R if len(active) == m else R[active], eps, mode, X.dtype)
         _check_self_pairs(prep, eps, mode, X.dtype)
-        members = None
         active_pos = np.full(m, -1, np.int64)
         active_pos[active] = np.arange(len(active))
-        decider = _SkDecider(X, eps, mode, leaf_size)
         to_rep = active[prep.order]  # leaf order -> representative number
-        for si, sj, bi, bj in _run_tiles(prep, n_jobs):
-            si, sj = to_rep[si], to_rep[sj]
+        # min_samples=1: components over leaf-order rows, read by the tiles to skip work
+        luf = None if keep_edges else _UnionFind(len(active))
+        und_i, und_j = [], []
+        for si, sj, bi, bj in _run_tiles(prep, n_jobs, luf):
             if len(bi):
-                bi, bj = to_rep[bi], to_rep[bj]
-                sure, und = _refine(X, first, bi, bj, prep, active_pos, mode)
-                if members is None and und.any():
-                    order = np.argsort(inverse, kind="stable")
-                    members = np.split(order, np.cumsum(counts)[:-1])
-                ri, rj = _recheck(bi[und], bj[und], members, decider)
-                si = np.concatenate([si, bi[sure], ri])
-                sj = np.concatenate([sj, bj[sure], rj])
-            if keep_edges:
-                ei.append(si)
-                ej.append(sj)
+                sure, und = _refine(X, first, to_rep[bi], to_rep[bj], prep, active_pos, mode)
+                si = np.concatenate([si, bi[sure]])
+                sj = np.concatenate([sj, bj[sure]])
+                bi, bj = bi[und], bj[und]
+            if luf is None:
+                ei.append(to_rep[si])
+                ej.append(to_rep[sj])
             else:
-                uf.union(si, sj)
+                luf.union(si, sj)
+                # a pair already inside one component cannot change the labels
+                keep = luf.find(bi) != luf.find(bj)
+                bi, bj = bi[keep], bj[keep]
+            und_i.append(bi)
+            und_j.append(bj)
+        del prep
+        # Pairs within scikit-learn's own rounding of eps, from every tile, decided together
+        # once the tiles are done: each of scikit-learn's chunks is computed once per fit, and
+        # with the caller's BLAS threads (scikit-learn's GEMM rounds by its kernel path).
+        bi, bj = _cat(und_i), _cat(und_j)
+        if luf is not None and len(bi):
+            keep = luf.find(bi) != luf.find(bj)
+            bi, bj = bi[keep], bj[keep]
+        log.debug("eps-graph: %d pairs within scikit-learn's rounding of eps", len(bi))
+        if len(bi):
+            order = np.argsort(inverse, kind="stable")
+            members = np.split(order, np.cumsum(counts)[:-1])
+            decider = _SkDecider(X, eps, mode, leaf_size, n_jobs)
+            t0 = time.perf_counter()
+            ri, rj = _recheck(to_rep[bi], to_rep[bj], members, decider)
+            log.debug("eps-graph: re-check %.2f s", time.perf_counter() - t0)
+            if luf is None:
+                ei.append(ri)
+                ej.append(rj)
+            else:
+                pos = np.empty(m, np.int64)
+                pos[to_rep] = np.arange(len(to_rep))
+                luf.union(pos[ri], pos[rj])
+        if luf is not None:
+            uf.union(to_rep, to_rep[luf.roots()])
     edges = None
     if keep_edges:
         i, j = _cat(ei), _cat(ej)
@@ -779,6 +1221,162 @@ def _build_graph(
         i[swap], j[swap] = j[swap], i[swap]
         edges = (i, j)
     return _Graph(first, inverse, counts, excluded, uf, edges)
+
+
+class _Rechecker:
+    """Decides a pass's near-eps pairs (leaf order) once the pass is done, in one batch: the
+    pairs ``_refine`` settles in float64 at once, the rest by scikit-learn's computation."""
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        eps: float,
+        mode: _Mode,
+        leaf_size: int,
+        n_jobs: int | None,
+        first: np.ndarray,
+        inverse: np.ndarray,
+        counts: np.ndarray,
+        to_rep: np.ndarray,
+        active_pos: np.ndarray,
+    ) -> None:
+        self.X, self.eps, self.mode, self.leaf_size, self.n_jobs = X, eps, mode, leaf_size, n_jobs
+        self.first, self.inverse, self.counts = first, inverse, counts
+        self.to_rep, self.active_pos = to_rep, active_pos
+        self.pos = np.empty(len(first), np.int64)
+        self.pos[to_rep] = np.arange(len(to_rep))
+        self._decider: _SkDecider | None = None
+        self._members: list[np.ndarray] | None = None
+
+    def refine(
+        self, prep: _Prepared, bi: np.ndarray, bj: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(sure_i, sure_j, undecided_i, undecided_j)`` of a tile's band pairs."""
+        if len(bi) == 0:
+            return bi, bj, bi, bj
+        tr = self.to_rep
+        sure, und = _refine(self.X, self.first, tr[bi], tr[bj], prep, self.active_pos, self.mode)
+        return bi[sure], bj[sure], bi[und], bj[und]
+
+    def decide(self, bi: np.ndarray, bj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The undecided pairs that are edges for scikit-learn (raises :class:`_Irregular`
+        when it decides one asymmetrically)."""
+        log.debug("eps-graph: %d pairs within scikit-learn's rounding of eps", len(bi))
+        if len(bi) == 0:
+            return bi, bj
+        if self._decider is None:
+            order = np.argsort(self.inverse, kind="stable")
+            self._members = np.split(order, np.cumsum(self.counts)[:-1])
+            self._decider = _SkDecider(self.X, self.eps, self.mode, self.leaf_size, self.n_jobs)
+        t0 = time.perf_counter()
+        ri, rj = _recheck(self.to_rep[bi], self.to_rep[bj], self._members, self._decider)
+        log.debug("eps-graph: re-check %.2f s", time.perf_counter() - t0)
+        return self.pos[ri], self.pos[rj]
+
+
+def _cluster_counts(
+    X: np.ndarray,
+    eps: float,
+    mode: _Mode,
+    min_samples: int,
+    *,
+    n_jobs: int | None,
+    leaf_size: int = 30,
+) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's DBSCAN for ``min_samples > 1`` without any neighbourhood or edge list:
+    ``(labels, is_core)`` over the rows.
+
+    Three passes over the tiles (see :class:`_PassCtx`): neighbourhood sizes (a pair of rows
+    already known to be core is not computed), components among core rows (tiles already one
+    component skipped, spanning forests), then each non-core row's smallest cluster number
+    among its core neighbours (a border row joins the first cluster, in scikit-learn's
+    numbering, that reaches it). Memory: the tiles' working set plus O(m) per-row arrays,
+    whatever the number of pairs within eps.
+    """
+    first, inverse = _unique_rows(X)
+    m = len(first)
+    counts = np.bincount(inverse, minlength=m)
+    R = X if m == X.shape[0] else X[first]
+    excluded = np.zeros(m, bool)
+    if mode.kind == "cosine":
+        excluded = ~np.any(R != 0, axis=1)
+        if excluded.any() and eps >= 1.0:
+            raise _Irregular  # cosine zero vectors at distance 1 <= eps from everything
+    active = np.nonzero(~excluded)[0]
+    big = np.iinfo(np.int64).max
+    labels_rep = np.full(m, -1, np.int64)
+    core_rep = np.zeros(m, bool)
+    if len(active):
+        prep = _prepare(R if len(active) == m else R[active], eps, mode, X.dtype)
+        _check_self_pairs(prep, eps, mode, X.dtype)
+        del R
+        active_pos = np.full(m, -1, np.int64)
+        active_pos[active] = np.arange(len(active))
+        to_rep = active[prep.order]
+        rc = _Rechecker(X, eps, mode, leaf_size, n_jobs, first, inverse, counts, to_rep, active_pos)
+        work = _work(prep)
+        ma = len(active)
+
+        def run(ctx: _PassCtx, luf: _UnionFind | None = None) -> Iterator[tuple]:
+            for out in _run_tiles(prep, n_jobs, luf, ctx, work, passes=3):
+                si, sj, ui, uj = rc.refine(prep, out[2], out[3])
+                yield out[0], out[1], si, sj, ui, uj
+
+        # 1. neighbourhood sizes, in rows (copies included, the row itself included)
+        weight = counts[to_rep].astype(np.float64)
+        deg = weight.copy()
+        und_i, und_j = [], []
+        for rows, add, si, sj, ui, uj in run(
+            _PassCtx("count", weight=weight, deg=deg, need=min_samples)
+        ):
+            deg[rows] += add
+            np.add.at(deg, si, weight[sj])
+            np.add.at(deg, sj, weight[si])
+            und_i.append(ui)
+            und_j.append(uj)
+        ei, ej = rc.decide(_cat(und_i), _cat(und_j))
+        np.add.at(deg, ei, weight[ej])
+        np.add.at(deg, ej, weight[ei])
+        core = deg >= min_samples
+        # 2. components among core rows
+        luf = _UnionFind(ma)
+        und_i, und_j = [], []
+        for fi, fj, si, sj, ui, uj in run(_PassCtx("core", core=core), luf):
+            luf.union(np.concatenate([fi, si]), np.concatenate([fj, sj]))
+            keep = luf.find(ui) != luf.find(uj)
+            und_i.append(ui[keep])
+            und_j.append(uj[keep])
+        bi, bj = _cat(und_i), _cat(und_j)
+        keep = luf.find(bi) != luf.find(bj)
+        luf.union(*rc.decide(bi[keep], bj[keep]))
+        # clusters numbered by their lowest core row (copies of a row share its core status)
+        core_q = np.nonzero(core)[0]
+        label = np.full(ma, big)
+        if len(core_q):
+            uniq, inv = np.unique(luf.find(core_q), return_inverse=True)
+            low = np.full(len(uniq), big)
+            np.minimum.at(low, inv, first[to_rep[core_q]])
+            number = np.empty(len(uniq), np.int64)
+            number[np.argsort(low, kind="stable")] = np.arange(len(uniq))
+            label[core_q] = number[inv]
+        # 3. border rows: non-core rows with a neighbour, the smallest core label reaching them
+        border = np.full(ma, big)
+        cand = ~core & (deg > weight)
+        if cand.any() and len(core_q):
+            und_i, und_j = [], []
+            ctx = _PassCtx("border", core=core, rows=cand, label=label)
+            for rows, low_lab, si, sj, ui, uj in run(ctx):
+                np.minimum.at(border, rows, low_lab.astype(np.int64))
+                np.minimum.at(border, *_border_min(ctx, si, sj))
+                und_i.append(ui)
+                und_j.append(uj)
+            np.minimum.at(border, *_border_min(ctx, *rc.decide(_cat(und_i), _cat(und_j))))
+        else:  # no border pass: its share of the progress is done
+            progress.advance(len(work), total=3 * len(work))
+        lab_q = np.where(core, label, np.where(border != big, border, -1))
+        labels_rep[to_rep] = lab_q
+        core_rep[to_rep] = core
+    return labels_rep[inverse], core_rep[inverse]
 
 
 def _check_self_pairs(prep: _Prepared, eps: float, mode: _Mode, dtype: np.dtype) -> None:
@@ -898,24 +1496,33 @@ class DBSCAN(ClusterMixin, BaseEstimator):
 
     Notes
     -----
-    Memory and complexity: identical rows collapse first (8 bytes per row for the hashes, plus
-    a copy of the m distinct rows when there are copies); the tiles need one float32 copy of
-    the distinct rows (kept in leaf order), their projections on 32 principal directions
-    ((m, 32) float64, twice while they are reordered, and two (m, 34) float32) and one
-    256 x ~2048 float32 block per thread (2 MiB); at 1M x 256 float32 rows without copies that
-    is about 1.5 GiB beyond the input. No neighbourhood is stored: with ``min_samples=1`` edges
-    are merged by union-find as each tile finishes; with ``min_samples > 1`` the edge list
-    between distinct rows is kept (16 bytes per edge), never the copies' neighbourhoods. Time is
-    O(m^2 k) for the low-rank lower bound (k = 32) plus O(d) per pair that passes it; the
-    projection tree cuts the 2-3 leading principal directions into a fine grid of leaves whose
-    box gaps skip whole tile pairs (about half of all pairs on embedding-like data).
+    Memory and complexity: peak memory is O(n d) plus a few tiles per thread, independent of
+    how many pairs lie within ``eps``, for every ``min_samples``. Identical rows collapse first
+    (8 bytes per row for the hashes, plus a copy of the m distinct rows when there are
+    copies); the tiles need one float32 copy of the distinct rows (kept in leaf order), their
+    projections on 32 principal directions ((m, 32) float64 while the tree is built, then two
+    (m, 34) float32 factors) and a few 256 x ~2048 float32 blocks per thread; preparation
+    works in ~8 MiB float64 chunks. No neighbourhood and no edge list is stored: with
+    ``min_samples=1`` a tile returns a spanning forest of its edges (at most one per row) that
+    is merged by union-find as it finishes, and a tile whose rows are already one component
+    is skipped (a group of near-identical rows costs about O(group) instead of O(group^2));
+    with ``min_samples > 1`` three passes over the tiles return per-row results only:
+    neighbourhood sizes (pairs of rows already known to be core skipped), components among
+    core rows (as for ``min_samples=1``), and each border row's first cluster. Time is
+    O(m^2 k) for the low-rank lower bound (k = 32) over the tile pairs the projection tree
+    cannot prune, plus O(d) per pair that passes it; the tree cuts the 2-3 leading principal
+    directions into a fine grid of leaves whose box gaps skip whole tile pairs. At 1M x 256
+    float32 rows without copies the working set is about 1.5 GiB beyond the input.
     scikit-learn by contrast holds every neighbourhood, O(sum of neighbourhood sizes) memory,
     quadratic in a group of copies (10.5 GB for 20,000 copies of one vector).
 
     Pairs whose float32 value lies within a rigorous rounding bound of ``eps`` are checked again
     in float64, and those still within scikit-learn's own rounding of ``eps`` are decided by
     scikit-learn's computation for that pair (its GEMM on the same 256-row chunk, its tree, or
-    its cosine chunk), so ties at exactly ``eps`` come out as in scikit-learn.
+    its cosine chunk), so ties at exactly ``eps`` come out as in scikit-learn. These pairs are
+    collected from all tiles and decided in one batch per pass; for cosine on float32 input
+    only the needed entries of scikit-learn's row chunks are computed (verified once per fit
+    to round as scikit-learn's whole chunk does, else the whole chunk).
 
     When a ``distributed.Client`` is current, the prepared rows are scattered once (broadcast)
     and tiles run as tasks on the workers; the client process only merges components.
@@ -992,11 +1599,21 @@ class DBSCAN(ClusterMixin, BaseEstimator):
 
     def _fit_engine(self, X: np.ndarray, mode: _Mode) -> tuple[np.ndarray, np.ndarray]:
         X = np.ascontiguousarray(X)
+        if self.min_samples > 1:
+            labels, core = _cluster_counts(
+                X,
+                float(self.eps),
+                mode,
+                int(self.min_samples),
+                n_jobs=self.n_jobs,
+                leaf_size=self.leaf_size,
+            )
+            return labels.astype(np.intp), core
         g = _build_graph(
             X,
             float(self.eps),
             mode,
-            keep_edges=self.min_samples > 1,
+            keep_edges=False,
             n_jobs=self.n_jobs,
             leaf_size=self.leaf_size,
         )

@@ -127,7 +127,9 @@ def test_recheck_path_is_exercised(monkeypatch):
     rng = np.random.default_rng(7)
     X = clustered(rng, 300, 64, 30, 0.5)
     r = float(np.sqrt(_sklearn_sq(X, 0, 1)))
-    assert_same(X, eps=r, min_samples=1)
+    # min_samples > 1: every pair counts (with min_samples=1 a near-eps pair whose rows are
+    # already one component is dropped before the re-check, see test_cluster_components.py)
+    assert_same(X, eps=r, min_samples=3)
     assert calls
 
 
@@ -324,3 +326,8 @@ def test_fit_advances_the_running_stage(small_tiles):
     with progress.stage("cluster", unit="tiles") as st:
         DBSCAN(eps=0.3, min_samples=1).fit(X)
     assert st.total and st.done == st.total
+    # min_samples > 1: three passes over the tiles, or two and the third's share (no border)
+    for eps, ms in ((0.3, 4), (100.0, 2)):
+        with progress.stage("cluster", unit="tiles") as st:
+            DBSCAN(eps=eps, min_samples=ms).fit(X)
+        assert st.total and st.done == st.total
