@@ -139,9 +139,7 @@ class Store:
         self.root = str(root)
         self.storage_options = dict(storage_options or {})
         try:
-            fs, path = fsspec.core.url_to_fs(
-                self.root, **_open_options(self.root, self.storage_options)
-            )
+            fs, path = _url_to_fs(self.root, self.storage_options)
         except (ImportError, ValueError) as exc:
             raise StorageError(f"cannot open root {self.root!r}: {one_line(exc)}") from None
         self.fs: fsspec.AbstractFileSystem = fs
@@ -1136,7 +1134,8 @@ def _url_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[st
 S3_DEFAULT_CONFIG: Mapping[str, Any] = {
     "connect_timeout": 5,
     "read_timeout": 12,
-    "retries": {"max_attempts": 2, "mode": "standard"},
+    # total_max_attempts counts the first try (max_attempts counts only the retries)
+    "retries": {"total_max_attempts": 2, "mode": "standard"},
 }
 #: s3fs's own attempts per call (its default is 5).
 S3_DEFAULT_RETRIES = 2
