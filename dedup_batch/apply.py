@@ -547,16 +547,25 @@ def _apply_batch(
     gets a record (``failed`` with the reason where the store refused or could not be reached),
     so that one bad object or a flaky endpoint never stops the rest of the apply.
     """
+    out = _every_path(_check_and_delete, store, trash_store, scope, batch)
+    return _journal(plan_store, "batch", digest, batch, [out[it.path] for it in batch.items])
+
+
+def _every_path(
+    fn: Callable[..., None], store: Store, other: Store | None, scope: str | None, batch: _Batch
+) -> dict[str, _Record]:
+    """``fn(store, other, scope, batch, out)``'s records, one per path of the batch: when a
+    whole request fails, the paths not yet decided are ``failed`` with its reason."""
     out: dict[str, _Record] = {}
     try:
-        _check_and_delete(store, trash_store, scope, batch, out)
+        fn(store, other, scope, batch, out)
     except Exception as exc:  # a whole request failed: report the batch's rest, go on
         msg = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
         msg = store._scrub(" ".join(msg.split()))
         for it in batch.items:
             if it.path not in out:
                 out[it.path] = _Record(it.path, FAILED, "RequestFailed", msg)
-    return _journal(plan_store, "batch", digest, batch, [out[it.path] for it in batch.items])
+    return out
 
 
 def _check_and_delete(
@@ -669,15 +678,7 @@ def _restore_batch(
     A trash copy goes back only if it is byte for byte what the apply took (its size and
     checksum as journaled), and never over an object that exists at the original path.
     """
-    out: dict[str, _Record] = {}
-    try:
-        _check_and_restore(store, trash_store, scope, batch, out)
-    except Exception as exc:
-        msg = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
-        msg = store._scrub(" ".join(msg.split()))
-        for it in batch.items:
-            if it.path not in out:
-                out[it.path] = _Record(it.path, FAILED, "RequestFailed", msg)
+    out = _every_path(_check_and_restore, store, trash_store, scope, batch)
     return _journal(plan_store, "restore", digest, batch, [out[it.path] for it in batch.items])
 
 

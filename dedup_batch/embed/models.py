@@ -12,6 +12,7 @@ are reserved in :data:`PLANNED` so that asking for one gives a clear error, not 
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["MODELS", "PLANNED", "Model", "PdqModel", "get_model", "parse_model"]
 
 
-class Model:
+class Model(abc.ABC):
     """Base class of the embedding models.
 
     Attributes
@@ -86,11 +87,11 @@ class Model:
         """Vectors of ``images`` (RGB, at most ``decode_px`` a side): ``(n, dim)`` float32."""
         return self.embed_with_extras(images)[0]
 
+    @abc.abstractmethod
     def embed_with_extras(
         self, images: Sequence[Image.Image]
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """:meth:`embed`, plus one array of length ``n`` per :attr:`extra_columns` entry."""
-        raise NotImplementedError(f"{type(self).__name__} must implement embed_with_extras")
 
 
 class PdqModel(Model):
