@@ -127,6 +127,18 @@ def _resolve_mode(est: DBSCAN, X: Any, sample_weight: Any) -> _Mode | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _distinct_rows(X: np.ndarray, mode: Any) -> tuple[np.ndarray, ...]:
+    """The distinct rows of ``X``: ``first`` (index of each), ``inverse`` (row -> distinct),
+    ``counts``, ``R`` (the distinct rows; ``X`` itself when it has no copies, which saves a
+    full copy of the data) and ``excluded`` (cosine zero vectors, which have no direction)."""
+    first, inverse = _unique_rows(X)
+    m = len(first)
+    counts = np.bincount(inverse, minlength=m)
+    R = X if m == X.shape[0] else X[first]
+    excluded = ~np.any(R != 0, axis=1) if mode.kind == "cosine" else np.zeros(m, bool)
+    return first, inverse, counts, R, excluded
+
+
 def _unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(first, inverse)``: representative row indices (the lowest index of each group of
     bitwise-identical rows, ascending) and each row's representative number.
@@ -1152,14 +1164,8 @@ def _build_graph(
     n_jobs: int | None,
     leaf_size: int = 30,
 ) -> _Graph:
-    first, inverse = _unique_rows(X)
+    first, inverse, counts, R, excluded = _distinct_rows(X, mode)
     m = len(first)
-    counts = np.bincount(inverse, minlength=m)
-    # no copies: use X itself (saves a full copy of the data)
-    R = X if m == X.shape[0] else X[first]
-    excluded = np.zeros(m, bool)
-    if mode.kind == "cosine":
-        excluded = ~np.any(R != 0, axis=1)
     active = np.nonzero(~excluded)[0]
     uf = None if keep_edges else _UnionFind(m)
     ei, ej = [], []
@@ -1293,15 +1299,10 @@ def _cluster_counts(
     numbering, that reaches it). Memory: the tiles' working set plus O(m) per-row arrays,
     whatever the number of pairs within eps.
     """
-    first, inverse = _unique_rows(X)
+    first, inverse, counts, R, excluded = _distinct_rows(X, mode)
     m = len(first)
-    counts = np.bincount(inverse, minlength=m)
-    R = X if m == X.shape[0] else X[first]
-    excluded = np.zeros(m, bool)
-    if mode.kind == "cosine":
-        excluded = ~np.any(R != 0, axis=1)
-        if excluded.any() and eps >= 1.0:
-            raise _Irregular  # cosine zero vectors at distance 1 <= eps from everything
+    if mode.kind == "cosine" and excluded.any() and eps >= 1.0:
+        raise _Irregular  # cosine zero vectors at distance 1 <= eps from everything
     active = np.nonzero(~excluded)[0]
     big = np.iinfo(np.int64).max
     labels_rep = np.full(m, -1, np.int64)
