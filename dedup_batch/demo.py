@@ -41,6 +41,39 @@ _TAKEN = 1_560_000_000.0
 _HOUR, _DAY = 3600.0, 86400.0
 
 
+def photo(seed: int, w: int = 512, h: int = 384) -> Any:
+    """A photo-like PIL image (RGB, ``w`` x ``h``): a smooth colour field (low resolution,
+    upsampled), shapes, a slight blur and grain. Different seeds give PDQ hashes ~100+ bits
+    apart; re-encodes, resizes, brightening and 1% crops stay within PDQ's threshold."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    lw, lh = 48, 36
+    yy, xx = np.mgrid[0:lh, 0:lw] / lw
+    field = np.empty((lh, lw, 3))
+    for c in range(3):
+        a, b, off = rng.uniform(-1, 1, 3)
+        fx, fy = rng.uniform(1, 4, 2)
+        px, py = rng.uniform(0, 2 * np.pi, 2)
+        field[..., c] = (
+            128
+            + 60 * (a * xx + b * yy)
+            + 50 * np.sin(2 * np.pi * fx * xx + px) * np.cos(2 * np.pi * fy * yy + py)
+            + 20 * off
+        )
+    small = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
+    img = small.resize((w, h), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(4, 9))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(w // 16, w // 2)), y0 + int(rng.integers(h // 16, h // 2))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    img = img.filter(ImageFilter.GaussianBlur(1.5))
+    grain = rng.integers(-8, 9, (h, w, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(np.asarray(img, np.int16) + grain, 0, 255).astype(np.uint8))
+
+
 def embed_image(data: Any) -> np.ndarray:
     """256-d embedding of an image (file path or PIL image): unit-length centred 16x16 grey."""
     from PIL import Image

@@ -18,11 +18,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from PIL import Image, ImageEnhance
 
 from dedup_batch.cli import main
 from dedup_batch.cluster import DBSCAN
 from dedup_batch.config import JobSpec
+from dedup_batch.demo import photo
 from dedup_batch.embed import (
     ERRORS_FILE,
     MODEL_KEY,
@@ -45,36 +46,6 @@ PDQ_EPS = PdqModel.default_eps
 
 
 # -- generated photos --------------------------------------------------------------------------
-def photo(seed: int, w: int = 512, h: int = 384) -> Image.Image:
-    """A photo-like image: a smooth colour field (low resolution, upsampled), shapes, a slight
-    blur and grain. Different seeds give PDQ hashes ~100+ bits apart."""
-    rng = np.random.default_rng(seed)
-    lw, lh = 48, 36
-    yy, xx = np.mgrid[0:lh, 0:lw] / lw
-    field = np.empty((lh, lw, 3))
-    for c in range(3):
-        a, b, off = rng.uniform(-1, 1, 3)
-        fx, fy = rng.uniform(1, 4, 2)
-        px, py = rng.uniform(0, 2 * np.pi, 2)
-        field[..., c] = (
-            128
-            + 60 * (a * xx + b * yy)
-            + 50 * np.sin(2 * np.pi * fx * xx + px) * np.cos(2 * np.pi * fy * yy + py)
-            + 20 * off
-        )
-    small = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
-    img = small.resize((w, h), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(4, 9))):
-        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
-        x1, y1 = x0 + int(rng.integers(w // 16, w // 2)), y0 + int(rng.integers(h // 16, h // 2))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-    img = img.filter(ImageFilter.GaussianBlur(1.5))
-    grain = rng.integers(-8, 9, (h, w, 3), dtype=np.int16)
-    return Image.fromarray(np.clip(np.asarray(img, np.int16) + grain, 0, 255).astype(np.uint8))
-
-
 def _crop(img: Image.Image, frac: float) -> Image.Image:
     dx, dy = int(img.width * frac), int(img.height * frac)
     return img.crop((dx, dy, img.width - dx, img.height - dy))
@@ -581,19 +552,21 @@ def test_cli_embed_then_plan_without_eps(tmp_path: Path, dask_client, capsys) ->
     assert code == 0
     assert "keep 6, delete 3" in capsys.readouterr().out
     assert (
-        main(["embed", "--root", str(root), "--out", str(out), "--model", "timm:resnet50", *sched])
+        main(["embed", "--root", str(root), "--out", str(out), "--model", "onnx:/absent/m.onnx"])
         == 2
     )
-    assert "not in this version yet" in capsys.readouterr().err
+    assert "--model onnx:/absent/m.onnx: no such file" in capsys.readouterr().err
 
 
 def test_model_names_and_extensions() -> None:
     assert parse_model("pdq") == ("pdq", None) and parse_model(" PDQ ") == ("pdq", None)
     assert parse_model("pdq:") == ("pdq", "")
-    with pytest.raises(ConfigError, match=r"unknown model 'clip'.*available: pdq"):
+    with pytest.raises(ConfigError, match=r"unknown model 'clip'.*available: onnx, open_clip"):
         parse_model("clip")
-    with pytest.raises(ConfigError, match=r"open_clip models .*not in this version"):
-        parse_model("open_clip:ViT-B-32/laion2b_s34b_b79k")
+    assert parse_model("open_clip:ViT-B-32/laion2b_s34b_b79k") == (
+        "open_clip",
+        "ViT-B-32/laion2b_s34b_b79k",
+    )
     with pytest.raises(ConfigError, match="takes no argument"):
         get_model("pdq:16")
     m = get_model("pdq")

@@ -5,9 +5,9 @@ class declares what the shards record about it (``name``, ``version``, ``dim``, 
 ``metric``) and how large the decoder should make the images it is given (``decode_px``), so
 that the decoder can skip work the model would throw away (``Image.draft`` on JPEGs).
 
-Registered now: ``pdq`` (Meta's PDQ perceptual hash, no weights). Neural models plug in by
-adding a class with the same attributes and :meth:`Model.embed` to :data:`MODELS`; their names
-are reserved in :data:`PLANNED` so that asking for one gives a clear error, not "unknown".
+Registered: ``pdq`` (Meta's PDQ perceptual hash, no weights, here) and the neural models of
+:mod:`~dedup_batch.embed.neural`: ``onnx`` (onnxruntime), ``timm`` and ``open_clip`` (torch).
+Each imports its libraries only when it is built, so an unused extra costs nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import functools
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,7 +26,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["MODELS", "PLANNED", "Model", "PdqModel", "get_model", "parse_model"]
+__all__ = ["MODELS", "Model", "PdqModel", "get_model", "parse_model"]
 
 
 class Model(abc.ABC):
@@ -174,14 +175,15 @@ class PdqModel(Model):
         return out, {"quality": quality}
 
 
-#: Model classes by registry name.
-MODELS: dict[str, type[Model]] = {"pdq": PdqModel}
+# The neural models subclass Model, so they are imported once it is defined.
+from .neural import OnnxModel, OpenClipModel, TimmModel  # noqa: E402
 
-#: Names reserved for the neural models that will plug in here, and what they will take.
-PLANNED: dict[str, str] = {
-    "open_clip": "open_clip:ARCH/PRETRAINED (extra [embed-torch])",
-    "timm": "timm:MODEL (extra [embed-torch])",
-    "onnx": "onnx:/path/model.onnx (onnxruntime)",
+#: Model classes by registry name.
+MODELS: dict[str, type[Model]] = {
+    "pdq": PdqModel,
+    "onnx": OnnxModel,
+    "timm": TimmModel,
+    "open_clip": OpenClipModel,
 }
 
 
@@ -197,7 +199,7 @@ def parse_model(text: str) -> tuple[str, str | None]:
     Raises
     ------
     ConfigError
-        An empty or unknown name, or a planned model that this version does not ship.
+        An empty or unknown name.
     """
     if not isinstance(text, str) or not text.strip():
         raise ConfigError("--model is empty: give a model name, e.g. --model pdq")
@@ -206,16 +208,21 @@ def parse_model(text: str) -> tuple[str, str | None]:
     if name in MODELS:
         return name, (arg if sep else None)
     known = ", ".join(sorted(MODELS))
-    if name in PLANNED:
-        raise ConfigError(
-            f"--model {text}: {name} models ({PLANNED[name]}) are not in this version yet; "
-            f"available: {known}"
-        )
     raise ConfigError(f"--model {text}: unknown model {name!r}; available: {known}")
 
 
-@functools.lru_cache(maxsize=4)
+#: Held while a model is built: a worker's threads start their first tasks together, and each
+#: would otherwise load its own copy of the weights.
+_BUILD_LOCK = threading.Lock()
+
+
 def get_model(text: str) -> Model:
     """The model for ``--model text``, built once per process (workers cache theirs)."""
+    with _BUILD_LOCK:
+        return _build(text)
+
+
+@functools.lru_cache(maxsize=4)
+def _build(text: str) -> Model:
     name, arg = parse_model(text)
     return MODELS[name](arg)
