@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .config import METRICS, JobSpec, load_spec, parse_storage_options
-from .errors import DedupError
+from .errors import ConfigError, DedupError
 from .select import KEYS, POLICIES
 
 __all__ = ["main"]
@@ -257,21 +257,21 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
         "--out",
         dest="embed_out",
         metavar="URL",
-        required=True,
-        help="folder for the feature shards (part-*.parquet) and embed-errors.csv; shards of "
-        "earlier runs there are kept and only new or changed images are embedded",
+        help="folder for the feature shards (part-*.parquet) and embed-errors.csv (required; "
+        "job-spec key embed_out); shards of earlier runs there are kept and only new or "
+        "changed images are embedded",
     )
     g.add_argument(
         "--model",
-        default="pdq",
+        dest="embed",
         metavar="NAME[:ARG]",
-        help="embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights)",
+        help=EMBED_MODEL_HELP,
     )
     g.add_argument(
         "--extensions",
+        dest="embed_extensions",
         metavar="LIST",
-        help="comma-separated file extensions to embed, case-insensitive (default "
-        "jpg,jpeg,png,webp,gif,tif,tiff,bmp)",
+        help=EMBED_EXTENSIONS_HELP,
     )
     g.add_argument(
         "--batch-size",
@@ -279,6 +279,35 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="images per Dask task and per shard, at most (default 256)",
+    )
+
+
+EMBED_MODEL_HELP = (
+    "embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights); also "
+    "onnx:PATH[?options], timm:NAME[?weights=PATH], open_clip:ARCH/PRETRAINED (README: models)"
+)
+EMBED_EXTENSIONS_HELP = (
+    "comma-separated file extensions to embed, case-insensitive (default "
+    "jpg,jpeg,png,webp,gif,tif,tiff,bmp, plus heic,heif,avif where Pillow reads them)"
+)
+
+
+def _add_run_embed(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embed first (run --embed)")
+    g.add_argument(
+        "--embed",
+        metavar="MODEL",
+        help="embed the new or changed images under --root with MODEL first (pdq, onnx:..., "
+        "timm:..., open_clip:...), then plan their features (instead of --features)",
+    )
+    g.add_argument(
+        "--embed-out",
+        metavar="URL",
+        help="folder for the shards (default: OUT/features, beside the plan)",
+    )
+    g.add_argument("--embed-extensions", metavar="LIST", help=EMBED_EXTENSIONS_HELP)
+    g.add_argument(
+        "--embed-batch-size", type=int, metavar="N", help="images per Dask task (default 256)"
     )
 
 
@@ -356,6 +385,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(sp)
     _add_plan(sp)
     _add_apply(sp)
+    _add_run_embed(sp)
     sp.add_argument(
         "--apply",
         action="store_true",
@@ -507,6 +537,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     with dask_client(spec) as client:
         planned, applied = run(spec, client, apply_now=args.apply)
+    if planned.embedded is not None:
+        print(planned.embedded.summary_line())
     _print_plan(planned.summary, planned.out, reused=planned.reused)
     if applied is None:
         print(f"dry run: nothing deleted. To delete: {_apply_hint(spec, planned.out)}")
@@ -594,24 +626,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from .embed import DEFAULT_BATCH_SIZE, DEFAULT_EXTENSIONS, embed_images, get_model
+    from .embed import embed_for_spec, get_model
     from .pipeline import dask_client
 
     spec = _spec(args)
-    spec.require("root")
-    get_model(args.model)  # an unknown model or a missing package: say so before Dask starts
+    if not spec.embed_out:
+        raise ConfigError("embed: --out is required (or embed_out in --config)")
+    get_model(spec.embed or "pdq")  # an unknown model or a missing package: before Dask starts
     with dask_client(spec) as client:
-        result = embed_images(
-            spec.root,  # type: ignore[arg-type]
-            args.embed_out,
-            model=args.model,
-            storage_options=spec.storage_options,
-            extensions=args.extensions or DEFAULT_EXTENSIONS,
-            batch_size=DEFAULT_BATCH_SIZE
-            if args.embed_batch_size is None
-            else args.embed_batch_size,
-            client=client,
-        )
+        _, result = embed_for_spec(spec, client)
     print(result.summary_line())
     return 0
 

@@ -52,6 +52,11 @@ class JobSpec:
     ``"eps"`` (the default: the same as ``eps``); use :meth:`keeper_distance` for the number.
     """
 
+    # embed (run --embed): features computed from the images under root, before the plan
+    embed: str | None = None
+    embed_out: str | None = None
+    embed_extensions: str | list[str] | None = None
+    embed_batch_size: int | None = None
     # load
     features: list[str] = field(default_factory=list)
     root: str | None = None
@@ -126,7 +131,7 @@ class JobSpec:
         if not isinstance(self.storage_options, Mapping):
             raise bad("storage_options", "must be a mapping of option names to values")
         self.storage_options = coerce_storage_options(self.storage_options, source=source)
-        urls = [self.root, *self.features, self.out, self.trash]
+        urls = [self.root, *self.features, self.out, self.trash, self.embed_out]
         check_option_names(
             self.storage_options, [u for u in urls if isinstance(u, str)], source=source
         )
@@ -176,6 +181,35 @@ class JobSpec:
             raise bad("scheduler", "must be an address such as tcp://host:8786")
         if self.log_format not in LOG_FORMATS:
             raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
+        self._validate_embed(bad)
+
+    def _validate_embed(self, bad: Any) -> None:
+        keys = (self.embed, self.embed_out, self.embed_extensions, self.embed_batch_size)
+        if all(v is None for v in keys):
+            return
+        # the embed package owns model names and extension lists (imported when used)
+        from .embed import parse_extensions, parse_model
+
+        if self.embed is not None:
+            if not isinstance(self.embed, str):
+                raise bad("embed", "must be a model name, e.g. pdq")
+            try:
+                parse_model(self.embed)
+            except ConfigError as exc:
+                raise bad("embed", f"names no model ({exc})") from None
+        if self.embed_out is not None and (
+            not isinstance(self.embed_out, str) or not self.embed_out
+        ):
+            raise bad("embed_out", "must be a path or URL")
+        if self.embed_extensions is not None:
+            try:
+                parse_extensions(self.embed_extensions)
+            except ConfigError as exc:
+                raise bad("embed_extensions", f"is not a list of extensions ({exc})") from None
+        if self.embed_batch_size is not None:
+            self.embed_batch_size = _integer(
+                self.embed_batch_size, "embed_batch_size", bad, minimum=1
+            )
 
     def require(self, *keys: str, source: str = "job spec") -> None:
         """Raise :class:`ConfigError` unless every key in ``keys`` is set."""

@@ -70,6 +70,8 @@ class PlanResult:
     plan: pd.DataFrame
     summary: dict[str, Any]
     reused: bool = False
+    #: ``run --embed``: what the embed step did (an ``embed.EmbedResult``).
+    embedded: Any = None
 
 
 @contextmanager
@@ -257,9 +259,23 @@ def run(
     When ``spec.out`` already holds a plan made from the same settings (a Kubernetes Job whose
     pod started twice, a re-run after a crash), that plan is reused and its apply resumed:
     re-planning after a partial delete could choose differently.
+
+    With ``spec.embed`` (``run --embed MODEL``), the new or changed images under the root are
+    embedded first (:func:`dedup_batch.embed.embed_for_spec`) and their shards planned; a plan
+    already in ``spec.out`` is reused only when that embedded nothing new.
     """
+    embedded = None
+    if spec.embed:
+        from .embed import embed_for_spec
+
+        spec, embedded = embed_for_spec(spec, client)
     spec = _with_model_eps(spec)  # so that a re-run without --eps finds its plan again
-    result = _reusable_plan(spec) or plan(spec, client)
+    # a plan made before new or changed images were embedded is not the plan of these features
+    fresh = embedded is not None and bool(
+        embedded.embedded or embedded.shards_compacted or embedded.shards_removed
+    )
+    result = (None if fresh else _reusable_plan(spec)) or plan(spec, client)
+    result.embedded = embedded
     if not (apply_now or spec.mode == "apply"):
         return result, None
     return result, apply(result.out, spec, client)

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image, ImageEnhance
 
 from dedup_batch.cli import main
@@ -556,6 +557,52 @@ def test_cli_embed_then_plan_without_eps(tmp_path: Path, dask_client, capsys) ->
         == 2
     )
     assert "--model onnx:/absent/m.onnx: no such file" in capsys.readouterr().err
+
+
+def test_run_embed_embeds_what_is_missing_then_plans(tmp_path: Path, dask_client, capsys) -> None:
+    # reads happen on the workers: the embed line's counts say what was read (the reads
+    # themselves are counted in test_second_run_reads_no_image_and_changes_are_picked_up)
+    root = tmp_path / "photos"
+    for i in range(4):
+        img = photo(1300 + i, 160, 120)
+        save(img, root / f"r{i}.jpg")
+        save(img, root / f"r{i} (1).jpg", 50)
+    plan_dir = tmp_path / "plan"
+    job = tmp_path / "job.yaml"
+    job.write_text(f"root: {root}\nout: {plan_dir}\nembed_batch_size: 2\nreport: false\n")
+    argv = ["run", "--config", str(job), "--embed", "pdq", "--scheduler"]
+    argv.append(dask_client.scheduler.address)
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"embed: 8 images embedded, 0 skipped unchanged, 0 errors", out)
+    assert "keep 4, delete 4" in out
+    shards = sorted((plan_dir / "features").glob("part-*.parquet"))
+    assert len(shards) == 4  # embed_batch_size from the job spec: 2 images a shard
+    planned = yaml.safe_load((plan_dir / "job.yaml").read_text())
+    assert planned["embed"] == "pdq" and planned["eps"] == PDQ_EPS
+    assert planned["features"] == [str(plan_dir / "features" / "part-*.parquet")]
+
+    # unchanged: no image read, and the plan of the same features is reused
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "0 images embedded, 8 skipped unchanged" in out
+    assert "plan (reused)" in out
+
+    # one new copy: only it is read, and the plan is made again with it
+    save(photo(1300, 160, 120), root / "r0 (2).png", None)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 images embedded, 8 skipped unchanged" in out
+    assert "plan:" in out and "keep 4, delete 5" in out
+
+    # --features beside --embed is refused (the plan would mix two sets of vectors)
+    assert main([*argv, "--features", str(tmp_path / "other/*.parquet")]) == 2
+    assert "give --features or --embed, not both" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'embed' names no model"):
+        JobSpec.from_mapping({"embed": "clip"})
+    with pytest.raises(ConfigError, match="'embed_batch_size' must be >= 1"):
+        JobSpec.from_mapping({"embed": "pdq", "embed_batch_size": 0})
 
 
 def test_model_names_and_extensions() -> None:

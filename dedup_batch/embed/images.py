@@ -20,7 +20,15 @@ from ..storage import Store
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["FORMATS", "PERMANENT_KINDS", "BadImage", "Decoded", "decode_image", "read_image"]
+__all__ = [
+    "FORMATS",
+    "PERMANENT_KINDS",
+    "BadImage",
+    "Decoded",
+    "decode_image",
+    "read_image",
+    "readable_formats",
+]
 
 #: Pillow formats ``embed`` opens. A whitelist: Pillow also opens EPS (through Ghostscript, an
 #: external program), PSD, ICO... whatever the file's bytes claim to be, and a bucket's files
@@ -125,7 +133,7 @@ def decode_image(
     if not data:
         raise BadImage("empty", "empty object (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data), formats=_formats())
+        img = Image.open(io.BytesIO(data), formats=readable_formats())
     except UnidentifiedImageError:
         raise BadImage("not-image", "not an image file Pillow can read") from None
     except Image.DecompressionBombError as exc:
@@ -156,8 +164,11 @@ def decode_image(
 
 
 @functools.cache
-def _formats() -> tuple[str, ...]:
-    """:data:`FORMATS` that this Pillow can open (``Image.open`` fails on an unknown name)."""
+def readable_formats() -> tuple[str, ...]:
+    """:data:`FORMATS` that this Pillow can open (``Image.open`` fails on an unknown name).
+
+    Registers pillow-heif's opener first, where it is installed (once per process: each Dask
+    worker does it on its first image)."""
     from PIL import Image
 
     try:  # HEIC/HEIF photos (iPhones), where the plugin is installed

@@ -19,10 +19,33 @@ from ..storage import ObjectStat, Store
 from .images import PERMANENT_KINDS
 from .output import ERROR_COLUMNS
 
-__all__ = ["DEFAULT_EXTENSIONS", "Work", "batches", "list_images", "parse_extensions", "plan_work"]
+__all__ = [
+    "DEFAULT_EXTENSIONS",
+    "OPTIONAL_EXTENSIONS",
+    "Work",
+    "batches",
+    "default_extensions",
+    "list_images",
+    "parse_extensions",
+    "plan_work",
+]
 
 #: File-name extensions embedded by default (compared case-insensitively).
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp")
+#: Extensions added to the defaults where this Pillow reads their format (Pillow format name):
+#: HEIC/HEIF through the pillow-heif plugin, AVIF natively since Pillow 11.3.
+OPTIONAL_EXTENSIONS = {"heic": "HEIF", "heif": "HEIF", "avif": "AVIF"}
+
+
+def default_extensions() -> tuple[str, ...]:
+    """:data:`DEFAULT_EXTENSIONS`, plus those of :data:`OPTIONAL_EXTENSIONS` this machine's
+    Pillow can read (so a HEIC photo is embedded where pillow-heif is installed, and not listed
+    as an error where it is not)."""
+    from .images import readable_formats
+
+    formats = readable_formats()
+    extra = tuple(ext for ext, fmt in OPTIONAL_EXTENSIONS.items() if fmt in formats)
+    return DEFAULT_EXTENSIONS + extra
 
 
 def parse_extensions(extensions: str | Iterable[str]) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import functools
 import itertools
 import logging
@@ -23,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -33,7 +34,7 @@ from ..errors import ConfigError, StorageError
 from ..progress import StageTimer
 from ..storage import Store
 from .images import BadImage, decode_image, read_image
-from .listing import DEFAULT_EXTENSIONS, batches, list_images, parse_extensions, plan_work
+from .listing import batches, default_extensions, list_images, parse_extensions, plan_work
 from .models import Model, get_model
 from .output import (
     ERROR_COLUMNS,
@@ -47,7 +48,17 @@ from .output import (
     write_errors,
 )
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAX_BYTES", "EmbedResult", "embed_images"]
+if TYPE_CHECKING:
+    from ..config import JobSpec
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAX_BYTES",
+    "SHARD_GLOB",
+    "EmbedResult",
+    "embed_for_spec",
+    "embed_images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +134,7 @@ def embed_images(
     *,
     model: str = "pdq",
     storage_options: Mapping[str, Any] | None = None,
-    extensions: str | Iterable[str] = DEFAULT_EXTENSIONS,
+    extensions: str | Iterable[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     client: Any = None,
     max_pixels: int | None = None,
@@ -142,9 +153,9 @@ def embed_images(
         ``NAME[:ARG]`` (see :mod:`dedup_batch.embed.models`).
     storage_options : mapping, optional
         fsspec options for ``root`` and ``out``.
-    extensions : str or iterable of str
-        File-name extensions to embed, case-insensitive (default: jpg, jpeg, png, webp, gif,
-        tif, tiff, bmp).
+    extensions : str or iterable of str, optional
+        File-name extensions to embed, case-insensitive; default: jpg, jpeg, png, webp, gif,
+        tif, tiff, bmp, and heic, heif, avif where Pillow reads them (pillow-heif installed).
     batch_size : int, default 256
         Images per Dask task and per shard, at most: a run of fewer than ``batch_size`` images
         per worker thread is split finer (down to 16), so that every thread has a batch.
@@ -182,7 +193,7 @@ def embed_images(
     from PIL import Image
 
     started = time.perf_counter()
-    exts = parse_extensions(extensions)
+    exts = parse_extensions(default_extensions() if extensions is None else extensions)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     the_model = get_model(model)
@@ -268,6 +279,46 @@ def embed_images(
     result.seconds = round(time.perf_counter() - started, 4)
     result.images_per_s = round(result.embedded / embed_wall, 2) if embed_wall > 0 else 0.0
     return result
+
+
+#: The shards of an output folder, as ``plan --features`` takes them (``OUT/part-*.parquet``).
+SHARD_GLOB = "part-*.parquet"
+
+
+def embed_for_spec(spec: JobSpec, client: Any = None) -> tuple[JobSpec, EmbedResult]:
+    """``run --embed``: embed what is new or changed under ``spec.root``, then return the spec
+    with ``features`` set to the shards (and the embed result).
+
+    The shards go to ``spec.embed_out``, by default ``<out>/features`` (beside the plan, so a
+    second ``run`` with the same ``--out`` reuses them and embeds only new or changed images).
+
+    Raises
+    ------
+    ConfigError
+        No ``root``, or ``features`` given as well (the plan would mix the embedded shards with
+        other vectors; give one or the other).
+    """
+    from ..storage import join_url
+
+    spec.require("root")
+    out = spec.embed_out or join_url(spec.out, "features")
+    shards = join_url(out, SHARD_GLOB)
+    if spec.features and spec.features != [shards]:
+        raise ConfigError(
+            "give --features or --embed, not both: with --embed the features are the shards "
+            f"embed writes ({shards})"
+        )
+    result = embed_images(
+        spec.root,  # type: ignore[arg-type]
+        out,
+        model=spec.embed or "pdq",
+        storage_options=spec.storage_options,
+        extensions=spec.embed_extensions,
+        batch_size=spec.embed_batch_size or DEFAULT_BATCH_SIZE,
+        client=client,
+    )
+    log.info("%s", result.summary_line())
+    return dataclasses.replace(spec, features=[shards], embed_out=out), result
 
 
 def _batch_size(n: int, batch_size: int, threads: int) -> int:
