@@ -458,8 +458,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "demo",
         help="build a small example collection and plan it",
-        description="Write a folder of images with near-duplicates and their "
-        "features, then plan it (and apply with --apply).",
+        description="Write a folder of images with near-duplicates, embed them with PDQ "
+        "on a local Dask cluster (as 'run --embed pdq'), then plan it (and apply with --apply).",
     )
     sp.add_argument(
         "--dir",
@@ -646,6 +646,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     planned, applied = run_demo(
         args.dir, n_images=args.images, apply_now=args.apply, n_workers=args.n_workers
     )
+    print(planned.embedded.summary_line())
     _print_plan(planned.summary, planned.out)
     if applied is None:
         print(f"dry run: nothing deleted. To delete: dedup-batch apply {planned.out}")

@@ -1,13 +1,16 @@
 """The built-in example: a folder of images with near-duplicates, and their features.
 
-Each distinct image is a smooth random colour field; some get near-duplicates (re-encoded at
-another JPEG quality, brightened, slightly cropped, or saved as PNG), as a real photo library
-has: named as copies usually are (``IMG_0007 (1).jpg``, ``Copy of IMG_0007.jpg``,
-``IMG_0007-edited.jpg``, ``IMG_0007.png``) and modified after the original, so the default keep
-policy, ``original``, keeps the originals. The features are a real (if simple) embedding of
-each *written* file: the 16x16 grey thumbnail, centred and scaled to unit length (256
-dimensions, as in the seed notebook), so near-duplicates land close together and distinct
-images far apart.
+Each distinct image is a generated photo (:func:`photo`: a smooth colour field with shapes, blur
+and grain); some get near-duplicates (re-encoded at another JPEG quality, brightened, slightly
+cropped, or saved as PNG), as a real photo library has: named as copies usually are
+(``IMG_0007 (1).jpg``, ``Copy of IMG_0007.jpg``, ``IMG_0007-edited.jpg``, ``IMG_0007.png``) and
+modified after the original, so the default keep policy, ``original``, keeps the originals.
+
+``dedup-batch demo`` (:func:`run_demo`) computes the features the real way: ``run --embed pdq``
+embeds the photos on the Dask workers, then plans with PDQ's default eps. :func:`make_demo`
+can also write a quick feature set without Dask (``features=True``, for tests): the 16x16 grey
+thumbnail of each written file, centred and scaled to unit length (256 dimensions, as in the
+seed notebook), clustered at :data:`DEMO_EPS`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from .errors import ConfigError
 
 __all__ = ["DEMO_EPS", "embed_image", "make_demo", "run_demo"]
 
-#: Distinct demo images sit ~1.4 apart (random unit vectors); their edits within ~0.15.
+#: For make_demo's thumbnail features: distinct demo images sit ~1.4 apart (random unit
+#: vectors); their edits within ~0.15.
 DEMO_EPS = 0.3
 _MARKER = ".dedup-batch-demo"
 _ALBUMS = ("holiday 2024", "family", "scans [old]")
@@ -39,6 +43,16 @@ _COPY_NAMES = {
 #: The originals were taken in 2019, one an hour; copies are made months later.
 _TAKEN = 1_560_000_000.0
 _HOUR, _DAY = 3600.0, 86400.0
+#: Demo photos are 160 x 120: large enough for PDQ (it filters to 64 x 64), small enough that
+#: 200 of them are written and hashed in about a second.
+_SIDE = (240, 180)
+#: A "slightly cropped" copy loses this many pixels on each side (0.6%).
+_CROP_PX = 1
+
+
+def _crop(img: Any) -> Any:
+    w, h = img.size
+    return img.crop((_CROP_PX, _CROP_PX, w - _CROP_PX, h - _CROP_PX))
 
 
 def photo(seed: int, w: int = 512, h: int = 384) -> Any:
@@ -86,9 +100,15 @@ def embed_image(data: Any) -> np.ndarray:
 
 
 def make_demo(
-    directory: str | Path, *, n_images: int = 120, seed: int = 0, shards: int = 4
+    directory: str | Path,
+    *,
+    n_images: int = 120,
+    seed: int = 0,
+    shards: int = 4,
+    features: bool = True,
 ) -> dict[str, Any]:
-    """Build the example under ``directory``: ``photos/`` and ``features/part-*.parquet``.
+    """Build the example under ``directory``: ``photos/`` and, with ``features``, the thumbnail
+    features in ``features/part-*.parquet`` (``dedup-batch demo`` embeds them with PDQ instead).
 
     ``directory`` is wiped and rebuilt, but only if it is empty or was made by this function
     (it holds a marker file): the demo never deletes a folder it did not create.
@@ -98,7 +118,7 @@ def make_demo(
     Returns a dict with ``root``, ``features`` (glob), ``images``, ``duplicates`` (how many
     near-duplicate files were written) and ``groups`` (relative path -> original's path).
     """
-    from PIL import Image, ImageEnhance
+    from PIL import ImageEnhance
 
     base = Path(directory)
     if base.exists() and any(base.iterdir()):
@@ -110,7 +130,6 @@ def make_demo(
         shutil.rmtree(base)
     photos, feats = base / "photos", base / "features"
     photos.mkdir(parents=True)
-    feats.mkdir()
     (base / _MARKER).write_text("made by dedup-batch demo; safe to delete\n")
 
     rng = np.random.default_rng(seed)
@@ -119,8 +138,7 @@ def make_demo(
     for i in range(n_images):
         album = _ALBUMS[i % len(_ALBUMS)]
         (photos / album).mkdir(exist_ok=True)
-        small = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((96, 96), Image.Resampling.BICUBIC)
+        img = photo(int(rng.integers(0, 2**31)), _SIDE[0], _SIDE[1])
         name = f"{album}/IMG_{i:04d}.jpg"
         img.save(photos / name, quality=92)
         taken = _TAKEN + i * _HOUR
@@ -135,7 +153,7 @@ def make_demo(
             elif kind == "brighter":
                 dup, ext = ImageEnhance.Brightness(img).enhance(1.15), ".jpg"
             elif kind == "cropped":
-                dup, ext = img.crop((3, 3, 93, 93)), ".jpg"  # a crop has fewer pixels
+                dup, ext = _crop(img), ".jpg"  # a crop has fewer pixels
             else:
                 dup, ext = img, ".png"
             styles = _COPY_NAMES[kind][i % len(_COPY_NAMES[kind]) :] + _COPY_NAMES[kind]
@@ -153,12 +171,14 @@ def make_demo(
             n_dupes += 1
 
     paths = sorted(groups)
-    X = np.stack([embed_image(photos / p) for p in paths])
-    frame = pd.DataFrame(
-        X, index=pd.Index(paths, name="path"), columns=[str(c) for c in range(X.shape[1])]
-    )
-    for s, part in enumerate(np.array_split(np.arange(len(paths)), shards)):
-        frame.iloc[part].to_parquet(feats / f"part-{s:04d}.parquet")
+    if features:
+        feats.mkdir()
+        X = np.stack([embed_image(photos / p) for p in paths])
+        frame = pd.DataFrame(
+            X, index=pd.Index(paths, name="path"), columns=[str(c) for c in range(X.shape[1])]
+        )
+        for s, part in enumerate(np.array_split(np.arange(len(paths)), shards)):
+            frame.iloc[part].to_parquet(feats / f"part-{s:04d}.parquet")
     # the ground truth, for `dedup-batch sweep --truth`: each file's original
     pd.DataFrame({"path": paths, "group": [groups[p] for p in paths]}).to_csv(
         base / "truth.csv", index=False
@@ -179,15 +199,16 @@ def run_demo(
     apply_now: bool = False,
     n_workers: int | None = None,
 ) -> tuple[Any, Any]:
-    """Build the example, plan it on a LocalCluster (and apply it when ``apply_now``)."""
+    """Build the example's photos, then ``run --embed pdq`` on a LocalCluster: embed them into
+    ``features/``, plan with PDQ's default eps into ``plan/`` (and apply when ``apply_now``)."""
     from .pipeline import dask_client, run
 
-    info = make_demo(directory, n_images=n_images)
+    info = make_demo(directory, n_images=n_images, features=False)
     spec = JobSpec.from_mapping(
         {
-            "features": [info["features"]],
             "root": info["root"],
-            "eps": DEMO_EPS,
+            "embed": "pdq",
+            "embed_out": str(Path(directory) / "features"),
             "out": str(Path(directory) / "plan"),
             "n_workers": n_workers,
         },
