@@ -30,6 +30,7 @@ from dedup_batch.embed import (
     MODEL_KEY,
     PdqModel,
     default_eps,
+    default_extensions,
     embed_images,
     get_model,
     parse_extensions,
@@ -603,6 +604,28 @@ def test_run_embed_embeds_what_is_missing_then_plans(tmp_path: Path, dask_client
         JobSpec.from_mapping({"embed": "clip"})
     with pytest.raises(ConfigError, match="'embed_batch_size' must be >= 1"):
         JobSpec.from_mapping({"embed": "pdq", "embed_batch_size": 0})
+
+
+def test_heic_is_embedded_where_pillow_heif_is_installed(tmp_path: Path) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    root = tmp_path / "photos"
+    img = photo(1400, 320, 240)
+    save(img, root / "IMG_1.jpg")
+    heif = pillow_heif.from_pillow(img)
+    heif.save(str(root / "IMG_1.HEIC"), quality=90)  # an iPhone's copy of the same picture
+    (root / "broken.heic").write_bytes(b"not a heic file")
+    assert {".heic", ".heif"} <= set(parse_extensions(default_extensions()))
+
+    out = tmp_path / "feat"
+    result = embed_images(str(root), str(out))  # default extensions
+    assert (result.embedded, result.errors) == (2, 1)
+    errors = pd.read_csv(out / ERRORS_FILE)
+    assert list(errors["path"]) == ["broken.heic"] and errors["kind"][0] == "not-image"
+    feats = load_features(str(out / "*.parquet"), store=Store(str(root)))
+    assert sorted(feats.paths) == ["IMG_1.HEIC", "IMG_1.jpg"]
+    assert np.linalg.norm(feats.X[0] - feats.X[1]) <= PDQ_EPS  # one picture, one cluster
+    table = pq.read_table(next(out.glob("part-*.parquet")))
+    assert table["width"].to_pylist() == [320, 320] and table["height"].to_pylist() == [240, 240]
 
 
 def test_model_names_and_extensions() -> None:
