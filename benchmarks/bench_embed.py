@@ -14,6 +14,13 @@ It prints images/s (best of ``--repeat``; each embed run writes to a fresh folde
 to both baselines, and where a worker's time goes (read, decode, hash, write: the sums of the
 tasks' own timers), so that "the decode, not the hash, is the bound" can be checked.
 
+Then the quality target (``--photos``, 0 to skip): held-out photos (``demo.photo``, seeds no
+test uses) and their edited copies (``demo.EDITS``: resized, re-encoded, brightened, 1% crop,
+PNG; plus WebP, and a 2% crop to show where PDQ stops), embedded with ``pdq`` and clustered at
+its default eps: precision (no cluster holding two different photos) and, per edit, recall
+(the copy in its original's cluster), the share within eps of the original itself (not through
+a chain of other copies) and the Hamming distances to the original.
+
 Run from the repository root: ``PYTHONPATH=. python benchmarks/bench_embed.py [--quick]``.
 """
 
@@ -151,6 +158,62 @@ def dask_run(root: Path, workers: int, repeat: int) -> tuple[float, dict[str, fl
     return best, split
 
 
+def _trim_2pct(img: object) -> object:
+    w, h = img.size  # type: ignore[attr-defined]
+    dx, dy = int(w * 0.02), int(h * 0.02)
+    return img.crop((dx, dy, w - dx, h - dy))  # type: ignore[attr-defined]
+
+
+def quality(n_photos: int, w: int, h: int) -> None:
+    """Print PDQ's precision and per-edit recall at its default eps (see the module doc)."""
+    from dedup_batch.cluster import DBSCAN
+    from dedup_batch.demo import EDITS, photo
+    from dedup_batch.embed import PdqModel, embed_images
+    from dedup_batch.load import load_features
+    from dedup_batch.storage import Store
+
+    edits = {
+        **EDITS,
+        "webp": (lambda im: im, ".webp", 80),
+        "cropped 2% (beyond target)": (_trim_2pct, ".jpg", 90),
+    }
+    root = Path(tempfile.mkdtemp(prefix="bench-embed-quality-"))
+    try:
+        group: dict[str, tuple[str, str]] = {}
+        for i in range(n_photos):
+            img = photo(50_000 + i, w, h)  # tests use seeds below 2000
+            name = f"p{i:04d}.jpg"
+            img.save(root / name, quality=92)  # type: ignore[attr-defined]
+            group[name] = (name, "original")
+            for k, (kind, (edit, suffix, q)) in enumerate(edits.items()):
+                copy = f"p{i:04d}-e{k}{suffix}"
+                edit(img).save(root / copy, **({} if q is None else {"quality": q}))
+                group[copy] = (name, kind)
+        res = embed_images(str(root), str(root / "features"))
+        feats = load_features(str(root / "features" / "*.parquet"), store=Store(str(root)))
+        eps = PdqModel.default_eps
+        labels = DBSCAN(eps=eps, min_samples=1).fit(feats.X).labels_
+        row = {p: i for i, p in enumerate(feats.paths.tolist())}
+        mixed = sum(
+            len({group[p][0] for p in feats.paths[labels == c]}) > 1 for c in np.unique(labels)
+        )
+        print(
+            f"\nquality: {n_photos} held-out {w}x{h} photos x {len(edits)} edits "
+            f"({res.embedded} images, {res.errors} errors), pdq at its default eps {eps:.2f} "
+            f"(Hamming <= 31): clusters holding two different photos: {mixed} "
+            f"(precision {'1.0' if mixed == 0 else '< 1'})"
+        )
+        print(f"{'edit':<28}{'recall':>8}{'within eps':>12}{'Hamming: median':>17}{'max':>6}")
+        for kind in edits:
+            pairs = [(row[p], row[o]) for p, (o, k) in group.items() if k == kind]
+            joined = np.mean([labels[a] == labels[b] for a, b in pairs])
+            ham = [int((feats.X[a] != feats.X[b]).sum()) for a, b in pairs]
+            direct = np.mean([d <= 31 for d in ham])  # the pair itself, not through a chain
+            print(f"{kind:<28}{joined:>8.1%}{direct:>12.1%}{np.median(ham):>17.0f}{max(ham):>6}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _shares(split: dict[str, float]) -> str:
     total = sum(split.values()) or 1.0
     names = {"read_s": "read", "decode_s": "decode", "embed_s": "hash", "write_s": "write"}
@@ -164,6 +227,10 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="LocalCluster sizes to run")
     parser.add_argument("--repeat", type=int, default=2, help="embed runs per cluster (best)")
     parser.add_argument("--quick", action="store_true", help="8 images per size, one run")
+    parser.add_argument(
+        "--photos", type=int, default=100, help="held-out photos for the quality target (0: skip)"
+    )
+    parser.add_argument("--photo-size", default="1024x768", help="their size, WxH")
     args = parser.parse_args()
     per_size, repeat = (8, 1) if args.quick else (args.per_size, args.repeat)
     sizes = [float(s) for s in args.sizes.split(",")]
@@ -197,6 +264,9 @@ def main() -> None:
             print(f"  {size:>6}: decode {dec_ms:6.1f} ms, hash {hash_ms:5.1f} ms")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if args.photos:
+        pw, ph = (int(v) for v in args.photo_size.lower().split("x"))
+        quality(20 if args.quick else args.photos, pw, ph)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,16 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     )
 
 
+_EMBED_MODEL_HELP = (
+    "embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights); also "
+    "onnx:PATH[?options], timm:NAME[?weights=PATH], open_clip:ARCH/PRETRAINED (README: models)"
+)
+_EMBED_EXTENSIONS_HELP = (
+    "comma-separated file extensions to embed, case-insensitive (default "
+    "jpg,jpeg,png,webp,gif,tif,tiff,bmp, plus heic,heif,avif where Pillow reads them)"
+)
+
+
 def _add_embed(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embed")
     g.add_argument(
@@ -265,13 +275,13 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
         "--model",
         dest="embed",
         metavar="NAME[:ARG]",
-        help=EMBED_MODEL_HELP,
+        help=_EMBED_MODEL_HELP,
     )
     g.add_argument(
         "--extensions",
         dest="embed_extensions",
         metavar="LIST",
-        help=EMBED_EXTENSIONS_HELP,
+        help=_EMBED_EXTENSIONS_HELP,
     )
     g.add_argument(
         "--batch-size",
@@ -280,16 +290,6 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="images per Dask task and per shard, at most (default 256)",
     )
-
-
-EMBED_MODEL_HELP = (
-    "embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights); also "
-    "onnx:PATH[?options], timm:NAME[?weights=PATH], open_clip:ARCH/PRETRAINED (README: models)"
-)
-EMBED_EXTENSIONS_HELP = (
-    "comma-separated file extensions to embed, case-insensitive (default "
-    "jpg,jpeg,png,webp,gif,tif,tiff,bmp, plus heic,heif,avif where Pillow reads them)"
-)
 
 
 def _add_run_embed(p: argparse.ArgumentParser) -> None:
@@ -305,7 +305,7 @@ def _add_run_embed(p: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="folder for the shards (default: OUT/features, beside the plan)",
     )
-    g.add_argument("--embed-extensions", metavar="LIST", help=EMBED_EXTENSIONS_HELP)
+    g.add_argument("--embed-extensions", metavar="LIST", help=_EMBED_EXTENSIONS_HELP)
     g.add_argument(
         "--embed-batch-size", type=int, metavar="N", help="images per Dask task (default 256)"
     )

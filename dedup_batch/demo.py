@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import pandas as pd
 from .config import JobSpec
 from .errors import ConfigError
 
-__all__ = ["DEMO_EPS", "embed_image", "make_demo", "run_demo"]
+__all__ = ["DEMO_EPS", "EDITS", "embed_image", "make_demo", "photo", "run_demo"]
 
 #: For make_demo's thumbnail features: distinct demo images sit ~1.4 apart (random unit
 #: vectors); their edits within ~0.15.
@@ -86,6 +87,35 @@ def photo(seed: int, w: int = 512, h: int = 384) -> Any:
     img = img.filter(ImageFilter.GaussianBlur(1.5))
     grain = rng.integers(-8, 9, (h, w, 3), dtype=np.int16)
     return Image.fromarray(np.clip(np.asarray(img, np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+def _half_size(img: Any) -> Any:
+    from PIL import Image
+
+    return img.resize((img.width // 2, img.height // 2), Image.Resampling.LANCZOS)
+
+
+def _brighter(img: Any) -> Any:
+    from PIL import ImageEnhance
+
+    return ImageEnhance.Brightness(img).enhance(1.25)
+
+
+def _trim_1pct(img: Any) -> Any:
+    dx, dy = int(img.width * 0.01), int(img.height * 0.01)
+    return img.crop((dx, dy, img.width - dx, img.height - dy))
+
+
+#: The edits a photo library's copies go through, as the tests and ``benchmarks/bench_embed.py``
+#: measure PDQ's recall on them: kind -> (edit, file suffix, JPEG quality or None for PNG).
+#: "Slightly cropped" is 1% off each side.
+EDITS: dict[str, tuple[Callable[[Any], Any], str, int | None]] = {
+    "resized": (_half_size, ".jpg", 90),
+    "reencoded": (lambda im: im, ".jpg", 40),
+    "brightened": (_brighter, ".jpg", 90),
+    "cropped": (_trim_1pct, ".jpg", 90),
+    "png": (lambda im: im, ".png", None),
+}
 
 
 def embed_image(data: Any) -> np.ndarray:

@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 from dedup_batch.cli import main
 from dedup_batch.cluster import DBSCAN
 from dedup_batch.config import JobSpec
-from dedup_batch.demo import photo
+from dedup_batch.demo import EDITS, photo
 from dedup_batch.embed import (
     ERRORS_FILE,
     MODEL_KEY,
@@ -48,25 +48,6 @@ PDQ_EPS = PdqModel.default_eps
 
 
 # -- generated photos --------------------------------------------------------------------------
-def _crop(img: Image.Image, frac: float) -> Image.Image:
-    dx, dy = int(img.width * frac), int(img.height * frac)
-    return img.crop((dx, dy, img.width - dx, img.height - dy))
-
-
-#: Edit kind -> (edit, file suffix, save options). "Slightly cropped": 1% off each side.
-EDITS = {
-    "resized": (
-        lambda im: im.resize((im.width // 2, im.height // 2), Image.Resampling.LANCZOS),
-        ".jpg",
-        90,
-    ),
-    "reencoded": (lambda im: im, ".jpg", 40),
-    "brightened": (lambda im: ImageEnhance.Brightness(im).enhance(1.25), ".jpg", 90),
-    "cropped": (lambda im: _crop(im, 0.01), ".jpg", 90),
-    "png": (lambda im: im, ".png", None),
-}
-
-
 def save(img: Image.Image, path: Path, quality: int | None = 90) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if quality is None:
