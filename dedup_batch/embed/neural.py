@@ -21,6 +21,7 @@ it in batches of ``micro_batch`` (``?batch=``).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -251,11 +252,13 @@ class _Neural(Model):
             return f"{self.name}:{self.target}"
         return f"{self.name}:{self.target}?{urlencode(sorted(self.options.items()))}"
 
+    @abc.abstractmethod
     def _load(self, target: str, options: Mapping[str, str]) -> None:
-        raise NotImplementedError  # pragma: no cover - every registered subclass defines it
+        """Load the network from ``target``; set :attr:`pre` and :attr:`version`."""
 
+    @abc.abstractmethod
     def _forward(self, batch: np.ndarray) -> np.ndarray:
-        raise NotImplementedError  # pragma: no cover
+        """The network's output for a pre-processed batch: ``(n, ...)``."""
 
     def embed_with_extras(
         self, images: Sequence[Image.Image]
@@ -430,8 +433,9 @@ class _Torch(_Neural):
             y = self._encode(torch.from_numpy(batch))
         return y.float().cpu().numpy()
 
+    @abc.abstractmethod
     def _encode(self, x: Any) -> Any:
-        raise NotImplementedError  # pragma: no cover
+        """The image embedding of the tensor batch ``x`` (torch, ``(n, 3, H, W)``)."""
 
 
 class TimmModel(_Torch):
