@@ -31,9 +31,11 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY dedup_batch ./dedup_batch
 # Extras: s3 (s3fs, for s3:// roots and outputs), report (pillow + matplotlib, for
-# report.html) and embed (pdqhash, built from source with the compiler above). The byte code
-# is compiled now because the pod's root filesystem is read-only.
-RUN pip install --no-cache-dir "./[s3,report,embed]" \
+# report.html), embed (pdqhash, built from source with the compiler above), embed-onnx
+# (onnxruntime, CPU wheel) and embed-heif (pillow-heif: HEIC photos). Not embed-torch: torch
+# and its model zoos add about a gigabyte; install them in an image built from this one. The
+# byte code is compiled now because the pod's root filesystem is read-only.
+RUN pip install --no-cache-dir "./[s3,report,embed,embed-onnx,embed-heif]" \
     && python -m compileall -q /opt/venv/lib
 
 # ---- final: the venv, tini and an unprivileged user; no build tools ---------------------------
