@@ -72,6 +72,14 @@ from .errors import (
     ScopeError,
     StorageError,
 )
+from .plandir import (
+    COMPLETION_REPORT,
+    JOURNAL_DIR,
+    MANIFEST_FILE,
+    RESTORE_REPORT,
+    WOULD_DELETE_REPORT,
+    PlanDir,
+)
 from .storage import ObjectStat, Store, md5_of_etag, trash_key
 
 if TYPE_CHECKING:
@@ -87,12 +95,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.parquet"
-JOURNAL_DIR = "journal"
-MANIFEST_FILE = "journal/manifest.json"
-COMPLETION_REPORT = "completion-report.csv"
-RESTORE_REPORT = "restore-report.csv"
-WOULD_DELETE_REPORT = "would-delete.csv"
 JOURNAL_VERSION = 1
 
 DELETED = "deleted"
@@ -335,8 +337,9 @@ def apply_plan(
     t0 = time.perf_counter()
     if not 1 <= int(batch_size) <= 1000:
         raise ConfigError(f"batch_size must be between 1 and 1000, got {batch_size}")
-    plan_store = _plan_store(plan_dir, store, plan_storage_options)
-    plan = _read_plan(plan_store, plan_dir)
+    pdir = PlanDir.beside(plan_dir, store, plan_storage_options)
+    plan = pdir.read_plan()
+    plan_store = pdir.store()
     items, all_fs, unseen = _delete_set(plan, store)
     _check_limits(len(items) + len(unseen), len(plan), max_delete, max_delete_fraction)
     trash_store = _trash_store(trash, store)
@@ -421,8 +424,9 @@ def restore(
     Parameters and errors as :func:`apply_plan`; ``trash`` must be the URL the apply used.
     """
     t0 = time.perf_counter()
-    plan_store = _plan_store(plan_dir, store, plan_storage_options)
-    plan = _read_plan(plan_store, plan_dir)
+    pdir = PlanDir.beside(plan_dir, store, plan_storage_options)
+    plan = pdir.read_plan()
+    plan_store = pdir.store()
     items, _, _ = _delete_set(plan, store)
     trash_store = _trash_store(trash, store)
     assert trash_store is not None
@@ -937,15 +941,6 @@ def _take(it: Iterator[_Batch], n: int) -> list[_Batch]:
 
 
 # -- plan, checks, batches --------------------------------------------------------------------
-def _plan_store(plan_dir: str, store: Store, options: Mapping[str, Any] | None) -> Store:
-    if options is None:
-        probe = Store(plan_dir)
-        options = store.storage_options if set(probe.protocols) & set(store.protocols) else {}
-        if not options:
-            return probe
-    return Store(plan_dir, options)
-
-
 def _trash_store(trash: str | None, store: Store) -> Store | None:
     if trash is None:
         return None
@@ -961,30 +956,6 @@ def _trash_store(trash: str | None, store: Store) -> Store | None:
                 "outside the root that does not contain it"
             )
     return ts
-
-
-def _read_plan(plan_store: Store, plan_dir: str) -> pd.DataFrame:
-    data = plan_store.read_bytes(plan_store.resolve(PLAN_FILE))
-    if data is None:
-        raise InputError(f"no {PLAN_FILE} in {plan_dir!r}: run `dedup-batch plan` first")
-    try:
-        plan = pd.read_parquet(io.BytesIO(data))
-    except Exception as exc:
-        raise InputError(
-            f"{plan_dir}/{PLAN_FILE} is not a readable Parquet plan ({type(exc).__name__}); "
-            "re-run `dedup-batch plan`"
-        ) from None
-    missing = [c for c in ("path", "cluster", "keep", "keeper") if c not in plan.columns]
-    if missing:
-        raise InputError(
-            f"{plan_dir}/{PLAN_FILE} lacks column(s) {', '.join(missing)}: "
-            "re-run `dedup-batch plan`"
-        )
-    for col in ("path", "cluster", "keep"):
-        bad = np.flatnonzero(plan[col].isna().to_numpy())
-        if len(bad):
-            raise InputError(f"{plan_dir}/{PLAN_FILE} row {bad[0]}: {col} is empty")
-    return plan.reset_index(drop=True)
 
 
 def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str], list[_Record]]:

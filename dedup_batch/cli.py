@@ -560,14 +560,15 @@ def _optional_client(spec: JobSpec) -> Iterator[Any]:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .pipeline import dask_client
-    from .report import _update_summary
-    from .storage import Store, join_url, url_exists
+    from .plandir import SWEEP_DIR, PlanDir
+    from .storage import Store
     from .sweep import eps_range, run_sweep
 
     spec = _spec(args)
     spec.require("features", "root")
     eps_values = eps_range(args.eps_min, args.eps_max, args.steps)
-    out = args.out or join_url(spec.out, "sweep")
+    plan_dir = PlanDir(spec.out, spec.storage_options)
+    out = args.out or plan_dir.join(SWEEP_DIR)
     so = spec.storage_options
     with dask_client(spec) as client:
         result = run_sweep(
@@ -586,8 +587,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             allow_pickle=spec.allow_pickle,
             client=client,
         )
-    if not args.out and url_exists(join_url(spec.out, "summary.json"), so):
-        _update_summary(spec.out, so, {"sweep": {**result.summary_entry(), "dir": "sweep"}})
+    if not args.out:
+        plan_dir.update_summary({"sweep": {**result.summary_entry(), "dir": SWEEP_DIR}})
     print(result.format_table())
     print("sweep: wrote " + ", ".join(result.files.values()))
     return 0

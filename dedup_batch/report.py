@@ -27,7 +27,6 @@ import datetime as _dt
 import hashlib
 import html
 import io
-import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,10 +35,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import storage
 from .errors import ConfigError, InputError, ScopeError, StorageError, one_line
+from .plandir import REPORT_FILE, PlanDir
 from .progress import Stage, stage, track
 from .secrets import merge_options, without_redacted
 from .select import parse_policy
@@ -240,59 +239,6 @@ def make_thumbnails(
     return out
 
 
-# -- reading a plan directory --------------------------------------------------------------------
-def _read_plan_dir(
-    plan_dir: str, options: Mapping[str, Any]
-) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
-    url = storage.join_url(plan_dir, "plan.parquet")
-    try:
-        raw = storage.read_url(url, options)
-    except FileNotFoundError:
-        raise InputError(
-            f"{url}: no plan here; run 'dedup-batch plan --out {plan_dir}' first"
-        ) from None
-    try:
-        plan = pd.read_parquet(io.BytesIO(raw))
-    except Exception as exc:
-        raise InputError(
-            f"{url}: not a readable Parquet plan ({one_line(exc, with_type=True)})"
-        ) from None
-    missing = {"path", "cluster", "keep", "keeper"} - set(plan.columns)
-    if missing:
-        raise InputError(
-            f"{url}: plan lacks column(s) {', '.join(sorted(missing))}; re-run 'dedup-batch plan'"
-        )
-    summary = _read_optional(storage.join_url(plan_dir, "summary.json"), options, json.loads)
-    job = _read_optional(storage.join_url(plan_dir, "job.yaml"), options, yaml.safe_load)
-    return plan, summary, job
-
-
-def _read_optional(url: str, options: Mapping[str, Any], parse: Any) -> dict[str, Any]:
-    try:
-        data = parse(storage.read_url(url, options).decode("utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (ValueError, yaml.YAMLError) as exc:
-        raise InputError(
-            f"{url}: cannot parse ({one_line(exc, with_type=True)}); fix or delete it"
-        ) from None
-    return data if isinstance(data, dict) else {}
-
-
-def _plan_dir_options(
-    plan_dir: str, store: storage.Store | None, storage_options: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """Storage options for the plan directory: as given, else the store's when the plan
-    directory is on the same kind of storage (an S3 plan next to S3 images)."""
-    if storage_options is not None:
-        return dict(storage_options)
-    if store is not None and "://" in plan_dir:
-        proto = plan_dir.split("://", 1)[0]
-        if proto in store.protocols and not store.is_local:
-            return dict(store.storage_options)
-    return {}
-
-
 # -- building the report -------------------------------------------------------------------------
 @dataclass
 class ReportResult:
@@ -362,6 +308,8 @@ def build_report(
     max_members: int = MAX_MEMBERS,
     thumb_px: int = THUMB_PX,
     update_summary: bool = True,
+    plan: pd.DataFrame | None = None,
+    summary: Mapping[str, Any] | None = None,
 ) -> ReportResult:
     """Build the HTML report of a plan directory.
 
@@ -388,6 +336,9 @@ def build_report(
     update_summary : bool
         Add a ``report`` entry (see :meth:`ReportResult.summary_entry`) to ``summary.json`` if
         it exists.
+    plan, summary : optional
+        The plan table and its summary when the caller holds them (the pipeline, right after
+        planning): then ``plan.parquet``, ``summary.json`` and ``job.yaml`` are not read back.
 
     Returns
     -------
@@ -406,8 +357,13 @@ def build_report(
     ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"report: '{name}' must be a positive integer, got {value!r}")
-    options = _plan_dir_options(plan_dir, store, storage_options)
-    plan, summary, job = _read_plan_dir(plan_dir, options)
+    pdir = PlanDir.beside(plan_dir, store, storage_options)
+    job: dict[str, Any] = {}
+    if plan is None:
+        plan = pdir.read_plan()
+        summary = pdir.read_summary()
+        job = pdir.read_job()
+    summary = dict(summary or {})
     if store is None:
         root = job.get("root") or (summary.get("settings") or {}).get("root")
         if not root:
@@ -416,7 +372,9 @@ def build_report(
                 "(--root) to build the report"
             )
         # job.yaml holds the non-secret options; secrets come from the caller or the environment
-        image_options = merge_options(without_redacted(job.get("storage_options")), options)
+        image_options = merge_options(
+            without_redacted(job.get("storage_options")), pdir.storage_options
+        )
         store = storage.Store(root, image_options)
     settings = {**(job or {}), **(summary.get("settings") or {})}
     clusters = _rank_clusters(plan)
@@ -461,17 +419,13 @@ def build_report(
                 first_body = body
                 continue
             title = f"dedup-batch report, page {k + 1} of {n_pages}"
-            _write(
-                storage.join_url(plan_dir, pages[k]), html_page(title, nav + body + nav), options
-            )
+            pdir.write_text(pages[k], html_page(title, nav + body + nav))
     overview = _overview_html(
         plan, clusters, shown, summary, settings, counts, n_pages, max_members, store
     )
     nav = _nav_html(pages, 0)
-    url = _write(
-        storage.join_url(plan_dir, "report.html"),
-        html_page("dedup-batch report", overview + nav + first_body + nav),
-        options,
+    url = pdir.write_text(
+        REPORT_FILE, html_page("dedup-batch report", overview + nav + first_body + nav)
     )
     result = ReportResult(
         url=url,
@@ -496,28 +450,8 @@ def build_report(
             ", ".join(f"{v} {k}" for k, v in sorted(bad.items())),
         )
     if update_summary:
-        _update_summary(plan_dir, options, {"report": result.summary_entry()})
+        pdir.update_summary({"report": result.summary_entry()})
     return result
-
-
-def _update_summary(plan_dir: str, options: Mapping[str, Any], entries: Mapping[str, Any]) -> None:
-    """Merge ``entries`` into ``summary.json`` if it exists (read-modify-write)."""
-    url = storage.join_url(plan_dir, "summary.json")
-    try:
-        summary = json.loads(storage.read_url(url, options).decode("utf-8"))
-    except FileNotFoundError:
-        return
-    except ValueError as exc:
-        raise InputError(
-            f"{url}: cannot parse ({one_line(exc, with_type=True)}); fix or delete it"
-        ) from None
-    summary.update(entries)
-    _write(url, json.dumps(summary, indent=2, default=str) + "\n", options)
-
-
-def _write(url: str, text: str, options: Mapping[str, Any]) -> str:
-    storage.write_url(url, text.encode("utf-8"), options)
-    return url
 
 
 def _rank_clusters(plan: pd.DataFrame) -> pd.DataFrame:

@@ -851,18 +851,7 @@ class Store:
         """
         try:
             if self.is_local:
-                folder = os.path.dirname(full)
-                os.makedirs(folder, exist_ok=True)
-                tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex}.tmp")
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, full)
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                _atomic_local_write(full, data)
             else:
                 self.fs.pipe_file(full, data)
                 if self.is_s3:
@@ -1174,18 +1163,35 @@ def read_url(url: str, storage_options: Mapping[str, Any] | None = None) -> byte
 def write_url(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write ``data`` to ``url`` whole, creating parent folders where the backend has them.
 
-    Local files are written to a temporary name and renamed, so a reader never sees half a file.
+    Local files are written atomically and fsynced (see :func:`_atomic_local_write`).
     """
     fs, path = _url_to_fs(url, _url_options(url, storage_options))
+    if "file" in _protocols(fs) or "local" in _protocols(fs):
+        _atomic_local_write(path, data)
+        return
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if "file" in _protocols(fs) or "local" in _protocols(fs):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        fs.pipe_file(tmp, data)
+    fs.pipe_file(path, data)
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    """Write a local file atomically and durably: a temporary file next to it, fsynced, then
+    ``os.replace``; a reader (or a crash) sees the old file or the new one, never half of one.
+    The one implementation behind :meth:`Store.write_bytes` and :func:`write_url`."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    # a unique name: two threads (or processes) writing the same file never share a temp file
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def url_exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
