@@ -15,7 +15,6 @@ import shlex
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 from . import __version__
@@ -515,13 +514,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .pipeline import dask_client
     from .report import build_report
     from .storage import Store
 
     spec = _spec(args)
     so = spec.storage_options
     store = Store(spec.root, so) if spec.root else None
-    with _optional_client(spec) as client:
+    with dask_client(spec, local=False) as client:
         result = build_report(
             args.plan_dir,
             store=store,
@@ -540,22 +540,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if bad:
         print("note: placeholders for " + ", ".join(f"{v} {k}" for k, v in sorted(bad.items())))
     return 0
-
-
-@contextmanager
-def _optional_client(spec: JobSpec) -> Iterator[Any]:
-    """A client on ``--scheduler`` when one is given, else none (the report uses threads)."""
-    address = spec.scheduler_address()
-    if not address:
-        yield None
-        return
-    from distributed import Client
-
-    from .progress import log_dashboard
-
-    with Client(address) as client:
-        log_dashboard(client)
-        yield client
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

@@ -72,16 +72,21 @@ class PlanResult:
 
 
 @contextmanager
-def dask_client(spec: JobSpec) -> Iterator[Any]:
-    """A ``distributed.Client`` for the job.
+def dask_client(spec: JobSpec, *, local: bool = True) -> Iterator[Any]:
+    """A ``distributed.Client`` for the job (the one place a client is made).
 
     ``spec.scheduler`` (or ``$DASK_SCHEDULER_ADDRESS``) connects to that cluster; otherwise a
     ``LocalCluster`` of worker processes starts on this machine and stops on exit. Worker
     processes (not threads) keep a crashing or memory-hungry task from taking the job down.
+    With ``local=False`` and no scheduler it yields ``None``: the stage runs on a thread pool
+    (the report, whose reads do not pay for starting worker processes).
     """
     from distributed import Client, LocalCluster
 
     address = spec.scheduler_address()
+    if not address and not local:
+        yield None
+        return
     if address:
         try:
             # Dask's own setting (default 30s), so DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT works

@@ -22,7 +22,6 @@ placeholder and is counted; it never stops the report.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import datetime as _dt
 import hashlib
 import html
@@ -38,8 +37,9 @@ import pandas as pd
 
 from . import storage
 from .errors import ConfigError, InputError, ScopeError, StorageError, one_line
+from .executor import run_tasks
 from .plandir import REPORT_FILE, PlanDir
-from .progress import Stage, stage, track
+from .progress import Stage, stage
 from .secrets import merge_options, without_redacted
 from .select import parse_policy
 
@@ -162,7 +162,7 @@ def _thumb_one(store: storage.Store, path: str, size: int, max_bytes: int) -> Th
 
 
 def _thumb_batch(
-    store: storage.Store, paths: Sequence[str], size: int, max_bytes: int
+    store: storage.Store, size: int, max_bytes: int, paths: Sequence[str]
 ) -> list[Thumb]:
     """One task: thumbnails of a batch of images (runs on a Dask worker or a thread)."""
     return [_thumb_one(store, p, size, max_bytes) for p in paths]
@@ -209,33 +209,30 @@ def make_thumbnails(
     """
     unique = list(dict.fromkeys(paths))
     batches = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
-    weights = [len(b) for b in batches]
     out: dict[str, Thumb] = {}
-    if not batches:
-        return out
-    if client is not None:
-        futs = [client.submit(_thumb_batch, store, b, size, max_bytes, pure=False) for b in batches]
-    else:
-        pool = concurrent.futures.ThreadPoolExecutor(min(THUMB_THREADS, len(batches)))
-        futs = [pool.submit(_thumb_batch, store, b, size, max_bytes) for b in batches]
-    batch_of = {id(f): b for f, b in zip(futs, batches, strict=True)}
     # Without a stage to show, a detached Stage just counts (it is never displayed).
     st = Stage("thumbnails", unit="images") if progress is None else progress
-    try:
-        for fut in track(futs, st, unit="images", weights=weights):
-            try:
-                for t in fut.result():
-                    out[t.path] = t
-            except Exception as exc:
-                reason = one_line(exc, with_type=True)
-                log.warning(
-                    "thumbnail task failed (%s); %d placeholders", reason, len(batch_of[id(fut)])
-                )
-                for p in batch_of[id(fut)]:
-                    out[p] = Thumb(p, "error", reason=reason)
-    finally:
-        if client is None:
-            pool.shutdown(wait=True)
+    for batch, fut in run_tasks(
+        _thumb_batch,
+        batches,
+        store,
+        size,
+        max_bytes,
+        client=client,
+        threads=THUMB_THREADS,
+        progress=st,
+        weights=[len(b) for b in batches],
+        unit="images",
+        name="thumbnails",
+    ):
+        try:
+            for t in fut.result():
+                out[t.path] = t
+        except Exception as exc:  # the task as a whole failed (a worker died twice)
+            reason = one_line(exc, with_type=True)
+            log.warning("thumbnail task failed (%s); %d placeholders", reason, len(batch))
+            for p in batch:
+                out[p] = Thumb(p, "error", reason=reason)
     return out
 
 
