@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import functools
 import hashlib
 import html
 import io
@@ -381,7 +382,7 @@ def build_report(
     members = _members_to_show(plan, shown["cluster"].to_numpy(), max_members)
     counts: dict[str, int] = {}
     images_shown = 0
-    first_body = ""
+    first_views: list[dict[str, Any]] = []
     n_thumbs = int(sum(len(m) for m in members.values()))
     log.info(
         "report: %d clusters with duplicates, showing %d on %d page(s), %d thumbnails",
@@ -405,25 +406,36 @@ def build_report(
             for t in thumbs.values():
                 counts[t.status] = counts.get(t.status, 0) + 1
             images_shown += len(page_paths)
-            body = "".join(
-                _cluster_html(row, members[row.cluster], thumbs, settings, rank)
+            views = [
+                _cluster_view(row, members[row.cluster], thumbs, settings, rank)
                 for rank, row in enumerate(
                     page_clusters.itertuples(index=False), start=k * clusters_per_page + 1
                 )
-            )
-            nav = _nav_html(pages, k)
+            ]
             if k == 0:
-                first_body = body
+                first_views = views
                 continue
-            title = f"dedup-batch report, page {k + 1} of {n_pages}"
-            pdir.write_text(pages[k], html_page(title, nav + body + nav))
-    overview = _overview_html(
+            page = render(
+                "report.html.j2",
+                title=f"dedup-batch report, page {k + 1} of {n_pages}",
+                overview=None,
+                pages=pages,
+                current=k,
+                clusters=views,
+            )
+            pdir.write_text(pages[k], page)
+    overview = _overview_view(
         plan, clusters, shown, summary, settings, counts, n_pages, max_members, store
     )
-    nav = _nav_html(pages, 0)
-    url = pdir.write_text(
-        REPORT_FILE, html_page("dedup-batch report", overview + nav + first_body + nav)
+    page = render(
+        "report.html.j2",
+        title="dedup-batch report",
+        overview=overview,
+        pages=pages,
+        current=0,
+        clusters=first_views,
     )
+    url = pdir.write_text(REPORT_FILE, page)
     result = ReportResult(
         url=url,
         pages=pages,
@@ -567,101 +579,109 @@ _CSP = (
 )
 
 
-def esc(text: Any) -> str:
-    """HTML-escape anything (quotes included), for text and attribute values."""
-    return html.escape(str(text), quote=True)
+@functools.lru_cache(maxsize=1)
+def _env() -> Any:
+    """The Jinja2 environment of ``dedup_batch/templates`` (autoescaping on, strict names)."""
+    import jinja2
 
-
-def html_page(title: str, body: str) -> str:
-    """A self-contained HTML page: inline CSS, the decode-marking script, a strict CSP."""
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{_CSS}</style>"
-        f"<script>{_SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n"
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("dedup_batch", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        # Every value is escaped with html.escape(quote=True), as these pages always were
+        # (&quot; and &#x27; rather than markupsafe's &#34; and &#39;): the same bytes for the
+        # same plan. Values already marked safe (the CSS, the script, rendered macros) pass.
+        finalize=_escaped,
     )
+    env.globals["status_label"] = lambda status: STATUS_LABELS.get(status, status)
+    return env
 
 
-def thumb_html(thumb: Thumb | None, path: str) -> str:
-    """The image (or a labelled placeholder) for ``path``."""
-    if thumb is None or thumb.status != "ok":
-        status = thumb.status if thumb is not None else "error"
-        why = thumb.reason if thumb is not None else "no thumbnail"
-        return (
-            f'<div class="img"><div class="ph" data-status="{esc(status)}" '
-            f'title="{esc(why)}">{esc(STATUS_LABELS.get(status, status))}</div></div>'
-        )
-    return (
-        f'<div class="img"><img src="{thumb.data_uri}" width="{thumb.width}" '
-        f'height="{thumb.height}" alt="{esc(path)}" title="{esc(path)}"></div>'
-    )
+def _escaped(value: Any) -> Any:
+    from markupsafe import Markup
+
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape(str(value), quote=True))
 
 
-def _fmt_dist(d: Any, eps: float | None) -> str:
-    if d is None or (isinstance(d, float) and math.isnan(d)) or d is pd.NA:
-        return '<span class="d">d = ?</span>'
-    near = eps is not None and eps > 0 and float(d) >= 0.8 * eps
-    frac = f" ({100 * float(d) / eps:.0f}% of eps)" if eps else ""
-    return (
-        f'<span class="d{" near" if near else ""}" title="distance to keeper{frac}">'
-        f"d = {float(d):.4g}</span>"
-    )
+def render(template: str, **context: Any) -> str:
+    """Render ``template`` (a file of ``dedup_batch/templates``) into a self-contained page.
+
+    Every page gets the inline CSS, the decode-marking script and the CSP; every value in
+    ``context`` is HTML-escaped where the template prints it (autoescaping: a file name such
+    as ``<script>.png`` stays text).
+    """
+    from markupsafe import Markup
+
+    page = {"csp": Markup(_CSP), "css": Markup(_CSS), "script": Markup(_SCRIPT)}
+    return str(_env().get_template(template).render(**page, **context))
 
 
-def _cluster_html(
+def _dist_view(d: Any, eps: float | None) -> dict[str, Any]:
+    """A distance as the templates show it: text, share of eps, near (>= 80% of eps)."""
+    if _missing(d):
+        return {"text": None, "near": False, "frac": ""}
+    d = float(d)
+    return {
+        "text": f"{d:.4g}",
+        "near": eps is not None and eps > 0 and d >= 0.8 * eps,
+        "frac": f" ({100 * d / eps:.0f}% of eps)" if eps else "",
+    }
+
+
+def _cluster_view(
     row: Any,
     members: pd.DataFrame,
     thumbs: Mapping[str, Thumb],
     settings: Mapping[str, Any],
     rank: int,
-) -> str:
+) -> dict[str, Any]:
+    """One cluster section of a report page (see ``templates/report.html.j2``)."""
     eps = _float_or_none(settings.get("eps"))
     n_keepers = int(members["keep"].astype(bool).sum())
-    figs = []
+    paths = set(members["path"])
+    views = []
     for m in members.itertuples(index=False):
         keep = bool(m.keep)
-        cls, badge = ("keep", "KEEP") if keep else ("del", "DELETE")
-        d = "" if keep else _fmt_dist(getattr(m, "distance_to_keeper", None), eps)
-        to = ""
-        if not keep and (n_keepers > 1 or m.keeper not in set(members["path"])):
-            to = f'<span class="p">→ {esc(m.keeper)}</span>'
-        figs.append(
-            f'<figure class="{cls}">{thumb_html(thumbs.get(m.path), m.path)}'
-            f'<figcaption><span class="badge {cls}">{badge}</span>{d}'
-            f'<span class="p">{esc(m.path)}</span>{_facts_html(m)}{to}</figcaption></figure>'
+        why = getattr(m, "keep_reason", None)
+        views.append(
+            {
+                "cls": "keep" if keep else "del",
+                "badge": "KEEP" if keep else "DELETE",
+                "thumb": thumbs.get(m.path),
+                "path": m.path,
+                "dist": None if keep else _dist_view(getattr(m, "distance_to_keeper", None), eps),
+                "facts": _facts(m),
+                "why": why if keep and not _missing(why) and why else None,
+                # the keeper's name when it is not the obvious one (several, or not shown)
+                "to": m.keeper if not keep and (n_keepers > 1 or m.keeper not in paths) else None,
+            }
         )
-    hidden = int(members.attrs.get("hidden", 0))
-    more = (
-        (f'<div class="more">+ {hidden} more member(s) not shown (nearer to their keeper)</div>')
-        if hidden
-        else ""
-    )
     md = row.max_distance
-    risk = "" if md is None or math.isnan(md) else f" · max distance {_fmt_dist(md, eps)}"
-    size_txt = f" · {_human_bytes(row.bytes)} reclaimable" if row.bytes else ""
-    return (
-        f'<section class="cl" id="c{int(row.cluster)}"><h3>#{rank} · cluster '
-        f'{int(row.cluster)} <span class="m">· {int(row.size)} images · {int(row.n_delete)} '
-        f'to delete{risk}{size_txt}</span></h3><div class="grid">{"".join(figs)}</div>{more}'
-        "</section>\n"
-    )
+    return {
+        "cluster": int(row.cluster),
+        "rank": rank,
+        "size": int(row.size),
+        "n_delete": int(row.n_delete),
+        "risk": None if md is None or math.isnan(md) else _dist_view(md, eps),
+        "reclaim": _human_bytes(row.bytes) if row.bytes else "",
+        "members": views,
+        "hidden": int(members.attrs.get("hidden", 0)),
+    }
 
 
-def _facts_html(m: Any) -> str:
-    """Pixel size and bytes of a member, and for a keeper why it was kept (when the plan has
-    them: plans made before these columns existed show what they have)."""
+def _facts(m: Any) -> str:
+    """Pixel size and bytes of a member, when the plan has them (plans made before these
+    columns existed show what they have)."""
     w, h, size = (getattr(m, k, None) for k in ("width", "height", "size"))
     facts = []
     if not _missing(w) and not _missing(h):
         facts.append(f"{int(w)}×{int(h)}")
     if not _missing(size):
         facts.append(_human_bytes(size))
-    out = f'<span class="px">{esc(" · ".join(facts))}</span>' if facts else ""
-    why = getattr(m, "keep_reason", None)
-    if bool(m.keep) and not _missing(why) and why:
-        out += f'<span class="why">kept: {esc(why)}</span>'
-    return out
+    return " · ".join(facts)
 
 
 def _missing(v: Any) -> bool:
@@ -678,31 +698,7 @@ def _policy_words(keep: Any) -> str | None:
         return str(keep)
 
 
-def _warnings_html(summary: Mapping[str, Any]) -> str:
-    """The plan's warnings (``summary.json`` ``warnings``) as a banner above everything else."""
-    items = []
-    for w in summary.get("warnings") or []:
-        text = w.get("message", w) if isinstance(w, Mapping) else w
-        items.append(f"<li>{esc(text)}</li>")
-    if not items:
-        return ""
-    return (
-        f'<div class="banner" role="alert"><b>{len(items)} warning(s) from the plan</b>'
-        f"<ul>{''.join(items)}</ul></div>"
-    )
-
-
-def _nav_html(pages: Sequence[str], current: int) -> str:
-    if len(pages) < 2:
-        return ""
-    links = [
-        f"<b>{i + 1}</b>" if i == current else f'<a href="{esc(p)}">{i + 1}</a>'
-        for i, p in enumerate(pages)
-    ]
-    return f'<nav class="pages">pages: {"".join(links)}</nav>'
-
-
-def _overview_html(
+def _overview_view(
     plan: pd.DataFrame,
     clusters: pd.DataFrame,
     shown: pd.DataFrame,
@@ -712,7 +708,8 @@ def _overview_html(
     n_pages: int,
     max_members: int,
     store: storage.Store,
-) -> str:
+) -> dict[str, Any]:
+    """The first page's head: cards, charts, settings, timings, warnings."""
     n = len(plan)
     delete = ~plan["keep"].astype(bool)
     n_del = int(delete.sum())
@@ -742,9 +739,6 @@ def _overview_html(
                 + ", ".join(f"{v} {STATUS_LABELS.get(k, k)}" for k, v in sorted(bad.items())),
             )
         )
-    card_html = "".join(
-        f'<div class="card {c}"><b>{esc(v)}</b><span>{esc(t)}</span></div>' for c, v, t in cards
-    )
     keys = [
         ("root", store.root),
         ("eps", settings.get("eps")),
@@ -754,36 +748,29 @@ def _overview_html(
         ("max keeper distance", settings.get("max_keeper_distance")),
         ("generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     ]
-    kv = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in keys if v is not None)
     timings = summary.get("timings") or {}
-    tt = "".join(
-        f"<tr><td>{esc(k)}</td><td>{float(v):.2f} s</td></tr>"
-        for k, v in timings.items()
-        if _float_or_none(v) is not None
-    )
-    charts = _charts_html(plan, clusters, eps)
-    capped = len(clusters) - len(shown)
-    note = ""
-    if capped > 0:
-        note = (
-            f'<p class="note">Showing the {len(shown):,} riskiest of {len(clusters):,} '
-            f"clusters ({n_pages} pages); the other {capped:,} clusters (smaller distances) "
-            "are not shown: the full list is in plan.parquet.</p>"
-        )
-    return (
-        f'<h1>dedup-batch report</h1><p class="sub">{esc(store.root)}</p>{_warnings_html(summary)}'
-        f'<div class="cards">{card_html}</div>{charts}'
-        f'<div class="cols"><div><h2>Settings</h2><table class="kv">{kv}</table></div>'
-        + (f'<div><h2>Timings</h2><table class="kv">{tt}</table></div>' if tt else "")
-        + "</div>"
-        + f'<h2>Clusters, riskiest first</h2><p class="sub">Ordered by the largest distance '
-        f"from a deleted image to its keeper, then by size. Green: kept; red dashed: to delete; "
-        f"distances in amber are at least 80% of eps. Up to {max_members} images a cluster."
-        f"</p>{note}"
-    )
+    warnings = [
+        w.get("message", w) if isinstance(w, Mapping) else w for w in summary.get("warnings") or []
+    ]
+    return {
+        "root": store.root,
+        "warnings": warnings,
+        "cards": [{"cls": c, "value": v, "text": t} for c, v, t in cards],
+        "charts": _charts(plan, clusters, eps),
+        "settings": [(k, v) for k, v in keys if v is not None],
+        "timings": [
+            (k, f"{float(v):.2f} s") for k, v in timings.items() if _float_or_none(v) is not None
+        ],
+        "max_members": max_members,
+        "shown": len(shown),
+        "total": len(clusters),
+        "capped": len(clusters) - len(shown),
+        "n_pages": n_pages,
+    }
 
 
-def _charts_html(plan: pd.DataFrame, clusters: pd.DataFrame, eps: float | None) -> str:
+def _charts(plan: pd.DataFrame, clusters: pd.DataFrame, eps: float | None) -> list[tuple]:
+    """``(alt text, data: URI)`` of the histograms (PNG, inline)."""
     imgs = []
     if len(clusters):
         imgs.append(("cluster sizes", _size_hist_png(clusters["size"].to_numpy())))
@@ -797,13 +784,7 @@ def _charts_html(plan: pd.DataFrame, clusters: pd.DataFrame, eps: float | None) 
         )
         if len(d):
             imgs.append(("distance to keeper", _distance_hist_png(d, eps)))
-    if not imgs:
-        return ""
-    tags = "".join(
-        f'<img src="data:image/png;base64,{base64.b64encode(p).decode()}" alt="{esc(a)}">'
-        for a, p in imgs
-    )
-    return f'<div class="charts">{tags}</div>'
+    return [(a, "data:image/png;base64," + base64.b64encode(p).decode()) for a, p in imgs]
 
 
 def _figure(w: float = 5.6, h: float = 2.9) -> Any:

@@ -827,42 +827,41 @@ def _pairs_html(
     store: storage.Store,
     client: Any,
 ) -> str:
-    from .report import esc, html_page, make_thumbnails, thumb_html
+    from .report import make_thumbnails, render
 
     want = [str(paths[r]) for df in (inside, outside) for r in (*df["a"], *df["b"])]
     thumbs = make_thumbnails(store, want, client=client, progress="pairs")
 
-    def block(df: pd.DataFrame, title: str, cls: str, empty: str) -> str:
-        if df.empty:
-            return f'<h2>{esc(title)}</h2><p class="sub">{esc(empty)}</p>'
-        items = []
-        for row in df.itertuples(index=False):
-            pa, pb = str(paths[row.a]), str(paths[row.b])
-            figs = "".join(
-                f'<figure class="{cls}">{thumb_html(thumbs.get(p), p)}<figcaption>'
-                f'<span class="p">{esc(p)}</span></figcaption></figure>'
-                for p in (pa, pb)
-            )
-            items.append(
-                f'<section class="cl"><h3>d = {row.distance:.5g} <span class="m">'
-                f"({100 * row.distance / eps:.0f}% of eps)</span></h3>"
-                f'<div class="grid">{figs}</div></section>'
-            )
-        return f"<h2>{esc(title)}</h2>" + "".join(items)
+    def pairs(df: pd.DataFrame) -> list[dict[str, Any]]:
+        return [
+            {
+                "d": f"{row.distance:.5g}",
+                "pct": f"{100 * row.distance / eps:.0f}",
+                "paths": (str(paths[row.a]), str(paths[row.b])),
+            }
+            for row in df.itertuples(index=False)
+        ]
 
-    body = (
-        f'<h1>Pairs near eps = {eps:.5g}</h1><p class="sub">{esc(store.root)} · metric '
-        f"{esc(metric)}. Each pair is a single-linkage merge: the closest link between two "
-        "groups. Pairs inside join their groups at this eps (lower eps to split them); pairs "
-        "outside would join if eps were raised to their distance.</p>"
-        + block(
-            inside,
-            "Just inside eps (merged: their groups become one cluster)",
-            "keep",
-            "no merges at or below this eps",
-        )
-        + block(
-            outside, "Just outside eps (not merged)", "del", "no merges within 1.5 x eps above it"
-        )
+    blocks = [
+        {
+            "title": "Just inside eps (merged: their groups become one cluster)",
+            "cls": "keep",
+            "empty": "no merges at or below this eps",
+            "pairs": pairs(inside),
+        },
+        {
+            "title": "Just outside eps (not merged)",
+            "cls": "del",
+            "empty": "no merges within 1.5 x eps above it",
+            "pairs": pairs(outside),
+        },
+    ]
+    return render(
+        "pairs.html.j2",
+        title=f"dedup-batch: pairs near eps {eps:.5g}",
+        eps_text=f"{eps:.5g}",
+        root=store.root,
+        metric=metric,
+        blocks=blocks,
+        thumbs=thumbs,
     )
-    return html_page(f"dedup-batch: pairs near eps {eps:.5g}", body)
