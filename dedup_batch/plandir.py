@@ -33,8 +33,8 @@ __all__ = [
     "JOB_FILE",
     "JOURNAL_DIR",
     "MANIFEST_FILE",
-    "PLAN_COLUMNS",
     "PLAN_FILE",
+    "REQUIRED_COLUMNS",
     "REPORT_FILE",
     "RESTORE_REPORT",
     "SUMMARY_FILE",
@@ -53,8 +53,9 @@ RESTORE_REPORT = "restore-report.csv"
 WOULD_DELETE_REPORT = "would-delete.csv"
 REPORT_FILE = "report.html"
 SWEEP_DIR = "sweep"
-#: Columns every plan has (older plans may lack the others; readers show what they have).
-PLAN_COLUMNS = ("path", "cluster", "keep", "keeper")
+#: Columns every plan has: older plans may lack the others of ``select.PLAN_COLUMNS`` (the
+#: full list, which the select stage writes), and readers show what they have.
+REQUIRED_COLUMNS = ("path", "cluster", "keep", "keeper")
 
 
 class PlanDir:
@@ -132,7 +133,7 @@ class PlanDir:
 
     # -- plan.parquet ------------------------------------------------------------------------
     def read_plan(self) -> pd.DataFrame:
-        """The plan, checked: it exists, parses, has :data:`PLAN_COLUMNS` and no empty
+        """The plan, checked: it exists, parses, has :data:`REQUIRED_COLUMNS` and no empty
         ``path``/``cluster``/``keep``. Rows renumbered from 0.
 
         Raises
@@ -155,7 +156,7 @@ class PlanDir:
                 f"{url}: not a readable Parquet plan ({one_line(exc, with_type=True)}); "
                 "re-run 'dedup-batch plan'"
             ) from None
-        missing = [c for c in PLAN_COLUMNS if c not in plan.columns]
+        missing = [c for c in REQUIRED_COLUMNS if c not in plan.columns]
         if missing:
             raise InputError(
                 f"{url}: plan lacks column(s) {', '.join(missing)}; re-run 'dedup-batch plan'"
