@@ -20,7 +20,7 @@ from typing import Any
 from . import __version__
 from .config import METRICS, JobSpec, load_spec, parse_storage_options
 from .errors import DedupError
-from .select import KEYS, POLICIES
+from .policies import KEYS, POLICIES
 
 __all__ = ["main"]
 
@@ -514,19 +514,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .pipeline import dask_client
-    from .report import build_report
-    from .storage import Store
+    from .pipeline import dask_client, report
 
     spec = _spec(args)
-    so = spec.storage_options
-    store = Store(spec.root, so) if spec.root else None
     with dask_client(spec, local=False) as client:
-        result = build_report(
+        result = report(
             args.plan_dir,
-            store=store,
-            client=client,
-            storage_options=so,
+            spec,
+            client,
             clusters_per_page=args.clusters_per_page,
             max_pages=args.max_pages,
             max_members=args.max_members,
@@ -543,36 +538,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .pipeline import dask_client
-    from .plandir import SWEEP_DIR, PlanDir
-    from .storage import Store
-    from .sweep import eps_range, run_sweep
+    from .pipeline import dask_client, sweep
+    from .sweep import eps_range
 
     spec = _spec(args)
+    # checked before a LocalCluster starts: a missing key or a bad range costs no cluster
     spec.require("features", "root")
     eps_values = eps_range(args.eps_min, args.eps_max, args.steps)
-    plan_dir = PlanDir(spec.out, spec.storage_options)
-    out = args.out or plan_dir.join(SWEEP_DIR)
-    so = spec.storage_options
     with dask_client(spec) as client:
-        result = run_sweep(
-            spec.features,
-            out=out,
-            store=Store(spec.root, so),  # type: ignore[arg-type]
+        result = sweep(
+            spec,
+            client,
             eps_values=eps_values,
-            metric=spec.metric,
-            min_samples=spec.min_samples,
+            out=args.out,
             k=args.k,
             truth=args.truth,
-            keep=args.keep or "first-path",
-            pairs_eps=spec.eps,  # --eps, or the job spec's eps
+            keep=args.keep,
             n_pairs=args.pairs,
-            storage_options=so,
-            allow_pickle=spec.allow_pickle,
-            client=client,
         )
-    if not args.out:
-        plan_dir.update_summary({"sweep": {**result.summary_entry(), "dir": SWEEP_DIR}})
     print(result.format_table())
     print("sweep: wrote " + ", ".join(result.files.values()))
     return 0

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
@@ -31,14 +31,17 @@ from .diagnose import plan_warnings
 from .errors import ConfigError, InputError, StorageError
 from .images import read_dimensions
 from .load import load_features
-from .plandir import MANIFEST_FILE, PLAN_FILE, PlanDir
+from .plandir import MANIFEST_FILE, PLAN_FILE, SWEEP_DIR, PlanDir
 from .progress import StageTimer, log_dashboard, stage
-from .report import build_report
+from .report import ReportResult, build_report
 from .secrets import merge_options, without_redacted
 from .select import select_keepers
 from .storage import Store
 
-__all__ = ["PlanResult", "apply", "dask_client", "plan", "restore", "run"]
+if TYPE_CHECKING:
+    from .sweep import SweepResult
+
+__all__ = ["PlanResult", "apply", "dask_client", "plan", "report", "restore", "run", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +275,81 @@ def run(
     if not (apply_now or spec.mode == "apply"):
         return result, None
     return result, apply(result.out, spec, client)
+
+
+def report(
+    plan_dir: str,
+    spec: JobSpec,
+    client: Any = None,
+    *,
+    clusters_per_page: int | None = None,
+    max_pages: int | None = None,
+    max_members: int | None = None,
+    thumb_px: int | None = None,
+) -> ReportResult:
+    """(Re)build the HTML report of the plan in ``plan_dir`` (see
+    :func:`dedup_batch.report.build_report`); its ``report`` entry goes into ``summary.json``.
+
+    The images are read under ``spec.root`` when given, else under the plan's own root
+    (``job.yaml``); the bounds default to the report's.
+    """
+    store = Store(spec.root, spec.storage_options) if spec.root else None
+    bounds = {
+        "clusters_per_page": clusters_per_page,
+        "max_pages": max_pages,
+        "max_members": max_members,
+        "thumb_px": thumb_px,
+    }
+    return build_report(
+        plan_dir,
+        store=store,
+        client=client,
+        storage_options=spec.storage_options,
+        **{k: v for k, v in bounds.items() if v is not None},
+    )
+
+
+def sweep(
+    spec: JobSpec,
+    client: Any = None,
+    *,
+    eps_values: Any,
+    out: str | None = None,
+    k: int | None = None,
+    truth: str | None = None,
+    keep: str | None = None,
+    n_pairs: int = 12,
+) -> SweepResult:
+    """Sweep ``eps_values`` over the job's features (see :func:`dedup_batch.sweep.run_sweep`).
+
+    Writes into ``out``, by default the ``sweep/`` folder of the plan directory ``spec.out``,
+    whose ``summary.json`` (if there is one) then gets a ``sweep`` entry. The pairs page shows
+    the pairs around ``spec.eps`` (default: the middle of the sweep). Returns the
+    :class:`~dedup_batch.sweep.SweepResult`.
+    """
+    from .sweep import run_sweep
+
+    spec.require("features", "root")
+    plan_dir = PlanDir(spec.out, spec.storage_options)
+    result = run_sweep(
+        spec.features,
+        out=out or plan_dir.join(SWEEP_DIR),
+        store=Store(spec.root, spec.storage_options),  # type: ignore[arg-type]
+        eps_values=eps_values,
+        metric=spec.metric,
+        min_samples=spec.min_samples,
+        k=k,
+        truth=truth,
+        keep=keep or "first-path",
+        pairs_eps=spec.eps,
+        n_pairs=n_pairs,
+        storage_options=spec.storage_options,
+        allow_pickle=spec.allow_pickle,
+        client=client,
+    )
+    if not out:
+        plan_dir.update_summary({"sweep": {**result.summary_entry(), "dir": SWEEP_DIR}})
+    return result
 
 
 # -- helpers -------------------------------------------------------------------------------
