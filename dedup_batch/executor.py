@@ -22,7 +22,7 @@ from typing import Any
 from . import progress as _progress
 from .progress import Stage
 
-__all__ = ["DEFAULT_THREADS", "run_tasks", "scatter", "total_threads"]
+__all__ = ["DEFAULT_THREADS", "run_batches", "run_tasks", "scatter", "total_threads"]
 
 #: Threads of the local pool when no client is given: the stages that use it (deletes, header
 #: and thumbnail reads) mostly wait on storage, so more threads than cores pay off.
@@ -128,6 +128,33 @@ def run_tasks(
             yield from _run_threads(fn, items, args, n, limit, weights, advance, name)
         else:
             yield from _run_dask(fn, items, args, client, limit, weights, advance, name)
+
+
+def run_batches(
+    fn: Callable[..., Any],
+    batches: Sequence[Sequence[Any]],
+    *args: Any,
+    client: Any = None,
+    threads: int = DEFAULT_THREADS,
+    progress: Stage | str | None = None,
+    unit: str = "images",
+    name: str = "batches",
+) -> Iterator[tuple[Any, Any]]:
+    """:func:`run_tasks` over batches of items (``fn(*args, batch)``), each task weighing its
+    batch's length. ``progress=None`` counts on a detached stage that is never displayed
+    (unlike :func:`run_tasks`, which then advances the running stage)."""
+    st = Stage(name, unit=unit) if progress is None else progress
+    return run_tasks(
+        fn,
+        batches,
+        *args,
+        client=client,
+        threads=threads,
+        progress=st,
+        weights=[len(b) for b in batches],
+        unit=unit,
+        name=name,
+    )
 
 
 def _run_threads(

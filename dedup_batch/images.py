@@ -23,7 +23,7 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from .executor import run_tasks
+from .executor import run_batches
 from .progress import Stage
 from .storage import Store
 
@@ -138,16 +138,13 @@ def read_dimensions(
     starts = list(range(0, n, batch_size))
     batches = [list(fs_paths[s : s + batch_size]) for s in starts]
     start_of = {id(b): s for b, s in zip(batches, starts, strict=True)}
-    st = Stage("headers", unit="images") if progress is None else progress
-    for batch, fut in run_tasks(
+    for batch, fut in run_batches(
         _size_batch,
         batches,
         store,
         client=client,
         threads=HEADER_THREADS,
-        progress=st,
-        weights=[len(b) for b in batches],
-        unit="images",
+        progress=progress,
         name="headers",
     ):
         s = start_of[id(batch)]

@@ -38,7 +38,7 @@ import pandas as pd
 
 from . import storage
 from .errors import ConfigError, InputError, ScopeError, StorageError, one_line
-from .executor import run_tasks
+from .executor import run_batches
 from .plandir import REPORT_FILE, PlanDir
 from .progress import Stage, stage
 from .secrets import merge_options, without_redacted
@@ -211,9 +211,7 @@ def make_thumbnails(
     unique = list(dict.fromkeys(paths))
     batches = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
     out: dict[str, Thumb] = {}
-    # Without a stage to show, a detached Stage just counts (it is never displayed).
-    st = Stage("thumbnails", unit="images") if progress is None else progress
-    for batch, fut in run_tasks(
+    for batch, fut in run_batches(
         _thumb_batch,
         batches,
         store,
@@ -221,9 +219,7 @@ def make_thumbnails(
         max_bytes,
         client=client,
         threads=THUMB_THREADS,
-        progress=st,
-        weights=[len(b) for b in batches],
-        unit="images",
+        progress=progress,
         name="thumbnails",
     ):
         try:
