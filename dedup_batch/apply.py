@@ -55,14 +55,12 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from . import progress
 from .errors import (
     ConfigError,
     DedupError,
@@ -71,6 +69,15 @@ from .errors import (
     SafetyError,
     ScopeError,
     StorageError,
+)
+from .executor import DEFAULT_THREADS, run_tasks, total_threads
+from .plandir import (
+    COMPLETION_REPORT,
+    JOURNAL_DIR,
+    MANIFEST_FILE,
+    RESTORE_REPORT,
+    WOULD_DELETE_REPORT,
+    PlanDir,
 )
 from .storage import ObjectStat, Store, md5_of_etag, trash_key
 
@@ -87,12 +94,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PLAN_FILE = "plan.parquet"
-JOURNAL_DIR = "journal"
-MANIFEST_FILE = "journal/manifest.json"
-COMPLETION_REPORT = "completion-report.csv"
-RESTORE_REPORT = "restore-report.csv"
-WOULD_DELETE_REPORT = "would-delete.csv"
 JOURNAL_VERSION = 1
 
 DELETED = "deleted"
@@ -112,8 +113,7 @@ WOULD_RESTORE = "would_restore"
 DONE_APPLY = frozenset({DELETED, TRASHED, ALREADY_ABSENT})
 DONE_RESTORE = frozenset({RESTORED, ALREADY_RESTORED})
 
-#: Batches in flight when running on a local thread pool (client=None): requests are I/O bound.
-DEFAULT_THREADS = 8
+# Batches in flight on the local thread pool (client=None): executor.DEFAULT_THREADS.
 #: With a Dask client: this many batches queued per worker thread, so no thread idles between
 #: tasks, capped so that a large cluster does not exceed S3's per-prefix request rate.
 TASKS_PER_WORKER_THREAD = 2
@@ -335,8 +335,9 @@ def apply_plan(
     t0 = time.perf_counter()
     if not 1 <= int(batch_size) <= 1000:
         raise ConfigError(f"batch_size must be between 1 and 1000, got {batch_size}")
-    plan_store = _plan_store(plan_dir, store, plan_storage_options)
-    plan = _read_plan(plan_store, plan_dir)
+    pdir = PlanDir.beside(plan_dir, store, plan_storage_options)
+    plan = pdir.read_plan()
+    plan_store = pdir.store()
     items, all_fs, unseen = _delete_set(plan, store)
     _check_limits(len(items) + len(unseen), len(plan), max_delete, max_delete_fraction)
     trash_store = _trash_store(trash, store)
@@ -421,8 +422,9 @@ def restore(
     Parameters and errors as :func:`apply_plan`; ``trash`` must be the URL the apply used.
     """
     t0 = time.perf_counter()
-    plan_store = _plan_store(plan_dir, store, plan_storage_options)
-    plan = _read_plan(plan_store, plan_dir)
+    pdir = PlanDir.beside(plan_dir, store, plan_storage_options)
+    plan = pdir.read_plan()
+    plan_store = pdir.store()
     items, _, _ = _delete_set(plan, store)
     trash_store = _trash_store(trash, store)
     assert trash_store is not None
@@ -838,114 +840,28 @@ def _run_batches(
     """Run ``fn(*args, batch)`` for every batch, at most ``concurrency`` at once; yield results
     as they finish. On an error (or Ctrl-C) nothing new starts; batches already running finish
     (local pool) or are cancelled (Dask), and the error propagates."""
-    if not batches:
-        return
     if client is None:
         n = concurrency or DEFAULT_THREADS
-        yield from _run_threads(batches, fn, args, n, what)
     else:
-        threads = sum(client.nthreads().values()) or 1
-        n = concurrency or min(MAX_DEFAULT_CONCURRENCY, TASKS_PER_WORKER_THREAD * threads)
-        yield from _run_dask(batches, fn, args, client, n, what)
+        n = concurrency or min(
+            MAX_DEFAULT_CONCURRENCY, TASKS_PER_WORKER_THREAD * total_threads(client)
+        )
+    t0 = time.perf_counter()
+    tasks = run_tasks(fn, batches, *args, client=client, threads=n, max_in_flight=n, name=what)
+    for done, (b, fut) in enumerate(tasks, start=1):
+        recs = fut.result()
+        _log_progress(what, done, len(batches), t0)
+        yield b, recs
 
 
-def _progress(what: str, done: int, total: int, t0: float) -> None:
+def _log_progress(what: str, done: int, total: int, t0: float) -> None:
     step = max(1, total // 10)
     if done == total or done % step == 0:
         rate = done / max(time.perf_counter() - t0, 1e-9)
         log.info("%s: %d/%d batches (%.1f batches/s)", what, done, total, rate)
 
 
-def _run_threads(
-    batches: Sequence[_Batch],
-    fn: Callable[..., list[_Record]],
-    args: tuple[Any, ...],
-    n: int,
-    what: str,
-) -> Iterator[tuple[_Batch, list[_Record]]]:
-    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dedup-apply")
-    pending: dict[Any, _Batch] = {}
-    queue = iter(batches)
-    t0, done = time.perf_counter(), 0
-    try:
-        for b in _take(queue, n):
-            pending[pool.submit(fn, *args, b)] = b
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                b = pending.pop(fut)
-                recs = fut.result()
-                done += 1
-                _progress(what, done, len(batches), t0)
-                progress.advance(1, total=len(batches))
-                yield b, recs
-                for nb in _take(queue, 1):
-                    pending[pool.submit(fn, *args, nb)] = nb
-    finally:
-        # Batches already running finish and journal themselves; queued ones never start.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _run_dask(
-    batches: Sequence[_Batch],
-    fn: Callable[..., list[_Record]],
-    args: tuple[Any, ...],
-    client: distributed.Client,
-    n: int,
-    what: str,
-) -> Iterator[tuple[_Batch, list[_Record]]]:
-    from distributed import as_completed
-
-    run = uuid.uuid4().hex[:8]
-    pending: dict[Any, _Batch] = {}
-    queue = iter(batches)
-    ac = as_completed()
-    t0, done = time.perf_counter(), 0
-
-    def submit(b: _Batch) -> None:
-        # pure=False and a per-run key: a re-run must execute again, never reuse a result.
-        fut = client.submit(fn, *args, b, key=f"dedup-{what}-{b.id:06d}-{run}", pure=False)
-        pending[fut] = b
-        ac.add(fut)
-
-    try:
-        for b in _take(queue, n):
-            submit(b)
-        for fut in ac:
-            b = pending.pop(fut)
-            recs = fut.result()
-            fut.release()
-            done += 1
-            _progress(what, done, len(batches), t0)
-            progress.advance(1, total=len(batches))
-            yield b, recs
-            for nb in _take(queue, 1):
-                submit(nb)
-    finally:
-        if pending:
-            client.cancel(list(pending))
-
-
-def _take(it: Iterator[_Batch], n: int) -> list[_Batch]:
-    out = []
-    for _ in range(n):
-        b = next(it, None)
-        if b is None:
-            break
-        out.append(b)
-    return out
-
-
 # -- plan, checks, batches --------------------------------------------------------------------
-def _plan_store(plan_dir: str, store: Store, options: Mapping[str, Any] | None) -> Store:
-    if options is None:
-        probe = Store(plan_dir)
-        options = store.storage_options if set(probe.protocols) & set(store.protocols) else {}
-        if not options:
-            return probe
-    return Store(plan_dir, options)
-
-
 def _trash_store(trash: str | None, store: Store) -> Store | None:
     if trash is None:
         return None
@@ -961,30 +877,6 @@ def _trash_store(trash: str | None, store: Store) -> Store | None:
                 "outside the root that does not contain it"
             )
     return ts
-
-
-def _read_plan(plan_store: Store, plan_dir: str) -> pd.DataFrame:
-    data = plan_store.read_bytes(plan_store.resolve(PLAN_FILE))
-    if data is None:
-        raise InputError(f"no {PLAN_FILE} in {plan_dir!r}: run `dedup-batch plan` first")
-    try:
-        plan = pd.read_parquet(io.BytesIO(data))
-    except Exception as exc:
-        raise InputError(
-            f"{plan_dir}/{PLAN_FILE} is not a readable Parquet plan ({type(exc).__name__}); "
-            "re-run `dedup-batch plan`"
-        ) from None
-    missing = [c for c in ("path", "cluster", "keep", "keeper") if c not in plan.columns]
-    if missing:
-        raise InputError(
-            f"{plan_dir}/{PLAN_FILE} lacks column(s) {', '.join(missing)}: "
-            "re-run `dedup-batch plan`"
-        )
-    for col in ("path", "cluster", "keep"):
-        bad = np.flatnonzero(plan[col].isna().to_numpy())
-        if len(bad):
-            raise InputError(f"{plan_dir}/{PLAN_FILE} row {bad[0]}: {col} is empty")
-    return plan.reset_index(drop=True)
 
 
 def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str], list[_Record]]:

@@ -15,13 +15,12 @@ import shlex
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 from . import __version__
 from .config import METRICS, JobSpec, load_spec, parse_storage_options
 from .errors import ConfigError, DedupError
-from .select import KEYS, POLICIES
+from .policies import KEYS, POLICIES
 
 __all__ = ["main"]
 
@@ -547,18 +546,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
-    from .storage import Store
+    from .pipeline import dask_client, report
 
     spec = _spec(args)
-    so = spec.storage_options
-    store = Store(spec.root, so) if spec.root else None
-    with _optional_client(spec) as client:
-        result = build_report(
+    with dask_client(spec, local=False) as client:
+        result = report(
             args.plan_dir,
-            store=store,
-            client=client,
-            storage_options=so,
+            spec,
+            client,
             clusters_per_page=args.clusters_per_page,
             max_pages=args.max_pages,
             max_members=args.max_members,
@@ -574,52 +569,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextmanager
-def _optional_client(spec: JobSpec) -> Iterator[Any]:
-    """A client on ``--scheduler`` when one is given, else none (the report uses threads)."""
-    address = spec.scheduler_address()
-    if not address:
-        yield None
-        return
-    from distributed import Client
-
-    from .progress import log_dashboard
-
-    with Client(address) as client:
-        log_dashboard(client)
-        yield client
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .pipeline import dask_client
-    from .report import _update_summary
-    from .storage import Store, join_url, url_exists
-    from .sweep import eps_range, run_sweep
+    from .pipeline import dask_client, sweep
+    from .sweep import eps_range
 
     spec = _spec(args)
+    # checked before a LocalCluster starts: a missing key or a bad range costs no cluster
     spec.require("features", "root")
     eps_values = eps_range(args.eps_min, args.eps_max, args.steps)
-    out = args.out or join_url(spec.out, "sweep")
-    so = spec.storage_options
     with dask_client(spec) as client:
-        result = run_sweep(
-            spec.features,
-            out=out,
-            store=Store(spec.root, so),  # type: ignore[arg-type]
+        result = sweep(
+            spec,
+            client,
             eps_values=eps_values,
-            metric=spec.metric,
-            min_samples=spec.min_samples,
+            out=args.out,
             k=args.k,
             truth=args.truth,
-            keep=args.keep or "first-path",
-            pairs_eps=spec.eps,  # --eps, or the job spec's eps
+            keep=args.keep,
             n_pairs=args.pairs,
-            storage_options=so,
-            allow_pickle=spec.allow_pickle,
-            client=client,
         )
-    if not args.out and url_exists(join_url(spec.out, "summary.json"), so):
-        _update_summary(spec.out, so, {"sweep": {**result.summary_entry(), "dir": "sweep"}})
     print(result.format_table())
     print("sweep: wrote " + ", ".join(result.files.values()))
     return 0

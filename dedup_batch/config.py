@@ -22,8 +22,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .policies import DEFAULT_POLICY, POLICIES, POLICY_CHOICES, policy_problem
 from .secrets import NON_SECRET_OPTIONS, redact
-from .select import DEFAULT_POLICY, POLICIES, POLICY_CHOICES, policy_problem
 
 __all__ = [
     "KEEP_POLICIES",

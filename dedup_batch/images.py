@@ -15,7 +15,6 @@ never an error, and the keep policy falls back to its next key.
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import logging
 from collections.abc import Sequence
@@ -24,7 +23,8 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
-from .progress import Stage, track
+from .executor import run_batches
+from .progress import Stage
 from .storage import Store
 
 __all__ = ["HEADER_BATCH", "HEADER_BYTES", "image_size", "read_dimensions"]
@@ -137,28 +137,25 @@ def read_dimensions(
     height = np.full(n, -1, dtype=np.int64)
     starts = list(range(0, n, batch_size))
     batches = [list(fs_paths[s : s + batch_size]) for s in starts]
-    if batches:
-        if client is not None:
-            futs = [client.submit(_size_batch, store, b, pure=False) for b in batches]
-        else:
-            pool = concurrent.futures.ThreadPoolExecutor(min(HEADER_THREADS, len(batches)))
-            futs = [pool.submit(_size_batch, store, b) for b in batches]
-        start_of = {id(f): s for f, s in zip(futs, starts, strict=True)}
-        st = Stage("headers", unit="images") if progress is None else progress
+    start_of = {id(b): s for b, s in zip(batches, starts, strict=True)}
+    for batch, fut in run_batches(
+        _size_batch,
+        batches,
+        store,
+        client=client,
+        threads=HEADER_THREADS,
+        progress=progress,
+        name="headers",
+    ):
+        s = start_of[id(batch)]
         try:
-            for fut in track(futs, st, unit="images", weights=[len(b) for b in batches]):
-                s = start_of[id(fut)]
-                try:
-                    sizes = fut.result()
-                except Exception as exc:
-                    log.warning("image header task failed (%s): sizes unknown for a batch", exc)
-                    continue
-                for i, wh in enumerate(sizes, start=s):
-                    if wh is not None:
-                        width[i], height[i] = wh
-        finally:
-            if client is None:
-                pool.shutdown(wait=True)
+            sizes = fut.result()
+        except Exception as exc:  # the task as a whole failed (a worker died twice)
+            log.warning("image header task failed (%s): sizes unknown for a batch", exc)
+            continue
+        for i, wh in enumerate(sizes, start=s):
+            if wh is not None:
+                width[i], height[i] = wh
     unknown = int((width < 0).sum())
     if unknown:
         log.info("pixel size unknown for %d of %d images (unreadable or not images)", unknown, n)

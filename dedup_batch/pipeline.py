@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import io
 import json
 import logging
 import os
@@ -17,15 +16,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import __version__
-from .apply import MANIFEST_FILE, ApplyResult, apply_plan
+from .apply import ApplyResult, apply_plan
 from .apply import restore as restore_trash
 from .cluster import DBSCAN
 from .config import JobSpec
@@ -33,13 +31,17 @@ from .diagnose import plan_warnings
 from .errors import ConfigError, InputError, StorageError
 from .images import read_dimensions
 from .load import load_features
+from .plandir import MANIFEST_FILE, PLAN_FILE, SWEEP_DIR, PlanDir
 from .progress import StageTimer, log_dashboard, stage
-from .report import build_report
+from .report import ReportResult, build_report
 from .secrets import merge_options, without_redacted
 from .select import select_keepers
-from .storage import Store, join_url, read_url, url_exists, write_url
+from .storage import Store
 
-__all__ = ["PlanResult", "apply", "dask_client", "plan", "restore", "run"]
+if TYPE_CHECKING:
+    from .sweep import SweepResult
+
+__all__ = ["PlanResult", "apply", "dask_client", "plan", "report", "restore", "run", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +77,21 @@ class PlanResult:
 
 
 @contextmanager
-def dask_client(spec: JobSpec) -> Iterator[Any]:
-    """A ``distributed.Client`` for the job.
+def dask_client(spec: JobSpec, *, local: bool = True) -> Iterator[Any]:
+    """A ``distributed.Client`` for the job (the one place a client is made).
 
     ``spec.scheduler`` (or ``$DASK_SCHEDULER_ADDRESS``) connects to that cluster; otherwise a
     ``LocalCluster`` of worker processes starts on this machine and stops on exit. Worker
     processes (not threads) keep a crashing or memory-hungry task from taking the job down.
+    With ``local=False`` and no scheduler it yields ``None``: the stage runs on a thread pool
+    (the report, whose reads do not pay for starting worker processes).
     """
     from distributed import Client, LocalCluster
 
     address = spec.scheduler_address()
+    if not address and not local:
+        yield None
+        return
     if address:
         try:
             # Dask's own setting (default 30s), so DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT works
@@ -135,7 +142,8 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
     timer = StageTimer()
     store = Store(spec.root, spec.storage_options)  # type: ignore[arg-type]
     so = spec.storage_options
-    if url_exists(join_url(spec.out, "journal"), so):
+    out = PlanDir(spec.out, so)
+    if out.has_journal():
         raise ConfigError(
             f"{spec.out} holds an apply journal from an earlier plan: finish it with "
             f"'dedup-batch apply {spec.out}', or choose another --out"
@@ -174,22 +182,28 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
     summary = _summary(spec, table, feats.shards, feats.X.shape, timer.timings, started)
     summary["warnings"] = [*summary.get("warnings", []), *protect_warnings, *warnings]
     with timer.stage("write"):
-        buf = io.BytesIO()
-        table.to_parquet(buf, index=False)
-        write_url(join_url(spec.out, "plan.parquet"), buf.getvalue(), so)
+        out.write_plan(table)
         # A local root is recorded absolute, so 'apply DIR' works from any directory.
         recorded = dataclasses.replace(spec, root=store.root_path) if store.is_local else spec
-        write_url(join_url(spec.out, "job.yaml"), recorded.to_yaml().encode(), so)
+        out.write_job(recorded.to_yaml())
     summary["timings"] = timer.timings
-    _write_summary(spec.out, summary, so)  # the report reads it
-    if spec.report:
-        t0 = time.perf_counter()  # build_report logs its own stage
-        made = build_report(
-            spec.out, store=store, client=client, storage_options=so, update_summary=False
-        )
-        timer.timings["report"] = round(time.perf_counter() - t0, 4)
-        summary["report"] = made.summary_entry()
-        _write_summary(spec.out, summary, so)
+    try:
+        if spec.report:
+            t0 = time.perf_counter()  # build_report logs its own stage
+            # The report gets the plan and summary in memory: nothing is read back.
+            made = build_report(
+                out.url,
+                store=store,
+                client=client,
+                storage_options=so,
+                update_summary=False,
+                plan=table,
+                summary=summary,
+            )
+            timer.timings["report"] = round(time.perf_counter() - t0, 4)
+            summary["report"] = made.summary_entry()
+    finally:
+        out.write_summary(summary)  # once, with the report entry (also when the report failed)
     return PlanResult(spec.out, table, summary)
 
 
@@ -215,9 +229,7 @@ def apply(plan_dir: str, spec: JobSpec, client: Any = None) -> ApplyResult:
             plan_storage_options=so,
         )
     if not spec.dry_run:
-        summary = json.loads(read_url(join_url(plan_dir, "summary.json"), so))
-        summary["apply"] = result.to_dict()
-        _write_summary(plan_dir, summary, so)
+        PlanDir(plan_dir, so).update_summary({"apply": result.to_dict()})
     return result
 
 
@@ -231,7 +243,7 @@ def restore(plan_dir: str, spec: JobSpec, client: Any = None) -> ApplyResult:
     trash = spec.trash
     if trash is None:
         try:
-            trash = json.loads(read_url(join_url(plan_dir, MANIFEST_FILE), so)).get("trash")
+            trash = json.loads(PlanDir(plan_dir, so).read_bytes(MANIFEST_FILE)).get("trash")
         except FileNotFoundError:
             trash = None
         if not trash:
@@ -279,6 +291,81 @@ def run(
     if not (apply_now or spec.mode == "apply"):
         return result, None
     return result, apply(result.out, spec, client)
+
+
+def report(
+    plan_dir: str,
+    spec: JobSpec,
+    client: Any = None,
+    *,
+    clusters_per_page: int | None = None,
+    max_pages: int | None = None,
+    max_members: int | None = None,
+    thumb_px: int | None = None,
+) -> ReportResult:
+    """(Re)build the HTML report of the plan in ``plan_dir`` (see
+    :func:`dedup_batch.report.build_report`); its ``report`` entry goes into ``summary.json``.
+
+    The images are read under ``spec.root`` when given, else under the plan's own root
+    (``job.yaml``); the bounds default to the report's.
+    """
+    store = Store(spec.root, spec.storage_options) if spec.root else None
+    bounds = {
+        "clusters_per_page": clusters_per_page,
+        "max_pages": max_pages,
+        "max_members": max_members,
+        "thumb_px": thumb_px,
+    }
+    return build_report(
+        plan_dir,
+        store=store,
+        client=client,
+        storage_options=spec.storage_options,
+        **{k: v for k, v in bounds.items() if v is not None},
+    )
+
+
+def sweep(
+    spec: JobSpec,
+    client: Any = None,
+    *,
+    eps_values: Any,
+    out: str | None = None,
+    k: int | None = None,
+    truth: str | None = None,
+    keep: str | None = None,
+    n_pairs: int = 12,
+) -> SweepResult:
+    """Sweep ``eps_values`` over the job's features (see :func:`dedup_batch.sweep.run_sweep`).
+
+    Writes into ``out``, by default the ``sweep/`` folder of the plan directory ``spec.out``,
+    whose ``summary.json`` (if there is one) then gets a ``sweep`` entry. The pairs page shows
+    the pairs around ``spec.eps`` (default: the middle of the sweep). Returns the
+    :class:`~dedup_batch.sweep.SweepResult`.
+    """
+    from .sweep import run_sweep
+
+    spec.require("features", "root")
+    plan_dir = PlanDir(spec.out, spec.storage_options)
+    result = run_sweep(
+        spec.features,
+        out=out or plan_dir.join(SWEEP_DIR),
+        store=Store(spec.root, spec.storage_options),  # type: ignore[arg-type]
+        eps_values=eps_values,
+        metric=spec.metric,
+        min_samples=spec.min_samples,
+        k=k,
+        truth=truth,
+        keep=keep or "first-path",
+        pairs_eps=spec.eps,
+        n_pairs=n_pairs,
+        storage_options=spec.storage_options,
+        allow_pickle=spec.allow_pickle,
+        client=client,
+    )
+    if not out:
+        plan_dir.update_summary({"sweep": {**result.summary_entry(), "dir": SWEEP_DIR}})
+    return result
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -457,33 +544,13 @@ def _summary(
     }
 
 
-def _write_summary(out: str, summary: dict[str, Any], so: dict[str, Any]) -> None:
-    write_url(join_url(out, "summary.json"), json.dumps(summary, indent=2).encode(), so)
-
-
 def _planned_spec(plan_dir: str, so: dict[str, Any]) -> JobSpec:
     """The plan's job spec; ``so`` (the user's storage options) is checked against its root."""
     from .config import check_option_names
 
-    url = join_url(plan_dir, "job.yaml")
-    try:
-        data = yaml.safe_load(read_url(url, so))
-    except FileNotFoundError:
-        raise InputError(
-            f"{plan_dir} is not a plan directory (no job.yaml): run 'dedup-batch plan' first"
-        ) from None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        # safe_load refuses python tags (!!python/object...) as it should: never build objects
-        raise InputError(
-            f"{url} is not a job spec dedup-batch wrote (not plain YAML); re-run 'dedup-batch "
-            "plan' to write the plan directory again"
-        ) from None
-    if not isinstance(data, dict):
-        raise InputError(
-            f"{url} is not a job spec dedup-batch wrote (not a mapping of keys to values); "
-            "re-run 'dedup-batch plan' to write the plan directory again"
-        )
-    planned = JobSpec.from_mapping(data, source=url)
+    pdir = PlanDir(plan_dir, so)
+    data = pdir.read_job(required=True)
+    planned = JobSpec.from_mapping(data, source=pdir.join("job.yaml"))
     check_option_names(so, [planned.root] if planned.root else [], source="storage options")
     return planned
 
@@ -497,7 +564,8 @@ def _plan_store(plan_dir: str, spec: JobSpec) -> Store:
 
 def _reusable_plan(spec: JobSpec) -> PlanResult | None:
     so = spec.storage_options
-    if not url_exists(join_url(spec.out, "plan.parquet"), so):
+    out = PlanDir(spec.out, so)
+    if not out.exists(PLAN_FILE):
         return None
     try:
         planned = _planned_spec(spec.out, so)
@@ -508,6 +576,4 @@ def _reusable_plan(spec: JobSpec) -> PlanResult | None:
     if mine != theirs:
         return None
     log.info("%s already holds a plan from the same settings: reusing it", spec.out)
-    table = pd.read_parquet(io.BytesIO(read_url(join_url(spec.out, "plan.parquet"), so)))
-    summary = json.loads(read_url(join_url(spec.out, "summary.json"), so))
-    return PlanResult(spec.out, table, summary, reused=True)
+    return PlanResult(spec.out, out.read_plan(), out.read_summary(), reused=True)

@@ -22,12 +22,11 @@ placeholder and is counted; it never stops the report.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import datetime as _dt
+import functools
 import hashlib
 import html
 import io
-import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,11 +35,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from . import storage
 from .errors import ConfigError, InputError, ScopeError, StorageError, one_line
-from .progress import Stage, stage, track
+from .executor import run_batches
+from .plandir import REPORT_FILE, PlanDir
+from .progress import Stage, stage
 from .secrets import merge_options, without_redacted
 from .select import parse_policy
 
@@ -163,7 +163,7 @@ def _thumb_one(store: storage.Store, path: str, size: int, max_bytes: int) -> Th
 
 
 def _thumb_batch(
-    store: storage.Store, paths: Sequence[str], size: int, max_bytes: int
+    store: storage.Store, size: int, max_bytes: int, paths: Sequence[str]
 ) -> list[Thumb]:
     """One task: thumbnails of a batch of images (runs on a Dask worker or a thread)."""
     return [_thumb_one(store, p, size, max_bytes) for p in paths]
@@ -210,87 +210,27 @@ def make_thumbnails(
     """
     unique = list(dict.fromkeys(paths))
     batches = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
-    weights = [len(b) for b in batches]
     out: dict[str, Thumb] = {}
-    if not batches:
-        return out
-    if client is not None:
-        futs = [client.submit(_thumb_batch, store, b, size, max_bytes, pure=False) for b in batches]
-    else:
-        pool = concurrent.futures.ThreadPoolExecutor(min(THUMB_THREADS, len(batches)))
-        futs = [pool.submit(_thumb_batch, store, b, size, max_bytes) for b in batches]
-    batch_of = {id(f): b for f, b in zip(futs, batches, strict=True)}
-    # Without a stage to show, a detached Stage just counts (it is never displayed).
-    st = Stage("thumbnails", unit="images") if progress is None else progress
-    try:
-        for fut in track(futs, st, unit="images", weights=weights):
-            try:
-                for t in fut.result():
-                    out[t.path] = t
-            except Exception as exc:
-                reason = one_line(exc, with_type=True)
-                log.warning(
-                    "thumbnail task failed (%s); %d placeholders", reason, len(batch_of[id(fut)])
-                )
-                for p in batch_of[id(fut)]:
-                    out[p] = Thumb(p, "error", reason=reason)
-    finally:
-        if client is None:
-            pool.shutdown(wait=True)
+    for batch, fut in run_batches(
+        _thumb_batch,
+        batches,
+        store,
+        size,
+        max_bytes,
+        client=client,
+        threads=THUMB_THREADS,
+        progress=progress,
+        name="thumbnails",
+    ):
+        try:
+            for t in fut.result():
+                out[t.path] = t
+        except Exception as exc:  # the task as a whole failed (a worker died twice)
+            reason = one_line(exc, with_type=True)
+            log.warning("thumbnail task failed (%s); %d placeholders", reason, len(batch))
+            for p in batch:
+                out[p] = Thumb(p, "error", reason=reason)
     return out
-
-
-# -- reading a plan directory --------------------------------------------------------------------
-def _read_plan_dir(
-    plan_dir: str, options: Mapping[str, Any]
-) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
-    url = storage.join_url(plan_dir, "plan.parquet")
-    try:
-        raw = storage.read_url(url, options)
-    except FileNotFoundError:
-        raise InputError(
-            f"{url}: no plan here; run 'dedup-batch plan --out {plan_dir}' first"
-        ) from None
-    try:
-        plan = pd.read_parquet(io.BytesIO(raw))
-    except Exception as exc:
-        raise InputError(
-            f"{url}: not a readable Parquet plan ({one_line(exc, with_type=True)})"
-        ) from None
-    missing = {"path", "cluster", "keep", "keeper"} - set(plan.columns)
-    if missing:
-        raise InputError(
-            f"{url}: plan lacks column(s) {', '.join(sorted(missing))}; re-run 'dedup-batch plan'"
-        )
-    summary = _read_optional(storage.join_url(plan_dir, "summary.json"), options, json.loads)
-    job = _read_optional(storage.join_url(plan_dir, "job.yaml"), options, yaml.safe_load)
-    return plan, summary, job
-
-
-def _read_optional(url: str, options: Mapping[str, Any], parse: Any) -> dict[str, Any]:
-    try:
-        data = parse(storage.read_url(url, options).decode("utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (ValueError, yaml.YAMLError) as exc:
-        raise InputError(
-            f"{url}: cannot parse ({one_line(exc, with_type=True)}); fix or delete it"
-        ) from None
-    return data if isinstance(data, dict) else {}
-
-
-def _plan_dir_options(
-    plan_dir: str, store: storage.Store | None, storage_options: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """Storage options for the plan directory: as given, else the store's when the plan
-    directory is on the same kind of storage (an S3 plan next to S3 images)."""
-    if storage_options is not None:
-        return dict(storage_options)
-    if store is not None and "://" in plan_dir:
-        proto = plan_dir.split("://", 1)[0]
-        if proto in store.protocols and not store.is_local:
-            return dict(store.storage_options)
-    return {}
 
 
 # -- building the report -------------------------------------------------------------------------
@@ -362,6 +302,8 @@ def build_report(
     max_members: int = MAX_MEMBERS,
     thumb_px: int = THUMB_PX,
     update_summary: bool = True,
+    plan: pd.DataFrame | None = None,
+    summary: Mapping[str, Any] | None = None,
 ) -> ReportResult:
     """Build the HTML report of a plan directory.
 
@@ -388,6 +330,9 @@ def build_report(
     update_summary : bool
         Add a ``report`` entry (see :meth:`ReportResult.summary_entry`) to ``summary.json`` if
         it exists.
+    plan, summary : optional
+        The plan table and its summary when the caller holds them (the pipeline, right after
+        planning): then ``plan.parquet``, ``summary.json`` and ``job.yaml`` are not read back.
 
     Returns
     -------
@@ -406,8 +351,13 @@ def build_report(
     ):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"report: '{name}' must be a positive integer, got {value!r}")
-    options = _plan_dir_options(plan_dir, store, storage_options)
-    plan, summary, job = _read_plan_dir(plan_dir, options)
+    pdir = PlanDir.beside(plan_dir, store, storage_options)
+    job: dict[str, Any] = {}
+    if plan is None:
+        plan = pdir.read_plan()
+        summary = pdir.read_summary()
+        job = pdir.read_job()
+    summary = dict(summary or {})
     if store is None:
         root = job.get("root") or (summary.get("settings") or {}).get("root")
         if not root:
@@ -416,7 +366,9 @@ def build_report(
                 "(--root) to build the report"
             )
         # job.yaml holds the non-secret options; secrets come from the caller or the environment
-        image_options = merge_options(without_redacted(job.get("storage_options")), options)
+        image_options = merge_options(
+            without_redacted(job.get("storage_options")), pdir.storage_options
+        )
         store = storage.Store(root, image_options)
     settings = {**(job or {}), **(summary.get("settings") or {})}
     clusters = _rank_clusters(plan)
@@ -426,7 +378,7 @@ def build_report(
     members = _members_to_show(plan, shown["cluster"].to_numpy(), max_members)
     counts: dict[str, int] = {}
     images_shown = 0
-    first_body = ""
+    first_views: list[dict[str, Any]] = []
     n_thumbs = int(sum(len(m) for m in members.values()))
     log.info(
         "report: %d clusters with duplicates, showing %d on %d page(s), %d thumbnails",
@@ -450,29 +402,36 @@ def build_report(
             for t in thumbs.values():
                 counts[t.status] = counts.get(t.status, 0) + 1
             images_shown += len(page_paths)
-            body = "".join(
-                _cluster_html(row, members[row.cluster], thumbs, settings, rank)
+            views = [
+                _cluster_view(row, members[row.cluster], thumbs, settings, rank)
                 for rank, row in enumerate(
                     page_clusters.itertuples(index=False), start=k * clusters_per_page + 1
                 )
-            )
-            nav = _nav_html(pages, k)
+            ]
             if k == 0:
-                first_body = body
+                first_views = views
                 continue
-            title = f"dedup-batch report, page {k + 1} of {n_pages}"
-            _write(
-                storage.join_url(plan_dir, pages[k]), html_page(title, nav + body + nav), options
+            page = render(
+                "report.html.j2",
+                title=f"dedup-batch report, page {k + 1} of {n_pages}",
+                overview=None,
+                pages=pages,
+                current=k,
+                clusters=views,
             )
-    overview = _overview_html(
+            pdir.write_text(pages[k], page)
+    overview = _overview_view(
         plan, clusters, shown, summary, settings, counts, n_pages, max_members, store
     )
-    nav = _nav_html(pages, 0)
-    url = _write(
-        storage.join_url(plan_dir, "report.html"),
-        html_page("dedup-batch report", overview + nav + first_body + nav),
-        options,
+    page = render(
+        "report.html.j2",
+        title="dedup-batch report",
+        overview=overview,
+        pages=pages,
+        current=0,
+        clusters=first_views,
     )
+    url = pdir.write_text(REPORT_FILE, page)
     result = ReportResult(
         url=url,
         pages=pages,
@@ -496,28 +455,8 @@ def build_report(
             ", ".join(f"{v} {k}" for k, v in sorted(bad.items())),
         )
     if update_summary:
-        _update_summary(plan_dir, options, {"report": result.summary_entry()})
+        pdir.update_summary({"report": result.summary_entry()})
     return result
-
-
-def _update_summary(plan_dir: str, options: Mapping[str, Any], entries: Mapping[str, Any]) -> None:
-    """Merge ``entries`` into ``summary.json`` if it exists (read-modify-write)."""
-    url = storage.join_url(plan_dir, "summary.json")
-    try:
-        summary = json.loads(storage.read_url(url, options).decode("utf-8"))
-    except FileNotFoundError:
-        return
-    except ValueError as exc:
-        raise InputError(
-            f"{url}: cannot parse ({one_line(exc, with_type=True)}); fix or delete it"
-        ) from None
-    summary.update(entries)
-    _write(url, json.dumps(summary, indent=2, default=str) + "\n", options)
-
-
-def _write(url: str, text: str, options: Mapping[str, Any]) -> str:
-    storage.write_url(url, text.encode("utf-8"), options)
-    return url
 
 
 def _rank_clusters(plan: pd.DataFrame) -> pd.DataFrame:
@@ -636,101 +575,109 @@ _CSP = (
 )
 
 
-def esc(text: Any) -> str:
-    """HTML-escape anything (quotes included), for text and attribute values."""
-    return html.escape(str(text), quote=True)
+@functools.lru_cache(maxsize=1)
+def _env() -> Any:
+    """The Jinja2 environment of ``dedup_batch/templates`` (autoescaping on, strict names)."""
+    import jinja2
 
-
-def html_page(title: str, body: str) -> str:
-    """A self-contained HTML page: inline CSS, the decode-marking script, a strict CSP."""
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{esc(title)}</title><style>{_CSS}</style>"
-        f"<script>{_SCRIPT}</script></head>\n<body>\n{body}\n</body></html>\n"
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("dedup_batch", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        # Every value is escaped with html.escape(quote=True), as these pages always were
+        # (&quot; and &#x27; rather than markupsafe's &#34; and &#39;): the same bytes for the
+        # same plan. Values already marked safe (the CSS, the script, rendered macros) pass.
+        finalize=_escaped,
     )
+    env.globals["status_label"] = lambda status: STATUS_LABELS.get(status, status)
+    return env
 
 
-def thumb_html(thumb: Thumb | None, path: str) -> str:
-    """The image (or a labelled placeholder) for ``path``."""
-    if thumb is None or thumb.status != "ok":
-        status = thumb.status if thumb is not None else "error"
-        why = thumb.reason if thumb is not None else "no thumbnail"
-        return (
-            f'<div class="img"><div class="ph" data-status="{esc(status)}" '
-            f'title="{esc(why)}">{esc(STATUS_LABELS.get(status, status))}</div></div>'
-        )
-    return (
-        f'<div class="img"><img src="{thumb.data_uri}" width="{thumb.width}" '
-        f'height="{thumb.height}" alt="{esc(path)}" title="{esc(path)}"></div>'
-    )
+def _escaped(value: Any) -> Any:
+    from markupsafe import Markup
+
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape(str(value), quote=True))
 
 
-def _fmt_dist(d: Any, eps: float | None) -> str:
-    if d is None or (isinstance(d, float) and math.isnan(d)) or d is pd.NA:
-        return '<span class="d">d = ?</span>'
-    near = eps is not None and eps > 0 and float(d) >= 0.8 * eps
-    frac = f" ({100 * float(d) / eps:.0f}% of eps)" if eps else ""
-    return (
-        f'<span class="d{" near" if near else ""}" title="distance to keeper{frac}">'
-        f"d = {float(d):.4g}</span>"
-    )
+def render(template: str, **context: Any) -> str:
+    """Render ``template`` (a file of ``dedup_batch/templates``) into a self-contained page.
+
+    Every page gets the inline CSS, the decode-marking script and the CSP; every value in
+    ``context`` is HTML-escaped where the template prints it (autoescaping: a file name such
+    as ``<script>.png`` stays text).
+    """
+    from markupsafe import Markup
+
+    page = {"csp": Markup(_CSP), "css": Markup(_CSS), "script": Markup(_SCRIPT)}
+    return str(_env().get_template(template).render(**page, **context))
 
 
-def _cluster_html(
+def _dist_view(d: Any, eps: float | None) -> dict[str, Any]:
+    """A distance as the templates show it: text, share of eps, near (>= 80% of eps)."""
+    if _missing(d):
+        return {"text": None, "near": False, "frac": ""}
+    d = float(d)
+    return {
+        "text": f"{d:.4g}",
+        "near": eps is not None and eps > 0 and d >= 0.8 * eps,
+        "frac": f" ({100 * d / eps:.0f}% of eps)" if eps else "",
+    }
+
+
+def _cluster_view(
     row: Any,
     members: pd.DataFrame,
     thumbs: Mapping[str, Thumb],
     settings: Mapping[str, Any],
     rank: int,
-) -> str:
+) -> dict[str, Any]:
+    """One cluster section of a report page (see ``templates/report.html.j2``)."""
     eps = _float_or_none(settings.get("eps"))
     n_keepers = int(members["keep"].astype(bool).sum())
-    figs = []
+    paths = set(members["path"])
+    views = []
     for m in members.itertuples(index=False):
         keep = bool(m.keep)
-        cls, badge = ("keep", "KEEP") if keep else ("del", "DELETE")
-        d = "" if keep else _fmt_dist(getattr(m, "distance_to_keeper", None), eps)
-        to = ""
-        if not keep and (n_keepers > 1 or m.keeper not in set(members["path"])):
-            to = f'<span class="p">→ {esc(m.keeper)}</span>'
-        figs.append(
-            f'<figure class="{cls}">{thumb_html(thumbs.get(m.path), m.path)}'
-            f'<figcaption><span class="badge {cls}">{badge}</span>{d}'
-            f'<span class="p">{esc(m.path)}</span>{_facts_html(m)}{to}</figcaption></figure>'
+        why = getattr(m, "keep_reason", None)
+        views.append(
+            {
+                "cls": "keep" if keep else "del",
+                "badge": "KEEP" if keep else "DELETE",
+                "thumb": thumbs.get(m.path),
+                "path": m.path,
+                "dist": None if keep else _dist_view(getattr(m, "distance_to_keeper", None), eps),
+                "facts": _facts(m),
+                "why": why if keep and not _missing(why) and why else None,
+                # the keeper's name when it is not the obvious one (several, or not shown)
+                "to": m.keeper if not keep and (n_keepers > 1 or m.keeper not in paths) else None,
+            }
         )
-    hidden = int(members.attrs.get("hidden", 0))
-    more = (
-        (f'<div class="more">+ {hidden} more member(s) not shown (nearer to their keeper)</div>')
-        if hidden
-        else ""
-    )
     md = row.max_distance
-    risk = "" if md is None or math.isnan(md) else f" · max distance {_fmt_dist(md, eps)}"
-    size_txt = f" · {_human_bytes(row.bytes)} reclaimable" if row.bytes else ""
-    return (
-        f'<section class="cl" id="c{int(row.cluster)}"><h3>#{rank} · cluster '
-        f'{int(row.cluster)} <span class="m">· {int(row.size)} images · {int(row.n_delete)} '
-        f'to delete{risk}{size_txt}</span></h3><div class="grid">{"".join(figs)}</div>{more}'
-        "</section>\n"
-    )
+    return {
+        "cluster": int(row.cluster),
+        "rank": rank,
+        "size": int(row.size),
+        "n_delete": int(row.n_delete),
+        "risk": None if md is None or math.isnan(md) else _dist_view(md, eps),
+        "reclaim": _human_bytes(row.bytes) if row.bytes else "",
+        "members": views,
+        "hidden": int(members.attrs.get("hidden", 0)),
+    }
 
 
-def _facts_html(m: Any) -> str:
-    """Pixel size and bytes of a member, and for a keeper why it was kept (when the plan has
-    them: plans made before these columns existed show what they have)."""
+def _facts(m: Any) -> str:
+    """Pixel size and bytes of a member, when the plan has them (plans made before these
+    columns existed show what they have)."""
     w, h, size = (getattr(m, k, None) for k in ("width", "height", "size"))
     facts = []
     if not _missing(w) and not _missing(h):
         facts.append(f"{int(w)}×{int(h)}")
     if not _missing(size):
         facts.append(_human_bytes(size))
-    out = f'<span class="px">{esc(" · ".join(facts))}</span>' if facts else ""
-    why = getattr(m, "keep_reason", None)
-    if bool(m.keep) and not _missing(why) and why:
-        out += f'<span class="why">kept: {esc(why)}</span>'
-    return out
+    return " · ".join(facts)
 
 
 def _missing(v: Any) -> bool:
@@ -747,31 +694,7 @@ def _policy_words(keep: Any) -> str | None:
         return str(keep)
 
 
-def _warnings_html(summary: Mapping[str, Any]) -> str:
-    """The plan's warnings (``summary.json`` ``warnings``) as a banner above everything else."""
-    items = []
-    for w in summary.get("warnings") or []:
-        text = w.get("message", w) if isinstance(w, Mapping) else w
-        items.append(f"<li>{esc(text)}</li>")
-    if not items:
-        return ""
-    return (
-        f'<div class="banner" role="alert"><b>{len(items)} warning(s) from the plan</b>'
-        f"<ul>{''.join(items)}</ul></div>"
-    )
-
-
-def _nav_html(pages: Sequence[str], current: int) -> str:
-    if len(pages) < 2:
-        return ""
-    links = [
-        f"<b>{i + 1}</b>" if i == current else f'<a href="{esc(p)}">{i + 1}</a>'
-        for i, p in enumerate(pages)
-    ]
-    return f'<nav class="pages">pages: {"".join(links)}</nav>'
-
-
-def _overview_html(
+def _overview_view(
     plan: pd.DataFrame,
     clusters: pd.DataFrame,
     shown: pd.DataFrame,
@@ -781,7 +704,8 @@ def _overview_html(
     n_pages: int,
     max_members: int,
     store: storage.Store,
-) -> str:
+) -> dict[str, Any]:
+    """The first page's head: cards, charts, settings, timings, warnings."""
     n = len(plan)
     delete = ~plan["keep"].astype(bool)
     n_del = int(delete.sum())
@@ -811,9 +735,6 @@ def _overview_html(
                 + ", ".join(f"{v} {STATUS_LABELS.get(k, k)}" for k, v in sorted(bad.items())),
             )
         )
-    card_html = "".join(
-        f'<div class="card {c}"><b>{esc(v)}</b><span>{esc(t)}</span></div>' for c, v, t in cards
-    )
     keys = [
         ("root", store.root),
         ("eps", settings.get("eps")),
@@ -823,36 +744,29 @@ def _overview_html(
         ("max keeper distance", settings.get("max_keeper_distance")),
         ("generated", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     ]
-    kv = "".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in keys if v is not None)
     timings = summary.get("timings") or {}
-    tt = "".join(
-        f"<tr><td>{esc(k)}</td><td>{float(v):.2f} s</td></tr>"
-        for k, v in timings.items()
-        if _float_or_none(v) is not None
-    )
-    charts = _charts_html(plan, clusters, eps)
-    capped = len(clusters) - len(shown)
-    note = ""
-    if capped > 0:
-        note = (
-            f'<p class="note">Showing the {len(shown):,} riskiest of {len(clusters):,} '
-            f"clusters ({n_pages} pages); the other {capped:,} clusters (smaller distances) "
-            "are not shown: the full list is in plan.parquet.</p>"
-        )
-    return (
-        f'<h1>dedup-batch report</h1><p class="sub">{esc(store.root)}</p>{_warnings_html(summary)}'
-        f'<div class="cards">{card_html}</div>{charts}'
-        f'<div class="cols"><div><h2>Settings</h2><table class="kv">{kv}</table></div>'
-        + (f'<div><h2>Timings</h2><table class="kv">{tt}</table></div>' if tt else "")
-        + "</div>"
-        + f'<h2>Clusters, riskiest first</h2><p class="sub">Ordered by the largest distance '
-        f"from a deleted image to its keeper, then by size. Green: kept; red dashed: to delete; "
-        f"distances in amber are at least 80% of eps. Up to {max_members} images a cluster."
-        f"</p>{note}"
-    )
+    warnings = [
+        w.get("message", w) if isinstance(w, Mapping) else w for w in summary.get("warnings") or []
+    ]
+    return {
+        "root": store.root,
+        "warnings": warnings,
+        "cards": [{"cls": c, "value": v, "text": t} for c, v, t in cards],
+        "charts": _charts(plan, clusters, eps),
+        "settings": [(k, v) for k, v in keys if v is not None],
+        "timings": [
+            (k, f"{float(v):.2f} s") for k, v in timings.items() if _float_or_none(v) is not None
+        ],
+        "max_members": max_members,
+        "shown": len(shown),
+        "total": len(clusters),
+        "capped": len(clusters) - len(shown),
+        "n_pages": n_pages,
+    }
 
 
-def _charts_html(plan: pd.DataFrame, clusters: pd.DataFrame, eps: float | None) -> str:
+def _charts(plan: pd.DataFrame, clusters: pd.DataFrame, eps: float | None) -> list[tuple]:
+    """``(alt text, data: URI)`` of the histograms (PNG, inline)."""
     imgs = []
     if len(clusters):
         imgs.append(("cluster sizes", _size_hist_png(clusters["size"].to_numpy())))
@@ -866,13 +780,7 @@ def _charts_html(plan: pd.DataFrame, clusters: pd.DataFrame, eps: float | None) 
         )
         if len(d):
             imgs.append(("distance to keeper", _distance_hist_png(d, eps)))
-    if not imgs:
-        return ""
-    tags = "".join(
-        f'<img src="data:image/png;base64,{base64.b64encode(p).decode()}" alt="{esc(a)}">'
-        for a, p in imgs
-    )
-    return f'<div class="charts">{tags}</div>'
+    return [(a, "data:image/png;base64," + base64.b64encode(p).decode()) for a, p in imgs]
 
 
 def _figure(w: float = 5.6, h: float = 2.9) -> Any:

@@ -4,9 +4,10 @@ With ``min_samples=1`` DBSCAN's clusters are the connected components of the eps
 within eps of each other, ``<=``), i.e. single linkage cut at eps. So one minimum spanning
 forest of the graph at the largest eps of interest answers every smaller eps at once: the
 clusters at eps are the components of the forest's edges of length ``<= eps``, and their number
-is ``n_unique - #(forest edges <= eps)``. :func:`eps_forest` builds that forest; :func:`sweep`
-reads counts (and, given a truth table, precision/recall/F1 of the deletions) off it for a whole
-range of eps.
+is ``n_unique - #(forest edges <= eps)``. :func:`eps_forest` builds that forest from the plan's
+own graph (:func:`dedup_batch.cluster.eps_graph`, so the sweep's neighbours are the plan's,
+ties at exactly eps included); :func:`sweep` reads counts (and, given a truth table,
+precision/recall/F1 of the deletions) off it for a whole range of eps.
 
 :func:`run_sweep` is the CLI's entry point: it loads the features (:func:`dedup_batch.load.
 load_features`), then :func:`write_sweep` writes into ``out``:
@@ -20,8 +21,8 @@ load_features`), then :func:`write_sweep` writes into ``out``:
 * ``pairs.html``: thumbnails of the pairs just inside and just outside a chosen eps: the merges
   (single-linkage forest edges) that lowering or raising eps would undo or add.
 
-Identical rows are collapsed first (``np.unique``): they are at distance 0, so in the same
-cluster at every eps, and a folder of exact copies then costs nothing in the graph.
+Identical rows are collapsed first (the graph is between distinct rows): they are at distance 0,
+so in the same cluster at every eps, and a folder of exact copies then costs nothing in the graph.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import io
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +41,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 from . import storage
+from .cluster import DBSCAN, dbscan, eps_graph
 from .errors import ConfigError, InputError, one_line
-from .progress import Stage, stage, track
+from .progress import Stage, stage
 
 __all__ = [
     "EpsForest",
@@ -57,12 +60,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Query rows per neighbour-search task: each task holds its rows' neighbour lists, so memory
-#: is about ``chunk_rows * (mean neighbours) * 16`` bytes (plus a brute-force distance block of
-#: ``chunk_rows * n`` floats that sklearn itself chunks to its working memory).
-CHUNK_ROWS = 2048
-#: Edges buffered before they are reduced to a spanning forest (about 24 bytes each: ~120 MB).
-EDGE_BUDGET = 5_000_000
 #: Distance stored for distinct rows at distance 0 (cosine of parallel vectors): scipy's
 #: spanning tree treats a stored 0 as "no edge", and any eps > 0 is >= this.
 _TINY = np.finfo(np.float64).tiny
@@ -75,7 +72,7 @@ PATH_POLICIES = ("first-path", "last-path")
 # -- the forest ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EpsForest:
-    """The single-linkage merges of the eps-graph at ``max_eps``.
+    """The single-linkage merges of the eps-graph at ``max_eps``, as the plan's DBSCAN sees it.
 
     Attributes
     ----------
@@ -84,15 +81,20 @@ class EpsForest:
     first : ndarray of int64, shape (n_unique,)
         Unique row -> the first row of ``X`` that has it (a representative, for pairs).
     i, j : ndarray of int64, shape (m,)
-        Forest edges between unique rows, ``m <= n_unique - 1``, sorted by ``d``.
+        Forest edges between unique rows, ``m <= n_unique - 1``, sorted by ``w``.
     w : ndarray of float64, shape (m,)
         Edge keys, ascending: the squared distance when ``squared`` (euclidean), else the
-        distance. An edge joins at eps when ``w <= eps * eps`` (resp. ``w <= eps``), the test
-        scikit-learn applies, so ties at exactly eps fall as in DBSCAN.
+        distance, both in float64.
     max_eps : float
         The graph's radius: answers are exact for every ``0 < eps <= max_eps``.
     metric : str
     squared : bool
+    X : ndarray, shape (n, d), optional
+        The features (a reference, not a copy): an eps with a pair within rounding of it is
+        answered by the plan's own DBSCAN on them.
+    lo, hi : ndarray of float64, shape (n_edges,), optional
+        For every edge of the graph (not only the forest), the interval of keys within which
+        scikit-learn's rounding may decide it either way. Empty: no such check.
     """
 
     inverse: np.ndarray
@@ -103,6 +105,11 @@ class EpsForest:
     max_eps: float
     metric: str
     squared: bool = False
+    X: np.ndarray | None = None
+    lo: np.ndarray = field(default_factory=lambda: np.empty(0))
+    hi: np.ndarray = field(default_factory=lambda: np.empty(0))
+    client: Any = None
+    _exact: dict[float, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def d(self) -> np.ndarray:
@@ -125,18 +132,38 @@ class EpsForest:
         if not 0 < eps <= self.max_eps * (1 + 1e-12):
             raise ConfigError(f"eps {eps} is outside (0, {self.max_eps}] of this forest")
 
+    def _tied(self, eps: float) -> bool:
+        """Whether some pair lies within rounding of ``eps`` (exactly at it, typically)."""
+        key = self._key(eps)
+        return self.X is not None and bool(np.any((self.lo <= key) & (key <= self.hi)))
+
+    def _plan_labels(self, eps: float) -> np.ndarray:
+        """The plan's partition at ``eps``: :class:`dedup_batch.cluster.DBSCAN` itself, which
+        decides pairs at exactly eps as scikit-learn does. Cached per eps."""
+        if eps not in self._exact:
+            est = DBSCAN(eps=eps, min_samples=1, metric=self.metric)
+            cm = self.client.as_current() if self.client is not None else nullcontext()
+            with cm:
+                self._exact[eps] = est.fit(self.X).labels_.astype(np.int64)
+        return self._exact[eps]
+
     def n_clusters(self, eps: float) -> int:
         """Number of DBSCAN(min_samples=1) clusters at ``eps``."""
         self._check(eps)
+        if self._tied(eps):
+            return int(self._plan_labels(eps).max()) + 1
         return self.n_unique - int(np.searchsorted(self.w, self._key(eps), side="right"))
 
     def labels(self, eps: float) -> np.ndarray:
-        """DBSCAN(min_samples=1) partition at ``eps``: int64 labels, shape (n,).
+        """DBSCAN(min_samples=1) partition at ``eps``: int64 labels, shape (n).
 
-        The same partition as scikit-learn's; labels are numbered in order of each cluster's
-        first row, which is also scikit-learn's numbering for ``min_samples=1``.
+        The plan's partition (:class:`dedup_batch.cluster.DBSCAN`, i.e. scikit-learn's),
+        numbered in order of each cluster's first row, as scikit-learn numbers them for
+        ``min_samples=1``.
         """
         self._check(eps)
+        if self._tied(eps):
+            return self._plan_labels(eps)
         k = int(np.searchsorted(self.w, self._key(eps), side="right"))
         g = coo_matrix((np.ones(k), (self.i[:k], self.j[:k])), shape=(self.n_unique, self.n_unique))
         _, comp = connected_components(g, directed=False)
@@ -166,42 +193,6 @@ class EpsForest:
         return frame(inside), frame(outside)
 
 
-def _chunk_forest(
-    nn: Any, U: np.ndarray, start: int, stop: int, radius: float, squared: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Edges ``(i < j)`` within ``radius`` of query rows ``start:stop``, reduced to a forest.
-
-    Edge keys are the squared distance recomputed in float64 when ``squared`` (euclidean: what
-    scikit-learn's trees and brute search compare against ``eps * eps``, so a pair at exactly
-    eps is decided as DBSCAN decides it), else the distance itself.
-    """
-    # A hair wider than radius: pairs at exactly eps must not be lost to sqrt rounding.
-    dist, ind = nn.radius_neighbors(U[start:stop], radius=radius * (1 + 1e-9), return_distance=True)
-    counts = np.fromiter((len(x) for x in ind), np.int64, len(ind))
-    empty = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64))
-    if counts.sum() == 0:
-        return empty
-    i = np.repeat(np.arange(start, stop, dtype=np.int64), counts)
-    j = np.concatenate(ind).astype(np.int64)
-    d = np.concatenate(dist).astype(np.float64)
-    keep = j > i  # each pair once; drops the self match
-    i, j, d = i[keep], j[keep], d[keep]
-    if squared:
-        U64 = np.asarray(U, dtype=np.float64)
-        w = np.empty(len(i), np.float64)
-        step = max(1, 4_000_000 // max(1, U.shape[1]))  # bounds the (edges x dims) block
-        for a in range(0, len(i), step):
-            diff = U64[i[a : a + step]] - U64[j[a : a + step]]
-            w[a : a + step] = np.einsum("ij,ij->i", diff, diff)
-        inside = w <= radius * radius
-    else:
-        w = d
-        inside = w <= radius
-    if not inside.any():
-        return empty
-    return _forest(i[inside], j[inside], w[inside])
-
-
 def _forest(
     i: np.ndarray, j: np.ndarray, d: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -224,25 +215,28 @@ def eps_forest(
     *,
     metric: str = "euclidean",
     client: Any = None,
-    chunk_rows: int = CHUNK_ROWS,
+    chunk_rows: int | None = None,
     progress: Stage | str | None = "eps-graph",
 ) -> EpsForest:
     """Build the single-linkage forest of the eps-graph of ``X`` at ``max_eps``.
 
+    The graph is :func:`dedup_batch.cluster.eps_graph`: the pairs the plan's DBSCAN finds,
+    computed by the same tiled engine (on the client's workers when one is given), so the
+    sweep and the plan cannot disagree about which pairs are neighbours.
+
     Parameters
     ----------
     X : ndarray, shape (n, d)
-        Feature vectors (float32 or float64; passed to scikit-learn as they are, as DBSCAN does).
+        Feature vectors (float32 or float64).
     max_eps : float
         Largest eps that will be asked about (> 0).
-    metric : str
-        Any metric of :class:`sklearn.neighbors.NearestNeighbors` (``euclidean``, ``cosine``).
+    metric : {"euclidean", "cosine"}
     client : distributed.Client, optional
-        Run the neighbour searches on its workers (the fitted index is scattered once).
-    chunk_rows : int
-        Query rows per task.
+        Run the distance tiles on its workers (and the exact re-runs of tied eps values).
+    chunk_rows : int, optional
+        Accepted for compatibility and ignored: the engine sizes its own tiles.
     progress : Stage or str or None
-        Stage to advance (by rows), name of a stage to open, or ``None``.
+        The name of a stage to open (advanced by tiles), a running stage, or ``None``.
 
     Returns
     -------
@@ -250,90 +244,86 @@ def eps_forest(
 
     Notes
     -----
-    Time: one radius-neighbour search of the unique rows (brute force above ~15 dimensions:
-    O(n^2 d)). Memory: a task's neighbour lists, then at most ``EDGE_BUDGET`` buffered edges;
-    the forest itself has fewer than ``n_unique`` edges.
+    Memory: the graph's edge list at ``max_eps`` (24 bytes an edge, plus 16 for each edge's
+    rounding interval) and the engine's working set (see :class:`dedup_batch.cluster.DBSCAN`);
+    the forest itself has fewer than ``n_unique`` edges. A swept eps with a pair within
+    rounding of it (ties at exactly eps: integer or binary features) is answered by running
+    the plan's DBSCAN at that eps, so its partition is the plan's whatever the rounding.
     """
-    from sklearn.neighbors import NearestNeighbors
-
+    del chunk_rows  # the engine sizes its own tiles
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] == 0:
         raise InputError(f"features must be a non-empty 2-d array, got shape {X.shape}")
     if not (max_eps > 0 and math.isfinite(max_eps)):
         raise ConfigError(f"eps must be a positive number, got {max_eps}")
-    U, first, inverse = np.unique(X, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    # np.unique sorts rows; re-order unique rows by first appearance (stable, readable pairs).
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    U, first, inverse = U[order], first[order], rank[inverse]
-    nn = NearestNeighbors(radius=max_eps, metric=metric).fit(U)
-    squared = metric in ("euclidean", "l2", "minkowski")
-    bounds = [(s, min(s + chunk_rows, len(U))) for s in range(0, len(U), chunk_rows)]
-    weights = [b - a for a, b in bounds]
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    buffered = 0
-    st = Stage("eps-graph", unit="rows") if progress is None else progress
-
-    def absorb(part: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        nonlocal parts, buffered
-        parts.append(part)
-        buffered += len(part[0])
-        if buffered > EDGE_BUDGET:  # the forest of the union keeps every answer exact
-            parts = [_forest(*(np.concatenate(c) for c in zip(*parts, strict=True)))]
-            buffered = len(parts[0][0])
-
-    if client is not None:
-        # hash=False: a fresh key each call; a reused content key can be released under us
-        nn_f, U_f = client.scatter([nn, U], broadcast=True, hash=False)
-        futs = [
-            client.submit(_chunk_forest, nn_f, U_f, a, b, max_eps, squared, pure=False)
-            for a, b in bounds
-        ]
-        for fut in track(futs, st, unit="rows", weights=weights):
-            absorb(fut.result())
-    else:
-        cm = stage(st, total=len(U), unit="rows") if isinstance(st, str) else _nullstage(st)
-        with cm as s:
-            for (a, b), w in zip(bounds, weights, strict=True):
-                absorb(_chunk_forest(nn, U, a, b, max_eps, squared))
-                s.advance(w)
-    if parts:
-        i, j, d = _forest(*(np.concatenate(c) for c in zip(*parts, strict=True)))
-    else:
-        i = j = np.empty(0, np.int64)
-        d = np.empty(0, np.float64)
-    o = np.lexsort((j, i, d))
+    if metric not in ("euclidean", "cosine"):
+        raise ConfigError(f"sweep: metric must be 'euclidean' or 'cosine', got {metric!r}")
+    shown = stage(progress, unit="tiles") if isinstance(progress, str) else nullcontext()
+    current = client.as_current() if client is not None else nullcontext()
+    with shown, current:
+        try:
+            rep, gi, gj, gd = eps_graph(X, float(max_eps), metric=metric)
+        except ValueError as exc:
+            raise InputError(f"sweep: {exc}") from None
+    # eps_graph names each row's representative by the first row with the same vector: in
+    # ascending order they are the unique rows by first appearance (readable pairs).
+    first, inverse = np.unique(rep, return_inverse=True)
+    ui, uj = np.searchsorted(first, gi), np.searchsorted(first, gj)
+    squared = metric == "euclidean"
+    w, tol = _keys(X, gi, gj, gd, squared)
+    i, j, fw = _forest(ui, uj, w)
+    o = np.lexsort((j, i, fw))
     log.info(
         "eps-graph: %d rows, %d unique, %d merges up to eps %g",
         len(X),
-        len(U),
-        len(d),
+        len(first),
+        len(fw),
         max_eps,
-        extra={"event": "eps_forest", "rows": len(X), "unique": len(U), "merges": len(d)},
+        extra={"event": "eps_forest", "rows": len(X), "unique": len(first), "merges": len(fw)},
     )
     return EpsForest(
-        inverse.astype(np.int64),
+        inverse.reshape(-1).astype(np.int64),
         first.astype(np.int64),
         i[o],
         j[o],
-        d[o],
+        fw[o],
         float(max_eps),
         metric,
         squared,
+        X=X,
+        lo=w - tol,
+        hi=w + tol,
+        client=client,
     )
 
 
-class _nullstage:
-    def __init__(self, st: Stage) -> None:
-        self.st = st
+def _keys(
+    X: np.ndarray, i: np.ndarray, j: np.ndarray, d: np.ndarray, squared: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each graph edge's key and the half-width of the interval in which rounding may decide
+    it either way, both float64, shape (n_edges,).
 
-    def __enter__(self) -> Stage:
-        return self.st
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    Euclidean: the squared distance from the float64 differences (what scikit-learn's trees
+    compare against ``eps * eps``); its brute force computes ``|x|^2 - 2 x.y + |y|^2`` in
+    float64 (float32 input is upcast by chunks), off by at most ``(d + 6) u (|x|^2 + |y|^2)``
+    with ``u = 2**-53``; four times that is the margin. Cosine: ``1 - cos``, which scikit-learn
+    computes in the input's precision (float32 stays float32).
+    """
+    dims = X.shape[1]
+    if not squared:
+        u = 2.0**-24 if X.dtype == np.float32 else 2.0**-53
+        return d.astype(np.float64), np.full(len(d), 4.0 * (dims + 6) * u * 2.0 + 4.0 * u)
+    w = np.empty(len(i), np.float64)
+    n2 = np.empty(len(i), np.float64)
+    step = max(1, 4_000_000 // max(1, dims))  # bounds the (edges x dims) float64 block
+    for a in range(0, len(i), step):
+        xi = X[i[a : a + step]].astype(np.float64)
+        xj = X[j[a : a + step]].astype(np.float64)
+        diff = xi - xj
+        w[a : a + step] = np.einsum("ij,ij->i", diff, diff)
+        n2[a : a + step] = np.einsum("ij,ij->i", xi, xi) + np.einsum("ij,ij->i", xj, xj)
+    u = 2.0**-53
+    return w, 4.0 * (dims + 6) * u * n2 + 4.0 * u * w
 
 
 # -- the sweep -----------------------------------------------------------------------------------
@@ -494,8 +484,6 @@ def sweep(
             if min_samples == 1:
                 labels = forest.labels(float(e))  # type: ignore[union-attr]
             else:
-                from .cluster import dbscan
-
                 labels = dbscan(X, float(e), min_samples=min_samples, metric=metric)[1]
             member = labels >= 0
             sizes = np.bincount(labels[member]) if member.any() else np.zeros(0, np.int64)
@@ -827,42 +815,41 @@ def _pairs_html(
     store: storage.Store,
     client: Any,
 ) -> str:
-    from .report import esc, html_page, make_thumbnails, thumb_html
+    from .report import make_thumbnails, render
 
     want = [str(paths[r]) for df in (inside, outside) for r in (*df["a"], *df["b"])]
     thumbs = make_thumbnails(store, want, client=client, progress="pairs")
 
-    def block(df: pd.DataFrame, title: str, cls: str, empty: str) -> str:
-        if df.empty:
-            return f'<h2>{esc(title)}</h2><p class="sub">{esc(empty)}</p>'
-        items = []
-        for row in df.itertuples(index=False):
-            pa, pb = str(paths[row.a]), str(paths[row.b])
-            figs = "".join(
-                f'<figure class="{cls}">{thumb_html(thumbs.get(p), p)}<figcaption>'
-                f'<span class="p">{esc(p)}</span></figcaption></figure>'
-                for p in (pa, pb)
-            )
-            items.append(
-                f'<section class="cl"><h3>d = {row.distance:.5g} <span class="m">'
-                f"({100 * row.distance / eps:.0f}% of eps)</span></h3>"
-                f'<div class="grid">{figs}</div></section>'
-            )
-        return f"<h2>{esc(title)}</h2>" + "".join(items)
+    def pairs(df: pd.DataFrame) -> list[dict[str, Any]]:
+        return [
+            {
+                "d": f"{row.distance:.5g}",
+                "pct": f"{100 * row.distance / eps:.0f}",
+                "paths": (str(paths[row.a]), str(paths[row.b])),
+            }
+            for row in df.itertuples(index=False)
+        ]
 
-    body = (
-        f'<h1>Pairs near eps = {eps:.5g}</h1><p class="sub">{esc(store.root)} · metric '
-        f"{esc(metric)}. Each pair is a single-linkage merge: the closest link between two "
-        "groups. Pairs inside join their groups at this eps (lower eps to split them); pairs "
-        "outside would join if eps were raised to their distance.</p>"
-        + block(
-            inside,
-            "Just inside eps (merged: their groups become one cluster)",
-            "keep",
-            "no merges at or below this eps",
-        )
-        + block(
-            outside, "Just outside eps (not merged)", "del", "no merges within 1.5 x eps above it"
-        )
+    blocks = [
+        {
+            "title": "Just inside eps (merged: their groups become one cluster)",
+            "cls": "keep",
+            "empty": "no merges at or below this eps",
+            "pairs": pairs(inside),
+        },
+        {
+            "title": "Just outside eps (not merged)",
+            "cls": "del",
+            "empty": "no merges within 1.5 x eps above it",
+            "pairs": pairs(outside),
+        },
+    ]
+    return render(
+        "pairs.html.j2",
+        title=f"dedup-batch: pairs near eps {eps:.5g}",
+        eps_text=f"{eps:.5g}",
+        root=store.root,
+        metric=metric,
+        blocks=blocks,
+        thumbs=thumbs,
     )
-    return html_page(f"dedup-batch: pairs near eps {eps:.5g}", body)

@@ -177,3 +177,32 @@ def test_recorded_options_drop_userinfo_and_unknown_values() -> None:
     assert recorded["endpoint_url"] == "http://127.0.0.1:9000"
     assert recorded["client_kwargs"] == {"region_name": "eu-west-1"}
     assert recorded["credential"] == "***"
+
+
+def test_help_and_the_job_spec_load_no_numeric_stack() -> None:
+    """`dedup-batch --help` and the job-spec check import neither numpy, pandas, scipy nor
+    scikit-learn: the keep policies live in dedup_batch.policies, the stages load on use."""
+    import os
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, contextlib, io\n"
+        "from dedup_batch.cli import main\n"
+        "from dedup_batch.config import JobSpec\n"
+        "JobSpec.from_mapping({'root': '/r', 'eps': 0.3, 'keep': 'original'})\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['plan', '--help'])\n"
+        "print(sorted(m for m in ('numpy', 'pandas', 'scipy', 'sklearn') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": repo},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr

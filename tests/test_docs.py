@@ -70,3 +70,13 @@ def test_every_module_is_in_the_architecture_map() -> None:
     mapped = set(re.findall(r"^\| `([a-z_]+)` \|", table, re.M))
     assert modules - mapped == set(), "modules missing from docs/architecture.md"
     assert mapped - modules == set(), "docs/architecture.md names modules that do not exist"
+
+
+def test_architecture_links_stay_inside_the_repository() -> None:
+    """docs/architecture.md is the map of this repository: its links name files in it (a link
+    to a web page goes stale without anyone noticing)."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    assert not re.search(r"https?://", text), "docs/architecture.md links outside the repository"
+    for target in re.findall(r"\]\(([^)#]+)", text):
+        assert (REPO / "docs" / target).resolve().is_relative_to(REPO), target
+        assert (REPO / "docs" / target).exists(), f"broken link {target}"

@@ -290,3 +290,36 @@ def test_demo_command(tmp_path: Path, capsys) -> None:
     (tmp_path / "mine" / "precious.txt").write_text("x")
     assert main(["demo", "--dir", str(tmp_path / "mine"), "--n-workers", "1"]) == 2
     assert (tmp_path / "mine" / "precious.txt").exists()
+
+
+def test_report_and_sweep_are_pipeline_calls(demo: dict, tmp_path: Path) -> None:
+    """pipeline.report rebuilds the report of a plan directory (root from its job.yaml);
+    pipeline.sweep writes into the plan's sweep/ folder and notes it in summary.json."""
+    import dataclasses
+
+    from dedup_batch import pipeline
+    from dedup_batch.config import JobSpec
+
+    base, features = fresh_copy(demo, tmp_path)
+    out = tmp_path / "plan"
+    spec = JobSpec.from_mapping(
+        {
+            "features": [features],
+            "root": str(base / "photos"),
+            "eps": DEMO_EPS,
+            "out": str(out),
+            "report": False,
+        }
+    )
+    planned = pipeline.plan(spec)
+    assert not (out / "report.html").exists() and "report" not in planned.summary
+    made = pipeline.report(str(out), dataclasses.replace(spec, root=None), max_members=2)
+    assert made.url == str(out / "report.html") and (out / "report.html").is_file()
+    assert made.clusters_total == planned.summary["counts"]["duplicate_clusters"]
+    assert json.loads((out / "summary.json").read_text())["report"]["pages"] == made.pages
+    swept = pipeline.sweep(spec, eps_values=[DEMO_EPS / 2, DEMO_EPS])
+    assert (out / "sweep" / "sweep.csv").is_file() and (out / "sweep" / "pairs.html").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sweep"]["dir"] == "sweep" and summary["report"]["pages"] == made.pages
+    # the chain guard can only keep more than DBSCAN's one keeper per cluster
+    assert swept.table["deletions"].iloc[-1] >= planned.summary["counts"]["delete"]

@@ -372,3 +372,46 @@ def test_plan_warnings_are_a_banner(tmp_path):
     assert "--protect &#x27;Family/&lt;b&gt;*&#x27; matches none" in banner
     assert "the largest cluster holds 90% of the images" in banner
     assert text.index("banner") < text.index('<div class="cards">')  # above everything else
+
+
+def test_a_hostile_path_is_escaped_in_every_template(tmp_path):
+    """Every page template (report.html, its later pages, pairs.html) prints a hostile name,
+    root and warning as text: no tag, no attribute breaks out."""
+    from importlib.resources import files
+
+    import numpy as np
+
+    from dedup_batch.sweep import write_sweep
+
+    templates = {p.name for p in files("dedup_batch").joinpath("templates").iterdir()}
+    pages = {t for t in templates if not t.startswith("_")}
+    assert pages == {"report.html.j2", "pairs.html.j2"}, "a new page template: test it here"
+    root = tmp_path / EVIL.replace(".png", "")  # a root folder named like an attack, too
+    rows = [
+        (EVIL, 0, True, EVIL, 0.0, picture(1)),
+        ("k/" + EVIL, 0, False, EVIL, 0.2, picture(2)),
+        ("x.jpg", 1, True, "x.jpg", 0.0, picture(3)),
+        ("y.jpg", 1, False, "x.jpg", 0.3, picture(4)),
+    ]
+    write_images_local(root, rows)
+    plan_dir = tmp_path / "plan"
+    write_plan_dir(str(plan_dir), str(root), rows)
+    summary = json.loads((plan_dir / "summary.json").read_text())
+    summary["warnings"] = [EVIL, {"message": EVIL}]
+    (plan_dir / "summary.json").write_text(json.dumps(summary))
+    build_report(str(plan_dir), store=Store(str(root)), clusters_per_page=1)
+    paths = [r[0] for r in rows]
+    X = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.25]])
+    write_sweep(paths, X, str(tmp_path / "sweep"), eps_values=[0.15, 0.2], store=Store(str(root)))
+    written = [
+        plan_dir / "report.html",
+        plan_dir / "report-2.html",
+        tmp_path / "sweep" / "pairs.html",
+    ]
+    for page in written:
+        text = page.read_text()
+        assert "<script>alert" not in text and "\"q'" not in text, page.name
+        assert html_escaped(EVIL) in text, page.name
+        assert text.count("<script>") == 1  # only the page's own (hashed) script
+    first = written[0].read_text()
+    assert first.count(f"<li>{html_escaped(EVIL)}</li>") == 2  # both warnings, as text

@@ -152,3 +152,63 @@ def testsecret_values_follow_redact():
     assert set(secret_values(opts)) == {"k-123", "s-456", "tok-789"}
     assert "http://x" not in secret_values(opts)
     assert redact(opts)["secret"] == "***"
+
+
+# -- the package's single owners: options rule, error translator, atomic write ----------------
+def test_one_rule_for_url_options():
+    from dedup_batch.storage import S3_DEFAULT_CONFIG, url_options
+
+    opts = {"endpoint_url": "http://127.0.0.1:9", "key": "k"}
+    assert url_options("/data/plan", opts) == {}
+    assert url_options("file:///data/plan", opts) == {}
+    assert url_options("memory://p", opts) == opts
+    s3 = url_options("s3://b/p", {**opts, "config_kwargs": {"read_timeout": 99}})
+    assert s3["config_kwargs"]["read_timeout"] == 99  # the job's own setting wins
+    assert s3["config_kwargs"]["connect_timeout"] == S3_DEFAULT_CONFIG["connect_timeout"]
+
+
+def test_one_translator_names_what_and_hides_secrets():
+    from dedup_batch.storage import translated
+
+    opts = {"secret": "hush-hush-1234", "endpoint_url": "http://127.0.0.1:9"}
+    with pytest.raises(StorageError) as exc, translated("reading s3://b/k", opts):
+        raise PermissionError("denied for hush-hush-1234")
+    msg = str(exc.value)
+    assert msg.startswith("reading s3://b/k: access denied: check the credentials")
+    assert "hush-hush-1234" not in msg and "\n" not in msg
+    with pytest.raises(FileNotFoundError), translated("x", opts):  # the caller's to decide
+        raise FileNotFoundError("k")
+    with pytest.raises(TypeError), translated("x", opts):  # a bug is not the store's answer
+        raise TypeError("bug")
+
+
+def test_store_and_url_errors_share_the_translator():
+    """A Store call and a URL read against an unreachable endpoint: one wording, no secrets."""
+    from dedup_batch.storage import read_bytes
+
+    opts = {
+        "endpoint_url": "http://127.0.0.1:9",
+        "key": "AKIDUNREACHABLE2",
+        "secret": "unreachable-secret-2",
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    }
+    store = Store("s3://bkt/root", opts)
+    store.fs.retries = 1
+    hint = "cannot reach the storage endpoint http://127.0.0.1:9: check endpoint_url"
+    with pytest.raises(StorageError) as by_store:
+        store.read_bytes(store.resolve("journal/x.json"))
+    with pytest.raises(StorageError) as by_url:
+        read_bytes("s3://bkt/root/journal/x.json", opts)
+    for msg, where in ((str(by_store.value), "under 's3://bkt/root': "), (str(by_url.value), "")):
+        assert f"{where}{hint}" in msg, msg
+        assert "unreachable-secret-2" not in msg and "AKIDUNREACHABLE2" not in msg
+
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    from dedup_batch.storage import write_url
+
+    target = tmp_path / "d" / "summary.json"
+    write_url(str(target), b"one")
+    Store(str(tmp_path)).write_bytes(str(target), b"two")
+    assert target.read_bytes() == b"two"
+    assert os.listdir(target.parent) == ["summary.json"]

@@ -222,3 +222,50 @@ def test_write_sweep_outputs(tmp_path):
     assert 'data-status="missing"' in inside
     assert res.summary_entry()["pairs_eps"] == 0.2 and res.summary_entry()["csv"] == "sweep.csv"
     assert "precision" in res.format_table()
+
+
+def _plan_labels(X, eps, metric="euclidean"):
+    """The labels the plan gets: the pipeline's own DBSCAN (dedup_batch.cluster)."""
+    from dedup_batch.cluster import DBSCAN as PlanDBSCAN
+
+    return PlanDBSCAN(eps=eps, min_samples=1, metric=metric).fit(X).labels_
+
+
+@pytest.mark.parametrize(
+    ("name", "metric"),
+    [("grid-3d", "euclidean"), ("grid-20d", "euclidean"), ("pdq-like", "euclidean"),
+     ("cosine-f32", "cosine")],
+)  # fmt: skip
+def test_partition_at_every_eps_is_the_plans(name, metric):
+    """The sweep's labels at each eps are the plan's labels, ties at exactly eps included:
+    integer grids (distances exactly 1, sqrt(2), 2, ...; d=3 uses scikit-learn's tree, d=20
+    its brute force) and +-1 'PDQ' vectors, where eps = 2 sqrt(k) sits exactly on Hamming k."""
+    rng = np.random.default_rng(len(name))
+    if name.startswith("grid"):
+        d = 3 if name == "grid-3d" else 20
+        X = np.zeros((160, d))
+        X[:, :3] = rng.integers(0, 6, size=(160, 3))
+        eps = [1.0, math.sqrt(2), math.sqrt(3), 2.0, math.sqrt(5), 0.5, 2.5]
+    elif name == "pdq-like":
+        base = rng.choice([-1.0, 1.0], size=(20, 64))
+        flips = rng.integers(0, 64, size=(120, 3))
+        X = base[rng.integers(0, 20, 120)].copy()
+        for r, cols in enumerate(flips):
+            X[r, cols[: r % 4]] *= -1  # 0-3 bits flipped: Hamming distances 0..6 apart
+        X = X.astype(np.float32)
+        eps = [2 * math.sqrt(k) for k in (1, 2, 3, 4, 6)]
+    else:
+        X = rng.normal(size=(200, 16)).astype(np.float32)
+        X = np.concatenate([X, X[:50] + rng.normal(scale=0.05, size=(50, 16)).astype(np.float32)])
+        eps = [0.001, 0.004, 0.01, 0.03]
+    forest = eps_forest(X, max(eps), metric=metric, progress=None)
+    table = sweep(X, eps, metric=metric)
+    tied = 0
+    for e, row in zip(sorted(eps), table.itertuples(index=False), strict=True):
+        expected = _plan_labels(X, e, metric)
+        np.testing.assert_array_equal(forest.labels(e), expected, err_msg=f"{name} eps {e}")
+        assert forest.n_clusters(e) == expected.max() + 1
+        assert row.clusters == expected.max() + 1 and row.deletions == len(X) - row.clusters
+        tied += forest._tied(e)
+    if name != "cosine-f32":  # exact ties exist there by construction, and were decided so
+        assert tied >= 3

@@ -1,0 +1,238 @@
+"""Where a stage's tasks run: a Dask client's workers, or a local thread pool.
+
+The one owner of "a client, or threads": :func:`run_tasks` submits ``fn(*args, item)`` for each
+item, keeps at most ``max_in_flight`` tasks running, yields each finished task's future as it
+completes (so results never pile up on the client), advances a progress stage, and on an error
+or Ctrl-C starts nothing new: queued thread tasks are cancelled (running ones finish), Dask tasks
+still pending are cancelled. Used by ``apply``, ``report``, ``images`` and ``sweep``. ``cluster``
+and ``load`` still schedule their own tasks (their owners adopt this helper later; see
+docs/architecture.md).
+
+Stages take the client as an argument; nothing here looks for a "current" client.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from . import progress as _progress
+from .progress import Stage
+
+__all__ = ["DEFAULT_THREADS", "run_batches", "run_tasks", "scatter", "total_threads"]
+
+#: Threads of the local pool when no client is given: the stages that use it (deletes, header
+#: and thumbnail reads) mostly wait on storage, so more threads than cores pay off.
+DEFAULT_THREADS = 8
+
+
+def total_threads(client: Any) -> int:
+    """Worker threads of ``client``'s cluster (at least 1); :data:`DEFAULT_THREADS` without
+    a client. For sizing how many tasks to keep in flight."""
+    if client is None:
+        return DEFAULT_THREADS
+    return max(1, sum(client.nthreads().values()))
+
+
+def scatter(client: Any, obj: Any) -> Any:
+    """``obj`` sent once to every worker (a future to pass to tasks), or ``obj`` itself
+    without a client.
+
+    ``hash=False``: a fresh key each call, so a previous call's release cannot race this one.
+    A broadcast puts a full copy on every worker: it caps the job at the smallest worker's
+    memory.
+    """
+    if client is None:
+        return obj
+    return client.scatter(obj, broadcast=True, hash=False)
+
+
+def run_tasks(
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    *args: Any,
+    client: Any = None,
+    threads: int = DEFAULT_THREADS,
+    max_in_flight: int | None = None,
+    progress: Stage | str | None = None,
+    weights: Sequence[int] | None = None,
+    unit: str = "tasks",
+    name: str = "task",
+) -> Iterator[tuple[Any, Any]]:
+    """Run ``fn(*args, item)`` for every item; yield ``(item, future)`` as each finishes.
+
+    Parameters
+    ----------
+    fn : callable
+        The task; pickled to the workers with ``args`` when ``client`` is given.
+    items : sequence
+        One task per item, submitted in order.
+    *args
+        Leading arguments of every task (a :class:`~dedup_batch.storage.Store`, a scattered
+        future, ...).
+    client : distributed.Client, optional
+        Run on its workers (``pure=False`` and a per-call key: a re-run executes again, never
+        reuses an earlier result). Without one, a thread pool of ``min(threads, len(items))``.
+    threads : int
+        Pool size without a client.
+    max_in_flight : int, optional
+        Tasks submitted but not yet yielded, at most (default: all at once). Bounds the memory
+        of finished-but-unread results and, for deletes, the request rate.
+    progress : Stage or str or None
+        A running stage to advance (by each task's weight), the name of a stage to open, or
+        ``None``: advance the innermost running stage, if any.
+    weights : sequence of int, optional
+        Items each task stands for (e.g. images per batch); default 1 each.
+    unit : str
+        Display unit when a stage is opened.
+    name : str
+        Part of the Dask keys and thread names (``dedup-<name>-000012-<run>``).
+
+    Yields
+    ------
+    (item, future)
+        The future is done; ``future.result()`` returns the task's value or raises its error,
+        for the caller to handle. A Dask future is released once the caller moves on.
+
+    Notes
+    -----
+    Memory on the client: the futures in flight and whatever results the caller keeps.
+    """
+    if not items:
+        return
+    weights = [1] * len(items) if weights is None else list(weights)
+    if len(weights) != len(items):
+        raise ValueError(f"run_tasks: {len(weights)} weights for {len(items)} items")
+    total = int(sum(weights))
+    limit = len(items) if max_in_flight is None else max(1, int(max_in_flight))
+    cm: AbstractContextManager[Stage | None]
+    if isinstance(progress, str):
+        cm = _progress.stage(progress, total=total, unit=unit)
+    else:
+        cm = nullcontext(progress)
+    with cm as st:
+        if st is not None and st.total is None:
+            st.set_total(total)
+
+        def advance(w: int) -> None:
+            if st is not None:
+                st.advance(w)
+            else:
+                _progress.advance(w, total=total)
+
+        if client is None:
+            n = min(threads, len(items))
+            yield from _run_threads(fn, items, args, n, limit, weights, advance, name)
+        else:
+            yield from _run_dask(fn, items, args, client, limit, weights, advance, name)
+
+
+def run_batches(
+    fn: Callable[..., Any],
+    batches: Sequence[Sequence[Any]],
+    *args: Any,
+    client: Any = None,
+    threads: int = DEFAULT_THREADS,
+    progress: Stage | str | None = None,
+    unit: str = "images",
+    name: str = "batches",
+) -> Iterator[tuple[Any, Any]]:
+    """:func:`run_tasks` over batches of items (``fn(*args, batch)``), each task weighing its
+    batch's length. ``progress=None`` counts on a detached stage that is never displayed
+    (unlike :func:`run_tasks`, which then advances the running stage)."""
+    st = Stage(name, unit=unit) if progress is None else progress
+    return run_tasks(
+        fn,
+        batches,
+        *args,
+        client=client,
+        threads=threads,
+        progress=st,
+        weights=[len(b) for b in batches],
+        unit=unit,
+        name=name,
+    )
+
+
+def _run_threads(
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    args: tuple[Any, ...],
+    n_threads: int,
+    limit: int,
+    weights: Sequence[int],
+    advance: Callable[[int], None],
+    name: str,
+) -> Iterator[tuple[Any, Any]]:
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, n_threads), thread_name_prefix=f"dedup-{name}"
+    )
+    pending: dict[Any, int] = {}
+    queue = iter(range(len(items)))
+    try:
+        for i in _take(queue, limit):
+            pending[pool.submit(fn, *args, items[i])] = i
+        while pending:
+            finished, _ = concurrent.futures.wait(
+                pending, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for fut in finished:
+                i = pending.pop(fut)
+                advance(weights[i])
+                yield items[i], fut
+                for j in _take(queue, 1):
+                    pending[pool.submit(fn, *args, items[j])] = j
+    finally:
+        # Tasks already running finish (a delete batch journals itself); queued ones never start.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_dask(
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    args: tuple[Any, ...],
+    client: Any,
+    limit: int,
+    weights: Sequence[int],
+    advance: Callable[[int], None],
+    name: str,
+) -> Iterator[tuple[Any, Any]]:
+    from distributed import as_completed
+
+    run = uuid.uuid4().hex[:8]
+    pending: dict[Any, int] = {}  # every key is unique (index and run), so futures hash apart
+    queue = iter(range(len(items)))
+    # raise_errors=False: a failed task is yielded like any other and raises at .result()
+    ac = as_completed(raise_errors=False)
+
+    def submit(i: int) -> None:
+        fut = client.submit(fn, *args, items[i], key=f"dedup-{name}-{i:06d}-{run}", pure=False)
+        pending[fut] = i
+        ac.add(fut)
+
+    try:
+        for i in _take(queue, limit):
+            submit(i)
+        for fut in ac:
+            i = pending.pop(fut)
+            advance(weights[i])
+            yield items[i], fut
+            fut.release()
+            for j in _take(queue, 1):
+                submit(j)
+    finally:
+        if pending:
+            client.cancel(list(pending))
+
+
+def _take(it: Iterator[int], n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        i = next(it, None)
+        if i is None:
+            break
+        out.append(i)
+    return out
