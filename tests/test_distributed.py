@@ -1,0 +1,145 @@
+"""The vectors stay on the Dask workers: distributed load and DBSCAN on real `dask scheduler` and
+`dask worker --memory-limit` processes started here."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tests._shards as sh
+from dedup_batch.errors import InputError
+from dedup_batch.load import DistributedFeatures, Features, load_features
+from dedup_batch.storage import Store
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[1]
+#: Each worker's --memory-limit: above a worker's own footprint (~150 MB with numpy, scipy and
+#: scikit-learn loaded), below the size of the X of the memory test.
+WORKER_LIMIT = 400 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", *args], env=env, stdout=fh, stderr=subprocess.STDOUT
+        )
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `dask scheduler` and two `dask worker --memory-limit` processes (1 thread each)."""
+    from distributed import Client
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    logs = tmp_path_factory.mktemp("dask-logs")
+    scheduler_args = ["--host", "127.0.0.1", "--port", str(port)]
+    scheduler_args += ["--dashboard-address", "127.0.0.1:0", "--no-show"]
+    procs = [_spawn(["distributed.cli.dask_scheduler", *scheduler_args], logs / "s.log", env)]
+    try:
+        time.sleep(1)
+        for i in range(2):
+            worker_args = [address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1"]
+            worker_args += ["--memory-limit", str(WORKER_LIMIT), "--no-dashboard"]
+            worker_args += ["--local-directory", str(logs / f"w{i}")]
+            procs.append(
+                _spawn(["distributed.cli.dask_worker", *worker_args], logs / f"w{i}.log", env)
+            )
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def client(scheduler: str) -> Iterator:
+    from distributed import Client
+
+    with Client(scheduler, timeout="30s") as c:
+        yield c
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Store:
+    (tmp_path / "feat").mkdir()
+    return Store(str(tmp_path))
+
+
+def _shard(root: Store, name: str, paths: list[str], X: np.ndarray) -> str:
+    return sh.put(os.path.join(root.root, "feat", name), sh.wide_parquet(paths, X))
+
+
+# -- load ----------------------------------------------------------------------------------------
+def test_load_leaves_validated_blocks_on_the_workers(root, client):
+    from distributed import futures_of
+
+    a_paths, a_X = sh.vectors(50, 8, seed=1)
+    b_paths, b_X = sh.vectors(30, 8, seed=2, prefix="other")
+    b_paths[0], b_X[0] = a_paths[2], a_X[2]  # same object, same vector, in another shard
+    b_paths[5], b_X[5] = "./" + a_paths[7], a_X[7]  # another spelling of one object
+    _shard(root, "a.parquet", a_paths, a_X)
+    _shard(root, "b.parquet", b_paths, b_X)
+    _shard(root, "c.parquet", [], np.empty((0, 8), np.float32))
+    url = os.path.join(root.root, "feat", "*.parquet")
+    f = load_features(url, store=root, client=client, distributed="always")
+    assert isinstance(f, DistributedFeatures)
+    keep = [i for i in range(30) if i not in (0, 5)]
+    assert f.X.chunks == ((50, 28), (8,))  # one block per non-empty shard, kept apart
+    # persisted: every block is held by a worker, none computed here
+    assert all(fut.status == "finished" for fut in futures_of(f.X))
+    np.testing.assert_array_equal(f.X.compute(), np.concatenate([a_X, b_X[keep]]))
+    assert f.path_array().tolist() == a_paths + [b_paths[i] for i in keep]
+    gathered = load_features(url, store=root, client=client, distributed="never")
+    assert isinstance(gathered, Features)
+    np.testing.assert_array_equal(gathered.X, f.X.compute())
+    # auto: these 78 rows fit anywhere, so they are gathered
+    assert isinstance(load_features(url, store=root, client=client, distributed="auto"), Features)
+
+
+def test_load_on_workers_refuses_what_the_gathered_load_refuses(root, client):
+    a_paths, a_X = sh.vectors(40, 4, seed=1)
+    b_paths, b_X = sh.vectors(40, 4, seed=2, prefix="other")
+    b_paths[3] = a_paths[1]  # the same object with another vector
+    b_paths[9] = a_paths[30]
+    a = _shard(root, "a.parquet", a_paths, a_X)
+    b = _shard(root, "b.parquet", b_paths, b_X)
+    url = os.path.join(root.root, "feat", "*.parquet")
+    with pytest.raises(InputError) as err:
+        load_features(url, store=root, client=client, distributed="always")
+    assert str(err.value).startswith(
+        f"path 'img/00001.jpg' at {b} row 3 names the same object ('img/00001.jpg') as "
+        f"'img/00001.jpg' at {a} row 1, with a different vector"
+    )
+    bad = a_X.copy()
+    bad[17, 2] = np.nan
+    _shard(root, "b.parquet", [p.replace("img", "x") for p in a_paths], bad)
+    with pytest.raises(InputError, match=r"b\.parquet: row 17 .* nan in column '2'"):
+        load_features(url, store=root, client=client, distributed="always")
+    _shard(root, "b.parquet", b_paths[:1], np.ones((1, 5), np.float32))
+    with pytest.raises(InputError, match="has 5-dimensional vectors but"):
+        load_features(url, store=root, client=client, distributed="always")
