@@ -143,3 +143,93 @@ def test_load_on_workers_refuses_what_the_gathered_load_refuses(root, client):
     _shard(root, "b.parquet", b_paths[:1], np.ones((1, 5), np.float32))
     with pytest.raises(InputError, match="has 5-dimensional vectors but"):
         load_features(url, store=root, client=client, distributed="always")
+
+
+# -- cluster -------------------------------------------------------------------------------------
+def _data(kind: str, seed: int = 0) -> np.ndarray:
+    """Named inputs with known hard spots (float32)."""
+    rng = np.random.default_rng(seed)
+    if kind == "groups":  # noisy copies of 150 centres, a dense near-identical group, copies
+        base = rng.standard_normal((150, 24)).astype(np.float32) * 3
+        X = np.concatenate(
+            [base + 0.35 * rng.standard_normal(base.shape, np.float32) for _ in (0,) * 8]
+        )
+        X[:200] = X[0] + 1e-4 * rng.standard_normal((200, 24), np.float32)
+        X = X[rng.permutation(len(X))]
+        X[[7, 611, 1190]] = X[300]  # bitwise copies in three blocks
+        return X
+    if kind == "lattice":  # 0/1 in 6 of 16 dims, 3 far groups: many ties at eps 1 and sqrt 2
+        X = np.zeros((900, 16), np.float32)
+        X[:, :6] = rng.integers(0, 2, size=(900, 6))
+        X[:, 8] = rng.integers(0, 3, size=900) * 10
+        return X
+    if kind == "sorted":  # a line of points in spatial order: block balls prune far blocks
+        X = 0.15 * rng.standard_normal((1200, 20)).astype(np.float32)
+        X[:, 0] = np.sort(rng.uniform(0, 1000, 1200))
+        return X
+    raise ValueError(kind)
+
+
+CASES = [
+    ("groups", "euclidean", 2.3, 1),
+    ("groups", "euclidean", 2.3, 5),
+    ("groups", "cosine", 0.03, 1),
+    ("groups", "cosine", 0.03, 4),
+    ("lattice", "euclidean", 1.0, 1),
+    ("lattice", "euclidean", float(np.sqrt(np.float64(2))), 3),
+    ("sorted", "euclidean", 1.5, 1),
+    ("sorted", "euclidean", 1.5, 3),
+]
+
+
+@pytest.mark.parametrize(("kind", "metric", "eps", "min_samples"), CASES)
+def test_fit_equals_scikit_learn(client, monkeypatch, caplog, kind, metric, eps, min_samples):
+    import logging
+
+    import dask.array as da
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    import dedup_batch.cluster_dask as cd
+    from dedup_batch.cluster import DBSCAN
+
+    X = _data(kind)
+    d = X.shape[1]
+    monkeypatch.setattr(cd, "BLOCK_BYTES", 256 * 4 * d)  # 256-row blocks: many tiles
+    Xd = client.persist(da.from_array(X, chunks=(300, d)))
+    with caplog.at_level(logging.INFO, "dedup_batch.cluster_dask"):
+        est = DBSCAN(eps=eps, min_samples=min_samples, metric=metric).fit(Xd)
+    sk = SkDBSCAN(eps=eps, min_samples=min_samples, metric=metric).fit(X)
+    np.testing.assert_array_equal(est.labels_, sk.labels_)
+    np.testing.assert_array_equal(est.core_sample_indices_, sk.core_sample_indices_)
+    np.testing.assert_array_equal(est.components_.compute(), sk.components_)
+    assert len(set(sk.labels_) - {-1}) >= 2  # neither all noise nor one cluster
+    if metric == "euclidean":  # euclidean is always decided on the workers
+        assert "gathering X" not in caplog.text
+        assert "block pairs computed" in caplog.text
+    if kind == "sorted":  # blocks in spatial order: far block pairs are never scheduled
+        pruned = caplog.text.split("DBSCAN (distributed): ")[1]
+        done, total = (int(x) for x in pruned.split("; ")[1].split(" block pairs")[0].split(" of "))
+        assert done < total
+
+
+def test_not_covered_inputs_are_gathered_and_still_exact(client, caplog):
+    import logging
+
+    import dask.array as da
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    from dedup_batch.cluster import DBSCAN
+
+    X = _data("groups")[:400]
+    for Xn, kw in [
+        (X.astype(np.float64), {"metric": "euclidean"}),  # float64
+        (X[:, :8], {"metric": "euclidean"}),  # d <= 15: scikit-learn's KD-tree decides
+        (X, {"metric": "manhattan"}),
+        (np.vstack([X, np.zeros((2, 24), np.float32)]), {"metric": "cosine"}),  # zero rows
+    ]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "dedup_batch.cluster_dask"):
+            est = DBSCAN(eps=0.9, min_samples=2, **kw).fit(da.from_array(Xn, chunks=(150, -1)))
+        sk = SkDBSCAN(eps=0.9, min_samples=2, **kw).fit(Xn)
+        np.testing.assert_array_equal(est.labels_, sk.labels_)
+        assert "gathering X on the client" in caplog.text
