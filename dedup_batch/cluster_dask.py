@@ -58,7 +58,7 @@ from .cluster import (
     _UnionFind,
 )
 
-__all__ = ["BLOCK_BYTES", "fit_dask"]
+__all__ = ["BLOCK_BYTES", "ClusteredRows", "clustered_rows", "fit_dask", "sample_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -618,3 +618,74 @@ def _number(roots: np.ndarray) -> np.ndarray:
 def _keys(X: Any) -> list[Any]:
     """The keys of X's row blocks, in order (one column block)."""
     return [k for row in X.__dask_keys__() for k in row]
+
+
+# --------------------------------------------------------------------------------------------
+# Rows the later stages read
+# --------------------------------------------------------------------------------------------
+
+
+class ClusteredRows:
+    """The rows of a dask array that belong to clusters with more than one member, fetched
+    once; indexing by row numbers of the whole array (``X[members]``) reads from them.
+
+    Attributes
+    ----------
+    shape : tuple (n, d)
+        The whole array's shape.
+    rows : ndarray of int64, shape (k,)
+        The rows held, ascending. Memory: ``k × d × 4`` bytes, where ``k`` counts the rows in
+        clusters of two or more (what ``select`` compares), usually a small part of n.
+    """
+
+    def __init__(self, shape: tuple[int, int], rows: np.ndarray, values: np.ndarray) -> None:
+        self.shape = shape
+        self.rows = rows
+        self.values = values
+        self.dtype = values.dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = np.asarray(idx)
+        pos = np.searchsorted(self.rows, idx)
+        if np.any(pos >= len(self.rows)) or np.any(
+            self.rows[np.minimum(pos, len(self.rows) - 1)] != idx
+        ):
+            raise IndexError("row not in a cluster of two or more: not fetched from the workers")
+        return self.values[pos]
+
+
+def clustered_rows(X: Any, labels: np.ndarray) -> ClusteredRows:
+    """Fetch the rows of ``X`` (a dask array) whose label is shared by another row.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n, d)
+    labels : ndarray of int, shape (n,)
+        DBSCAN labels (-1 = noise, never fetched).
+
+    Returns
+    -------
+    ClusteredRows
+    """
+    lab = np.asarray(labels)
+    counts = np.bincount(lab[lab >= 0], minlength=1)
+    rows = np.flatnonzero((lab >= 0) & (counts[np.maximum(lab, 0)] > 1))
+    values = X[rows].compute() if len(rows) else np.empty((0, X.shape[1]), X.dtype)
+    return ClusteredRows(tuple(X.shape), rows, np.ascontiguousarray(values))
+
+
+def sample_rows(
+    X: Any, labels: np.ndarray, size: int = 20000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform random sample of at most ``size`` rows of ``X`` (a dask array) and their
+    labels, for estimates that need vectors (the k-distance knee of ``diagnose``): ``(rows
+    (k, d), labels (k,))``. Memory: ``size × d × 4`` bytes (40 MB at 512-d)."""
+    n = X.shape[0]
+    pick = np.arange(n)
+    if n > size:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    return np.ascontiguousarray(X[pick].compute()), np.asarray(labels)[pick]

@@ -233,3 +233,26 @@ def test_not_covered_inputs_are_gathered_and_still_exact(client, caplog):
         sk = SkDBSCAN(eps=0.9, min_samples=2, **kw).fit(Xn)
         np.testing.assert_array_equal(est.labels_, sk.labels_)
         assert "gathering X on the client" in caplog.text
+
+
+# -- the whole plan ------------------------------------------------------------------------------
+def test_plan_is_the_same_in_process_and_distributed(tmp_path, scheduler, client):
+    """Through the public entry point: the demo planned with the vectors gathered and with
+    them left on the workers gives the same plan, row for row."""
+    import pandas as pd
+
+    from dedup_batch.config import JobSpec
+    from dedup_batch.demo import DEMO_EPS, make_demo
+    from dedup_batch.pipeline import plan
+
+    info = make_demo(tmp_path / "demo", n_images=60, seed=3, shards=4)
+    base = {"features": [info["features"]], "root": info["root"], "eps": DEMO_EPS}
+    base["report"] = False
+    results = {}
+    for mode in ("never", "always"):
+        spec = JobSpec.from_mapping({**base, "out": str(tmp_path / mode), "distributed": mode})
+        results[mode] = plan(spec, client)
+    gathered, spread = results["never"].plan, results["always"].plan
+    assert len(gathered) == info["images"] and (~gathered["keep"]).sum() > 10  # it deletes
+    pd.testing.assert_frame_equal(gathered, spread)
+    assert pd.read_parquet(tmp_path / "always" / "plan.parquet").equals(spread)
