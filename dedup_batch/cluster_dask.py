@@ -35,6 +35,8 @@ rounds by shape (scikit-learn's whole row chunk is then needed).
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -45,16 +47,23 @@ from . import progress
 from .cluster import (
     _U32,
     _U64,
+    LEAF,
+    N_BOUND_DIMS,
+    SPLIT_CELLS,
+    _border_min,
     _float32_band,
     _forest,
     _Irregular,
+    _LiveRoots,
     _Mode,
+    _PassCtx,
     _per_row,
+    _Prepared,
     _recheck,
     _refine,
     _resolve_mode,
-    _restrict,
     _SkDecider,
+    _tile_task,
     _UnionFind,
 )
 
@@ -164,153 +173,254 @@ def _block_sum(x: np.ndarray) -> tuple[np.ndarray, int]:
     return x.sum(axis=0, dtype=np.float64), zero
 
 
-def _prep_block(x: np.ndarray, p: SimpleNamespace) -> tuple[np.ndarray, ...]:
-    """A block's float32 working rows and their rounding bounds, as the in-process engine
-    prepares them (``cluster._prepare``): ``(C, csq, band, sk_err)``.
-
-    ``C`` (m, d) float32: rows centred on the global mean (euclidean) or normalised (cosine),
-    ``csq`` (m,) float64 their squared norms, ``band`` (m,) the bound on |float32 value - exact
-    value| of a squared distance near the threshold, ``sk_err`` (m,) scikit-learn's own
-    rounding. Memory: one (m, d) float64 temporary.
-    """
+def _centred(x: np.ndarray, g: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]:
+    """``(c64, sq)``: rows centred on the global mean (euclidean) or normalised (cosine) in
+    float64, as ``cluster._prepare`` does, and the squared norms of the raw rows."""
     x64 = x.astype(np.float64)
     sq = np.einsum("ij,ij->i", x64, x64)
-    if p.cosine:
+    if g.cosine:
         x64 /= np.sqrt(sq)[:, None]
-        sk_err = np.full(len(x), 2.0 * (p.d + 8) * _U32 * 2.0)
     else:
-        x64 -= p.mean
-        sk_err = (4.0 * (p.d + 8) * _U64) * sq + 64 * _U64 * p.threshold
-    csq = np.einsum("ij,ij->i", x64, x64)
-    band = _float32_band(csq, p.d + 2, p.threshold) + sk_err
-    return x64.astype(np.float32), csq, band, sk_err
+        x64 -= g.mean
+    return x64, sq
 
 
-def _block_ball(x: np.ndarray, p: SimpleNamespace) -> tuple[np.ndarray, float, float]:
-    """Dask task: ``(centroid, radius, largest band)`` of a block's working rows (float64).
+def _sample(m: int, frac: float, seed: int) -> np.ndarray:
+    """The rows of a block in the global sample (the same rows in every pass)."""
+    k = min(m, max(1, round(m * frac))) if m else 0
+    return np.sort(np.random.default_rng(seed).choice(m, size=k, replace=False))
 
-    Every pair (i in A, j in B) has |c_i - c_j| >= |centroid_A - centroid_B| - r_A - r_B; the
-    radius is rounded up by a relative 1e-9 so the bound stays a bound.
+
+def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tuple:
+    """Dask task: ``(sum of c c^T, sum of c, rows)`` over the block's sampled rows: the
+    pieces of the sample covariance whose leading eigenvectors bound distances (d x d)."""
+    c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
+    return c64.T @ c64, c64.sum(axis=0), len(c64)
+
+
+def _block_projections(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> np.ndarray:
+    """Dask task: the sampled rows projected on the splitting directions (s, n_split)."""
+    c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
+    return c64 @ g.V[:, : g.n_split]
+
+
+def _block_cells(x: np.ndarray, g: SimpleNamespace, tree: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Dask task: the cell (new block) of each row, by the client's median-split tree."""
+    c64, _ = _centred(x, g)
+    return _descend(tree, c64 @ g.V[:, : g.n_split])
+
+
+def _descend(tree: tuple[np.ndarray, ...], P: np.ndarray) -> np.ndarray:
+    """Leaf number of each row of ``P`` in ``tree`` = ``(axis, threshold, left, right,
+    leaf)`` arrays per node (node 0 the root; ``leaf >= 0`` at leaves)."""
+    axis, thr, left, right, leaf = tree
+    node = np.zeros(len(P), np.int64)
+    rows = np.arange(len(P))
+    while True:
+        inner = leaf[node] < 0
+        if not inner.any():
+            return leaf[node].astype(np.int32)
+        r, nd = rows[inner], node[inner]
+        go_left = P[r, axis[nd]] <= thr[nd]
+        node[r] = np.where(go_left, left[nd], right[nd])
+
+
+def _median_tree(P: np.ndarray, cap: int) -> tuple[np.ndarray, ...]:
+    """Median splits along the widest column of ``P`` until each cell holds at most ``cap``
+    rows (as ``cluster._prepare`` splits its leaves): the tree for :func:`_descend`."""
+    axis, thr, left, right, leaf = [], [], [], [], []
+    stack = [(np.arange(len(P)), 0)]
+    axis.append(0), thr.append(0.0), left.append(-1), right.append(-1), leaf.append(-1)
+    n_leaves = 0
+    while stack:
+        idx, node = stack.pop()
+        sub = P[idx]
+        width = sub.max(axis=0) - sub.min(axis=0) if len(idx) else np.zeros(P.shape[1])
+        if len(idx) <= cap or not (width > 0).any():
+            leaf[node] = n_leaves
+            n_leaves += 1
+            continue
+        ax = int(np.argmax(width))
+        order = np.argsort(sub[:, ax], kind="stable")
+        half = len(idx) // 2
+        t = float(sub[order[half - 1], ax])
+        lo, hi = idx[sub[:, ax] <= t], idx[sub[:, ax] > t]
+        if len(hi) == 0:  # many equal values at the median: split below them
+            t = float(np.nextafter(t, -np.inf))
+            lo, hi = idx[sub[:, ax] <= t], idx[sub[:, ax] > t]
+        axis[node], thr[node] = ax, t
+        for part, side in ((hi, right), (lo, left)):
+            side[node] = len(leaf)
+            axis.append(0), thr.append(0.0), left.append(-1), right.append(-1), leaf.append(-1)
+            stack.append((part, side[node]))
+    return tuple(np.asarray(a) for a in (axis, thr, left, right, leaf))
+
+
+def _block_prep(x: np.ndarray, g: SimpleNamespace) -> SimpleNamespace:
+    """Dask task: a block prepared for tiles, as ``cluster._prepare`` prepares the whole
+    input: its rows in leaf order (leaves of <= LEAF rows by median splits of the
+    projections), the low-rank factors, the error bands and the leaves' boxes.
+
+    Memory (held with the block): the raw rows in leaf order (the block's size) and per row
+    two (k + 2) float32 factors and six float64 values (~330 bytes at k = 32). The float32
+    working rows are recomputed by each tile (O(rows x d), against the tile's O(rows^2 x d)).
     """
-    C, csq, band, _ = _prep_block(x, p)
-    c64 = C.astype(np.float64)  # the values the tiles multiply
+    m, d = x.shape
+    c64, sq = _centred(x, g)
+    k = g.V.shape[1]
+    P = c64 @ g.V
+    cells = _descend(_median_tree(P[:, : g.n_split], LEAF), P[:, : g.n_split])
+    order = np.argsort(cells, kind="stable")
+    bounds = np.zeros(int(cells.max(initial=-1)) + 2, np.int64)
+    bounds[1:] = np.cumsum(np.bincount(cells, minlength=len(bounds) - 1))
+    c64, sq, P = c64[order], sq[order], P[order]
+    t = g.threshold
+    csq = np.einsum("ij,ij->i", c64, c64)
+    psq = np.einsum("ij,ij->i", P, P)
+    if g.cosine:
+        sk_err = np.full(m, 2.0 * (d + 8) * _U32 * 2.0)
+    else:
+        sk_err = (4.0 * (d + 8) * _U64) * sq + 64 * _U64 * t
+    band = _float32_band(csq, d + 2, t) + sk_err
+    Alo = np.empty((m, k + 2), np.float32)
+    Blo = np.empty((m, k + 2), np.float32)
+    Alo[:, :k], Alo[:, k], Alo[:, k + 1] = P, psq, 1.0
+    Blo[:, :k], Blo[:, k], Blo[:, k + 1] = -2.0 * P, 1.0, psq
+    starts = bounds[:-1]
     centre = c64.mean(axis=0)
     diff = c64 - centre
-    r = float(np.sqrt(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
-    return (
-        centre,
-        r * (1 + 1e-9) + 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0)))),
-        float(band.max(initial=0.0)),
+    radius = float(np.sqrt(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
+    slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
+    return SimpleNamespace(
+        x=np.ascontiguousarray(x[order]),
+        order=order.astype(np.int32),
+        csq=csq,
+        Alo=Alo,
+        Blo=Blo,
+        band=band,
+        band_lo=_float32_band(psq, k + 2, t) + 1e-12 * (1.0 + psq),
+        sk_err=sk_err,
+        bounds=bounds,
+        lo=np.minimum.reduceat(P, starts, axis=0),
+        hi=np.maximum.reduceat(P, starts, axis=0),
+        centre=centre,
+        radius=radius * (1 + 1e-9) + slack,
+        slack=slack,
+    )
+
+
+def _block_meta(b: SimpleNamespace) -> SimpleNamespace:
+    """Dask task: what the client needs of a prepared block (no per-row vectors)."""
+    return SimpleNamespace(
+        order=b.order,
+        centre=b.centre,
+        radius=b.radius,
+        bmax=float(b.band.max(initial=0.0)),
+        lo=b.lo.min(axis=0),
+        hi=b.hi.max(axis=0),
+        slack=b.slack,
     )
 
 
 def _tile(
-    xa: np.ndarray,
-    xb: np.ndarray,
+    A: SimpleNamespace,
+    B: SimpleNamespace,
     ga: int,
     gb: int,
-    p: SimpleNamespace,
+    g: SimpleNamespace,
     roots: np.ndarray | None,
-    ctx: SimpleNamespace | None,
+    ctx: _PassCtx | None,
 ) -> tuple[np.ndarray, ...]:
-    """Dask task: the pairs within eps between blocks A (global rows ``ga + k``) and B (``gb +
-    k``; B is A when ``ga == gb``), reduced as the pass needs.
+    """Dask task: the pairs within eps between prepared blocks A (positions ``ga + q``) and B
+    (``gb + q``; B is A when ``ga == gb``), by the in-process engine's own tile code
+    (``cluster._tile_task``: leaf boxes, the low-rank screen, the full product for the pairs
+    that pass it) over the two blocks as one small prepared input.
 
-    ``roots`` (``min_samples=1``): the component root of each row of A then B when submitted;
-    only pairs that can still merge two components are computed (``cluster._restrict``).
-    ``ctx`` (``min_samples > 1``): ``kind`` ``"count"``, ``"core"`` (with ``core`` per row of
-    A then B) or ``"border"`` (``core``, ``label``, ``cand``).
+    ``roots`` (``min_samples=1`` and the core pass): the component root of each row of A then
+    B when submitted; a union-find local to the task starts from them and is merged as leaves
+    finish, so pairs already in one component are skipped (``cluster._restrict``). ``ctx``
+    (``min_samples > 1``): the pass, its per-row arrays for A then B.
 
-    Returns ``(i, j, band_i, band_j)`` in global rows: for ``min_samples=1`` and ``"core"`` a
-    spanning forest of the sure edges; for ``"count"`` ``(rows, neighbours)``; for
-    ``"border"`` ``(rows, smallest core label)``; and the pairs still within scikit-learn's
-    rounding of eps after a float64 look. Memory: two blocks, their float32 working copies and
-    a (rows_A x rows_B) float32 product.
+    Returns ``(i, j, band_i, band_j)`` in positions: for ``min_samples=1`` and ``"core"`` a
+    spanning forest of the edges; for ``"count"`` ``(rows, neighbours)``; for ``"border"``
+    ``(rows, smallest core label)``; and the pairs still within scikit-learn's rounding of
+    eps after a float64 look. Memory: the two blocks' float32 working rows plus a few (LEAF x
+    TILE) products.
     """
     from threadpoolctl import threadpool_limits
 
     same = ga == gb
-    ma = len(xa)
-    A = _prep_block(xa, p)
-    B = A if same else _prep_block(xb, p)
-    # local numbering: A's rows 0..ma-1, then B's (B's rows are A's when same)
-    off = 0 if same else ma
-    C = [A[0], B[0]]
-    csq = np.concatenate([A[1], B[1]]) if not same else A[1]
-    band = np.concatenate([A[2], B[2]]) if not same else A[2]
-    t = p.threshold
-    ia, ib = np.arange(ma), off + np.arange(len(xb))
-    if ctx is not None:
-        if ctx.kind == "core":
-            ia, ib = ia[ctx.core[ia]], ib[ctx.core[ib]]
-        elif ctx.kind == "border":
-            # candidate rows against core rows, either side of the tile
-            ca, cb = ctx.cand[ia], ctx.cand[ib]
-            ia, ib = ia[ca | ctx.core[ia]], ib[cb | ctx.core[ib]]
-    blocks = [(ia, ib)]
-    if roots is not None and len(ia) and len(ib):
-        blocks = _restrict(None, lambda _a, rows: roots[rows], 0, ia, ib)
-    hi = t + float(band.max(initial=0.0)) * 2
-    sure_i, sure_j, und_i, und_j = [], [], [], []
+    parts = [A] if same else [A, B]
+    ma = len(A.x)
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(b, name) for b in parts])
+
+    C = np.concatenate([_centred(b.x, g)[0].astype(np.float32) for b in parts])
+    bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
+    band, band_lo = cat("band"), cat("band_lo")
+    leaf_band = np.maximum.reduceat(band, bounds[:-1])
+    prep = _Prepared(
+        C, cat("csq"), cat("Alo"), cat("Blo"), band, band_lo, cat("sk_err"), g.threshold,
+        np.arange(len(C)), bounds, cat("lo"), cat("hi"), leaf_band,
+        np.maximum.reduceat(band_lo, bounds[:-1]), max(b.slack for b in parts),
+    )  # fmt: skip
+    na = len(A.bounds) - 1
+    # the leaves of B (or of A from a on, inside one block) whose boxes may hold a pair
+    reach = math.sqrt(g.threshold + float(band.max(initial=0.0)) * 2) + prep.slack
+    luf, live = None, None
+    if roots is not None:
+        luf = _UnionFind(len(C))
+        _, first = np.unique(roots, return_inverse=True)
+        rep = np.full(first.max(initial=-1) + 1, len(C))
+        np.minimum.at(rep, first, np.arange(len(C)))
+        luf.union(np.arange(len(C)), rep[first])
+        live = _LiveRoots(luf.parent)
+    out: list[tuple[np.ndarray, ...]] = []
     with threadpool_limits(limits=1, user_api="blas"):
-        for bi_all, bj in blocks:
-            # _TILE_ROWS rows at a time: the float64 sums and the mask stay ~8 MiB each
-            for lo in range(0, len(bi_all) if len(bj) else 0, _TILE_ROWS):
-                bi = bi_all[lo : lo + _TILE_ROWS]
-                S = C[0][bi] @ C[1][bj - off].T
-                s32 = (csq[bi][:, None] + csq[bj][None, :]).astype(np.float32)
-                s32 -= 2.0 * S
-                del S
-                r, c = np.nonzero(s32 <= hi)
-                gi, gj = bi[r], bj[c]
-                s = s32[r, c].astype(np.float64)
-                del s32, r, c
-                if same:  # pairs inside one block: each unordered pair once
-                    keep = gi < gj
-                    gi, gj, s = gi[keep], gj[keep], s[keep]
-                w = band[gi] + band[gj]
-                sure = s < t - w
-                near = ~sure & (s <= t + w)
-                sure_i.append(gi[sure])
-                sure_j.append(gj[sure])
-                und_i.append(gi[near])
-                und_j.append(gj[near])
-    si, sj = _cat(sure_i), _cat(sure_j)
-    ui, uj = _cat(und_i), _cat(und_j)
-    if len(ui):  # a second look in float64 from the original rows: most pairs settle here
-        Xl = xa if same else np.concatenate([xa, xb])
-        sk = A[3] if same else np.concatenate([A[3], B[3]])
-        idx = np.arange(len(Xl))
-        prep = SimpleNamespace(threshold=t, sk_err=sk)
-        surely, undecided = _refine(Xl, idx, ui, uj, prep, idx, _Mode(p.kind))
-        si, sj = np.concatenate([si, ui[surely]]), np.concatenate([sj, uj[surely]])
-        ui, uj = ui[undecided], uj[undecided]
+        for a in range(na):
+            lo_b = a if same else na
+            gap = np.maximum(
+                0.0, np.maximum(prep.lo[lo_b:] - prep.hi[a], prep.lo[a] - prep.hi[lo_b:])
+            )
+            bs = [lo_b + int(b) for b in np.flatnonzero(np.sqrt((gap**2).sum(axis=1)) <= reach)]
+            if not bs:
+                continue
+            res = _tile_task(prep, a, bs, live, ctx)
+            if luf is not None:
+                luf.union(res[0], res[1])
+            out.append(res)
     kind = "edges" if ctx is None else ctx.kind
-    if kind == "count":  # both ends gain a neighbour
-        si, sj = _per_row(np.concatenate([si, sj]), np.ones(2 * len(si)), "sum")
-    elif kind == "border":
-        si, sj = _border_min(ctx, si, sj)
+    si, ui, uj = (_cat([r[k] for r in out]) for k in (0, 2, 3))
+    if kind in ("count", "border"):  # a row of B can come back from several leaves of A
+        sj = np.concatenate([r[1] for r in out]) if out else np.empty(0, np.int64)
+        si, sj = _per_row(si, sj, "sum" if kind == "count" else "min")
     else:
+        sj = _cat([r[1] for r in out])
+    if len(ui):  # a second look in float64 from the original rows: most pairs settle here
+        Xl = cat("x")
+        idx = np.arange(len(Xl))
+        surely, undecided = _refine(Xl, idx, ui, uj, prep, idx, _Mode(g.kind))
+        ri, rj = ui[surely], uj[surely]
+        ui, uj = ui[undecided], uj[undecided]
+        if kind == "count":
+            si, sj = _per_row(
+                np.concatenate([si, ri, rj]), np.concatenate([sj, np.ones(2 * len(ri))]), "sum"
+            )
+        elif kind == "border":
+            bi, bv = _border_min(ctx, ri, rj)
+            si, sj = _per_row(np.concatenate([si, bi]), np.concatenate([sj, bv]), "min")
+        else:
+            si, sj = np.concatenate([si, ri]), np.concatenate([sj, rj])
+    if kind in ("edges", "core"):
         si, sj = _forest(si, sj)
 
-    def glob(k: np.ndarray) -> np.ndarray:
-        return np.where(k < ma, ga + k, gb + k - off).astype(np.int64)
+    def pos(q: np.ndarray) -> np.ndarray:
+        return np.where(q < ma, ga + q, gb + q - ma).astype(np.int64)
 
-    ui, uj = glob(ui), glob(uj)
-    if kind == "count":
-        return glob(si), sj, ui, uj
-    if kind == "border":
-        return glob(si), sj.astype(np.int64), ui, uj
-    return glob(si), glob(sj), ui, uj
-
-
-def _border_min(ctx: SimpleNamespace, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``(rows, smallest label)`` over edges ``(i, j)`` (local rows): for each candidate row,
-    the smallest label of its core neighbours, edges in either orientation."""
-    m1 = ctx.cand[i] & ctx.core[j]
-    m2 = ctx.cand[j] & ctx.core[i]
-    rows = np.concatenate([i[m1], j[m2]])
-    return _per_row(rows, np.concatenate([ctx.label[j[m1]], ctx.label[i[m2]]]), "min")
+    if kind in ("count", "border"):
+        return pos(si), sj, pos(ui), pos(uj)
+    return pos(si), pos(sj), pos(ui), pos(uj)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -398,65 +508,125 @@ def _decide(decider: _SkDecider, rows: _Rows, bi: np.ndarray, bj: np.ndarray) ->
 
 
 class _DaskFit:
-    """One distributed fit: the blocks, their bounds, the tile waves and the reductions."""
+    """One distributed fit: the reorder into spatial blocks, their bounds, the tile waves and
+    the reductions. Rows are numbered by *position* in the reordered array; ``perm[pos]`` is
+    the input row, ``where[row]`` its position."""
 
     def __init__(self, est: Any, X: Any, mode: _Mode, client: Any) -> None:
         self.est, self.mode, self.client = est, mode, client
         self.eps = float(est.eps)
         self.min_samples = int(est.min_samples)
-        n, d = X.shape
-        rows = max(256, BLOCK_BYTES // (4 * d))
-        sizes = X.chunks[0]
-        if len(X.chunks[1]) > 1 or any(s > 2 * rows or s < rows // 4 for s in sizes[:-1]):
-            X = X.rechunk({0: rows, 1: -1})
-        self.X = client.persist(X)
-        self.n, self.d = n, d
-        starts = np.zeros(len(self.X.chunks[0]) + 1, np.int64)
-        starts[1:] = np.cumsum(self.X.chunks[0])
-        self.starts = starts
-        from distributed import Future
-
-        self.blocks = [Future(k, client) for (k,) in zip(_keys(self.X), strict=True)]
+        self.X = X if len(X.chunks[1]) == 1 else X.rechunk({1: -1})
+        self.n, self.d = X.shape
         cosine = mode.kind == "cosine"
-        self.p = SimpleNamespace(
+        self.g = SimpleNamespace(
             kind=mode.kind,
             cosine=cosine,
-            d=d,
             threshold=2.0 * self.eps if cosine else self.eps * self.eps,
             mean=None,
+            V=None,
+            n_split=1,
         )
 
     # -- preparation ------------------------------------------------------------------------
     def _prepare(self) -> list[tuple[int, int]]:
-        """The block pairs to compute (A <= B), diagonal first; fills ``self.p``."""
-        client, p = self.client, self.p
-        sums = client.gather(client.map(_block_sum, self.blocks, pure=False))
-        if p.cosine and sum(z for _, z in sums):
+        """Reorder the rows into spatially compact blocks, prepare each block on its worker
+        and return the block pairs to compute (A <= B), diagonal first."""
+        from distributed import Future, wait
+
+        client, g, n, d = self.client, self.g, self.n, self.d
+        self.t0 = time.perf_counter()
+        X = client.persist(self.X)
+        blocks = [Future(k, client) for k in _keys(X)]
+        sums = client.gather(client.map(_block_sum, blocks, pure=False))
+        if g.cosine and sum(z for _, z in sums):
             raise _NeedsGather("cosine zero vectors (distance 1 to everything, themselves too)")
-        if not p.cosine:
-            p.mean = sum(s for s, _ in sums) / self.n
-        balls = client.gather(client.map(_block_ball, self.blocks, p=p, pure=False))
-        centre = np.array([b[0] for b in balls])
-        radius = np.array([b[1] for b in balls])
-        bmax = np.array([b[2] for b in balls])
-        if bmax.max() >= p.threshold:
-            # identical rows are neighbours only if scikit-learn surely finds them within eps
-            raise _NeedsGather("eps is within the rounding of a self-distance")
-        scale = 1e-9 * (1.0 + float(np.sqrt((centre**2).sum(axis=1).max())))
+        if not g.cosine:
+            g.mean = sum(s for s, _ in sums) / n
+        # Principal directions of a ~20,000-row sample, accumulated on the workers (d x d).
+        frac = min(1.0, 20000 / n)
+        seeds = list(range(len(blocks)))
+        grams = client.gather(client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False))
+        k = min(N_BOUND_DIMS, d)
+        total = sum(c for _, _, c in grams)
+        if k < d and total >= 2:
+            smean = sum(s for _, s, _ in grams) / total
+            cov = (sum(gm for gm, _, _ in grams) - total * np.outer(smean, smean)) / (total - 1)
+            g.V = np.ascontiguousarray(np.linalg.eigh(cov)[1][:, ::-1][:, :k])
+        else:
+            g.V = np.eye(d)[:, :k]
+        del grams
+        # Cells: median splits of the sample's projections, one cell per new block.
+        rows = max(LEAF, BLOCK_BYTES // (4 * d))
+        n_cells = max(1, -(-n // rows))
+        # split along as many leading directions as the in-process engine's tree over all rows
+        # would (see cluster.SPLIT_CELLS): cells, then each block's leaves, cut the same grid
+        g.n_split = max(1, min(k, int(math.log(max(2, n // LEAF)) / math.log(SPLIT_CELLS) + 1e-9)))
+        if n_cells > 1:
+            g_f = client.scatter(g, broadcast=True, hash=False)
+            P = np.concatenate(
+                client.gather(
+                    client.map(_block_projections, blocks, seeds, g=g_f, frac=frac, pure=False)
+                )
+            )
+            tree = _median_tree(P, max(1, -(-len(P) // n_cells)))
+            cells = np.concatenate(
+                client.gather(client.map(_block_cells, blocks, g=g_f, tree=tree, pure=False))
+            )
+            perm = np.argsort(cells, kind="stable")
+            groups = np.split(perm, np.cumsum(np.bincount(cells))[:-1])
+            X = X.shuffle([grp.tolist() for grp in groups if len(grp)], axis=0)
+            if len(X.chunks[1]) > 1:
+                X = X.rechunk({1: -1})
+        else:
+            perm = np.arange(n)
+        import dask
+
+        g_f = client.scatter(g, broadcast=True, hash=False)
+        # one prepared block per new block, computed where the shuffle left it; the shuffled
+        # rows themselves are released once their block is prepared
+        parts = X.to_delayed().ravel()
+        self.blocks = client.compute([dask.delayed(_block_prep)(b, g_f) for b in parts])
+        wait(self.blocks)
+        del X, parts
+        metas = client.gather(client.map(_block_meta, self.blocks, pure=False))
+        sizes = [len(m.order) for m in metas]
+        self.starts = np.zeros(len(sizes) + 1, np.int64)
+        self.starts[1:] = np.cumsum(sizes)
+        # the input row at each position: the reorder, then each block's leaf order
+        self.perm = np.concatenate(
+            [perm[s + m.order] for s, m in zip(self.starts[:-1], metas, strict=True)]
+        )
+        self.where = np.empty(n, np.int64)
+        self.where[self.perm] = np.arange(n)
+        return self._block_pairs(metas)
+
+    def _block_pairs(self, metas: list[SimpleNamespace]) -> list[tuple[int, int]]:
+        """Block pairs whose balls (full space) and boxes (projected) may hold a pair within
+        eps plus every rounding bound; diagonal first (they merge the most)."""
+        t = self.g.threshold
+        centre = np.array([m.centre for m in metas])
+        radius = np.array([m.radius for m in metas])
+        bmax = np.array([m.bmax for m in metas])
+        lo = np.array([m.lo for m in metas])
+        hi = np.array([m.hi for m in metas])
+        slack = max(m.slack for m in metas)
+        nb = len(metas)
         work = []
-        nb = len(self.blocks)
         for a in range(nb):
-            gap = np.sqrt(((centre[a:] - centre[a]) ** 2).sum(axis=1)) - radius[a] - radius[a:]
-            gap -= scale
-            reach = p.threshold + bmax[a] + bmax[a:]
-            ok = (gap <= 0) | (gap * gap <= reach)
+            reach = np.sqrt(t + bmax[a] + bmax[a:]) + slack
+            ball = np.sqrt(((centre[a:] - centre[a]) ** 2).sum(axis=1)) - radius[a] - radius[a:]
+            gap = np.maximum(0.0, np.maximum(lo[a:] - hi[a], lo[a] - hi[a:]))
+            box = np.sqrt((gap**2).sum(axis=1))
+            ok = (ball <= reach) & (box <= reach)
             work += [(a, a + int(b)) for b in np.flatnonzero(ok)]
+        log.debug("DBSCAN (distributed): prepared in %.2f s", time.perf_counter() - self.t0)
         log.info(
             "DBSCAN (distributed): %d rows in %d blocks on %d workers; %d of %d block pairs "
-            "computed, the rest pruned by the blocks' balls",
+            "computed, the rest pruned by the blocks' balls and boxes",
             self.n,
             nb,
-            len(client.scheduler_info(n_workers=-1)["workers"]),
+            len(self.client.scheduler_info(n_workers=-1)["workers"]),
             len(work),
             nb * (nb + 1) // 2,
         )
@@ -477,7 +647,7 @@ class _DaskFit:
 
         client = self.client
         slots = IN_FLIGHT_PER_THREAD * max(1, sum(client.nthreads().values()))
-        p_f = client.scatter(self.p, broadcast=True, hash=False)  # d floats: once per fit
+        g_f = client.scatter(self.g, broadcast=True, hash=False)  # d x 33 floats: once per fit
         todo = iter(work)
 
         def submit_next() -> Any:
@@ -488,8 +658,8 @@ class _DaskFit:
                     continue
                 roots, ctx = args
                 ga, gb = int(self.starts[a]), int(self.starts[b])
-                xa, xb = self.blocks[a], self.blocks[b]
-                return client.submit(_tile, xa, xb, ga, gb, p_f, roots, ctx, pure=False)
+                A, B = self.blocks[a], self.blocks[b]
+                return client.submit(_tile, A, B, ga, gb, g_f, roots, ctx, pure=False)
             return None
 
         running = as_completed([f for f in (submit_next() for _ in range(slots)) if f])
@@ -501,27 +671,33 @@ class _DaskFit:
             if nxt is not None:
                 running.add(nxt)
 
-    def _rows(self, a: int, b: int) -> np.ndarray:
-        """Global rows of block a, then of block b (unless b is a)."""
+    def _positions(self, a: int, b: int) -> np.ndarray:
+        """Positions of block a's rows, then block b's (unless b is a)."""
         ra = np.arange(self.starts[a], self.starts[a + 1])
         if a == b:
             return ra
         return np.concatenate([ra, np.arange(self.starts[b], self.starts[b + 1])])
 
+    def _decide(self, pi: np.ndarray, pj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The near-eps pairs (positions) scikit-learn finds within eps, as positions."""
+        ri, rj = _decide(self.decider, self.decider.X, self.perm[pi], self.perm[pj])
+        return self.where[ri], self.where[rj]
+
     # -- the passes -------------------------------------------------------------------------
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         work = self._prepare()
-        decider = _SkDecider(_Rows(self.X), self.eps, self.mode, self.est.leaf_size, None)
+        self.decider = _SkDecider(_Rows(self.X), self.eps, self.mode, self.est.leaf_size, None)
         if self.min_samples == 1:
-            return self._components(work, decider), np.ones(self.n, bool)
-        return self._counts(work, decider)
+            return self._components(work), np.ones(self.n, bool)
+        labels, core = self._counts(work)
+        return labels[self.where], core[self.where]
 
-    def _components(self, work: list[tuple[int, int]], decider: _SkDecider) -> np.ndarray:
+    def _components(self, work: list[tuple[int, int]]) -> np.ndarray:
         """``min_samples=1``: labels = connected components, numbered by their lowest row."""
         uf = _UnionFind(self.n)
 
         def extra(a: int, b: int) -> tuple[Any, None] | None:
-            roots = uf.find(self._rows(a, b))
+            roots = uf.find(self._positions(a, b))
             if (roots == roots[0]).all():
                 return None  # already one component: nothing here can change the labels
             return roots, None
@@ -534,37 +710,44 @@ class _DaskFit:
             und_j.append(uj[keep])
         bi, bj = _cat(und_i), _cat(und_j)
         keep = uf.find(bi) != uf.find(bj)
-        uf.union(*_decide(decider, decider.X, bi[keep], bj[keep]))
-        return _number(uf.roots())
+        uf.union(*self._decide(bi[keep], bj[keep]))
+        return _number(uf.find(self.where))
 
-    def _counts(
-        self, work: list[tuple[int, int]], decider: _SkDecider
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _counts(self, work: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """``min_samples > 1``: three passes (neighbourhood sizes, components among core
-        rows, each border row's first cluster), as ``cluster._cluster_counts``."""
-        rows_of = self._rows
+        rows, each border row's first cluster), as ``cluster._cluster_counts``; results by
+        position."""
+        pos_of = self._positions
+        need = self.min_samples
+        ones = np.ones(self.n)
         # 1. neighbourhood sizes (the row itself included: self-distances are surely <= eps)
-        deg = np.ones(self.n, np.int64)
-        count = SimpleNamespace(kind="count")
+        deg = np.ones(self.n)
+
+        def count_ctx(a: int, b: int) -> tuple[None, _PassCtx] | None:
+            r = pos_of(a, b)
+            if (deg[r] >= need).all():
+                return None  # every row already core: no pair here changes anything
+            return None, _PassCtx("count", weight=ones[r], deg=deg[r].copy(), need=need)
+
         und_i, und_j = [], []
-        for rows, add, ui, uj in self._tiles(work, lambda a, b: (None, count), 3):
-            deg[rows] += add.astype(np.int64)
+        for rows, add, ui, uj in self._tiles(work, count_ctx, 3):
+            deg[rows] += add
             und_i.append(ui)
             und_j.append(uj)
-        ei, ej = _decide(decider, decider.X, _cat(und_i), _cat(und_j))
+        ei, ej = self._decide(_cat(und_i), _cat(und_j))
         np.add.at(deg, ei, 1)
         np.add.at(deg, ej, 1)
-        core = deg >= self.min_samples
+        core = deg >= need
         # 2. components among core rows
         uf = _UnionFind(self.n)
 
-        def core_ctx(a: int, b: int) -> tuple[Any, Any] | None:
-            r = rows_of(a, b)
+        def core_ctx(a: int, b: int) -> tuple[Any, _PassCtx] | None:
+            r = pos_of(a, b)
             c = core[r]
             roots = uf.find(r)
             if not c.any() or (roots[c] == roots[c][0]).all():
                 return None  # no core row, or all of them already one component
-            return roots, SimpleNamespace(kind="core", core=c)
+            return roots, _PassCtx("core", core=c)
 
         und_i, und_j = [], []
         for fi, fj, ui, uj in self._tiles(work, core_ctx, 3):
@@ -574,32 +757,33 @@ class _DaskFit:
             und_j.append(uj[keep])
         bi, bj = _cat(und_i), _cat(und_j)
         keep = uf.find(bi) != uf.find(bj)
-        uf.union(*_decide(decider, decider.X, bi[keep], bj[keep]))
+        uf.union(*self._decide(bi[keep], bj[keep]))
+        # clusters numbered by their lowest core row in input order
         big = np.iinfo(np.int64).max
         label = np.full(self.n, -1, np.int64)
-        core_rows = np.flatnonzero(core)
-        if len(core_rows):
-            label[core_rows] = _number(uf.find(core_rows))
+        core_pos = self.where[np.flatnonzero(core[self.where])]  # in input-row order
+        if len(core_pos):
+            label[core_pos] = _number(uf.find(core_pos))
         # 3. border rows: non-core rows with a neighbour take the smallest core label
         cand = ~core & (deg > 1)
         border = np.full(self.n, big)
-        if cand.any() and len(core_rows):
+        if cand.any() and len(core_pos):
 
-            def border_ctx(a: int, b: int) -> tuple[Any, Any] | None:
-                r = rows_of(a, b)
+            def border_ctx(a: int, b: int) -> tuple[None, _PassCtx] | None:
+                r = pos_of(a, b)
                 c, k = core[r], cand[r]
                 if not (c.any() and k.any()):
                     return None
-                return None, SimpleNamespace(kind="border", core=c, cand=k, label=label[r])
+                return None, _PassCtx("border", core=c, rows=k, label=label[r])
 
             und_i, und_j = [], []
             for rows, low, ui, uj in self._tiles(work, border_ctx, 3):
-                np.minimum.at(border, rows, low)
+                np.minimum.at(border, rows, low.astype(np.int64))
                 und_i.append(ui)
                 und_j.append(uj)
-            ei, ej = _decide(decider, decider.X, _cat(und_i), _cat(und_j))
-            glob = SimpleNamespace(cand=cand, core=core, label=label)
-            np.minimum.at(border, *_border_min(glob, ei, ej))
+            ei, ej = self._decide(_cat(und_i), _cat(und_j))
+            every = _PassCtx("border", core=core, rows=cand, label=label)
+            np.minimum.at(border, *_border_min(every, ei, ej))
         else:
             progress.advance(len(work), total=3 * len(work))
         out = np.where(core, label, np.where(border != big, border, -1))
