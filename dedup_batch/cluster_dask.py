@@ -113,12 +113,21 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None) -> Any:
     Notes
     -----
     ``components_`` is a ``dask.array`` (the core rows, lazily selected on the workers): the
-    engine never gathers X. Memory on the client: 8 bytes per row for the union-find (plus 8
-    per row for counts with ``min_samples > 1``), the block table (d float64 per block) and
-    the results of the tiles in flight. Per worker: its share of the blocks plus, per thread,
-    one tile (two blocks, their float32 working copies and a rows x rows float32 product).
-    Time: O(n_pairs_scheduled x rows^2 x d) multiply-adds, where block pairs are pruned by
-    their balls; bytes moved between workers: one block per tile whose blocks live apart.
+    engine never gathers X. ``distributed_stats_`` (a dict) gives ``blocks``, ``block_pairs``
+    (scheduled after pruning, of ``all_block_pairs``), ``tiles`` (run; the rest were already
+    one component), ``prepared_row_bytes``, ``seconds_prepare`` and ``seconds_total``: the
+    inputs of the cost model in docs/scaling.md.
+
+    Memory on the client: O(n) small integers (8 bytes per row for the union-find, 16 for the
+    reorder's permutation and its inverse, 8 more for counts with ``min_samples > 1``), a
+    20,000-row sample's projections on the splitting directions, d x d float64 for the
+    principal directions, and the results of the tiles in flight. Per worker: its share of X
+    twice (the input blocks, kept by the caller, and the reordered, prepared blocks: raw rows
+    plus ~330 bytes per row of factors and bounds) and, per thread, one tile (two blocks'
+    float32 working rows and a few LEAF x TILE products). Time: the in-process engine's work
+    on the block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
+    workers: X once by the reorder (a shuffle), then one prepared block per tile whose two
+    blocks live on different workers.
     """
     from distributed import get_client
 
@@ -137,7 +146,8 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None) -> Any:
     if result is None:
         log.info("DBSCAN: %s; gathering X on the client for the in-process engine", why)
         return est.fit(X.compute(), sample_weight=sample_weight)
-    labels, core = result
+    labels, core, stats = result
+    est.distributed_stats_ = stats
     est.labels_ = labels.astype(np.intp)
     est.core_sample_indices_ = np.flatnonzero(core)
     est.components_ = X[est.core_sample_indices_]
@@ -543,6 +553,7 @@ class _DaskFit:
             raise _NeedsGather("cosine zero vectors (distance 1 to everything, themselves too)")
         if not g.cosine:
             g.mean = sum(s for s, _ in sums) / n
+        log.debug("DBSCAN (distributed): sums at %.2f s", time.perf_counter() - self.t0)
         # Principal directions of a ~20,000-row sample, accumulated on the workers (d x d).
         frac = min(1.0, 20000 / n)
         seeds = list(range(len(blocks)))
@@ -556,6 +567,9 @@ class _DaskFit:
         else:
             g.V = np.eye(d)[:, :k]
         del grams
+        log.debug(
+            "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
+        )
         # Cells: median splits of the sample's projections, one cell per new block.
         rows = max(LEAF, BLOCK_BYTES // (4 * d))
         n_cells = max(1, -(-n // rows))
@@ -574,6 +588,7 @@ class _DaskFit:
                 client.gather(client.map(_block_cells, blocks, g=g_f, tree=tree, pure=False))
             )
             perm = np.argsort(cells, kind="stable")
+            log.debug("DBSCAN (distributed): cells at %.2f s", time.perf_counter() - self.t0)
             groups = np.split(perm, np.cumsum(np.bincount(cells))[:-1])
             X = X.shuffle([grp.tolist() for grp in groups if len(grp)], axis=0)
             if len(X.chunks[1]) > 1:
@@ -588,6 +603,9 @@ class _DaskFit:
         parts = X.to_delayed().ravel()
         self.blocks = client.compute([dask.delayed(_block_prep)(b, g_f) for b in parts])
         wait(self.blocks)
+        log.debug(
+            "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
+        )
         del X, parts
         metas = client.gather(client.map(_block_meta, self.blocks, pure=False))
         sizes = [len(m.order) for m in metas]
@@ -659,6 +677,7 @@ class _DaskFit:
                 roots, ctx = args
                 ga, gb = int(self.starts[a]), int(self.starts[b])
                 A, B = self.blocks[a], self.blocks[b]
+                self.stats["tiles"] += 1
                 return client.submit(_tile, A, B, ga, gb, g_f, roots, ctx, pure=False)
             return None
 
@@ -684,13 +703,27 @@ class _DaskFit:
         return self.where[ri], self.where[rj]
 
     # -- the passes -------------------------------------------------------------------------
-    def run(self) -> tuple[np.ndarray, np.ndarray]:
+    def run(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         work = self._prepare()
+        nb = len(self.blocks)
+        k = self.g.V.shape[1]
+        self.stats = {
+            "blocks": nb,
+            "block_pairs": len(work),
+            "all_block_pairs": nb * (nb + 1) // 2,
+            "tiles": 0,
+            # raw row, two (k + 2) float32 factors, six float64 per-row values
+            "prepared_row_bytes": 4 * self.d + 8 * (k + 2) + 48,
+            "seconds_prepare": round(time.perf_counter() - self.t0, 3),
+        }
         self.decider = _SkDecider(_Rows(self.X), self.eps, self.mode, self.est.leaf_size, None)
         if self.min_samples == 1:
-            return self._components(work), np.ones(self.n, bool)
-        labels, core = self._counts(work)
-        return labels[self.where], core[self.where]
+            labels, core = self._components(work), np.ones(self.n, bool)
+        else:
+            labels, core = self._counts(work)
+            labels, core = labels[self.where], core[self.where]
+        self.stats["seconds_total"] = round(time.perf_counter() - self.t0, 3)
+        return labels, core, self.stats
 
     def _components(self, work: list[tuple[int, int]]) -> np.ndarray:
         """``min_samples=1``: labels = connected components, numbered by their lowest row."""
