@@ -1,35 +1,41 @@
 """Exact DBSCAN of a ``dask.array`` whose row blocks stay on the Dask workers.
 
 :func:`fit_dask` is what :meth:`dedup_batch.cluster.DBSCAN.fit` runs for a ``dask.array.Array``
-input. No process ever holds all of X: the row blocks stay where they are (persisted, ~8 MiB
-each), every per-row computation runs on the worker holding the row, a tile task reads two blocks
-(Dask moves a block from worker to worker when the two live apart), and the client holds O(n)
-small integers (a union-find, per-row counts and labels) plus a few KB per block.
+input. No process ever holds all of X: every per-row computation runs on the worker holding the
+row, a tile task reads two blocks (Dask moves a block from worker to worker when the two live
+apart), and the client holds O(n) small integers (a union-find, the reorder's permutation,
+per-row counts and labels) plus a few KB per block.
 
-1. Block statistics on the workers: the column sum (the euclidean centre), then per block the
-   centroid and radius of its centred (euclidean) or normalised (cosine) rows and its largest
-   rounding band. Block pairs whose balls are farther apart than ``eps`` plus every rounding
-   bound are never scheduled.
-2. Tile tasks (two blocks) compute float32 products and decide each pair by the rigorous bounds
-   of :mod:`dedup_batch.cluster` (``_float32_band``): surely in, surely out, or near ``eps``,
-   which is re-decided in float64 from the two blocks (``cluster._refine``). A tile returns a
-   spanning forest of its edges (``min_samples=1``) or per-row counts / smallest core labels
-   (``min_samples > 1``), never its pairs, plus the few pairs still within scikit-learn's own
-   rounding of ``eps``.
+1. Preparation, on the workers: the column sum (the euclidean centre), the principal
+   directions of a ~20,000-row sample (d x d grams summed over blocks), and a median-split tree
+   over the sample's projections (built on the client from ~20,000 x 2 numbers) whose cells
+   become the new row blocks: ``x.shuffle`` moves each row to its cell's block (~16 MiB each),
+   so that blocks are spatially compact. Each block then builds, on its worker, what
+   ``cluster._prepare`` builds for the whole input: leaves of <= LEAF rows, low-rank factors,
+   rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
+   are farther apart than ``eps`` plus every rounding bound are never scheduled.
+2. A tile task runs the in-process engine's own tile code (``cluster._tile_task``: leaf boxes,
+   the low-rank screen, the full float32 product for the pairs that pass it, the rigorous
+   ``_float32_band`` bounds) over its two blocks as one small prepared input; pairs near
+   ``eps`` get a float64 look from the raw rows (``cluster._refine``). A tile returns a spanning
+   forest (``min_samples=1``) or per-row counts / smallest core labels (``min_samples > 1``),
+   never its pairs, plus the few pairs still within scikit-learn's own rounding of ``eps``.
 3. Those pairs are decided by scikit-learn's own computation (``cluster._SkDecider``,
-   ``cluster._recheck``), which fetches only the rows it needs: two 256-row chunks per pair for
+   ``cluster._recheck``), fetching only the rows it needs: two 256-row chunks per pair for
    euclidean, a padded row subset for cosine.
-4. Tasks go out in bounded waves (two per worker thread in flight); for ``min_samples=1`` each
-   submission carries the current component roots of its two blocks, so a tile whose rows are
-   already one component is skipped and a partly merged one computes only what can still merge.
+4. Tasks go out in bounded waves (two per worker thread in flight); each submission carries
+   the current component roots of its two blocks (``min_samples=1`` and the core pass), so a
+   tile already one component is skipped, and a task-local union-find skips what merges inside
+   the task.
 
 Exactness: labels, core samples and cluster numbering are scikit-learn's, ties at ``eps``
 included. What the distributed engine does not cover is gathered on the client and fitted by the
-in-process engine (which may delegate to scikit-learn): input other than float32, metrics other
-than euclidean/cosine, euclidean with d <= 15 (scikit-learn decides by a KD-tree),
-``sample_weight``, cosine zero vectors, an ``eps`` below the rounding of a self-distance, a
-near-eps pair scikit-learn decides asymmetrically, and cosine near-eps pairs on a BLAS whose GEMM
-rounds by shape (scikit-learn's whole row chunk is then needed).
+in-process engine (which may delegate to scikit-learn), with a log line saying why: input other
+than float32, metrics other than euclidean/cosine, euclidean with d <= 15 (scikit-learn decides
+by a KD-tree), ``sample_weight``, cosine zero vectors, an ``eps`` below the rounding of a
+self-distance, a near-eps pair scikit-learn decides asymmetrically, and cosine near-eps pairs
+whose decision needs all rows (``_SkDecider`` compares against all n rows when n x d <= 2^27,
+i.e. X <= 512 MiB, and uses scikit-learn's whole row chunk on a BLAS that rounds by shape).
 """
 
 from __future__ import annotations
@@ -71,10 +77,12 @@ __all__ = ["BLOCK_BYTES", "ClusteredRows", "clustered_rows", "fit_dask", "sample
 
 log = logging.getLogger(__name__)
 
-#: Target bytes of a row block (float32 rows): a tile task holds two blocks, their float32
-#: copies and one (rows x rows) float32 product: ~50 MiB at 8 MiB blocks of 512-d rows (4096
-#: rows). Blocks from 1/4 to 2x this are used as they are (no data moves); others are rechunked.
-BLOCK_BYTES = 8 << 20
+#: Target bytes of a reordered row block (float32 rows). A tile task holds its two prepared
+#: blocks, their float32 working rows and a few LEAF x TILE products: ~80 MiB at 16 MiB blocks.
+#: Larger blocks mean fewer, larger tiles (the in-process engine's GEMMs get wider and the
+#: per-tile costs are amortised: 8 MiB blocks ran ~1.5x the in-process tile time on one
+#: worker at 50k x 256, 32 MiB ~1.1x) but fewer tasks to balance over the workers.
+BLOCK_BYTES = 16 << 20
 #: Tiles in flight per worker thread: enough to hide the client's merge between results,
 #: few enough that finished results never pile up (each is O(rows of two blocks)).
 IN_FLIGHT_PER_THREAD = 2
