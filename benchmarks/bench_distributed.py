@@ -59,12 +59,23 @@ def _read_rows(path: str, s: int, e: int) -> np.ndarray:
 
 
 def _distributed(path: str, eps: float, workers: int, out: str) -> None:
+    import logging
+
     import dask
     import dask.array as da
     from distributed import Client, LocalCluster, wait
 
     from dedup_batch.cluster import DBSCAN
 
+    phases: list[str] = []  # the fit's own timing lines (preparation steps)
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            phases.append(record.getMessage())
+
+    log = logging.getLogger("dedup_batch.cluster_dask")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(_Keep())
     n, d = np.load(path, mmap_mode="r").shape
     rows = 8192
     with (
@@ -107,6 +118,7 @@ def _distributed(path: str, eps: float, workers: int, out: str) -> None:
                 "worker_peaks": worker_peaks,
                 "bytes_moved": moved,
                 "stats": getattr(est, "distributed_stats_", {}),
+                "phases": [p for p in phases if " at " in p or "block pairs" in p],
             },
             f,
         )
@@ -181,6 +193,8 @@ def main() -> None:
         f"(cost model {model / 2**20:.1f} MiB)"
     )
     print(f"fit statistics: {json.dumps(st)}")
+    for line in dist["phases"]:
+        print(f"  {line}")
     same = np.array_equal(ours["labels"], dist["labels"])
     print(f"labels identical: {same}")
 

@@ -601,8 +601,9 @@ class _DaskFit:
             X = X.shuffle([grp.tolist() for grp in groups if len(grp)], axis=0)
             if len(X.chunks[1]) > 1:
                 X = X.rechunk({1: -1})
-        else:
+        else:  # one block's worth of rows: one block, however the input was chunked
             perm = np.arange(n)
+            X = X.rechunk({0: -1, 1: -1})
         import dask
 
         g_f = client.scatter(g, broadcast=True, hash=False)
