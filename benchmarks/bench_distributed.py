@@ -98,6 +98,9 @@ def _distributed(path: str, eps: float, workers: int, out: str) -> None:
         ]
         X = client.persist(da.concatenate(parts))
         wait(X)
+        # the workers import the engine (scikit-learn, SciPy) before the clock starts, as the
+        # in-process side has imported it before its clock starts
+        client.run(lambda: __import__("dedup_batch.cluster_dask"))
 
         def sent(dask_worker) -> int:
             return int(dask_worker.transfer_outgoing_bytes_total)

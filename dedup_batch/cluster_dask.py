@@ -744,8 +744,20 @@ class _DaskFit:
                 return None  # already one component: nothing here can change the labels
             return roots, None
 
+        self._merge(uf, work, extra, 1)
+        return _number(uf.find(self.where))
+
+    def _merge(
+        self,
+        uf: _UnionFind,
+        work: list[tuple[int, int]],
+        extra: Callable[[int, int], tuple[Any, Any] | None],
+        n_passes: int,
+    ) -> None:
+        """Merge the tiles' spanning forests into ``uf`` as they finish, then the near-eps
+        pairs scikit-learn finds within eps (only those still joining two components)."""
         und_i, und_j = [], []
-        for fi, fj, ui, uj in self._tiles(work, extra, 1):
+        for fi, fj, ui, uj in self._tiles(work, extra, n_passes):
             uf.union(fi, fj)
             keep = uf.find(ui) != uf.find(uj)
             und_i.append(ui[keep])
@@ -753,7 +765,6 @@ class _DaskFit:
         bi, bj = _cat(und_i), _cat(und_j)
         keep = uf.find(bi) != uf.find(bj)
         uf.union(*self._decide(bi[keep], bj[keep]))
-        return _number(uf.find(self.where))
 
     def _counts(self, work: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """``min_samples > 1``: three passes (neighbourhood sizes, components among core
@@ -791,15 +802,7 @@ class _DaskFit:
                 return None  # no core row, or all of them already one component
             return roots, _PassCtx("core", core=c)
 
-        und_i, und_j = [], []
-        for fi, fj, ui, uj in self._tiles(work, core_ctx, 3):
-            uf.union(fi, fj)
-            keep = uf.find(ui) != uf.find(uj)
-            und_i.append(ui[keep])
-            und_j.append(uj[keep])
-        bi, bj = _cat(und_i), _cat(und_j)
-        keep = uf.find(bi) != uf.find(bj)
-        uf.union(*self._decide(bi[keep], bj[keep]))
+        self._merge(uf, work, core_ctx, 3)
         # clusters numbered by their lowest core row in input order
         big = np.iinfo(np.int64).max
         label = np.full(self.n, -1, np.int64)

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,25 +16,13 @@ import tests._shards as sh
 from dedup_batch.errors import InputError
 from dedup_batch.load import DistributedFeatures, Features, load_features
 from dedup_batch.storage import Store
+from tests.test_scheduler import _free_port, _spawn
 
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
 #: Each worker's --memory-limit: above a worker's own footprint (~150 MB with numpy, scipy and
 #: scikit-learn loaded), below the size of the X of the memory test.
 WORKER_LIMIT = 400 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", *args], env=env, stdout=fh, stderr=subprocess.STDOUT
-        )
 
 
 @pytest.fixture(scope="module")
