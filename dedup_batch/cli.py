@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import __version__
-from .config import METRICS, JobSpec, load_spec, parse_storage_options
+from .config import DISTRIBUTED, METRICS, JobSpec, load_spec, parse_storage_options
 from .errors import ConfigError, DedupError
 from .policies import KEYS, POLICIES
 
@@ -54,6 +54,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
     p.add_argument("--threads-per-worker", type=int, help="LocalCluster threads per worker")
+    p.add_argument(
+        "--distributed",
+        choices=DISTRIBUTED,
+        help="leave the vectors on the Dask workers: auto (default: when they would not fit "
+        "comfortably on this machine or one worker), always, never",
+    )
 
 
 def _add_plan(p: argparse.ArgumentParser) -> None:

@@ -1566,6 +1566,10 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         -------
         self : DBSCAN
         """
+        if type(X).__module__.startswith("dask.array"):  # rows on Dask workers: never gathered
+            from .cluster_dask import fit_dask
+
+            return fit_dask(self, X, sample_weight)
         sk = _SkDBSCAN(**self.get_params())
         sk._validate_params()
         from sklearn.utils.validation import validate_data

@@ -26,6 +26,7 @@ from .policies import DEFAULT_POLICY, POLICIES, POLICY_CHOICES, policy_problem
 from .secrets import NON_SECRET_OPTIONS, redact
 
 __all__ = [
+    "DISTRIBUTED",
     "KEEP_POLICIES",
     "METRICS",
     "MODES",
@@ -41,6 +42,9 @@ __all__ = [
 KEEP_POLICIES = tuple(POLICIES)
 METRICS = ("euclidean", "cosine")
 MODES = ("plan", "apply")
+#: ``distributed``: leave the vectors on the Dask workers when they would not fit comfortably on
+#: the client or one worker (``auto``), always, or never (see ``load.load_features``)
+DISTRIBUTED = ("auto", "always", "never")
 LOG_FORMATS = ("text", "json")
 
 
@@ -85,6 +89,8 @@ class JobSpec:
     scheduler: str | None = None
     n_workers: int | None = None
     threads_per_worker: int | None = None
+    #: auto|always|never: leave the vectors on the Dask workers (see load.DISTRIBUTED)
+    distributed: str = "auto"
     # logging
     log_format: str = "text"
 
@@ -179,6 +185,8 @@ class JobSpec:
                 setattr(self, key, _integer(getattr(self, key), key, bad, minimum=1))
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise bad("scheduler", "must be an address such as tcp://host:8786")
+        if self.distributed not in DISTRIBUTED:
+            raise bad("distributed", f"must be one of {', '.join(DISTRIBUTED)}")
         if self.log_format not in LOG_FORMATS:
             raise bad("log_format", f"must be one of {', '.join(LOG_FORMATS)}")
         self._validate_embed(bad)

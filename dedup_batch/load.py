@@ -35,13 +35,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from . import storage
-from .errors import DedupError, InputError, ScopeError, one_line
+from .config import DISTRIBUTED
+from .errors import ConfigError, DedupError, InputError, ScopeError, one_line
 from .storage import Store
 
 if TYPE_CHECKING:
     import distributed
 
-__all__ = ["SHARD_SUFFIXES", "Features", "load_features"]
+__all__ = ["SHARD_SUFFIXES", "DistributedFeatures", "Features", "load_features"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,18 @@ _DUP_CHUNK = 65536
 # storage and pyarrow/numpy release the GIL while parsing, so more threads than cores pay off.
 _LOCAL_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
+# 'auto' keeps the vectors on the workers when X would take more than this share of the
+# smallest worker's memory limit or of the client's available memory: the in-process engine
+# holds X, its float32 prepared copy and factors (about 2.3 X) plus tiles, and under Dask it
+# broadcasts the prepared copy to every worker, whose nanny restarts it at 95% of its limit.
+_AUTO_SHARE = 0.25
+
+# Buckets of the distributed duplicate-path check: each shard splits its canonical paths by
+# hash into this many buckets (at most), and one task per bucket finds the paths listed twice.
+# Paths move once between workers (about 100 bytes per row); the client receives only the
+# row numbers of duplicates.
+_DUP_BUCKETS = 32
+
 _PICKLE_REFUSED = (
     "{url}: pickle shards run code when read; pass --allow-pickle only if you trust this file, "
     "or convert it to Parquet"
@@ -116,6 +129,36 @@ class Features:
     shards: tuple[str, ...]
 
 
+@dataclass(frozen=True, eq=False)
+class DistributedFeatures:
+    """The loaded embeddings, left on the Dask workers (``distributed`` chosen).
+
+    Attributes
+    ----------
+    paths : dask.dataframe.DataFrame
+        One ``path`` column (``string``): the canonical paths relative to the root, one
+        partition per non-empty shard, aligned row for row with ``X``'s row blocks.
+    X : dask.array.Array of float32, shape (n, d)
+        Persisted: each row block is one shard's validated vectors (duplicates removed), held
+        by the worker that read it. Nothing of it is on the client.
+    shards : tuple of str
+        URLs of the shards read, in read order (sorted).
+
+    Notes
+    -----
+    Memory: ``n × d × 4`` bytes spread over the workers (each block where it was read) and
+    about 100 bytes per path; the client holds the task graph only (a few KB per shard).
+    """
+
+    paths: Any
+    X: Any
+    shards: tuple[str, ...]
+
+    def path_array(self) -> np.ndarray:
+        """The paths on the client: (n,) object array of ``str`` (about 100 bytes per row)."""
+        return self.paths["path"].compute().to_numpy(dtype=object)
+
+
 def load_features(
     urls: str | Sequence[str],
     *,
@@ -123,8 +166,10 @@ def load_features(
     storage_options: Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
     client: distributed.Client | None = None,
-) -> Features:
-    """Read feature shards in parallel and gather them into one array.
+    distributed: str = "never",
+) -> Features | DistributedFeatures:
+    """Read feature shards in parallel and gather them into one array, or leave them on the
+    workers.
 
     Parameters
     ----------
@@ -143,10 +188,17 @@ def load_features(
     client : distributed.Client, optional
         Read one shard per task on this cluster's workers; without it, dask's threaded
         scheduler reads them in this process.
+    distributed : {"never", "auto", "always"}, default "never"
+        ``always`` (needs ``client``): return :class:`DistributedFeatures`, whose vectors
+        stay on the workers that read and validated them; the duplicate-path check runs there
+        too (paths bucketed by hash, one task per bucket). ``auto``: the same when ``X``
+        (``n × d × 4`` bytes, known once the shards are read) would take more than a quarter
+        of the smallest worker's memory limit or of the client's available memory, else
+        gathered. ``never``: gathered.
 
     Returns
     -------
-    Features
+    Features or DistributedFeatures
         ``paths`` (n,), ``X`` (n, d) float32 C-contiguous, ``shards``. Rows come in shard
         order, then row order. A path listed twice (also as two spellings of one object, e.g.
         ``a.jpg``, ``./a.jpg`` and ``x/../a.jpg``-free forms like ``x//a.jpg``) with identical
@@ -185,6 +237,13 @@ def load_features(
     Time: one whole-object read per shard, parsing in pyarrow/numpy (no per-row Python loops
     over the vectors), plus one Python call per path to check it against the root.
     """
+    if distributed not in DISTRIBUTED:
+        raise ValueError(f"distributed must be one of {DISTRIBUTED}, got {distributed!r}")
+    if distributed == "always" and client is None:
+        raise ConfigError(
+            "distributed: always needs a Dask cluster (--scheduler, or the LocalCluster the "
+            "CLI starts); use 'auto' or 'never' without one"
+        )
     if isinstance(urls, str):
         urls = [urls]
     if not urls:
@@ -221,6 +280,9 @@ def load_features(
         # allocates the result once and fetches the pieces in bounded batches, copying and
         # freeing each batch before the next, so it never holds the pieces and X at once.
         metas = client.gather(client.map(_piece_meta, futures, pure=False))
+        _raise_first_error(metas)
+        if distributed == "always" or (distributed == "auto" and _too_big_to_gather(client, metas)):
+            return _on_workers(client, shards, metas, futures)
 
         def fetch(rows: list[int]) -> list[Any]:
             got = client.gather([futures[i] for i in rows])
@@ -253,16 +315,218 @@ def load_features(
                 pieces[i] = None
             return got
 
-    # The first failing shard in read order decides the error, whatever finished first.
+    _raise_first_error(metas)
+    return _gather(shards, metas, fetch)
+
+
+def _raise_first_error(metas: list[Any]) -> None:
+    """The first failing shard in read order decides the error, whatever finished first."""
     for meta in metas:
         if isinstance(meta, DedupError):
             raise meta
-    return _gather(shards, metas, fetch)
 
 
 def _piece_meta(res: Any) -> tuple[int, int] | DedupError:
     """``(rows, dims)`` of a shard's piece, or its error."""
     return res if isinstance(res, DedupError) else (len(res[0]), res[1].shape[1])
+
+
+# -- vectors left on the workers --------------------------------------------------------------
+def _too_big_to_gather(client: distributed.Client, metas: list[tuple[int, int]]) -> bool:
+    """``auto``: would X take more than ``_AUTO_SHARE`` of the smallest worker's memory limit
+    or of the client's available memory?"""
+    import psutil
+
+    n = sum(m for m, _ in metas)
+    d = max((dm for m, dm in metas if m), default=0)
+    nbytes = n * d * 4
+    limits = [
+        w.get("memory_limit") or 0
+        for w in client.scheduler_info(n_workers=-1).get("workers", {}).values()
+    ]
+    room = min([x for x in limits if x > 0] + [psutil.virtual_memory().available])
+    big = nbytes > _AUTO_SHARE * room
+    log.info(
+        "load: X is %.1f MB, %s a quarter of %.1f MB (smallest worker limit or client's free "
+        "memory): %s",
+        nbytes / 1e6,
+        "over" if big else "within",
+        room / 1e6,
+        "the vectors stay on the workers" if big else "gathered on the client",
+    )
+    return big
+
+
+def _on_workers(
+    client: distributed.Client, shards: list[str], metas: list[tuple[int, int]], reads: list[Any]
+) -> DistributedFeatures:
+    """The read pieces (futures ``reads``, one per shard) as a persisted ``dask.array`` and a
+    dask dataframe of paths, duplicates removed by a check that runs on the workers."""
+    import dask.array as da
+    import dask.dataframe as dd
+    from distributed import wait as distributed_wait
+
+    sizes = [m for m, _ in metas]
+    n, d = _shape(shards, metas)
+    starts = np.zeros(len(shards) + 1, dtype=np.int64)
+    starts[1:] = np.cumsum(sizes)
+    drop = _distributed_duplicates(client, shards, starts, reads)
+    blocks, paths = [], []
+    for i, fut in enumerate(reads):
+        rows = drop[(drop >= starts[i]) & (drop < starts[i + 1])] - starts[i]
+        m = sizes[i] - len(rows)
+        if m == 0:
+            continue
+        x = client.submit(_piece_vectors, fut, rows, pure=False)
+        blocks.append(da.from_delayed(x, shape=(m, d), dtype=np.float32))
+        paths.append(client.submit(_piece_paths, fut, rows, pure=False))
+    # persist: the blocks become keys of X's own graph, held where they were computed (the
+    # worker that read the shard); the pieces they came from are released with ``reads``.
+    X = client.persist(da.concatenate(blocks, axis=0))
+    distributed_wait(X)  # the load stage ends when the blocks are in place
+    meta = pd.DataFrame({"path": pd.array([], dtype="string")})
+    frame = dd.from_delayed(paths, meta=meta, verify_meta=False)
+    log.info(
+        "load: %d rows × %d dims (%.1f MB) from %d shard(s), left on the workers in %d blocks",
+        n - len(drop),
+        d,
+        (n - len(drop)) * d * 4 / 1e6,
+        len(shards),
+        len(blocks),
+    )
+    return DistributedFeatures(paths=frame, X=X, shards=tuple(shards))
+
+
+def _distributed_duplicates(
+    client: distributed.Client, shards: list[str], starts: np.ndarray, reads: list[Any]
+) -> np.ndarray:
+    """Global row numbers to drop (each a later listing of an object with an identical
+    vector), found on the workers; raises :class:`InputError` for an object listed twice with
+    different vectors (the first such row in read order), as :func:`_drop_duplicates` does.
+
+    Each shard splits its canonical paths by hash into ``b`` buckets; one task per bucket
+    finds the paths listed more than once (exact string comparison) and returns ``(row,
+    first row)`` pairs; one task per pair of shards compares those rows' vectors. Bytes moved:
+    the paths once (~100 bytes per row); the client receives two int64 per duplicate row.
+    """
+    import operator
+
+    nb = max(1, min(_DUP_BUCKETS, len(shards)))
+    split = client.map(_split_keys, reads, [int(x) for x in starts[:-1]], nb=nb, pure=False)
+    buckets = [
+        client.submit(
+            _bucket_duplicates, *[client.submit(operator.getitem, f, b, pure=False) for f in split]
+        )
+        for b in range(nb)
+    ]
+    pairs = client.gather(buckets)
+    del split, buckets
+    dup = np.concatenate([p[0] for p in pairs])
+    orig = np.concatenate([p[1] for p in pairs])
+    if len(dup) == 0:
+        return dup
+    shard_of = np.searchsorted(starts, np.stack([dup, orig]), side="right") - 1
+    checks = []
+    for sa, sb in {(int(a), int(b)) for a, b in shard_of.T}:
+        sel = (shard_of[0] == sa) & (shard_of[1] == sb)
+        checks.append(
+            client.submit(
+                _first_differing,
+                reads[sa],
+                reads[sb],
+                dup[sel] - starts[sa],
+                orig[sel] - starts[sb],
+                dup[sel],
+                orig[sel],
+                pure=False,
+            )
+        )
+    found = [c for c in client.gather(checks) if c is not None]
+    if found:
+        r, o, path_r, path_o, key = min(found)
+        raise InputError(
+            f"path {path_r!r} at {_where(r, shards, starts)} names the same object "
+            f"({key!r}) as {path_o!r} at {_where(o, shards, starts)}, with a "
+            "different vector; remove one of the two rows"
+        )
+    first = int(dup.argmin())
+    log.info(
+        "load: %d path(s) listed more than once with identical vectors: kept the first "
+        "occurrence of each (e.g. row %s)",
+        len(dup),
+        _where(int(dup[first]), shards, starts),
+    )
+    return np.sort(dup)
+
+
+def _canonical(piece: tuple[np.ndarray, np.ndarray, dict[int, str]]) -> np.ndarray:
+    """A piece's canonical paths (the written path unless ``aliases`` says otherwise)."""
+    paths, _, aliases = piece
+    if not aliases:
+        return paths
+    keys = paths.copy()
+    for row, rel in aliases.items():
+        keys[row] = rel
+    return keys
+
+
+def _split_keys(piece: Any, start: int, *, nb: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Dask task: a shard's ``(canonical paths, global rows)`` split into ``nb`` buckets by
+    hash (the same path lands in the same bucket from every shard)."""
+    keys = _canonical(piece)
+    rows = np.arange(start, start + len(keys), dtype=np.int64)
+    if nb == 1:
+        return [(keys, rows)]
+    bucket = pd.util.hash_array(keys) % np.uint64(nb)
+    return [(keys[bucket == b], rows[bucket == b]) for b in range(nb)]
+
+
+def _bucket_duplicates(*parts: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Dask task: ``(rows, first rows)`` of the paths listed more than once in a bucket."""
+    keys = np.concatenate([k for k, _ in parts]) if parts else np.empty(0, object)
+    rows = np.concatenate([r for _, r in parts]) if parts else np.empty(0, np.int64)
+    order = np.argsort(rows, kind="stable")
+    keys, rows = keys[order], rows[order]
+    codes, uniques = pd.factorize(keys)
+    if len(uniques) == len(keys):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    _, first = np.unique(codes, return_index=True)
+    dup = np.flatnonzero(first[codes] != np.arange(len(keys)))
+    return rows[dup], rows[first[codes[dup]]]
+
+
+def _first_differing(
+    a: Any,
+    b: Any,
+    rows_a: np.ndarray,
+    rows_b: np.ndarray,
+    global_a: np.ndarray,
+    global_b: np.ndarray,
+) -> tuple[int, int, str, str, str] | None:
+    """Dask task: of the pairs (row ``rows_a[k]`` of shard piece ``a``, row ``rows_b[k]`` of
+    piece ``b``) naming one object, the first in read order whose vectors differ, as ``(global
+    row, global row of the first listing, its path, the first listing's path, canonical
+    path)``; ``None`` when every pair is identical."""
+    differs = np.flatnonzero(np.any(a[1][rows_a] != b[1][rows_b], axis=1))
+    if len(differs) == 0:
+        return None
+    k = int(differs[np.argmin(global_a[differs])])
+    key = str(_canonical(a)[rows_a[k]])
+    return int(global_a[k]), int(global_b[k]), str(a[0][rows_a[k]]), str(b[0][rows_b[k]]), key
+
+
+def _piece_vectors(piece: Any, drop: np.ndarray) -> np.ndarray:
+    """Dask task: a piece's vectors without the rows ``drop`` (m, d) float32 C-contiguous."""
+    X = piece[1]
+    return np.delete(X, drop, axis=0) if len(drop) else X
+
+
+def _piece_paths(piece: Any, drop: np.ndarray) -> pd.DataFrame:
+    """Dask task: a piece's canonical paths without the rows ``drop``, as a one-column frame."""
+    keys = _canonical(piece)
+    if len(drop):
+        keys = np.delete(keys, drop)
+    return pd.DataFrame({"path": pd.array(keys, dtype="string")})
 
 
 # -- client side ----------------------------------------------------------------------------
@@ -276,23 +540,7 @@ def _gather(
     it has been copied. Batches hold about ``_FETCH_BYTES`` of vectors (at least one shard).
     """
     sizes = [m for m, _ in metas]
-    n = sum(sizes)
-    if n == 0:
-        raise InputError(
-            f"no feature rows in {len(shards)} shard(s) ({shards[0]}"
-            f"{', ...' if len(shards) > 1 else ''}); check that the export wrote any data"
-        )
-    first = next(i for i, m in enumerate(sizes) if m)
-    d = metas[first][1]
-    for url, (m, dm) in zip(shards, metas, strict=True):
-        if m and dm != d:
-            raise InputError(
-                f"{url} has {dm}-dimensional vectors but {shards[first]} has {d}; "
-                "all shards must come from the same model: re-export the odd one"
-            )
-        if not m:
-            log.warning("load: %s has no rows", url)
-
+    n, d = _shape(shards, metas)
     # np.empty commits pages only as they are written: with each piece freed once copied,
     # the process holds about one copy of X (plus one piece), not two.
     X = np.empty((n, d), dtype=np.float32)
@@ -320,6 +568,28 @@ def _gather(
         len(shards),
     )
     return Features(paths=paths, X=X, shards=tuple(shards))
+
+
+def _shape(shards: list[str], metas: list[tuple[int, int]]) -> tuple[int, int]:
+    """``(n, d)`` over all shards; refuses no rows at all and dimensions that differ."""
+    sizes = [m for m, _ in metas]
+    n = sum(sizes)
+    if n == 0:
+        raise InputError(
+            f"no feature rows in {len(shards)} shard(s) ({shards[0]}"
+            f"{', ...' if len(shards) > 1 else ''}); check that the export wrote any data"
+        )
+    first = next(i for i, m in enumerate(sizes) if m)
+    d = metas[first][1]
+    for url, (m, dm) in zip(shards, metas, strict=True):
+        if m and dm != d:
+            raise InputError(
+                f"{url} has {dm}-dimensional vectors but {shards[first]} has {d}; "
+                "all shards must come from the same model: re-export the odd one"
+            )
+        if not m:
+            log.warning("load: %s has no rows", url)
+    return n, d
 
 
 def _batches(sizes: list[int], d: int) -> list[list[int]]:

@@ -26,6 +26,7 @@ from . import __version__
 from .apply import ApplyResult, apply_plan
 from .apply import restore as restore_trash
 from .cluster import DBSCAN
+from .cluster_dask import clustered_rows, sample_rows
 from .config import JobSpec
 from .diagnose import plan_warnings
 from .errors import ConfigError, InputError, StorageError
@@ -58,6 +59,7 @@ _APPLY_KEYS = frozenset(
         "scheduler",
         "n_workers",
         "threads_per_worker",
+        "distributed",
         "log_format",
         "report",
     }
@@ -156,17 +158,25 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
             storage_options=so,
             allow_pickle=spec.allow_pickle,
             client=client,
+            distributed=spec.distributed,
         )
+    X, paths = feats.X, feats.paths
+    if not isinstance(X, np.ndarray):  # the vectors stay on the workers (issue 14)
+        paths = feats.path_array()
     with timer.stage("list"):
-        objects, protected, protect_warnings = _objects(store, feats.paths, spec.protect)
+        objects, protected, protect_warnings = _objects(store, paths, spec.protect)
     with timer.stage("cluster", unit="tiles"):
-        labels = _cluster(feats.X, spec, client)
+        labels = _cluster(X, spec, client)
     with timer.stage("headers", unit="images") as st:
-        objects = _with_dimensions(store, feats.paths, labels, objects, client, st)
+        objects = _with_dimensions(store, paths, labels, objects, client, st)
+    X_warn, labels_warn = X, labels
+    if not isinstance(X, np.ndarray):  # select reads clustered rows; warnings use a sample
+        X_warn, labels_warn = sample_rows(X, labels)
+        X = clustered_rows(X, labels)
     with timer.stage("select"):
         table = select_keepers(
-            feats.paths,
-            feats.X,
+            paths,
+            X,
             labels,
             objects,
             policy=spec.keep,
@@ -175,7 +185,7 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
             metric=spec.metric,
         )
     warnings = plan_warnings(
-        feats.X, labels, eps=spec.eps, metric=spec.metric, min_samples=spec.min_samples
+        X_warn, labels_warn, eps=spec.eps, metric=spec.metric, min_samples=spec.min_samples
     )
     for w in warnings:
         log.warning("plan: %s", w)

@@ -1,0 +1,920 @@
+"""Exact DBSCAN of a ``dask.array`` whose row blocks stay on the Dask workers.
+
+:func:`fit_dask` is what :meth:`dedup_batch.cluster.DBSCAN.fit` runs for a ``dask.array.Array``
+input. No process ever holds all of X: every per-row computation runs on the worker holding the
+row, a tile task reads two blocks (Dask moves a block from worker to worker when the two live
+apart), and the client holds O(n) small integers (a union-find, the reorder's permutation,
+per-row counts and labels) plus a few KB per block.
+
+1. Preparation, on the workers: the column sum (the euclidean centre), the principal
+   directions of a ~20,000-row sample (d x d grams summed over blocks), and a median-split tree
+   over the sample's projections (built on the client from ~20,000 x 2 numbers) whose cells
+   become the new row blocks: ``x.shuffle`` moves each row to its cell's block (~16 MiB each),
+   so that blocks are spatially compact. Each block then builds, on its worker, what
+   ``cluster._prepare`` builds for the whole input: leaves of <= LEAF rows, low-rank factors,
+   rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
+   are farther apart than ``eps`` plus every rounding bound are never scheduled.
+2. A tile task runs the in-process engine's own tile code (``cluster._tile_task``: leaf boxes,
+   the low-rank screen, the full float32 product for the pairs that pass it, the rigorous
+   ``_float32_band`` bounds) over its two blocks as one small prepared input; pairs near
+   ``eps`` get a float64 look from the raw rows (``cluster._refine``). A tile returns a spanning
+   forest (``min_samples=1``) or per-row counts / smallest core labels (``min_samples > 1``),
+   never its pairs, plus the few pairs still within scikit-learn's own rounding of ``eps``.
+3. Those pairs are decided by scikit-learn's own computation (``cluster._SkDecider``,
+   ``cluster._recheck``), fetching only the rows it needs: two 256-row chunks per pair for
+   euclidean, a padded row subset for cosine.
+4. Tasks go out in bounded waves (two per worker thread in flight); each submission carries
+   the current component roots of its two blocks (``min_samples=1`` and the core pass), so a
+   tile already one component is skipped, and a task-local union-find skips what merges inside
+   the task.
+
+Exactness: labels, core samples and cluster numbering are scikit-learn's, ties at ``eps``
+included. What the distributed engine does not cover is gathered on the client and fitted by the
+in-process engine (which may delegate to scikit-learn), with a log line saying why: input other
+than float32, metrics other than euclidean/cosine, euclidean with d <= 15 (scikit-learn decides
+by a KD-tree), ``sample_weight``, cosine zero vectors, an ``eps`` below the rounding of a
+self-distance, a near-eps pair scikit-learn decides asymmetrically, and cosine near-eps pairs
+whose decision needs all rows (``_SkDecider`` compares against all n rows when n x d <= 2^27,
+i.e. X <= 512 MiB, and uses scikit-learn's whole row chunk on a BLAS that rounds by shape).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from . import progress
+from .cluster import (
+    _U32,
+    _U64,
+    LEAF,
+    N_BOUND_DIMS,
+    SPLIT_CELLS,
+    _border_min,
+    _float32_band,
+    _forest,
+    _Irregular,
+    _LiveRoots,
+    _Mode,
+    _PassCtx,
+    _per_row,
+    _Prepared,
+    _recheck,
+    _refine,
+    _resolve_mode,
+    _SkDecider,
+    _tile_task,
+    _UnionFind,
+)
+
+__all__ = ["BLOCK_BYTES", "ClusteredRows", "clustered_rows", "fit_dask", "sample_rows"]
+
+log = logging.getLogger(__name__)
+
+#: Target bytes of a reordered row block (float32 rows). A tile task holds its two prepared
+#: blocks, their float32 working rows and a few LEAF x TILE products: ~80 MiB at 16 MiB blocks.
+#: Larger blocks mean fewer, larger tiles (the in-process engine's GEMMs get wider and the
+#: per-tile costs are amortised: 8 MiB blocks ran ~1.5x the in-process tile time on one
+#: worker at 50k x 256, 32 MiB ~1.1x) but fewer tasks to balance over the workers.
+BLOCK_BYTES = 16 << 20
+#: Tiles in flight per worker thread: enough to hide the client's merge between results,
+#: few enough that finished results never pile up (each is O(rows of two blocks)).
+IN_FLIGHT_PER_THREAD = 2
+# Rows of block A multiplied at once in a tile: a (1024 x rows_B) product and its float64 sums.
+_TILE_ROWS = 1024
+
+
+class _NeedsGather(Exception):
+    """This fit needs something only the in-process engine provides: gather X and use it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def fit_dask(est: Any, X: Any, sample_weight: Any = None) -> Any:
+    """Fit ``est`` (a :class:`dedup_batch.cluster.DBSCAN`) to the dask array ``X``.
+
+    Parameters
+    ----------
+    est : dedup_batch.cluster.DBSCAN
+        Its parameters as given; ``labels_``, ``core_sample_indices_``, ``components_`` and
+        ``n_features_in_`` are set.
+    X : dask.array.Array of shape (n, d)
+        Rows to cluster, persisted on the workers of the current ``distributed.Client`` (it is
+        persisted here if it is not). Without a current client, X is computed here and fitted
+        in process.
+    sample_weight : array-like of shape (n,), optional
+        As in scikit-learn: gathered and fitted in process.
+
+    Returns
+    -------
+    est
+
+    Notes
+    -----
+    ``components_`` is a ``dask.array`` (the core rows, lazily selected on the workers): the
+    engine never gathers X. ``distributed_stats_`` (a dict) gives ``blocks``, ``block_pairs``
+    (scheduled after pruning, of ``all_block_pairs``), ``tiles`` (run; the rest were already
+    one component), ``prepared_row_bytes``, ``seconds_prepare`` and ``seconds_total``: the
+    inputs of the cost model in docs/scaling.md.
+
+    Memory on the client: O(n) small integers (8 bytes per row for the union-find, 16 for the
+    reorder's permutation and its inverse, 8 more for counts with ``min_samples > 1``), a
+    20,000-row sample's projections on the splitting directions, d x d float64 for the
+    principal directions, and the results of the tiles in flight. Per worker: its share of X
+    twice (the input blocks, kept by the caller, and the reordered, prepared blocks: raw rows
+    plus ~330 bytes per row of factors and bounds) and, per thread, one tile (two blocks'
+    float32 working rows and a few LEAF x TILE products). Time: the in-process engine's work
+    on the block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
+    workers: X once by the reorder (a shuffle), then one prepared block per tile whose two
+    blocks live on different workers.
+    """
+    from distributed import get_client
+
+    try:
+        client = get_client()
+    except ValueError:
+        client = None
+    mode = _resolve_mode(est, X, sample_weight)
+    why = _not_covered(est, X, mode, client)
+    result = None
+    if why is None:
+        try:
+            result = _DaskFit(est, X, mode, client).run()
+        except (_NeedsGather, _Irregular) as exc:
+            why = str(exc) or "scikit-learn decides a near-eps pair asymmetrically"
+    if result is None:
+        log.info("DBSCAN: %s; gathering X on the client for the in-process engine", why)
+        return est.fit(X.compute(), sample_weight=sample_weight)
+    labels, core, stats = result
+    est.distributed_stats_ = stats
+    est.labels_ = labels.astype(np.intp)
+    est.core_sample_indices_ = np.flatnonzero(core)
+    est.components_ = X[est.core_sample_indices_]
+    est.n_features_in_ = X.shape[1]
+    return est
+
+
+def _not_covered(est: Any, X: Any, mode: _Mode | None, client: Any) -> str | None:
+    """Why this fit cannot run distributed, or ``None``."""
+    if client is None:
+        return "no Dask client is current"
+    if X.ndim != 2 or X.shape[0] == 0:
+        return "X is not a non-empty 2-d array"
+    if mode is None or mode.kind not in ("brute", "cosine"):
+        return "these parameters are decided by scikit-learn's tree or another metric"
+    if X.dtype != np.float32:
+        return f"X is {X.dtype}: the distributed engine's bounds are for float32"
+    if not (isinstance(est.min_samples, int | np.integer) and est.min_samples >= 1):
+        return "min_samples is checked by scikit-learn"
+    if not (isinstance(est.eps, float | int | np.number) and est.eps > 0):
+        return "eps is checked by scikit-learn"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Per-block work (runs on the workers)
+# --------------------------------------------------------------------------------------------
+
+
+def _block_sum(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dask task: ``(column sum in float64, number of all-zero rows)`` of a block."""
+    zero = int((~np.any(x != 0, axis=1)).sum())
+    return x.sum(axis=0, dtype=np.float64), zero
+
+
+def _centred(x: np.ndarray, g: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]:
+    """``(c64, sq)``: rows centred on the global mean (euclidean) or normalised (cosine) in
+    float64, as ``cluster._prepare`` does, and the squared norms of the raw rows."""
+    x64 = x.astype(np.float64)
+    sq = np.einsum("ij,ij->i", x64, x64)
+    if g.cosine:
+        x64 /= np.sqrt(sq)[:, None]
+    else:
+        x64 -= g.mean
+    return x64, sq
+
+
+def _sample(m: int, frac: float, seed: int) -> np.ndarray:
+    """The rows of a block in the global sample (the same rows in every pass)."""
+    k = min(m, max(1, round(m * frac))) if m else 0
+    return np.sort(np.random.default_rng(seed).choice(m, size=k, replace=False))
+
+
+def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tuple:
+    """Dask task: ``(sum of c c^T, sum of c, rows)`` over the block's sampled rows: the
+    pieces of the sample covariance whose leading eigenvectors bound distances (d x d)."""
+    c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
+    return c64.T @ c64, c64.sum(axis=0), len(c64)
+
+
+def _block_projections(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> np.ndarray:
+    """Dask task: the sampled rows projected on the splitting directions (s, n_split)."""
+    c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
+    return c64 @ g.V[:, : g.n_split]
+
+
+def _block_cells(x: np.ndarray, g: SimpleNamespace, tree: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Dask task: the cell (new block) of each row, by the client's median-split tree."""
+    c64, _ = _centred(x, g)
+    return _descend(tree, c64 @ g.V[:, : g.n_split])
+
+
+def _descend(tree: tuple[np.ndarray, ...], P: np.ndarray) -> np.ndarray:
+    """Leaf number of each row of ``P`` in ``tree`` = ``(axis, threshold, left, right,
+    leaf)`` arrays per node (node 0 the root; ``leaf >= 0`` at leaves)."""
+    axis, thr, left, right, leaf = tree
+    node = np.zeros(len(P), np.int64)
+    rows = np.arange(len(P))
+    while True:
+        inner = leaf[node] < 0
+        if not inner.any():
+            return leaf[node].astype(np.int32)
+        r, nd = rows[inner], node[inner]
+        go_left = P[r, axis[nd]] <= thr[nd]
+        node[r] = np.where(go_left, left[nd], right[nd])
+
+
+def _median_tree(P: np.ndarray, cap: int) -> tuple[np.ndarray, ...]:
+    """Median splits along the widest column of ``P`` until each cell holds at most ``cap``
+    rows (as ``cluster._prepare`` splits its leaves): the tree for :func:`_descend`."""
+    axis, thr, left, right, leaf = [], [], [], [], []
+    stack = [(np.arange(len(P)), 0)]
+    axis.append(0), thr.append(0.0), left.append(-1), right.append(-1), leaf.append(-1)
+    n_leaves = 0
+    while stack:
+        idx, node = stack.pop()
+        sub = P[idx]
+        width = sub.max(axis=0) - sub.min(axis=0) if len(idx) else np.zeros(P.shape[1])
+        if len(idx) <= cap or not (width > 0).any():
+            leaf[node] = n_leaves
+            n_leaves += 1
+            continue
+        ax = int(np.argmax(width))
+        order = np.argsort(sub[:, ax], kind="stable")
+        half = len(idx) // 2
+        t = float(sub[order[half - 1], ax])
+        lo, hi = idx[sub[:, ax] <= t], idx[sub[:, ax] > t]
+        if len(hi) == 0:  # many equal values at the median: split below them
+            t = float(np.nextafter(t, -np.inf))
+            lo, hi = idx[sub[:, ax] <= t], idx[sub[:, ax] > t]
+        axis[node], thr[node] = ax, t
+        for part, side in ((hi, right), (lo, left)):
+            side[node] = len(leaf)
+            axis.append(0), thr.append(0.0), left.append(-1), right.append(-1), leaf.append(-1)
+            stack.append((part, side[node]))
+    return tuple(np.asarray(a) for a in (axis, thr, left, right, leaf))
+
+
+def _block_prep(x: np.ndarray, g: SimpleNamespace) -> SimpleNamespace:
+    """Dask task: a block prepared for tiles, as ``cluster._prepare`` prepares the whole
+    input: its rows in leaf order (leaves of <= LEAF rows by median splits of the
+    projections), the low-rank factors, the error bands and the leaves' boxes.
+
+    Memory (held with the block): the raw rows in leaf order (the block's size) and per row
+    two (k + 2) float32 factors and six float64 values (~330 bytes at k = 32). The float32
+    working rows are recomputed by each tile (O(rows x d), against the tile's O(rows^2 x d)).
+    """
+    m, d = x.shape
+    c64, sq = _centred(x, g)
+    k = g.V.shape[1]
+    P = c64 @ g.V
+    cells = _descend(_median_tree(P[:, : g.n_split], LEAF), P[:, : g.n_split])
+    order = np.argsort(cells, kind="stable")
+    bounds = np.zeros(int(cells.max(initial=-1)) + 2, np.int64)
+    bounds[1:] = np.cumsum(np.bincount(cells, minlength=len(bounds) - 1))
+    c64, sq, P = c64[order], sq[order], P[order]
+    t = g.threshold
+    csq = np.einsum("ij,ij->i", c64, c64)
+    psq = np.einsum("ij,ij->i", P, P)
+    if g.cosine:
+        sk_err = np.full(m, 2.0 * (d + 8) * _U32 * 2.0)
+    else:
+        sk_err = (4.0 * (d + 8) * _U64) * sq + 64 * _U64 * t
+    band = _float32_band(csq, d + 2, t) + sk_err
+    Alo = np.empty((m, k + 2), np.float32)
+    Blo = np.empty((m, k + 2), np.float32)
+    Alo[:, :k], Alo[:, k], Alo[:, k + 1] = P, psq, 1.0
+    Blo[:, :k], Blo[:, k], Blo[:, k + 1] = -2.0 * P, 1.0, psq
+    starts = bounds[:-1]
+    centre = c64.mean(axis=0)
+    diff = c64 - centre
+    radius = float(np.sqrt(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
+    slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
+    return SimpleNamespace(
+        x=np.ascontiguousarray(x[order]),
+        order=order.astype(np.int32),
+        csq=csq,
+        Alo=Alo,
+        Blo=Blo,
+        band=band,
+        band_lo=_float32_band(psq, k + 2, t) + 1e-12 * (1.0 + psq),
+        sk_err=sk_err,
+        bounds=bounds,
+        lo=np.minimum.reduceat(P, starts, axis=0),
+        hi=np.maximum.reduceat(P, starts, axis=0),
+        centre=centre,
+        radius=radius * (1 + 1e-9) + slack,
+        slack=slack,
+    )
+
+
+def _block_meta(b: SimpleNamespace) -> SimpleNamespace:
+    """Dask task: what the client needs of a prepared block (no per-row vectors)."""
+    return SimpleNamespace(
+        order=b.order,
+        centre=b.centre,
+        radius=b.radius,
+        bmax=float(b.band.max(initial=0.0)),
+        lo=b.lo.min(axis=0),
+        hi=b.hi.max(axis=0),
+        slack=b.slack,
+    )
+
+
+def _tile(
+    A: SimpleNamespace,
+    B: SimpleNamespace,
+    ga: int,
+    gb: int,
+    g: SimpleNamespace,
+    roots: np.ndarray | None,
+    ctx: _PassCtx | None,
+) -> tuple[np.ndarray, ...]:
+    """Dask task: the pairs within eps between prepared blocks A (positions ``ga + q``) and B
+    (``gb + q``; B is A when ``ga == gb``), by the in-process engine's own tile code
+    (``cluster._tile_task``: leaf boxes, the low-rank screen, the full product for the pairs
+    that pass it) over the two blocks as one small prepared input.
+
+    ``roots`` (``min_samples=1`` and the core pass): the component root of each row of A then
+    B when submitted; a union-find local to the task starts from them and is merged as leaves
+    finish, so pairs already in one component are skipped (``cluster._restrict``). ``ctx``
+    (``min_samples > 1``): the pass, its per-row arrays for A then B.
+
+    Returns ``(i, j, band_i, band_j)`` in positions: for ``min_samples=1`` and ``"core"`` a
+    spanning forest of the edges; for ``"count"`` ``(rows, neighbours)``; for ``"border"``
+    ``(rows, smallest core label)``; and the pairs still within scikit-learn's rounding of
+    eps after a float64 look. Memory: the two blocks' float32 working rows plus a few (LEAF x
+    TILE) products.
+    """
+    from threadpoolctl import threadpool_limits
+
+    same = ga == gb
+    parts = [A] if same else [A, B]
+    ma = len(A.x)
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(b, name) for b in parts])
+
+    C = np.concatenate([_centred(b.x, g)[0].astype(np.float32) for b in parts])
+    bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
+    band, band_lo = cat("band"), cat("band_lo")
+    leaf_band = np.maximum.reduceat(band, bounds[:-1])
+    prep = _Prepared(
+        C, cat("csq"), cat("Alo"), cat("Blo"), band, band_lo, cat("sk_err"), g.threshold,
+        np.arange(len(C)), bounds, cat("lo"), cat("hi"), leaf_band,
+        np.maximum.reduceat(band_lo, bounds[:-1]), max(b.slack for b in parts),
+    )  # fmt: skip
+    na = len(A.bounds) - 1
+    # the leaves of B (or of A from a on, inside one block) whose boxes may hold a pair
+    reach = math.sqrt(g.threshold + float(band.max(initial=0.0)) * 2) + prep.slack
+    luf, live = None, None
+    if roots is not None:
+        luf = _UnionFind(len(C))
+        _, first = np.unique(roots, return_inverse=True)
+        rep = np.full(first.max(initial=-1) + 1, len(C))
+        np.minimum.at(rep, first, np.arange(len(C)))
+        luf.union(np.arange(len(C)), rep[first])
+        live = _LiveRoots(luf.parent)
+    out: list[tuple[np.ndarray, ...]] = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for a in range(na):
+            lo_b = a if same else na
+            gap = np.maximum(
+                0.0, np.maximum(prep.lo[lo_b:] - prep.hi[a], prep.lo[a] - prep.hi[lo_b:])
+            )
+            bs = [lo_b + int(b) for b in np.flatnonzero(np.sqrt((gap**2).sum(axis=1)) <= reach)]
+            if not bs:
+                continue
+            res = _tile_task(prep, a, bs, live, ctx)
+            if luf is not None:
+                luf.union(res[0], res[1])
+            out.append(res)
+    kind = "edges" if ctx is None else ctx.kind
+    si, ui, uj = (_cat([r[k] for r in out]) for k in (0, 2, 3))
+    if kind in ("count", "border"):  # a row of B can come back from several leaves of A
+        sj = np.concatenate([r[1] for r in out]) if out else np.empty(0, np.int64)
+        si, sj = _per_row(si, sj, "sum" if kind == "count" else "min")
+    else:
+        sj = _cat([r[1] for r in out])
+    if len(ui):  # a second look in float64 from the original rows: most pairs settle here
+        Xl = cat("x")
+        idx = np.arange(len(Xl))
+        surely, undecided = _refine(Xl, idx, ui, uj, prep, idx, _Mode(g.kind))
+        ri, rj = ui[surely], uj[surely]
+        ui, uj = ui[undecided], uj[undecided]
+        if kind == "count":
+            si, sj = _per_row(
+                np.concatenate([si, ri, rj]), np.concatenate([sj, np.ones(2 * len(ri))]), "sum"
+            )
+        elif kind == "border":
+            bi, bv = _border_min(ctx, ri, rj)
+            si, sj = _per_row(np.concatenate([si, bi]), np.concatenate([sj, bv]), "min")
+        else:
+            si, sj = np.concatenate([si, ri]), np.concatenate([sj, rj])
+    if kind in ("edges", "core"):
+        si, sj = _forest(si, sj)
+
+    def pos(q: np.ndarray) -> np.ndarray:
+        return np.where(q < ma, ga + q, gb + q - ma).astype(np.int64)
+
+    if kind in ("count", "border"):
+        return pos(si), sj, pos(ui), pos(uj)
+    return pos(si), pos(sj), pos(ui), pos(uj)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Rows fetched for scikit-learn's own decision
+# --------------------------------------------------------------------------------------------
+
+
+class _Rows:
+    """The rows of a dask array as ``_SkDecider`` reads them: ``X[a:b]`` and ``X[indices]``
+    fetch only those rows from the workers (a slice is cached: scikit-learn's 256-row chunks
+    are read again for each pair in them). Anything needing all of X raises
+    :class:`_NeedsGather`: the fit is then gathered and run in process."""
+
+    def __init__(self, X: Any) -> None:
+        self.X = X
+        self.shape = X.shape
+        self.dtype = X.dtype
+        self._slices: dict[tuple[int, int], np.ndarray] = {}
+
+    def prefetch(self, starts: np.ndarray, size: int) -> None:
+        """Fetch the slices ``[s, s + size)`` for ``s`` in ``starts`` in one round trip."""
+        import dask
+
+        n = self.shape[0]
+        todo = [(int(s), min(n, int(s) + size)) for s in np.unique(starts)]
+        todo = [k for k in todo if k not in self._slices]
+        if not todo:
+            return
+        got = dask.compute(*[self.X[s:e] for s, e in todo])
+        for k, rows in zip(todo, got, strict=True):
+            self._slices[k] = rows
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        n = self.shape[0]
+        if isinstance(key, slice):
+            s, e, step = key.indices(n)
+            if step != 1:
+                raise _NeedsGather("a strided read of X")
+            if (s, e) == (0, n):
+                raise _NeedsGather("scikit-learn's decision needs all of X")
+            if (s, e) not in self._slices:
+                self._slices[(s, e)] = self.X[s:e].compute()
+            return self._slices[(s, e)]
+        idx = np.asarray(key)
+        if idx.dtype == bool or idx.ndim != 1:
+            raise _NeedsGather("a masked read of X")
+        if len(idx) > max(65536, n // 4):
+            raise _NeedsGather("scikit-learn's decision needs most of X")
+        uniq, inv = np.unique(idx, return_inverse=True)
+        return self.X[uniq].compute()[inv]
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise _NeedsGather("scikit-learn's decision needs all of X")
+
+
+class _Singletons:
+    """``members[k]`` for ``cluster._recheck`` without duplicate collapsing: row k alone."""
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return np.array([k], np.int64)
+
+
+def _decide(decider: _SkDecider, rows: _Rows, bi: np.ndarray, bj: np.ndarray) -> tuple:
+    """The near-eps pairs ``(bi, bj)`` (global rows) that scikit-learn finds within eps, in both
+    directions (raises ``_Irregular`` when it decides one asymmetrically)."""
+    if len(bi) == 0:
+        return bi, bj
+    if decider.mode.kind == "brute":
+        c = min(rows.shape[0], 256)
+        rows.prefetch(np.concatenate([bi, bj]) // c * c, c)
+    log.debug("eps-graph: %d pairs within scikit-learn's rounding of eps", len(bi))
+    return _recheck(bi, bj, _Singletons(), decider)
+
+
+# --------------------------------------------------------------------------------------------
+# The client's side
+# --------------------------------------------------------------------------------------------
+
+
+class _DaskFit:
+    """One distributed fit: the reorder into spatial blocks, their bounds, the tile waves and
+    the reductions. Rows are numbered by *position* in the reordered array; ``perm[pos]`` is
+    the input row, ``where[row]`` its position."""
+
+    def __init__(self, est: Any, X: Any, mode: _Mode, client: Any) -> None:
+        self.est, self.mode, self.client = est, mode, client
+        self.eps = float(est.eps)
+        self.min_samples = int(est.min_samples)
+        self.X = X if len(X.chunks[1]) == 1 else X.rechunk({1: -1})
+        self.n, self.d = X.shape
+        cosine = mode.kind == "cosine"
+        self.g = SimpleNamespace(
+            kind=mode.kind,
+            cosine=cosine,
+            threshold=2.0 * self.eps if cosine else self.eps * self.eps,
+            mean=None,
+            V=None,
+            n_split=1,
+        )
+
+    # -- preparation ------------------------------------------------------------------------
+    def _prepare(self) -> list[tuple[int, int]]:
+        """Reorder the rows into spatially compact blocks, prepare each block on its worker
+        and return the block pairs to compute (A <= B), diagonal first."""
+        from distributed import Future, wait
+
+        client, g, n, d = self.client, self.g, self.n, self.d
+        self.t0 = time.perf_counter()
+        X = client.persist(self.X)
+        blocks = [Future(k, client) for k in _keys(X)]
+        sums = client.gather(client.map(_block_sum, blocks, pure=False))
+        if g.cosine and sum(z for _, z in sums):
+            raise _NeedsGather("cosine zero vectors (distance 1 to everything, themselves too)")
+        if not g.cosine:
+            g.mean = sum(s for s, _ in sums) / n
+        log.debug("DBSCAN (distributed): sums at %.2f s", time.perf_counter() - self.t0)
+        # Principal directions of a ~20,000-row sample, accumulated on the workers (d x d).
+        frac = min(1.0, 20000 / n)
+        seeds = list(range(len(blocks)))
+        grams = client.gather(client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False))
+        k = min(N_BOUND_DIMS, d)
+        total = sum(c for _, _, c in grams)
+        if k < d and total >= 2:
+            smean = sum(s for _, s, _ in grams) / total
+            cov = (sum(gm for gm, _, _ in grams) - total * np.outer(smean, smean)) / (total - 1)
+            g.V = np.ascontiguousarray(np.linalg.eigh(cov)[1][:, ::-1][:, :k])
+        else:
+            g.V = np.eye(d)[:, :k]
+        del grams
+        log.debug(
+            "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
+        )
+        # Cells: median splits of the sample's projections, one cell per new block.
+        rows = max(LEAF, BLOCK_BYTES // (4 * d))
+        n_cells = max(1, -(-n // rows))
+        # split along as many leading directions as the in-process engine's tree over all rows
+        # would (see cluster.SPLIT_CELLS): cells, then each block's leaves, cut the same grid
+        g.n_split = max(1, min(k, int(math.log(max(2, n // LEAF)) / math.log(SPLIT_CELLS) + 1e-9)))
+        if n_cells > 1:
+            g_f = client.scatter(g, broadcast=True, hash=False)
+            P = np.concatenate(
+                client.gather(
+                    client.map(_block_projections, blocks, seeds, g=g_f, frac=frac, pure=False)
+                )
+            )
+            tree = _median_tree(P, max(1, -(-len(P) // n_cells)))
+            cells = np.concatenate(
+                client.gather(client.map(_block_cells, blocks, g=g_f, tree=tree, pure=False))
+            )
+            perm = np.argsort(cells, kind="stable")
+            log.debug("DBSCAN (distributed): cells at %.2f s", time.perf_counter() - self.t0)
+            groups = np.split(perm, np.cumsum(np.bincount(cells))[:-1])
+            X = X.shuffle([grp.tolist() for grp in groups if len(grp)], axis=0)
+            if len(X.chunks[1]) > 1:
+                X = X.rechunk({1: -1})
+        else:  # one block's worth of rows: one block, however the input was chunked
+            perm = np.arange(n)
+            X = X.rechunk({0: -1, 1: -1})
+        import dask
+
+        g_f = client.scatter(g, broadcast=True, hash=False)
+        # one prepared block per new block, computed where the shuffle left it; the shuffled
+        # rows themselves are released once their block is prepared
+        parts = X.to_delayed().ravel()
+        self.blocks = client.compute([dask.delayed(_block_prep)(b, g_f) for b in parts])
+        wait(self.blocks)
+        log.debug(
+            "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
+        )
+        del X, parts
+        metas = client.gather(client.map(_block_meta, self.blocks, pure=False))
+        sizes = [len(m.order) for m in metas]
+        self.starts = np.zeros(len(sizes) + 1, np.int64)
+        self.starts[1:] = np.cumsum(sizes)
+        # the input row at each position: the reorder, then each block's leaf order
+        self.perm = np.concatenate(
+            [perm[s + m.order] for s, m in zip(self.starts[:-1], metas, strict=True)]
+        )
+        self.where = np.empty(n, np.int64)
+        self.where[self.perm] = np.arange(n)
+        return self._block_pairs(metas)
+
+    def _block_pairs(self, metas: list[SimpleNamespace]) -> list[tuple[int, int]]:
+        """Block pairs whose balls (full space) and boxes (projected) may hold a pair within
+        eps plus every rounding bound; diagonal first (they merge the most)."""
+        t = self.g.threshold
+        centre = np.array([m.centre for m in metas])
+        radius = np.array([m.radius for m in metas])
+        bmax = np.array([m.bmax for m in metas])
+        lo = np.array([m.lo for m in metas])
+        hi = np.array([m.hi for m in metas])
+        slack = max(m.slack for m in metas)
+        nb = len(metas)
+        work = []
+        for a in range(nb):
+            reach = np.sqrt(t + bmax[a] + bmax[a:]) + slack
+            ball = np.sqrt(((centre[a:] - centre[a]) ** 2).sum(axis=1)) - radius[a] - radius[a:]
+            gap = np.maximum(0.0, np.maximum(lo[a:] - hi[a], lo[a] - hi[a:]))
+            box = np.sqrt((gap**2).sum(axis=1))
+            ok = (ball <= reach) & (box <= reach)
+            work += [(a, a + int(b)) for b in np.flatnonzero(ok)]
+        log.debug("DBSCAN (distributed): prepared in %.2f s", time.perf_counter() - self.t0)
+        log.info(
+            "DBSCAN (distributed): %d rows in %d blocks on %d workers; %d of %d block pairs "
+            "computed, the rest pruned by the blocks' balls and boxes",
+            self.n,
+            nb,
+            len(self.client.scheduler_info(n_workers=-1)["workers"]),
+            len(work),
+            nb * (nb + 1) // 2,
+        )
+        work.sort(key=lambda ab: (ab[0] != ab[1], ab))
+        return work
+
+    # -- tiles ------------------------------------------------------------------------------
+    def _tiles(
+        self,
+        work: list[tuple[int, int]],
+        extra: Callable[[int, int], tuple[Any, Any] | None],
+        n_passes: int,
+    ) -> Iterator[tuple[np.ndarray, ...]]:
+        """Each tile's result as it finishes, with at most ``IN_FLIGHT_PER_THREAD`` tasks per
+        worker thread in flight. ``extra(a, b)`` gives the tile's ``(roots, ctx)`` when it is
+        submitted (read after the previous results were merged), or ``None`` to skip it."""
+        from distributed import as_completed
+
+        client = self.client
+        slots = IN_FLIGHT_PER_THREAD * max(1, sum(client.nthreads().values()))
+        g_f = client.scatter(self.g, broadcast=True, hash=False)  # d x 33 floats: once per fit
+        todo = iter(work)
+
+        def submit_next() -> Any:
+            for a, b in todo:
+                args = extra(a, b)
+                progress.advance(1, total=n_passes * len(work))
+                if args is None:
+                    continue
+                roots, ctx = args
+                ga, gb = int(self.starts[a]), int(self.starts[b])
+                A, B = self.blocks[a], self.blocks[b]
+                self.stats["tiles"] += 1
+                return client.submit(_tile, A, B, ga, gb, g_f, roots, ctx, pure=False)
+            return None
+
+        running = as_completed([f for f in (submit_next() for _ in range(slots)) if f])
+        for f in running:
+            out = f.result()
+            f.release()
+            yield out
+            nxt = submit_next()
+            if nxt is not None:
+                running.add(nxt)
+
+    def _positions(self, a: int, b: int) -> np.ndarray:
+        """Positions of block a's rows, then block b's (unless b is a)."""
+        ra = np.arange(self.starts[a], self.starts[a + 1])
+        if a == b:
+            return ra
+        return np.concatenate([ra, np.arange(self.starts[b], self.starts[b + 1])])
+
+    def _decide(self, pi: np.ndarray, pj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The near-eps pairs (positions) scikit-learn finds within eps, as positions."""
+        ri, rj = _decide(self.decider, self.decider.X, self.perm[pi], self.perm[pj])
+        return self.where[ri], self.where[rj]
+
+    # -- the passes -------------------------------------------------------------------------
+    def run(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        work = self._prepare()
+        nb = len(self.blocks)
+        k = self.g.V.shape[1]
+        self.stats = {
+            "blocks": nb,
+            "block_pairs": len(work),
+            "all_block_pairs": nb * (nb + 1) // 2,
+            "tiles": 0,
+            # raw row, two (k + 2) float32 factors, six float64 per-row values
+            "prepared_row_bytes": 4 * self.d + 8 * (k + 2) + 48,
+            "seconds_prepare": round(time.perf_counter() - self.t0, 3),
+        }
+        self.decider = _SkDecider(_Rows(self.X), self.eps, self.mode, self.est.leaf_size, None)
+        if self.min_samples == 1:
+            labels, core = self._components(work), np.ones(self.n, bool)
+        else:
+            labels, core = self._counts(work)
+            labels, core = labels[self.where], core[self.where]
+        self.stats["seconds_total"] = round(time.perf_counter() - self.t0, 3)
+        return labels, core, self.stats
+
+    def _components(self, work: list[tuple[int, int]]) -> np.ndarray:
+        """``min_samples=1``: labels = connected components, numbered by their lowest row."""
+        uf = _UnionFind(self.n)
+
+        def extra(a: int, b: int) -> tuple[Any, None] | None:
+            roots = uf.find(self._positions(a, b))
+            if (roots == roots[0]).all():
+                return None  # already one component: nothing here can change the labels
+            return roots, None
+
+        self._merge(uf, work, extra, 1)
+        return _number(uf.find(self.where))
+
+    def _merge(
+        self,
+        uf: _UnionFind,
+        work: list[tuple[int, int]],
+        extra: Callable[[int, int], tuple[Any, Any] | None],
+        n_passes: int,
+    ) -> None:
+        """Merge the tiles' spanning forests into ``uf`` as they finish, then the near-eps
+        pairs scikit-learn finds within eps (only those still joining two components)."""
+        und_i, und_j = [], []
+        for fi, fj, ui, uj in self._tiles(work, extra, n_passes):
+            uf.union(fi, fj)
+            keep = uf.find(ui) != uf.find(uj)
+            und_i.append(ui[keep])
+            und_j.append(uj[keep])
+        bi, bj = _cat(und_i), _cat(und_j)
+        keep = uf.find(bi) != uf.find(bj)
+        uf.union(*self._decide(bi[keep], bj[keep]))
+
+    def _counts(self, work: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``min_samples > 1``: three passes (neighbourhood sizes, components among core
+        rows, each border row's first cluster), as ``cluster._cluster_counts``; results by
+        position."""
+        pos_of = self._positions
+        need = self.min_samples
+        ones = np.ones(self.n)
+        # 1. neighbourhood sizes (the row itself included: self-distances are surely <= eps)
+        deg = np.ones(self.n)
+
+        def count_ctx(a: int, b: int) -> tuple[None, _PassCtx] | None:
+            r = pos_of(a, b)
+            if (deg[r] >= need).all():
+                return None  # every row already core: no pair here changes anything
+            return None, _PassCtx("count", weight=ones[r], deg=deg[r].copy(), need=need)
+
+        und_i, und_j = [], []
+        for rows, add, ui, uj in self._tiles(work, count_ctx, 3):
+            deg[rows] += add
+            und_i.append(ui)
+            und_j.append(uj)
+        ei, ej = self._decide(_cat(und_i), _cat(und_j))
+        np.add.at(deg, ei, 1)
+        np.add.at(deg, ej, 1)
+        core = deg >= need
+        # 2. components among core rows
+        uf = _UnionFind(self.n)
+
+        def core_ctx(a: int, b: int) -> tuple[Any, _PassCtx] | None:
+            r = pos_of(a, b)
+            c = core[r]
+            roots = uf.find(r)
+            if not c.any() or (roots[c] == roots[c][0]).all():
+                return None  # no core row, or all of them already one component
+            return roots, _PassCtx("core", core=c)
+
+        self._merge(uf, work, core_ctx, 3)
+        # clusters numbered by their lowest core row in input order
+        big = np.iinfo(np.int64).max
+        label = np.full(self.n, -1, np.int64)
+        core_pos = self.where[np.flatnonzero(core[self.where])]  # in input-row order
+        if len(core_pos):
+            label[core_pos] = _number(uf.find(core_pos))
+        # 3. border rows: non-core rows with a neighbour take the smallest core label
+        cand = ~core & (deg > 1)
+        border = np.full(self.n, big)
+        if cand.any() and len(core_pos):
+
+            def border_ctx(a: int, b: int) -> tuple[None, _PassCtx] | None:
+                r = pos_of(a, b)
+                c, k = core[r], cand[r]
+                if not (c.any() and k.any()):
+                    return None
+                return None, _PassCtx("border", core=c, rows=k, label=label[r])
+
+            und_i, und_j = [], []
+            for rows, low, ui, uj in self._tiles(work, border_ctx, 3):
+                np.minimum.at(border, rows, low.astype(np.int64))
+                und_i.append(ui)
+                und_j.append(uj)
+            ei, ej = self._decide(_cat(und_i), _cat(und_j))
+            every = _PassCtx("border", core=core, rows=cand, label=label)
+            np.minimum.at(border, *_border_min(every, ei, ej))
+        else:
+            progress.advance(len(work), total=3 * len(work))
+        out = np.where(core, label, np.where(border != big, border, -1))
+        return out, core
+
+
+def _number(roots: np.ndarray) -> np.ndarray:
+    """Labels from the component root of each row (rows in ascending order), numbered in
+    order of each component's first row, as scikit-learn numbers its clusters."""
+    uniq, first, inv = np.unique(roots, return_index=True, return_inverse=True)
+    number = np.empty(len(uniq), np.int64)
+    number[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    return number[inv.ravel()]
+
+
+def _keys(X: Any) -> list[Any]:
+    """The keys of X's row blocks, in order (one column block)."""
+    return [k for row in X.__dask_keys__() for k in row]
+
+
+# --------------------------------------------------------------------------------------------
+# Rows the later stages read
+# --------------------------------------------------------------------------------------------
+
+
+class ClusteredRows:
+    """The rows of a dask array that belong to clusters with more than one member, fetched
+    once; indexing by row numbers of the whole array (``X[members]``) reads from them.
+
+    Attributes
+    ----------
+    shape : tuple (n, d)
+        The whole array's shape.
+    rows : ndarray of int64, shape (k,)
+        The rows held, ascending. Memory: ``k × d × 4`` bytes, where ``k`` counts the rows in
+        clusters of two or more (what ``select`` compares), usually a small part of n.
+    """
+
+    def __init__(self, shape: tuple[int, int], rows: np.ndarray, values: np.ndarray) -> None:
+        self.shape = shape
+        self.rows = rows
+        self.values = values
+        self.dtype = values.dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = np.asarray(idx)
+        pos = np.searchsorted(self.rows, idx)
+        if np.any(pos >= len(self.rows)) or np.any(
+            self.rows[np.minimum(pos, len(self.rows) - 1)] != idx
+        ):
+            raise IndexError("row not in a cluster of two or more: not fetched from the workers")
+        return self.values[pos]
+
+
+def clustered_rows(X: Any, labels: np.ndarray) -> ClusteredRows:
+    """Fetch the rows of ``X`` (a dask array) whose label is shared by another row.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n, d)
+    labels : ndarray of int, shape (n,)
+        DBSCAN labels (-1 = noise, never fetched).
+
+    Returns
+    -------
+    ClusteredRows
+    """
+    lab = np.asarray(labels)
+    counts = np.bincount(lab[lab >= 0], minlength=1)
+    rows = np.flatnonzero((lab >= 0) & (counts[np.maximum(lab, 0)] > 1))
+    values = X[rows].compute() if len(rows) else np.empty((0, X.shape[1]), X.dtype)
+    return ClusteredRows(tuple(X.shape), rows, np.ascontiguousarray(values))
+
+
+def sample_rows(
+    X: Any, labels: np.ndarray, size: int = 20000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform random sample of at most ``size`` rows of ``X`` (a dask array) and their
+    labels, for estimates that need vectors (the k-distance knee of ``diagnose``): ``(rows
+    (k, d), labels (k,))``. Memory: ``size × d × 4`` bytes (40 MB at 512-d)."""
+    n = X.shape[0]
+    pick = np.arange(n)
+    if n > size:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    return np.ascontiguousarray(X[pick].compute()), np.asarray(labels)[pick]

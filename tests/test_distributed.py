@@ -1,0 +1,244 @@
+"""The vectors stay on the Dask workers: distributed load and DBSCAN on real `dask scheduler` and
+`dask worker --memory-limit` processes started here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tests._shards as sh
+from dedup_batch.errors import InputError
+from dedup_batch.load import DistributedFeatures, Features, load_features
+from dedup_batch.storage import Store
+from tests.test_scheduler import _free_port, _spawn
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[1]
+#: Each worker's --memory-limit: above a worker's own footprint (~150 MB with numpy, scipy and
+#: scikit-learn loaded), below the size of the X of the memory test.
+WORKER_LIMIT = 400 << 20
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A `dask scheduler` and two `dask worker --memory-limit` processes (1 thread each)."""
+    from distributed import Client
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    logs = tmp_path_factory.mktemp("dask-logs")
+    scheduler_args = ["--host", "127.0.0.1", "--port", str(port)]
+    scheduler_args += ["--dashboard-address", "127.0.0.1:0", "--no-show"]
+    procs = [_spawn(["distributed.cli.dask_scheduler", *scheduler_args], logs / "s.log", env)]
+    try:
+        time.sleep(1)
+        for i in range(2):
+            worker_args = [address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1"]
+            worker_args += ["--memory-limit", str(WORKER_LIMIT), "--no-dashboard"]
+            worker_args += ["--local-directory", str(logs / f"w{i}")]
+            procs.append(
+                _spawn(["distributed.cli.dask_worker", *worker_args], logs / f"w{i}.log", env)
+            )
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def client(scheduler: str) -> Iterator:
+    from distributed import Client
+
+    with Client(scheduler, timeout="30s") as c:
+        yield c
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Store:
+    (tmp_path / "feat").mkdir()
+    return Store(str(tmp_path))
+
+
+def _shard(root: Store, name: str, paths: list[str], X: np.ndarray) -> str:
+    return sh.put(os.path.join(root.root, "feat", name), sh.wide_parquet(paths, X))
+
+
+# -- load ----------------------------------------------------------------------------------------
+def test_load_leaves_validated_blocks_on_the_workers(root, client):
+    from distributed import futures_of
+
+    a_paths, a_X = sh.vectors(50, 8, seed=1)
+    b_paths, b_X = sh.vectors(30, 8, seed=2, prefix="other")
+    b_paths[0], b_X[0] = a_paths[2], a_X[2]  # same object, same vector, in another shard
+    b_paths[5], b_X[5] = "./" + a_paths[7], a_X[7]  # another spelling of one object
+    _shard(root, "a.parquet", a_paths, a_X)
+    _shard(root, "b.parquet", b_paths, b_X)
+    _shard(root, "c.parquet", [], np.empty((0, 8), np.float32))
+    url = os.path.join(root.root, "feat", "*.parquet")
+    f = load_features(url, store=root, client=client, distributed="always")
+    assert isinstance(f, DistributedFeatures)
+    keep = [i for i in range(30) if i not in (0, 5)]
+    assert f.X.chunks == ((50, 28), (8,))  # one block per non-empty shard, kept apart
+    # persisted: every block is held by a worker, none computed here
+    assert all(fut.status == "finished" for fut in futures_of(f.X))
+    np.testing.assert_array_equal(f.X.compute(), np.concatenate([a_X, b_X[keep]]))
+    assert f.path_array().tolist() == a_paths + [b_paths[i] for i in keep]
+    gathered = load_features(url, store=root, client=client, distributed="never")
+    assert isinstance(gathered, Features)
+    np.testing.assert_array_equal(gathered.X, f.X.compute())
+    # auto: these 78 rows fit anywhere, so they are gathered
+    assert isinstance(load_features(url, store=root, client=client, distributed="auto"), Features)
+
+
+def test_load_on_workers_refuses_what_the_gathered_load_refuses(root, client):
+    a_paths, a_X = sh.vectors(40, 4, seed=1)
+    b_paths, b_X = sh.vectors(40, 4, seed=2, prefix="other")
+    b_paths[3] = a_paths[1]  # the same object with another vector
+    b_paths[9] = a_paths[30]
+    a = _shard(root, "a.parquet", a_paths, a_X)
+    b = _shard(root, "b.parquet", b_paths, b_X)
+    url = os.path.join(root.root, "feat", "*.parquet")
+    with pytest.raises(InputError) as err:
+        load_features(url, store=root, client=client, distributed="always")
+    assert str(err.value).startswith(
+        f"path 'img/00001.jpg' at {b} row 3 names the same object ('img/00001.jpg') as "
+        f"'img/00001.jpg' at {a} row 1, with a different vector"
+    )
+    bad = a_X.copy()
+    bad[17, 2] = np.nan
+    _shard(root, "b.parquet", [p.replace("img", "x") for p in a_paths], bad)
+    with pytest.raises(InputError, match=r"b\.parquet: row 17 .* nan in column '2'"):
+        load_features(url, store=root, client=client, distributed="always")
+    _shard(root, "b.parquet", b_paths[:1], np.ones((1, 5), np.float32))
+    with pytest.raises(InputError, match="has 5-dimensional vectors but"):
+        load_features(url, store=root, client=client, distributed="always")
+
+
+# -- cluster -------------------------------------------------------------------------------------
+def _data(kind: str, seed: int = 0) -> np.ndarray:
+    """Named inputs with known hard spots (float32)."""
+    rng = np.random.default_rng(seed)
+    if kind == "groups":  # noisy copies of 150 centres, a dense near-identical group, copies
+        base = rng.standard_normal((150, 24)).astype(np.float32) * 3
+        X = np.concatenate(
+            [base + 0.35 * rng.standard_normal(base.shape, np.float32) for _ in (0,) * 8]
+        )
+        X[:200] = X[0] + 1e-4 * rng.standard_normal((200, 24), np.float32)
+        X = X[rng.permutation(len(X))]
+        X[[7, 611, 1190]] = X[300]  # bitwise copies in three blocks
+        return X
+    if kind == "lattice":  # 0/1 in 6 of 16 dims, 3 far groups: many ties at eps 1 and sqrt 2
+        X = np.zeros((900, 16), np.float32)
+        X[:, :6] = rng.integers(0, 2, size=(900, 6))
+        X[:, 8] = rng.integers(0, 3, size=900) * 10
+        return X
+    if kind == "sorted":  # a line of points in spatial order: block balls prune far blocks
+        X = 0.15 * rng.standard_normal((1200, 20)).astype(np.float32)
+        X[:, 0] = np.sort(rng.uniform(0, 1000, 1200))
+        return X
+    raise ValueError(kind)
+
+
+CASES = [
+    ("groups", "euclidean", 2.3, 1),
+    ("groups", "euclidean", 2.3, 5),
+    ("groups", "cosine", 0.03, 1),
+    ("groups", "cosine", 0.03, 4),
+    ("lattice", "euclidean", 1.0, 1),
+    ("lattice", "euclidean", float(np.sqrt(np.float64(2))), 3),
+    ("sorted", "euclidean", 1.5, 1),
+    ("sorted", "euclidean", 1.5, 3),
+]
+
+
+@pytest.mark.parametrize(("kind", "metric", "eps", "min_samples"), CASES)
+def test_fit_equals_scikit_learn(client, monkeypatch, caplog, kind, metric, eps, min_samples):
+    import logging
+
+    import dask.array as da
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    import dedup_batch.cluster_dask as cd
+    from dedup_batch.cluster import DBSCAN
+
+    X = _data(kind)
+    d = X.shape[1]
+    monkeypatch.setattr(cd, "BLOCK_BYTES", 256 * 4 * d)  # 256-row blocks: many tiles
+    Xd = client.persist(da.from_array(X, chunks=(300, d)))
+    with caplog.at_level(logging.INFO, "dedup_batch.cluster_dask"):
+        est = DBSCAN(eps=eps, min_samples=min_samples, metric=metric).fit(Xd)
+    sk = SkDBSCAN(eps=eps, min_samples=min_samples, metric=metric).fit(X)
+    np.testing.assert_array_equal(est.labels_, sk.labels_)
+    np.testing.assert_array_equal(est.core_sample_indices_, sk.core_sample_indices_)
+    np.testing.assert_array_equal(est.components_.compute(), sk.components_)
+    assert len(set(sk.labels_) - {-1}) >= 2  # neither all noise nor one cluster
+    if metric == "euclidean":  # euclidean is always decided on the workers
+        assert "gathering X" not in caplog.text
+        assert "block pairs computed" in caplog.text
+    if kind == "sorted":  # blocks in spatial order: far block pairs are never scheduled
+        pruned = caplog.text.split("DBSCAN (distributed): ")[1]
+        done, total = (int(x) for x in pruned.split("; ")[1].split(" block pairs")[0].split(" of "))
+        assert done < total
+
+
+def test_not_covered_inputs_are_gathered_and_still_exact(client, caplog):
+    import logging
+
+    import dask.array as da
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    from dedup_batch.cluster import DBSCAN
+
+    X = _data("groups")[:400]
+    for Xn, kw in [
+        (X.astype(np.float64), {"metric": "euclidean"}),  # float64
+        (X[:, :8], {"metric": "euclidean"}),  # d <= 15: scikit-learn's KD-tree decides
+        (X, {"metric": "manhattan"}),
+        (np.vstack([X, np.zeros((2, 24), np.float32)]), {"metric": "cosine"}),  # zero rows
+    ]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "dedup_batch.cluster_dask"):
+            est = DBSCAN(eps=0.9, min_samples=2, **kw).fit(da.from_array(Xn, chunks=(150, -1)))
+        sk = SkDBSCAN(eps=0.9, min_samples=2, **kw).fit(Xn)
+        np.testing.assert_array_equal(est.labels_, sk.labels_)
+        assert "gathering X on the client" in caplog.text
+
+
+# -- the whole plan ------------------------------------------------------------------------------
+def test_plan_is_the_same_in_process_and_distributed(tmp_path, scheduler, client):
+    """Through the public entry point: the demo planned with the vectors gathered and with
+    them left on the workers gives the same plan, row for row."""
+    import pandas as pd
+
+    from dedup_batch.config import JobSpec
+    from dedup_batch.demo import DEMO_EPS, make_demo
+    from dedup_batch.pipeline import plan
+
+    info = make_demo(tmp_path / "demo", n_images=60, seed=3, shards=4)
+    base = {"features": [info["features"]], "root": info["root"], "eps": DEMO_EPS}
+    base["report"] = False
+    results = {}
+    for mode in ("never", "always"):
+        spec = JobSpec.from_mapping({**base, "out": str(tmp_path / mode), "distributed": mode})
+        results[mode] = plan(spec, client)
+    gathered, spread = results["never"].plan, results["always"].plan
+    assert len(gathered) == info["images"] and (~gathered["keep"]).sum() > 10  # it deletes
+    pd.testing.assert_frame_equal(gathered, spread)
+    assert pd.read_parquet(tmp_path / "always" / "plan.parquet").equals(spread)
