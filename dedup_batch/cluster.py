@@ -37,6 +37,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import DBSCAN as _SkDBSCAN
 
+from . import _sklearn_compat as _skc
 from . import progress
 
 __all__ = ["DBSCAN", "dbscan", "eps_graph"]
@@ -69,6 +70,12 @@ _SK_CHUNK = 256
 #: above OpenBLAS's small-matrix kernels (M*N*K <= 1e6) and single-thread cut-off (M*N*K <=
 #: 2^18 per thread), so the subset takes the same kernel path as scikit-learn's whole chunk.
 _GEMM_MIN_MNK = 1 << 24
+#: A block whose low-rank screen passes more than 1/FUSED_SHARE of its pairs takes the fused
+#: path (full product thresholded in place, see :func:`_fused_block`): gathering that many
+#: survivors costs more than the full product. Measured on 200k x 512 rows with 60,000 noisy
+#: copies of one vector (the copies' noise is isotropic, so no projection prunes their pairs):
+#: 595M of the 1.1G pairs in such blocks passed the screen.
+FUSED_SHARE = 16
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 
@@ -672,26 +679,34 @@ def _pairs_block(
     hi_lo = hi + blo_a + blo_b + prep.slack
     # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
     L = _take(prep.Alo, runs_a, ia) @ _take(prep.Blo, runs_b, ib).T
-    # One pass over the block: flatnonzero of the mask is ~3x cheaper per pair than a 2-d
-    # np.nonzero (or a row-min pre-pass), and this pass costs as much as the GEMM itself.
-    f = np.flatnonzero(np.less_equal(L, hi_lo))
     nr, nb = L.shape
+    passed = np.less_equal(L, hi_lo)
     del L
-    if len(f) == 0:
+    n_pass = int(np.count_nonzero(passed))
+    if n_pass == 0:
         return
-    r, c = np.divmod(f, nb)
-    del f
-    # Full value for the survivors only (a GEMM when they are many).
-    if len(r) > nr * nb // 16:
-        dots = (_take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T)[r, c]
+    if n_pass > nr * nb // FUSED_SHARE:
+        # The screen does not pay here (flat spectra, a group of noisy copies): the full
+        # product of the block, thresholded in place, and only the pairs within eps and the
+        # bands leave the block (int32 positions). Gathering the screen's survivors and
+        # their values cost ~25 ns per pair, as much as the product itself.
+        del passed
+        gi, gj, s32 = _fused_block(prep, runs_a, runs_b, ia, ib, hi)
     else:
+        # One pass over the mask: flatnonzero is ~3x cheaper per pair than a 2-d np.nonzero
+        # (or a row-min pre-pass). Full value for the survivors only.
+        f = np.flatnonzero(passed)
+        del passed
+        r, c = np.divmod(f, nb)
+        del f
         dots = np.einsum("ij,ij->i", prep.C[ia[r]], prep.C[ib[c]])
-    gi, gj = ia[r], ib[c]
-    del r, c
-    s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
-    sel = s32 <= hi
+        gi, gj = ia[r], ib[c]
+        del r, c
+        s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
+        sel = s32 <= hi
+        gi, gj, s32 = gi[sel], gj[sel], s32[sel]
     # pairs inside leaf a (its diagonal block): each unordered pair once
-    sel &= (gj >= a1) | (gi < gj)
+    sel = (gj >= a1) | (gi < gj)
     gi, gj, s32 = gi[sel], gj[sel], s32[sel]
     if len(gi) == 0:
         return
@@ -715,6 +730,38 @@ def _pairs_block(
     sure_j.append(sj)
     band_i.append(gi[unsure])
     band_j.append(gj[unsure])
+
+
+def _fused_block(
+    prep: _Prepared,
+    runs_a: list[list[int]] | None,
+    runs_b: list[list[int]] | None,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    hi: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(gi, gj, s32)``: the pairs of rows ``ia`` x columns ``ib`` whose float32 squared
+    distance ``s32`` is at most ``hi``, from one full product of the block.
+
+    ``csq_i + csq_j - 2 c_i.c_j`` is formed in place in the product (float32): a few more
+    roundings of the norms than the gathered path's float64 sum, each <= u32 (csq_i + csq_j),
+    well inside ``_float32_band``'s (d + 8) terms, so every pair within eps is still either
+    sure or in the band and re-decided. Memory: one (len(ia), len(ib)) float32 block (2 MiB
+    at 256 x 2048) and the survivors' int32 positions.
+    """
+    prod = _take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T
+    prod *= np.float32(-2.0)
+    prod += prep.csq[ia].astype(np.float32)[:, None]
+    prod += prep.csq[ib].astype(np.float32)[None, :]
+    nb = prod.shape[1]
+    prod = prod.ravel()
+    f = np.flatnonzero(prod <= hi)
+    if len(prod) < 2**31:
+        f = f.astype(np.int32)
+    s32 = prod[f]
+    del prod
+    r, c = np.divmod(f, nb)
+    return ia[r], ib[c], s32
 
 
 def _task_result(
@@ -922,8 +969,6 @@ class _SkDecider:
 
     def _brute_block(self, bi: int, bj: int) -> np.ndarray:
         """scikit-learn's neighbour mask for its chunk pair (bi, bj): (<=256, <=256) bool."""
-        from sklearn.metrics._pairwise_distances_reduction import RadiusNeighbors
-
         key = ("b", bi, bj)
         if key not in self._cache:
             if len(self._cache) > 4096:
@@ -931,7 +976,7 @@ class _SkDecider:
             c = min(self.n, _SK_CHUNK)
             Xi = self.X[bi * c : (bi + 1) * c]
             Xj = self.X[bj * c : (bj + 1) * c]
-            ind = RadiusNeighbors.compute(
+            ind = _skc.RadiusNeighbors.compute(
                 Xi, Xj, radius=self.eps, metric="euclidean", return_distance=False
             )
             mask = np.zeros((len(Xi), len(Xj)), bool)
@@ -952,9 +997,8 @@ class _SkDecider:
 
     def _cosine_rows(self) -> np.ndarray:
         from sklearn.utils import gen_batches
-        from sklearn.utils._chunking import get_chunk_n_rows
 
-        rows = get_chunk_n_rows(row_bytes=8 * self.n, max_n_rows=self.n)
+        rows = _skc.get_chunk_n_rows(row_bytes=8 * self.n, max_n_rows=self.n)
         return np.array([s.start for s in gen_batches(self.n, rows)] + [self.n])
 
     def _cosine_chunk(self, s: int, e: int) -> np.ndarray:
@@ -1567,10 +1611,8 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         self : DBSCAN
         """
         sk = _SkDBSCAN(**self.get_params())
-        sk._validate_params()
-        from sklearn.utils.validation import validate_data
-
-        Xv = validate_data(sk, X, accept_sparse="csr")
+        _skc.validate_params(sk)
+        Xv = _skc.validate_data(sk, X, accept_sparse="csr")
         mode = _resolve_mode(self, Xv, sample_weight)
         result = None
         if mode is not None:
