@@ -302,7 +302,35 @@ def _chunk_rows(d: int) -> int:
     return max(256, (8 << 20) // (8 * max(1, d)))
 
 
-def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Prepared:
+def _n_threads(n_jobs: int | None) -> int:
+    """Threads for this process's work: every core for None (as scikit-learn's OpenMP brute
+    force), else joblib's reading of ``n_jobs``."""
+    from joblib import effective_n_jobs
+
+    return (os.cpu_count() or 1) if n_jobs is None else max(1, effective_n_jobs(n_jobs))
+
+
+def _each_chunk(fn: Any, m: int, step: int, n_threads: int) -> list[Any]:
+    """``[fn(s) for s in range(0, m, step)]`` on ``n_threads`` threads, one BLAS thread each,
+    results in chunk order (so sums over them do not depend on the scheduling).
+
+    The chunks' GEMMs are skinny (~2048 x d x 32) and LAPACK's on a d x d matrix small:
+    OpenBLAS's own threads on them measured 2-3x slower than one thread per chunk on the
+    loaded 2-core machine (``_prepare`` of 200k x 512: 12.6-16.4 s vs 4.7-6.2 s).
+    """
+    from threadpoolctl import threadpool_limits
+
+    starts = range(0, m, step)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads <= 1 or len(starts) <= 1:
+            return [fn(s) for s in starts]
+        with ThreadPoolExecutor(n_threads) as pool:
+            return list(pool.map(fn, starts))
+
+
+def _prepare(
+    R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype, n_threads: int | None = None
+) -> _Prepared:
     """Centre/normalise the representatives, build the float32 factors, the error bands and
     the projection tree.
 
@@ -312,19 +340,26 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
     covariance of a 20,000-row sample accumulated chunk by chunk (d x d float64), and the
     passes over R are fused: one for norms and mean, one for projections, one (in leaf order)
     for ``C``, its norms and the factors. Time: O(m d k) for the projections, O(m log m) for
-    the tree.
+    the tree. The chunked passes run on ``n_threads`` threads (default: every core), one
+    BLAS thread each (see :func:`_each_chunk`).
     """
+    from threadpoolctl import threadpool_limits
+
     m, d = R.shape
     step = _chunk_rows(d)
     k = min(N_BOUND_DIMS, d)
     cosine = mode.kind == "cosine"
+    n_threads = _n_threads(None) if n_threads is None else n_threads
     sq_orig = np.empty(m)
-    total = np.zeros(d)
-    for s in range(0, m, step):
+
+    def norms(s: int) -> np.ndarray:
         r64 = R[s : s + step].astype(np.float64)
         sq_orig[s : s + step] = np.einsum("ij,ij->i", r64, r64)
-        total += r64.sum(axis=0)
-    del r64
+        return r64.sum(axis=0)
+
+    total = np.zeros(d)
+    for part in _each_chunk(norms, m, step, n_threads):
+        total += part
     mean = np.zeros(d) if cosine else total / max(m, 1)
 
     def centred(rows: np.ndarray, sq: np.ndarray) -> np.ndarray:
@@ -352,22 +387,32 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
         smean = np.zeros(d)
         gram = np.zeros((d, d))
-        for s in range(0, len(pick), step):
+
+        def moments(s: int) -> tuple[np.ndarray, np.ndarray]:
             c64 = centred(R[pick[s : s + step]], sq_orig[pick[s : s + step]])
-            smean += c64.sum(axis=0)
-            gram += c64.T @ c64
+            return c64.sum(axis=0), c64.T @ c64
+
+        for part_sum, part_gram in _each_chunk(moments, len(pick), step, n_threads):
+            smean += part_sum
+            gram += part_gram
         smean /= len(pick)
         cov = (gram - len(pick) * np.outer(smean, smean)) / (len(pick) - 1)
-        _, vecs = np.linalg.eigh(cov)
+        # One BLAS thread: LAPACK's threaded tridiagonalisation of a 256-512 square matrix
+        # measured 5-7x slower than one thread on a loaded 2-core machine (0.36 vs 0.07 s at
+        # d = 256, 1.45 vs 0.21 s at 512): too small a matrix for threads to share.
+        with threadpool_limits(limits=1, user_api="blas"):
+            _, vecs = np.linalg.eigh(cov)
         V = np.ascontiguousarray(vecs[:, ::-1][:, :k])
         del gram, cov, vecs
     else:  # any orthonormal basis gives an exact bound; one row has no covariance
         V = np.eye(d)[:, : min(k, d)]
     P = np.empty((m, k))
-    for s in range(0, m, step):
+
+    def project(s: int) -> None:
         c64 = centred(R[s : s + step], sq_orig[s : s + step])
         P[s : s + step] = c64 if k == d else c64 @ V
-    del c64
+
+    _each_chunk(project, m, step, n_threads)
     # Projection tree: recursive median splits along the widest of the n_split leading
     # projected directions (see SPLIT_CELLS).
     n_leaves = max(1, m // LEAF)
@@ -391,7 +436,8 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
     bounds = np.zeros(len(leaves) + 1, np.int64)
     bounds[1:] = np.cumsum([len(lf) for lf in leaves])
     order = np.concatenate(leaves)
-    del leaves, P
+    del leaves
+    P = None  # (m, k) float64: freed before C is built (a closure holds the name)
     # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks). The
     # projections are computed again per chunk here rather than permuted (no second copy).
     C = np.empty((m, d), np.float32)
@@ -399,7 +445,8 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
     psq = np.empty(m)
     Alo = np.empty((m, k + 2), np.float32)
     Blo = np.empty((m, k + 2), np.float32)
-    for s in range(0, m, step):
+
+    def factors(s: int) -> None:
         rows = order[s : s + step]
         c64 = centred(R[rows], sq_orig[rows])
         csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
@@ -414,10 +461,11 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         Blo[s : s + step, :k] = p
         Blo[s : s + step, k] = 1.0
         Blo[s : s + step, k + 1] = pq
-    del c64, p
+
+    _each_chunk(factors, m, step, n_threads)
     band = _float32_band(csq, d + 2, threshold) + sk_err[order]
     band_lo = _float32_band(psq, k + 2, threshold) + 1e-12 * (1.0 + psq)
-    del psq
+    psq = None
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
     leaf_band_lo = np.maximum.reduceat(band_lo, bounds[:-1])
     # Projection errors (float64, V orthonormal to ~1e-15) are ~1e-15 |c|: a generous absolute
@@ -845,13 +893,12 @@ def _tile_outputs(
     if client is not None:
         yield from _dask_outputs(client, prep, work, uf, ctx)
         return
-    from joblib import effective_n_jobs
     from threadpoolctl import threadpool_limits
 
     roots = None if uf is None else _LiveRoots(uf.parent)
     # None: every core, as scikit-learn's OpenMP brute force does. Each tile runs a
     # single-threaded BLAS: OpenBLAS threads on tile-sized products cost more than they give.
-    n_threads = (os.cpu_count() or 1) if n_jobs is None else max(1, effective_n_jobs(n_jobs))
+    n_threads = _n_threads(n_jobs)
     with threadpool_limits(limits=1, user_api="blas"):
         if n_threads == 1:
             for a, bs in work:
@@ -1215,7 +1262,9 @@ def _build_graph(
     ei, ej = [], []
     if len(active):
         # all rows active (always for euclidean): R itself, not a fancy-indexed full copy
-        prep = _prepare(R if len(active) == m else R[active], eps, mode, X.dtype)
+        prep = _prepare(
+            R if len(active) == m else R[active], eps, mode, X.dtype, _n_threads(n_jobs)
+        )
         _check_self_pairs(prep, eps, mode, X.dtype)
         active_pos = np.full(m, -1, np.int64)
         active_pos[active] = np.arange(len(active))
@@ -1352,7 +1401,9 @@ def _cluster_counts(
     labels_rep = np.full(m, -1, np.int64)
     core_rep = np.zeros(m, bool)
     if len(active):
-        prep = _prepare(R if len(active) == m else R[active], eps, mode, X.dtype)
+        prep = _prepare(
+            R if len(active) == m else R[active], eps, mode, X.dtype, _n_threads(n_jobs)
+        )
         _check_self_pairs(prep, eps, mode, X.dtype)
         del R
         active_pos = np.full(m, -1, np.int64)
