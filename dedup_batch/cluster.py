@@ -37,6 +37,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import DBSCAN as _SkDBSCAN
 
+from . import _sklearn_compat as _skc
 from . import progress
 
 __all__ = ["DBSCAN", "dbscan", "eps_graph"]
@@ -52,6 +53,9 @@ LEAF = 256
 #: Principal directions used for the exact lower bounds: leaf boxes, and a first low-rank
 #: product per tile (the distance of the projections never exceeds the distance), so the full
 #: d-dimensional product is only computed for the few pairs that pass it.
+#: More directions do not help flat spectra: on isotropic 256-d rows (eps 0.6) 58 directions
+#: made the screen prune most pairs, but screen plus gathered survivors took 18 s against 13 s
+#: for the fused full product without a screen (20,000 rows, one thread, same load).
 N_BOUND_DIMS = 32
 #: The projection tree splits only along the few leading principal directions, as many as
 #: keep at least SPLIT_CELLS leaves per direction: leaves then form a fine grid there (cells
@@ -69,6 +73,12 @@ _SK_CHUNK = 256
 #: above OpenBLAS's small-matrix kernels (M*N*K <= 1e6) and single-thread cut-off (M*N*K <=
 #: 2^18 per thread), so the subset takes the same kernel path as scikit-learn's whole chunk.
 _GEMM_MIN_MNK = 1 << 24
+#: A block whose low-rank screen passes more than 1/FUSED_SHARE of its pairs takes the fused
+#: path (full product thresholded in place, see :func:`_fused_block`): gathering that many
+#: survivors costs more than the full product. Measured on 200k x 512 rows with 60,000 noisy
+#: copies of one vector (the copies' noise is isotropic, so no projection prunes their pairs):
+#: 595M of the 1.1G pairs in such blocks passed the screen.
+FUSED_SHARE = 16
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 
@@ -266,6 +276,9 @@ class _Prepared:
     leaf_band: np.ndarray
     leaf_band_lo: np.ndarray
     slack: float  # absolute slack on the projection bounds
+    #: whether tiles run the low-rank screen first (None: not measured yet, see
+    #: :func:`_screen_pays`)
+    screen: bool | None = None
 
     @property
     def n_leaves(self) -> int:
@@ -295,7 +308,35 @@ def _chunk_rows(d: int) -> int:
     return max(256, (8 << 20) // (8 * max(1, d)))
 
 
-def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Prepared:
+def _n_threads(n_jobs: int | None) -> int:
+    """Threads for this process's work: every core for None (as scikit-learn's OpenMP brute
+    force), else joblib's reading of ``n_jobs``."""
+    from joblib import effective_n_jobs
+
+    return (os.cpu_count() or 1) if n_jobs is None else max(1, effective_n_jobs(n_jobs))
+
+
+def _each_chunk(fn: Any, m: int, step: int, n_threads: int) -> list[Any]:
+    """``[fn(s) for s in range(0, m, step)]`` on ``n_threads`` threads, one BLAS thread each,
+    results in chunk order (so sums over them do not depend on the scheduling).
+
+    The chunks' GEMMs are skinny (~2048 x d x 32) and LAPACK's on a d x d matrix small:
+    OpenBLAS's own threads on them measured 2-3x slower than one thread per chunk on the
+    loaded 2-core machine (``_prepare`` of 200k x 512: 12.6-16.4 s vs 4.7-6.2 s).
+    """
+    from threadpoolctl import threadpool_limits
+
+    starts = range(0, m, step)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if n_threads <= 1 or len(starts) <= 1:
+            return [fn(s) for s in starts]
+        with ThreadPoolExecutor(n_threads) as pool:
+            return list(pool.map(fn, starts))
+
+
+def _prepare(
+    R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype, n_threads: int | None = None
+) -> _Prepared:
     """Centre/normalise the representatives, build the float32 factors, the error bands and
     the projection tree.
 
@@ -305,19 +346,26 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
     covariance of a 20,000-row sample accumulated chunk by chunk (d x d float64), and the
     passes over R are fused: one for norms and mean, one for projections, one (in leaf order)
     for ``C``, its norms and the factors. Time: O(m d k) for the projections, O(m log m) for
-    the tree.
+    the tree. The chunked passes run on ``n_threads`` threads (default: every core), one
+    BLAS thread each (see :func:`_each_chunk`).
     """
+    from threadpoolctl import threadpool_limits
+
     m, d = R.shape
     step = _chunk_rows(d)
     k = min(N_BOUND_DIMS, d)
     cosine = mode.kind == "cosine"
+    n_threads = _n_threads(None) if n_threads is None else n_threads
     sq_orig = np.empty(m)
-    total = np.zeros(d)
-    for s in range(0, m, step):
+
+    def norms(s: int) -> np.ndarray:
         r64 = R[s : s + step].astype(np.float64)
         sq_orig[s : s + step] = np.einsum("ij,ij->i", r64, r64)
-        total += r64.sum(axis=0)
-    del r64
+        return r64.sum(axis=0)
+
+    total = np.zeros(d)
+    for part in _each_chunk(norms, m, step, n_threads):
+        total += part
     mean = np.zeros(d) if cosine else total / max(m, 1)
 
     def centred(rows: np.ndarray, sq: np.ndarray) -> np.ndarray:
@@ -345,22 +393,32 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         pick = np.sort(np.random.default_rng(0).choice(m, size=min(m, 20000), replace=False))
         smean = np.zeros(d)
         gram = np.zeros((d, d))
-        for s in range(0, len(pick), step):
+
+        def moments(s: int) -> tuple[np.ndarray, np.ndarray]:
             c64 = centred(R[pick[s : s + step]], sq_orig[pick[s : s + step]])
-            smean += c64.sum(axis=0)
-            gram += c64.T @ c64
+            return c64.sum(axis=0), c64.T @ c64
+
+        for part_sum, part_gram in _each_chunk(moments, len(pick), step, n_threads):
+            smean += part_sum
+            gram += part_gram
         smean /= len(pick)
         cov = (gram - len(pick) * np.outer(smean, smean)) / (len(pick) - 1)
-        _, vecs = np.linalg.eigh(cov)
+        # One BLAS thread: LAPACK's threaded tridiagonalisation of a 256-512 square matrix
+        # measured 5-7x slower than one thread on a loaded 2-core machine (0.36 vs 0.07 s at
+        # d = 256, 1.45 vs 0.21 s at 512): too small a matrix for threads to share.
+        with threadpool_limits(limits=1, user_api="blas"):
+            _, vecs = np.linalg.eigh(cov)
         V = np.ascontiguousarray(vecs[:, ::-1][:, :k])
         del gram, cov, vecs
     else:  # any orthonormal basis gives an exact bound; one row has no covariance
         V = np.eye(d)[:, : min(k, d)]
     P = np.empty((m, k))
-    for s in range(0, m, step):
+
+    def project(s: int) -> None:
         c64 = centred(R[s : s + step], sq_orig[s : s + step])
         P[s : s + step] = c64 if k == d else c64 @ V
-    del c64
+
+    _each_chunk(project, m, step, n_threads)
     # Projection tree: recursive median splits along the widest of the n_split leading
     # projected directions (see SPLIT_CELLS).
     n_leaves = max(1, m // LEAF)
@@ -384,7 +442,8 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
     bounds = np.zeros(len(leaves) + 1, np.int64)
     bounds[1:] = np.cumsum([len(lf) for lf in leaves])
     order = np.concatenate(leaves)
-    del leaves, P
+    del leaves
+    P = None  # (m, k) float64: freed before C is built (a closure holds the name)
     # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks). The
     # projections are computed again per chunk here rather than permuted (no second copy).
     C = np.empty((m, d), np.float32)
@@ -392,7 +451,8 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
     psq = np.empty(m)
     Alo = np.empty((m, k + 2), np.float32)
     Blo = np.empty((m, k + 2), np.float32)
-    for s in range(0, m, step):
+
+    def factors(s: int) -> None:
         rows = order[s : s + step]
         c64 = centred(R[rows], sq_orig[rows])
         csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
@@ -407,10 +467,11 @@ def _prepare(R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype) -> _Pre
         Blo[s : s + step, :k] = p
         Blo[s : s + step, k] = 1.0
         Blo[s : s + step, k + 1] = pq
-    del c64, p
+
+    _each_chunk(factors, m, step, n_threads)
     band = _float32_band(csq, d + 2, threshold) + sk_err[order]
     band_lo = _float32_band(psq, k + 2, threshold) + 1e-12 * (1.0 + psq)
-    del psq
+    psq = None
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
     leaf_band_lo = np.maximum.reduceat(band_lo, bounds[:-1])
     # Projection errors (float64, V orthonormal to ~1e-15) are ~1e-15 |c|: a generous absolute
@@ -670,28 +731,39 @@ def _pairs_block(
 
     hi = t + bmax_a + bmax_b
     hi_lo = hi + blo_a + blo_b + prep.slack
-    # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
-    L = _take(prep.Alo, runs_a, ia) @ _take(prep.Blo, runs_b, ib).T
-    # One pass over the block: flatnonzero of the mask is ~3x cheaper per pair than a 2-d
-    # np.nonzero (or a row-min pre-pass), and this pass costs as much as the GEMM itself.
-    f = np.flatnonzero(np.less_equal(L, hi_lo))
-    nr, nb = L.shape
-    del L
-    if len(f) == 0:
-        return
-    r, c = np.divmod(f, nb)
-    del f
-    # Full value for the survivors only (a GEMM when they are many).
-    if len(r) > nr * nb // 16:
-        dots = (_take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T)[r, c]
+    nr, nb = len(ia), len(ib)
+    if prep.screen is False:  # measured not to pay on this data (flat spectrum)
+        passed, n_pass = None, nr * nb
     else:
+        # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
+        L = _take(prep.Alo, runs_a, ia) @ _take(prep.Blo, runs_b, ib).T
+        passed = np.less_equal(L, hi_lo)
+        del L
+        n_pass = int(np.count_nonzero(passed))
+        if n_pass == 0:
+            return
+    if passed is None or n_pass > nr * nb // FUSED_SHARE:
+        # The screen does not pay here (flat spectra, a group of noisy copies): the full
+        # product of the block, thresholded in place, and only the pairs within eps and the
+        # bands leave the block (int32 positions). Gathering the screen's survivors and
+        # their values cost ~25 ns per pair, as much as the product itself.
+        del passed
+        gi, gj, s32 = _fused_block(prep, runs_a, runs_b, ia, ib, hi)
+    else:
+        # One pass over the mask: flatnonzero is ~3x cheaper per pair than a 2-d np.nonzero
+        # (or a row-min pre-pass). Full value for the survivors only.
+        f = np.flatnonzero(passed)
+        del passed
+        r, c = np.divmod(f, nb)
+        del f
         dots = np.einsum("ij,ij->i", prep.C[ia[r]], prep.C[ib[c]])
-    gi, gj = ia[r], ib[c]
-    del r, c
-    s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
-    sel = s32 <= hi
+        gi, gj = ia[r], ib[c]
+        del r, c
+        s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
+        sel = s32 <= hi
+        gi, gj, s32 = gi[sel], gj[sel], s32[sel]
     # pairs inside leaf a (its diagonal block): each unordered pair once
-    sel &= (gj >= a1) | (gi < gj)
+    sel = (gj >= a1) | (gi < gj)
     gi, gj, s32 = gi[sel], gj[sel], s32[sel]
     if len(gi) == 0:
         return
@@ -715,6 +787,38 @@ def _pairs_block(
     sure_j.append(sj)
     band_i.append(gi[unsure])
     band_j.append(gj[unsure])
+
+
+def _fused_block(
+    prep: _Prepared,
+    runs_a: list[list[int]] | None,
+    runs_b: list[list[int]] | None,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    hi: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(gi, gj, s32)``: the pairs of rows ``ia`` x columns ``ib`` whose float32 squared
+    distance ``s32`` is at most ``hi``, from one full product of the block.
+
+    ``csq_i + csq_j - 2 c_i.c_j`` is formed in place in the product (float32): a few more
+    roundings of the norms than the gathered path's float64 sum, each <= u32 (csq_i + csq_j),
+    well inside ``_float32_band``'s (d + 8) terms, so every pair within eps is still either
+    sure or in the band and re-decided. Memory: one (len(ia), len(ib)) float32 block (2 MiB
+    at 256 x 2048) and the survivors' int32 positions.
+    """
+    prod = _take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T
+    prod *= np.float32(-2.0)
+    prod += prep.csq[ia].astype(np.float32)[:, None]
+    prod += prep.csq[ib].astype(np.float32)[None, :]
+    nb = prod.shape[1]
+    prod = prod.ravel()
+    f = np.flatnonzero(prod <= hi)
+    if len(prod) < 2**31:
+        f = f.astype(np.int32)
+    s32 = prod[f]
+    del prod
+    r, c = np.divmod(f, nb)
+    return ia[r], ib[c], s32
 
 
 def _task_result(
@@ -769,6 +873,9 @@ def _run_tiles(
     ``passes``: how many passes the fit makes (progress total)."""
     if work is None:
         work = _work(prep)
+    if prep.screen is None:
+        prep.screen = _screen_pays(prep, work)
+        log.debug("eps-graph: low-rank screen %s", "on" if prep.screen else "off")
     skipped = sum(prep.n_leaves - a for a in range(prep.n_leaves)) - sum(len(bs) for _, bs in work)
     log.debug(
         "eps-graph: %d leaves, %d leaf pairs computed, %d skipped by bounds",
@@ -780,6 +887,46 @@ def _run_tiles(
     for out in _tile_outputs(prep, work, n_jobs, uf, ctx):
         progress.advance(1, total=passes * len(work))
         yield out
+
+
+def _screen_pays(prep: _Prepared, work: list[tuple[int, list[int]]]) -> bool:
+    """Does the low-rank screen prune enough to pay for itself on this data?
+
+    The screen costs ~1.5 ns per pair; where it prunes a block (passes at most
+    1/FUSED_SHARE of it) it saves the full product, 10-20 ns per pair at d = 256-512. So it
+    pays when it prunes more than ~1/8 of the blocks. Measured on up to 128 leaf pairs of the
+    work drawn at random (fixed seed): a leaf of rows against one of its candidate leaves.
+    On isotropic 256-d rows no sampled pair is pruned (the projections keep 32/256 of the
+    variance); on 200k CLIP-like rows with 60,000 noisy copies ~80% are. Only speed depends
+    on the answer: both paths classify every pair the same way.
+    """
+    from threadpoolctl import threadpool_limits
+
+    # the k-th leaf pair of the work, without listing them (millions at 1M rows)
+    ends = np.cumsum([len(bs) for _, bs in work])
+    total = int(ends[-1]) if len(ends) else 0
+    if total == 0:
+        return True
+    rng = np.random.default_rng(0)
+    pick = rng.choice(total, size=min(total, 128), replace=False)
+    bnd = prep.bounds
+    pruned = 0
+    # one BLAS thread: 128 small products, where OpenBLAS's threads measured 5x slower
+    with threadpool_limits(limits=1, user_api="blas"):
+        for k in pick.tolist():
+            t = int(np.searchsorted(ends, k, side="right"))
+            a, bs = work[t]
+            b = bs[k - (int(ends[t - 1]) if t else 0)]
+            la, lb = prep.Alo[bnd[a] : bnd[a + 1]], prep.Blo[bnd[b] : bnd[b + 1]]
+            hi_lo = (
+                prep.threshold
+                + float(prep.leaf_band[a] + prep.leaf_band[b])
+                + float(prep.leaf_band_lo[a] + prep.leaf_band_lo[b])
+                + prep.slack
+            )
+            n_pass = int(np.count_nonzero((la @ lb.T) <= hi_lo))
+            pruned += n_pass <= len(la) * len(lb) // FUSED_SHARE
+    return pruned * 8 > len(pick)
 
 
 def _work(prep: _Prepared) -> list[tuple[int, list[int]]]:
@@ -798,13 +945,12 @@ def _tile_outputs(
     if client is not None:
         yield from _dask_outputs(client, prep, work, uf, ctx)
         return
-    from joblib import effective_n_jobs
     from threadpoolctl import threadpool_limits
 
     roots = None if uf is None else _LiveRoots(uf.parent)
     # None: every core, as scikit-learn's OpenMP brute force does. Each tile runs a
     # single-threaded BLAS: OpenBLAS threads on tile-sized products cost more than they give.
-    n_threads = (os.cpu_count() or 1) if n_jobs is None else max(1, effective_n_jobs(n_jobs))
+    n_threads = _n_threads(n_jobs)
     with threadpool_limits(limits=1, user_api="blas"):
         if n_threads == 1:
             for a, bs in work:
@@ -922,8 +1068,6 @@ class _SkDecider:
 
     def _brute_block(self, bi: int, bj: int) -> np.ndarray:
         """scikit-learn's neighbour mask for its chunk pair (bi, bj): (<=256, <=256) bool."""
-        from sklearn.metrics._pairwise_distances_reduction import RadiusNeighbors
-
         key = ("b", bi, bj)
         if key not in self._cache:
             if len(self._cache) > 4096:
@@ -931,7 +1075,7 @@ class _SkDecider:
             c = min(self.n, _SK_CHUNK)
             Xi = self.X[bi * c : (bi + 1) * c]
             Xj = self.X[bj * c : (bj + 1) * c]
-            ind = RadiusNeighbors.compute(
+            ind = _skc.RadiusNeighbors.compute(
                 Xi, Xj, radius=self.eps, metric="euclidean", return_distance=False
             )
             mask = np.zeros((len(Xi), len(Xj)), bool)
@@ -952,9 +1096,8 @@ class _SkDecider:
 
     def _cosine_rows(self) -> np.ndarray:
         from sklearn.utils import gen_batches
-        from sklearn.utils._chunking import get_chunk_n_rows
 
-        rows = get_chunk_n_rows(row_bytes=8 * self.n, max_n_rows=self.n)
+        rows = _skc.get_chunk_n_rows(row_bytes=8 * self.n, max_n_rows=self.n)
         return np.array([s.start for s in gen_batches(self.n, rows)] + [self.n])
 
     def _cosine_chunk(self, s: int, e: int) -> np.ndarray:
@@ -1171,7 +1314,9 @@ def _build_graph(
     ei, ej = [], []
     if len(active):
         # all rows active (always for euclidean): R itself, not a fancy-indexed full copy
-        prep = _prepare(R if len(active) == m else R[active], eps, mode, X.dtype)
+        prep = _prepare(
+            R if len(active) == m else R[active], eps, mode, X.dtype, _n_threads(n_jobs)
+        )
         _check_self_pairs(prep, eps, mode, X.dtype)
         active_pos = np.full(m, -1, np.int64)
         active_pos[active] = np.arange(len(active))
@@ -1308,7 +1453,9 @@ def _cluster_counts(
     labels_rep = np.full(m, -1, np.int64)
     core_rep = np.zeros(m, bool)
     if len(active):
-        prep = _prepare(R if len(active) == m else R[active], eps, mode, X.dtype)
+        prep = _prepare(
+            R if len(active) == m else R[active], eps, mode, X.dtype, _n_threads(n_jobs)
+        )
         _check_self_pairs(prep, eps, mode, X.dtype)
         del R
         active_pos = np.full(m, -1, np.int64)
@@ -1512,8 +1659,14 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     core rows (as for ``min_samples=1``), and each border row's first cluster. Time is
     O(m^2 k) for the low-rank lower bound (k = 32) over the tile pairs the projection tree
     cannot prune, plus O(d) per pair that passes it; the tree cuts the 2-3 leading principal
-    directions into a fine grid of leaves whose box gaps skip whole tile pairs. At 1M x 256
-    float32 rows without copies the working set is about 1.5 GiB beyond the input.
+    directions into a fine grid of leaves whose box gaps skip whole tile pairs. Where the
+    low-rank bound passes most pairs of a block (flat spectra, groups of noisy copies) the
+    block is one full float32 product thresholded in place, and when a sample of leaf pairs
+    shows the bound pruning almost nowhere it is not computed at all: flat spectra cost
+    O(m^2 d) then, as scikit-learn's brute force does, in float32 and without neighbourhoods.
+    At 1M x 256 float32 rows without copies the working set is about 1.5 GiB beyond the
+    input; the float32 copy of the distinct rows (``C``) is most of it, so the peak is about
+    twice the input plus the libraries (600k x 512: 3.0 GiB).
     scikit-learn by contrast holds every neighbourhood, O(sum of neighbourhood sizes) memory,
     quadratic in a group of copies (10.5 GB for 20,000 copies of one vector).
 
@@ -1571,10 +1724,8 @@ class DBSCAN(ClusterMixin, BaseEstimator):
 
             return fit_dask(self, X, sample_weight)
         sk = _SkDBSCAN(**self.get_params())
-        sk._validate_params()
-        from sklearn.utils.validation import validate_data
-
-        Xv = validate_data(sk, X, accept_sparse="csr")
+        _skc.validate_params(sk)
+        Xv = _skc.validate_data(sk, X, accept_sparse="csr")
         mode = _resolve_mode(self, Xv, sample_weight)
         result = None
         if mode is not None:
