@@ -11,12 +11,16 @@ from sklearn.utils.fixes import parse_version
 
 from dedup_batch import _sklearn_compat
 
+# scikit-learn's private estimator methods (the package's own ``_validate_*`` helpers are not)
+_SKLEARN_PRIVATE_METHODS = {"_validate_params", "_validate_data", "_check_n_features"}
+
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dedup_batch")
 
 
 def _private_sklearn_uses(path):
     """(line, what) for each import of a private sklearn module or name and each call of a
-    private method named like scikit-learn's (``._validate_*``) in the file."""
+    private method of scikit-learn's estimators (``._validate_params``, ``._validate_data``) in
+    the file."""
     with open(path) as f:
         tree = ast.parse(f.read())
     out = []
@@ -31,18 +35,20 @@ def _private_sklearn_uses(path):
                     p.startswith("_") for p in a.name.split(".")
                 ):
                     out.append((node.lineno, a.name))
-        elif isinstance(node, ast.Attribute) and node.attr.startswith("_validate_"):
+        elif isinstance(node, ast.Attribute) and node.attr in _SKLEARN_PRIVATE_METHODS:
             out.append((node.lineno, node.attr))
     return out
 
 
 def test_private_sklearn_api_only_in_the_compat_module():
     found = {}
-    for name in sorted(os.listdir(PKG)):
-        if name.endswith(".py") and name != "_sklearn_compat.py":
-            uses = _private_sklearn_uses(os.path.join(PKG, name))
-            if uses:
-                found[name] = uses
+    for folder, _, files in os.walk(PKG):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and name != "_sklearn_compat.py":
+                uses = _private_sklearn_uses(path)
+                if uses:
+                    found[os.path.relpath(path, PKG)] = uses
     assert found == {}
     # and the checker sees them where they are
     assert _private_sklearn_uses(os.path.join(PKG, "_sklearn_compat.py"))
