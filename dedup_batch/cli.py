@@ -1,9 +1,13 @@
 """The ``dedup-batch`` command: a thin argparse layer over :mod:`dedup_batch.pipeline`.
 
 Every job option is a flag here and a key in the job spec (``--config``); flags override the
-file. Errors the user can fix print one line and exit 2 (usage/input), 3 (safety limit refused)
-or 4 (finished, but some objects were not deleted); anything else exits 1, with a traceback only
-under ``--debug``.
+file. The job-spec flags are generated from the :class:`~dedup_batch.config.JobSpec` field
+metadata (:class:`~dedup_batch.config.Flag`); only the flags that are not job-spec keys are
+written here.
+
+Errors the user can fix print one line and exit 2 (usage/input), 3 (safety limit refused) or 4
+(finished, but some objects were not deleted); anything else exits 1, with a traceback only under
+``--debug``.
 """
 
 from __future__ import annotations
