@@ -69,10 +69,6 @@ RUN_EMBED = "embed first (run --embed)"
 #: The key of a :class:`JobSpec` field's metadata that holds its flags.
 CLI = "cli"
 
-_EMBED_MODEL_HELP = (
-    "embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights); also "
-    "onnx:PATH[?options], timm:NAME[?weights=PATH], open_clip:ARCH/PRETRAINED (README: models)"
-)
 _EMBED_EXTENSIONS_HELP = (
     "comma-separated file extensions to embed, case-insensitive (default "
     "jpg,jpeg,png,webp,gif,tif,tiff,bmp, plus heic,heif,avif where Pillow reads them)"
@@ -156,7 +152,9 @@ class JobSpec:
             ),
             Flag(
                 ("embed",),
-                _EMBED_MODEL_HELP,
+                "embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights); also "
+                "onnx:PATH[?options], timm:NAME[?weights=PATH], open_clip:ARCH/PRETRAINED "
+                "(README: models)",
                 group="embed",
                 flags=("--model",),
                 metavar="NAME[:ARG]",

@@ -53,6 +53,13 @@ def test_every_job_spec_key_has_help_and_is_a_flag_of_run(key: str) -> None:
             assert action.dest == (flag.dest or key)
 
 
+def test_every_flag_names_real_commands() -> None:
+    known = {*_commands(), GLOBAL}
+    for f in dataclasses.fields(JobSpec):
+        for flag in f.metadata.get(CLI, ()):
+            assert set(flag.commands) <= known, (f.name, set(flag.commands) - known)
+
+
 @pytest.mark.parametrize("command", sorted(_commands()))
 def test_help_of_every_command_lists_its_job_spec_flags(
     command: str, capsys: pytest.CaptureFixture[str]
