@@ -94,7 +94,9 @@ class Flag:
     A field's metadata ``{CLI: (Flag, ...)}`` is the only place its flags are declared;
     ``cli`` turns each ``Flag`` into one ``argparse`` argument of every command in
     ``commands``. A key worded differently by some commands (``--root`` of ``plan`` and of
-    ``embed``) has one ``Flag`` per wording.
+    ``embed``) has one ``Flag`` per wording. Within a ``--help`` group, flags are listed in
+    field order. A flag stored under its key defaults to ``None``: when it is not given, the
+    value from ``--config`` (or the field's default) stands.
 
     Parameters
     ----------
