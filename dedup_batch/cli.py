@@ -1,9 +1,13 @@
 """The ``dedup-batch`` command: a thin argparse layer over :mod:`dedup_batch.pipeline`.
 
 Every job option is a flag here and a key in the job spec (``--config``); flags override the
-file. Errors the user can fix print one line and exit 2 (usage/input), 3 (safety limit refused)
-or 4 (finished, but some objects were not deleted); anything else exits 1, with a traceback only
-under ``--debug``.
+file. The job-spec flags are generated from the :class:`~dedup_batch.config.JobSpec` field
+metadata (:class:`~dedup_batch.config.Flag`); only the flags that are not job-spec keys are
+written here.
+
+Errors the user can fix print one line and exit 2 (usage/input), 3 (safety limit refused) or 4
+(finished, but some objects were not deleted); anything else exits 1, with a traceback only under
+``--debug``.
 """
 
 from __future__ import annotations
@@ -18,9 +22,17 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import __version__
-from .config import DISTRIBUTED, METRICS, JobSpec, load_spec, parse_storage_options
+from .config import (
+    CLI,
+    COMMON,
+    GLOBAL,
+    RUN_EMBED,
+    JobSpec,
+    load_spec,
+    parse_storage_options,
+)
 from .errors import ConfigError, DedupError
-from .policies import KEYS, POLICIES
+from .policies import KEYS
 
 __all__ = ["main"]
 
@@ -31,137 +43,44 @@ EXIT_INTERRUPTED = 130
 
 
 # -- argument groups -------------------------------------------------------------------------
-def _add_common(p: argparse.ArgumentParser) -> None:
+#: ``(key, Flag)`` for every flag the :class:`JobSpec` fields declare, in field order.
+_FLAGS = tuple(
+    (f.name, flag) for f in dataclasses.fields(JobSpec) for flag in f.metadata.get(CLI, ())
+)
+
+
+def _job_flags(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    command: str,
+    group: str | None,
+    **overrides: Any,
+) -> None:
+    """Add the flags of ``command`` in ``group``, as the :class:`JobSpec` fields declare them.
+
+    One argument per :class:`~dedup_batch.config.Flag`, in field order. A flag stored under its
+    key defaults to ``None``, so that a flag not given leaves the job spec's value alone.
+    """
+    for key, flag in _FLAGS:
+        if command not in flag.commands or flag.group != group:
+            continue
+        kw: dict[str, Any] = {"action": flag.action, "help": flag.help}
+        kw["dest"] = flag.dest or key
+        if kw["dest"] == key:
+            kw["default"] = None
+        for name in ("metavar", "type", "choices"):
+            if getattr(flag, name) is not None:
+                kw[name] = getattr(flag, name)
+        kw.update(overrides)
+        p.add_argument(*flag.flags or ("--" + key.replace("_", "-"),), **kw)
+
+
+def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument(
         "--config",
         metavar="YAML",
         help="job spec file (keys as these flags, with _); flags override it",
     )
-    p.add_argument(
-        "--storage-option",
-        "-o",
-        action="append",
-        default=None,
-        metavar="KEY=VALUE",
-        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 "
-        "(repeatable; dotted keys nest: client_kwargs.region_name=eu-west-1)",
-    )
-    p.add_argument(
-        "--scheduler",
-        metavar="ADDR",
-        help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS, else a "
-        "LocalCluster on this machine)",
-    )
-    p.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
-    p.add_argument("--threads-per-worker", type=int, help="LocalCluster threads per worker")
-    p.add_argument(
-        "--distributed",
-        choices=DISTRIBUTED,
-        help="leave the vectors on the Dask workers: auto (default: when they would not fit "
-        "comfortably on this machine or one worker), always, never",
-    )
-
-
-def _add_plan(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("plan")
-    g.add_argument(
-        "--features",
-        action="append",
-        metavar="URL",
-        help="feature shards: path, URL or glob (repeatable), e.g. "
-        "'./features/*.parquet' or 's3://bkt/features/part-*.parquet'",
-    )
-    g.add_argument(
-        "--root",
-        metavar="URL",
-        help="the image collection the feature paths are relative to; nothing "
-        "outside it is ever deleted",
-    )
-    g.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        default=None,
-        help="read pandas pickle shards (.pkl): unpickling runs code from the file, "
-        "so only for files you trust",
-    )
-    g.add_argument(
-        "--eps",
-        type=float,
-        help="DBSCAN eps: the largest distance at which two images count as "
-        "near-duplicates (required, unless the shards were made by 'embed', whose model "
-        "gives its own)",
-    )
-    g.add_argument("--min-samples", type=int, help="DBSCAN min_samples (default 1)")
-    g.add_argument("--metric", choices=METRICS, help="distance metric (default euclidean)")
-    g.add_argument(
-        "--keep",
-        metavar="POLICY",
-        help="which image of a cluster to keep: a policy, or comma-separated sort keys where "
-        "the first image of the sorted cluster is kept; KEY sorts ascending, -KEY descending. "
-        "Keys: pixels (fewest first; -pixels: most first; width x height from the image "
-        "header), copy (names without a copy marker such as ' (1)', ' copy', 'Copy of ', "
-        "'-edited' first; -copy: marked first), mtime (oldest first; -mtime: newest first), "
-        "size (smallest first; -size: largest first), path (first in code-point order; -path: "
-        "last; ends every list), centroid (nearest the cluster's mean vector; first key only). "
-        "Unknown values sort last. Policies: "
-        + "; ".join(f"{name} = {keys}" for name, keys in POLICIES.items())
-        + " (default original)",
-    )
-    g.add_argument(
-        "--protect",
-        action="append",
-        metavar="PATTERN",
-        help="never delete the images PATTERN matches (repeatable); they are kept before any "
-        "other. Relative to --root (or an absolute path/URL under it), case-sensitive. Always "
-        "a string prefix ('family' protects family/ and family-2/); with * ? or [ also a "
-        "glob in which * crosses '/' ('family/*' protects family/ at any depth, '*.png' every "
-        "PNG; [abc] is a character class and literal brackets alike). A pattern that matches "
-        "nothing is a warning in the plan and the report",
-    )
-    g.add_argument(
-        "--max-keeper-distance",
-        metavar="D",
-        help="chain guard: add keepers until every deleted image is within D of its "
-        "keeper (default: eps; 'none' = one keeper per cluster, as the notebook)",
-    )
-    g.add_argument("--out", metavar="DIR", help="plan directory (default ./dedup-plan)")
-    g.add_argument(
-        "--no-report",
-        dest="report",
-        action="store_false",
-        default=None,
-        help="do not write report.html",
-    )
-
-
-def _add_apply(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("apply")
-    g.add_argument(
-        "--dry-run",
-        action="store_true",
-        default=None,
-        help="touch nothing; report what would be deleted",
-    )
-    g.add_argument(
-        "--max-delete",
-        type=int,
-        metavar="N",
-        help="refuse the whole apply (exit 3) if the plan deletes more than N objects",
-    )
-    g.add_argument(
-        "--max-delete-fraction",
-        type=float,
-        metavar="F",
-        help="refuse the whole apply (exit 3) if it deletes more than this fraction "
-        "of the plan's paths (default 0.5; 1 allows any)",
-    )
-    g.add_argument(
-        "--trash",
-        metavar="URL",
-        help="move duplicates under URL (keeping their relative paths) instead of deleting them",
-    )
-    g.add_argument("--batch-size", type=int, help="objects per delete request (<= 1000)")
-    g.add_argument("--concurrency", type=int, help="delete batches in flight at most")
+    _job_flags(p, command, COMMON)
 
 
 def _add_report_caps(p: argparse.ArgumentParser) -> None:
@@ -193,40 +112,12 @@ def _add_report_caps(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sweep(p: argparse.ArgumentParser) -> None:
+    """The sweep's job-spec flags, then its own (arguments of ``pipeline.sweep``)."""
     g = p.add_argument_group("sweep")
-    g.add_argument(
-        "--features",
-        action="append",
-        metavar="URL",
-        help="feature shards: path, URL or glob (repeatable)",
-    )
-    g.add_argument(
-        "--root",
-        metavar="URL",
-        help="the image collection the feature paths are relative to",
-    )
-    g.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        default=None,
-        help="read pandas pickle shards (.pkl): runs code from the file",
-    )
+    _job_flags(g, "sweep", "sweep")
     g.add_argument("--eps-min", type=float, required=True, help="smallest eps to try")
     g.add_argument("--eps-max", type=float, required=True, help="largest eps to try")
     g.add_argument("--steps", type=int, default=20, help="eps values from min to max (default 20)")
-    g.add_argument(
-        "--eps",
-        type=float,
-        help="the eps to look at closely: marked on the plots, pairs.html shows the "
-        "pairs just inside and outside it (default: the job's eps, else mid-range)",
-    )
-    g.add_argument("--min-samples", type=int, help="DBSCAN min_samples (default 1)")
-    g.add_argument("--metric", choices=METRICS, help="distance metric (default euclidean)")
-    g.add_argument(
-        "--keep",
-        choices=("first-path", "last-path"),
-        help="keeper policy used to score deletions with --truth (default first-path)",
-    )
     g.add_argument(
         "--truth",
         metavar="CSV",
@@ -243,77 +134,6 @@ def _add_sweep(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pairs", type=int, default=12, help="pairs shown on each side of --eps (default 12)"
     )
-    g.add_argument(
-        "--out",
-        metavar="DIR",
-        help="where to write (default: DIR/sweep under the plan directory --out of the "
-        "job spec, i.e. ./dedup-plan/sweep)",
-    )
-
-
-_EMBED_MODEL_HELP = (
-    "embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights); also "
-    "onnx:PATH[?options], timm:NAME[?weights=PATH], open_clip:ARCH/PRETRAINED (README: models)"
-)
-_EMBED_EXTENSIONS_HELP = (
-    "comma-separated file extensions to embed, case-insensitive (default "
-    "jpg,jpeg,png,webp,gif,tif,tiff,bmp, plus heic,heif,avif where Pillow reads them)"
-)
-
-
-def _add_embed(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("embed")
-    g.add_argument(
-        "--root",
-        metavar="URL",
-        help="the image collection to embed: a folder, s3://bucket/prefix or any fsspec URL",
-    )
-    g.add_argument(
-        "--out",
-        dest="embed_out",
-        metavar="URL",
-        help="folder for the feature shards (part-*.parquet) and embed-errors.csv (required; "
-        "job-spec key embed_out); shards of earlier runs there are kept and only new or "
-        "changed images are embedded",
-    )
-    g.add_argument(
-        "--model",
-        dest="embed",
-        metavar="NAME[:ARG]",
-        help=_EMBED_MODEL_HELP,
-    )
-    g.add_argument(
-        "--extensions",
-        dest="embed_extensions",
-        metavar="LIST",
-        help=_EMBED_EXTENSIONS_HELP,
-    )
-    g.add_argument(
-        "--batch-size",
-        dest="embed_batch_size",
-        type=int,
-        metavar="N",
-        help="images per Dask task and per shard, at most (default 256)",
-    )
-
-
-def _add_run_embed(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("embed first (run --embed)")
-    g.add_argument(
-        "--embed",
-        metavar="MODEL",
-        help="embed the new or changed images under --root with MODEL first (pdq, onnx:..., "
-        "timm:..., open_clip:...), then plan their features (instead of --features)",
-    )
-    g.add_argument(
-        "--embed-out",
-        metavar="URL",
-        help="folder for the shards (default: OUT/features, beside the plan)",
-    )
-    g.add_argument("--embed-extensions", metavar="LIST", help=_EMBED_EXTENSIONS_HELP)
-    g.add_argument(
-        "--embed-batch-size", type=int, metavar="N", help="images per Dask task (default 256)"
-    )
 
 
 def _add_global(p: argparse.ArgumentParser, default: Any) -> None:
@@ -324,12 +144,7 @@ def _add_global(p: argparse.ArgumentParser, default: Any) -> None:
         default=default if default is not None else False,
         help="show tracebacks and debug logs",
     )
-    g.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default=default,
-        help="log lines as text (default) or one JSON object per line",
-    )
+    _job_flags(g, GLOBAL, "output", default=default)
     g.add_argument(
         "-q",
         "--quiet",
@@ -366,8 +181,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Load, cluster, choose keepers and write plan.parquet, "
         "summary.json and job.yaml to --out. Deletes nothing.",
     )
-    _add_common(sp)
-    _add_plan(sp)
+    _add_common(sp, "plan")
+    _job_flags(sp.add_argument_group("plan"), "plan", "plan")
     sp.set_defaults(func=_cmd_plan)
 
     sp = sub.add_parser(
@@ -377,8 +192,8 @@ def _parser() -> argparse.ArgumentParser:
         "batches on Dask workers. Journaled: re-run to resume.",
     )
     sp.add_argument("plan_dir", metavar="DIR", help="plan directory written by 'plan'")
-    _add_common(sp)
-    _add_apply(sp)
+    _add_common(sp, "apply")
+    _job_flags(sp.add_argument_group("apply"), "apply", "apply")
     sp.set_defaults(func=_cmd_apply)
 
     sp = sub.add_parser(
@@ -387,15 +202,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Plan; then apply only when --apply is given or the job "
         "spec says 'mode: apply'. Re-running resumes.",
     )
-    _add_common(sp)
-    _add_plan(sp)
-    _add_apply(sp)
-    _add_run_embed(sp)
-    sp.add_argument(
-        "--apply",
-        action="store_true",
-        help="delete the duplicates after planning (default: plan only)",
-    )
+    _add_common(sp, "run")
+    for group in ("plan", "apply", RUN_EMBED):
+        _job_flags(sp.add_argument_group(group), "run", group)
+    _job_flags(sp, "run", None)
     sp.set_defaults(func=_cmd_run)
 
     sp = sub.add_parser(
@@ -406,17 +216,8 @@ def _parser() -> argparse.ArgumentParser:
         "again at the original path are left alone.",
     )
     sp.add_argument("plan_dir", metavar="DIR", help="plan directory of the apply")
-    _add_common(sp)
-    sp.add_argument(
-        "--trash", metavar="URL", help="the trash URL (default: the one the apply journaled)"
-    )
-    sp.add_argument(
-        "--dry-run",
-        action="store_true",
-        default=None,
-        help="touch nothing; report what would be restored",
-    )
-    sp.add_argument("--concurrency", type=int, help="restore batches in flight at most")
+    _add_common(sp, "restore")
+    _job_flags(sp, "restore", None)
     sp.set_defaults(func=_cmd_restore)
 
     sp = sub.add_parser(
@@ -427,12 +228,8 @@ def _parser() -> argparse.ArgumentParser:
         "Self-contained: opens from a bucket or a laptop with no server.",
     )
     sp.add_argument("plan_dir", metavar="DIR", help="plan directory written by 'plan'")
-    _add_common(sp)
-    sp.add_argument(
-        "--root",
-        metavar="URL",
-        help="image root (default: the 'root' recorded in DIR/job.yaml)",
-    )
+    _add_common(sp, "report")
+    _job_flags(sp, "report", None)
     _add_report_caps(sp)
     sp.set_defaults(func=_cmd_report)
 
@@ -444,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
         "inside and just outside --eps). With --truth, print precision, recall and F1 "
         "of the deletions at each eps. Deletes nothing.",
     )
-    _add_common(sp)
+    _add_common(sp, "sweep")
     _add_sweep(sp)
     sp.set_defaults(func=_cmd_sweep)
 
@@ -456,8 +253,8 @@ def _parser() -> argparse.ArgumentParser:
         "Incremental: only new or changed images are read. Unreadable images are listed in "
         "OUT/embed-errors.csv. Deletes nothing.",
     )
-    _add_common(sp)
-    _add_embed(sp)
+    _add_common(sp, "embed")
+    _job_flags(sp.add_argument_group("embed"), "embed", "embed")
     sp.set_defaults(func=_cmd_embed)
 
     sp = sub.add_parser(
@@ -472,17 +269,15 @@ def _parser() -> argparse.ArgumentParser:
         help="where to build it (default ./demo-data; rebuilt each time)",
     )
     sp.add_argument("--images", type=int, default=120, help="distinct images (default 120)")
-    sp.add_argument("--apply", action="store_true", help="also delete the duplicates")
-    sp.add_argument("--n-workers", type=int, help="LocalCluster worker processes")
+    _job_flags(sp, "demo", None)
     sp.set_defaults(func=_cmd_demo)
     return p
 
 
 # -- spec assembly -------------------------------------------------------------------------
-# Every job-spec key is a flag of the same name, but for these (set another way).
-_SPEC_FLAGS = tuple(
-    f.name for f in dataclasses.fields(JobSpec) if f.name not in ("storage_options", "mode")
-)
+# The keys whose flags store under the key itself (the others are read by the commands:
+# -o is merged into storage_options, --apply decides with mode).
+_SPEC_FLAGS = tuple(dict.fromkeys(key for key, flag in _FLAGS if flag.dest in (None, key)))
 
 
 def _spec(args: argparse.Namespace) -> JobSpec:

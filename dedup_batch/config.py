@@ -4,6 +4,9 @@ The YAML keys are the CLI flags with ``_`` for ``-`` (``--max-keeper-distance`` 
 ``max_keeper_distance``). Flags override the file. Validation happens once, here, at the boundary:
 an unknown key, a wrong type or an out-of-range value is a :class:`ConfigError` naming the key
 (and the file) and what to do.
+
+Each key's flags (spelling, help, type, choices, the commands that take it) are declared once,
+in its field's metadata (:class:`Flag`); ``cli`` builds its parser from them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import inspect
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +29,18 @@ from .policies import DEFAULT_POLICY, POLICIES, POLICY_CHOICES, policy_problem
 from .secrets import NON_SECRET_OPTIONS, redact
 
 __all__ = [
+    "CLI",
+    "COMMON",
     "DISTRIBUTED",
+    "GLOBAL",
+    "JOB_COMMANDS",
     "KEEP_POLICIES",
+    "LOG_FORMATS",
     "METRICS",
     "MODES",
+    "RUN_EMBED",
     "TYPED_OPTIONS",
+    "Flag",
     "JobSpec",
     "check_option_names",
     "coerce_storage_options",
@@ -48,51 +58,497 @@ DISTRIBUTED = ("auto", "always", "never")
 LOG_FORMATS = ("text", "json")
 
 
+#: ``Flag.commands`` entry for a flag of the program itself, given before or after any command.
+GLOBAL = "dedup-batch"
+#: ``Flag.group`` of the flags every job command takes, listed first among its own options.
+COMMON = "common"
+#: The commands that build a :class:`JobSpec` from ``--config`` and their flags.
+JOB_COMMANDS = ("plan", "apply", "run", "restore", "report", "sweep", "embed")
+#: ``run``'s group of embed flags (``embed`` spells the same keys ``--model``, ``--out``, ...).
+RUN_EMBED = "embed first (run --embed)"
+#: The key of a :class:`JobSpec` field's metadata that holds its flags.
+CLI = "cli"
+
+_EMBED_EXTENSIONS_HELP = (
+    "comma-separated file extensions to embed, case-insensitive (default "
+    "jpg,jpeg,png,webp,gif,tif,tiff,bmp, plus heic,heif,avif where Pillow reads them)"
+)
+_KEEP_HELP = (
+    "which image of a cluster to keep: a policy, or comma-separated sort keys where "
+    "the first image of the sorted cluster is kept; KEY sorts ascending, -KEY descending. "
+    "Keys: pixels (fewest first; -pixels: most first; width x height from the image "
+    "header), copy (names without a copy marker such as ' (1)', ' copy', 'Copy of ', "
+    "'-edited' first; -copy: marked first), mtime (oldest first; -mtime: newest first), "
+    "size (smallest first; -size: largest first), path (first in code-point order; -path: "
+    "last; ends every list), centroid (nearest the cluster's mean vector; first key only). "
+    "Unknown values sort last. Policies: "
+    + "; ".join(f"{name} = {keys}" for name, keys in POLICIES.items())
+    + f" (default {DEFAULT_POLICY})"
+)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One way a job-spec key is spelt on the command line: part of a :class:`JobSpec` field.
+
+    A field's metadata ``{CLI: (Flag, ...)}`` is the only place its flags are declared;
+    ``cli`` turns each ``Flag`` into one ``argparse`` argument of every command in
+    ``commands``. A key worded differently by some commands (``--root`` of ``plan`` and of
+    ``embed``) has one ``Flag`` per wording. Within a ``--help`` group, flags are listed in
+    field order. A flag stored under its key defaults to ``None``: when it is not given, the
+    value from ``--config`` (or the field's default) stands.
+
+    Parameters
+    ----------
+    commands : tuple of str
+        The subcommands that take the flag (:data:`GLOBAL`: the program and every command).
+    help : str
+        The ``--help`` text.
+    group : str or None, default None
+        Title of the ``--help`` group it is listed in; ``None``: the command's own options,
+        :data:`COMMON`: those too, before the command's own.
+    flags : tuple of str, default ()
+        Its spellings; ``()`` means the one derived from the key (``--max-keeper-distance``).
+    dest : str or None, default None
+        Where argparse stores it; ``None`` means the key, which the flag then overrides in the
+        job spec. Another name is read by the command itself (``--apply``, ``-o``).
+    metavar, type, choices, action
+        As in :meth:`argparse.ArgumentParser.add_argument` (``action`` one of ``store``,
+        ``append``, ``store_true``, ``store_false``).
+    """
+
+    commands: tuple[str, ...]
+    help: str
+    group: str | None = None
+    flags: tuple[str, ...] = ()
+    dest: str | None = None
+    metavar: str | None = None
+    type: Callable[[str], Any] | None = None
+    choices: tuple[str, ...] | None = None
+    action: str = "store"
+
+
+def _cli(*flags: Flag) -> dict[str, tuple[Flag, ...]]:
+    return {CLI: flags}
+
+
 @dataclass
 class JobSpec:
     """All settings of one job. Field names are the job-spec keys.
 
     ``max_keeper_distance`` is a float, ``None`` (no chain guard: the notebook's behaviour) or
     ``"eps"`` (the default: the same as ``eps``); use :meth:`keeper_distance` for the number.
+    Each field's metadata declares its command-line flags (:class:`Flag`, under :data:`CLI`).
     """
 
     # embed (run --embed): features computed from the images under root, before the plan
-    embed: str | None = None
-    embed_out: str | None = None
-    embed_extensions: str | list[str] | None = None
-    embed_batch_size: int | None = None
+    embed: str | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(
+                ("run",),
+                "embed the new or changed images under --root with MODEL first (pdq, onnx:..., "
+                "timm:..., open_clip:...), then plan their features (instead of --features)",
+                group=RUN_EMBED,
+                metavar="MODEL",
+            ),
+            Flag(
+                ("embed",),
+                "embedding model (default pdq: Meta's PDQ hash, 256 bits, no weights); also "
+                "onnx:PATH[?options], timm:NAME[?weights=PATH], open_clip:ARCH/PRETRAINED "
+                "(README: models)",
+                group="embed",
+                flags=("--model",),
+                metavar="NAME[:ARG]",
+            ),
+        ),
+    )
+    embed_out: str | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(
+                ("run",),
+                "folder for the shards (default: OUT/features, beside the plan)",
+                group=RUN_EMBED,
+                metavar="URL",
+            ),
+            Flag(
+                ("embed",),
+                "folder for the feature shards (part-*.parquet) and embed-errors.csv (required; "
+                "job-spec key embed_out); shards of earlier runs there are kept and only new or "
+                "changed images are embedded",
+                group="embed",
+                flags=("--out",),
+                metavar="URL",
+            ),
+        ),
+    )
+    embed_extensions: str | list[str] | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(("run",), _EMBED_EXTENSIONS_HELP, group=RUN_EMBED, metavar="LIST"),
+            Flag(
+                ("embed",),
+                _EMBED_EXTENSIONS_HELP,
+                group="embed",
+                flags=("--extensions",),
+                metavar="LIST",
+            ),
+        ),
+    )
+    embed_batch_size: int | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(
+                ("run",),
+                "images per Dask task (default 256)",
+                group=RUN_EMBED,
+                metavar="N",
+                type=int,
+            ),
+            Flag(
+                ("embed",),
+                "images per Dask task and per shard, at most (default 256)",
+                group="embed",
+                flags=("--batch-size",),
+                metavar="N",
+                type=int,
+            ),
+        ),
+    )
     # load
-    features: list[str] = field(default_factory=list)
-    root: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    allow_pickle: bool = False
+    features: list[str] = field(
+        default_factory=list,
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "feature shards: path, URL or glob (repeatable), e.g. "
+                "'./features/*.parquet' or 's3://bkt/features/part-*.parquet'",
+                group="plan",
+                metavar="URL",
+                action="append",
+            ),
+            Flag(
+                ("sweep",),
+                "feature shards: path, URL or glob (repeatable)",
+                group="sweep",
+                metavar="URL",
+                action="append",
+            ),
+        ),
+    )
+    root: str | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "the image collection the feature paths are relative to; nothing "
+                "outside it is ever deleted",
+                group="plan",
+                metavar="URL",
+            ),
+            Flag(
+                ("report",),
+                "image root (default: the 'root' recorded in DIR/job.yaml)",
+                metavar="URL",
+            ),
+            Flag(
+                ("sweep",),
+                "the image collection the feature paths are relative to",
+                group="sweep",
+                metavar="URL",
+            ),
+            Flag(
+                ("embed",),
+                "the image collection to embed: a folder, s3://bucket/prefix or any fsspec URL",
+                group="embed",
+                metavar="URL",
+            ),
+        ),
+    )
+    storage_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_cli(
+            Flag(
+                JOB_COMMANDS,
+                "fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 "
+                "(repeatable; dotted keys nest: client_kwargs.region_name=eu-west-1)",
+                group=COMMON,
+                flags=("--storage-option", "-o"),
+                # text as given, parsed into the nested mapping by parse_storage_options
+                dest="storage_option",
+                metavar="KEY=VALUE",
+                action="append",
+            ),
+        ),
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "read pandas pickle shards (.pkl): unpickling runs code from the file, "
+                "so only for files you trust",
+                group="plan",
+                action="store_true",
+            ),
+            Flag(
+                ("sweep",),
+                "read pandas pickle shards (.pkl): runs code from the file",
+                group="sweep",
+                action="store_true",
+            ),
+        ),
+    )
     # cluster
-    eps: float | None = None
-    min_samples: int = 1
-    metric: str = "euclidean"
+    eps: float | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "DBSCAN eps: the largest distance at which two images count as "
+                "near-duplicates (required, unless the shards were made by 'embed', whose model "
+                "gives its own)",
+                group="plan",
+                type=float,
+            ),
+            Flag(
+                ("sweep",),
+                "the eps to look at closely: marked on the plots, pairs.html shows the "
+                "pairs just inside and outside it (default: the job's eps, else mid-range)",
+                group="sweep",
+                type=float,
+            ),
+        ),
+    )
+    min_samples: int = field(
+        default=1,
+        metadata=_cli(
+            Flag(("plan", "run"), "DBSCAN min_samples (default 1)", group="plan", type=int),
+            Flag(("sweep",), "DBSCAN min_samples (default 1)", group="sweep", type=int),
+        ),
+    )
+    metric: str = field(
+        default="euclidean",
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "distance metric (default euclidean)",
+                group="plan",
+                choices=METRICS,
+            ),
+            Flag(("sweep",), "distance metric (default euclidean)", group="sweep", choices=METRICS),
+        ),
+    )
     # select
-    keep: str = DEFAULT_POLICY
-    protect: list[str] = field(default_factory=list)
-    max_keeper_distance: float | str | None = "eps"
+    keep: str = field(
+        default=DEFAULT_POLICY,
+        metadata=_cli(
+            Flag(("plan", "run"), _KEEP_HELP, group="plan", metavar="POLICY"),
+            Flag(
+                ("sweep",),
+                "keeper policy used to score deletions with --truth (default first-path)",
+                group="sweep",
+                choices=("first-path", "last-path"),
+            ),
+        ),
+    )
+    protect: list[str] = field(
+        default_factory=list,
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "never delete the images PATTERN matches (repeatable); they are kept before any "
+                "other. Relative to --root (or an absolute path/URL under it), case-sensitive. "
+                "Always a string prefix ('family' protects family/ and family-2/); with * ? or "
+                "[ also a glob in which * crosses '/' ('family/*' protects family/ at any depth, "
+                "'*.png' every PNG; [abc] is a character class and literal brackets alike). A "
+                "pattern that matches nothing is a warning in the plan and the report",
+                group="plan",
+                metavar="PATTERN",
+                action="append",
+            ),
+        ),
+    )
+    max_keeper_distance: float | str | None = field(
+        default="eps",
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "chain guard: add keepers until every deleted image is within D of its "
+                "keeper (default: eps; 'none' = one keeper per cluster, as the notebook)",
+                group="plan",
+                metavar="D",
+            ),
+        ),
+    )
     # output
-    out: str = "./dedup-plan"
-    report: bool = True
+    out: str = field(
+        default="./dedup-plan",
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "plan directory (default ./dedup-plan)",
+                group="plan",
+                metavar="DIR",
+            ),
+            Flag(
+                ("sweep",),
+                "where to write (default: DIR/sweep under the plan directory --out of the "
+                "job spec, i.e. ./dedup-plan/sweep)",
+                group="sweep",
+                metavar="DIR",
+            ),
+        ),
+    )
+    report: bool = field(
+        default=True,
+        metadata=_cli(
+            Flag(
+                ("plan", "run"),
+                "do not write report.html",
+                group="plan",
+                flags=("--no-report",),
+                action="store_false",
+            ),
+        ),
+    )
     # apply
-    mode: str = "plan"
-    dry_run: bool = False
-    max_delete: int | None = None
-    max_delete_fraction: float | None = 0.5
-    trash: str | None = None
-    batch_size: int = 1000
-    concurrency: int | None = None
+    mode: str = field(
+        default="plan",
+        metadata=_cli(
+            # run(apply_now=...) decides with mode: the flag is read by the command
+            Flag(
+                ("run",),
+                "delete the duplicates after planning (default: plan only)",
+                flags=("--apply",),
+                dest="apply",
+                action="store_true",
+            ),
+            Flag(
+                ("demo",),
+                "also delete the duplicates",
+                flags=("--apply",),
+                dest="apply",
+                action="store_true",
+            ),
+        ),
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata=_cli(
+            Flag(
+                ("apply", "run"),
+                "touch nothing; report what would be deleted",
+                group="apply",
+                action="store_true",
+            ),
+            Flag(("restore",), "touch nothing; report what would be restored", action="store_true"),
+        ),
+    )
+    max_delete: int | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(
+                ("apply", "run"),
+                "refuse the whole apply (exit 3) if the plan deletes more than N objects",
+                group="apply",
+                metavar="N",
+                type=int,
+            ),
+        ),
+    )
+    max_delete_fraction: float | None = field(
+        default=0.5,
+        metadata=_cli(
+            Flag(
+                ("apply", "run"),
+                "refuse the whole apply (exit 3) if it deletes more than this fraction "
+                "of the plan's paths (default 0.5; 1 allows any)",
+                group="apply",
+                metavar="F",
+                type=float,
+            ),
+        ),
+    )
+    trash: str | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(
+                ("apply", "run"),
+                "move duplicates under URL (keeping their relative paths) instead of deleting them",
+                group="apply",
+                metavar="URL",
+            ),
+            Flag(
+                ("restore",), "the trash URL (default: the one the apply journaled)", metavar="URL"
+            ),
+        ),
+    )
+    batch_size: int = field(
+        default=1000,
+        metadata=_cli(
+            Flag(("apply", "run"), "objects per delete request (<= 1000)", group="apply", type=int),
+        ),
+    )
+    concurrency: int | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(("apply", "run"), "delete batches in flight at most", group="apply", type=int),
+            Flag(("restore",), "restore batches in flight at most", type=int),
+        ),
+    )
     # dask
-    scheduler: str | None = None
-    n_workers: int | None = None
-    threads_per_worker: int | None = None
+    scheduler: str | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(
+                JOB_COMMANDS,
+                "Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS, else a "
+                "LocalCluster on this machine)",
+                group=COMMON,
+                metavar="ADDR",
+            ),
+        ),
+    )
+    n_workers: int | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(JOB_COMMANDS, "LocalCluster worker processes", group=COMMON, type=int),
+            Flag(("demo",), "LocalCluster worker processes", type=int),
+        ),
+    )
+    threads_per_worker: int | None = field(
+        default=None,
+        metadata=_cli(
+            Flag(JOB_COMMANDS, "LocalCluster threads per worker", group=COMMON, type=int),
+        ),
+    )
     #: auto|always|never: leave the vectors on the Dask workers (see load.DISTRIBUTED)
-    distributed: str = "auto"
+    distributed: str = field(
+        default="auto",
+        metadata=_cli(
+            Flag(
+                JOB_COMMANDS,
+                "leave the vectors on the Dask workers: auto (default: when they would not fit "
+                "comfortably on this machine or one worker), always, never",
+                group=COMMON,
+                choices=DISTRIBUTED,
+            ),
+        ),
+    )
     # logging
-    log_format: str = "text"
+    log_format: str = field(
+        default="text",
+        metadata=_cli(
+            Flag(
+                (GLOBAL,),
+                "log lines as text (default) or one JSON object per line",
+                group="output",
+                choices=LOG_FORMATS,
+            ),
+        ),
+    )
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
