@@ -48,7 +48,7 @@ __all__ = [
     "parse_storage_options",
 ]
 
-#: The named keep policies (owned by :mod:`dedup_batch.select`); ``keep`` may also be a key list.
+#: The named keep policies (owned by :mod:`dedup_batch.policies`); ``keep`` may also be a key list.
 KEEP_POLICIES = tuple(POLICIES)
 METRICS = ("euclidean", "cosine")
 MODES = ("plan", "apply")
