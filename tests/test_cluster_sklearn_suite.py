@@ -28,7 +28,8 @@ def global_random_seed(request):
 def test_their_module_runs_ours():
     # the replacement is in place: their module-level names are ours inside these tests
     assert sk_tests.DBSCAN is cluster.DBSCAN and sk_tests.dbscan is cluster.dbscan
-    assert len([n for n in dir(sk_tests) if n.startswith("test_")]) >= 20
+    # and it is scikit-learn's whole suite (18 tests in 1.6, 20+ in 1.9), not an empty module
+    assert len([n for n in dir(sk_tests) if n.startswith("test_")]) >= 15
 
 
 @pytest.mark.parametrize("algorithm", ["auto", "brute", "kd_tree", "ball_tree"])
