@@ -107,8 +107,7 @@ def _distributed(path: str, eps: float, workers: int, out: str) -> None:
 
         before = sum(client.run(sent).values())
         t = time.perf_counter()
-        with client.as_current():
-            est = DBSCAN(eps=eps, min_samples=1).fit(X)
+        est = DBSCAN(eps=eps, min_samples=1).fit(X, client=client)
         secs = time.perf_counter() - t
         moved = sum(client.run(sent).values()) - before
         worker_peaks = list(client.run(_peak).values())

@@ -24,10 +24,9 @@ import itertools
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,7 @@ from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import DBSCAN as _SkDBSCAN
 
 from . import _sklearn_compat as _skc
-from . import progress
+from . import executor, progress
 
 __all__ = ["DBSCAN", "dbscan", "eps_graph"]
 
@@ -840,30 +839,17 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
-def _current_client() -> Any:
-    """The distributed Client made current by ``with client.as_current()`` (or the default
-    client), else ``None``. Without ``distributed`` imported there is no client: it is not
-    imported here for nothing (~100 MB of the process's memory)."""
-    if "distributed" not in sys.modules:
-        return None
-    from distributed import get_client
-
-    try:
-        return get_client()
-    except ValueError:
-        return None
-
-
 def _run_tiles(
     prep: _Prepared,
     n_jobs: int | None,
+    client: Any = None,
     uf: _UnionFind | None = None,
     ctx: _PassCtx | None = None,
     work: list[tuple[int, list[int]]] | None = None,
     passes: int = 1,
 ) -> Iterator[tuple[np.ndarray, ...]]:
-    """Yield each task's edges as it finishes: on the current Dask client's workers (the
-    prepared arrays scattered once, broadcast) or on a local pool of ``n_jobs`` threads.
+    """Yield each task's edges as it finishes: on ``client``'s workers (the prepared arrays
+    scattered once, broadcast) or, without one, on a local pool of ``n_jobs`` threads.
 
     ``uf`` (``min_samples=1``): the union-find over leaf-order rows that the caller merges
     each yielded result into before asking for the next; tasks read it to skip what is already
@@ -884,7 +870,7 @@ def _run_tiles(
         skipped,
     )
     # one unit of the running stage's progress (bar, heartbeat, JSON event) per tile task
-    for out in _tile_outputs(prep, work, n_jobs, uf, ctx):
+    for out in _tile_outputs(prep, work, n_jobs, client, uf, ctx):
         progress.advance(1, total=passes * len(work))
         yield out
 
@@ -934,16 +920,51 @@ def _work(prep: _Prepared) -> list[tuple[int, list[int]]]:
     return [(a, bs) for a, bs in _leaf_pairs(prep) if bs]
 
 
+def _tile_item(
+    prep: _Prepared, roots: Any, ctx: _PassCtx | None, item: tuple[int, list[int]]
+) -> tuple[np.ndarray, ...]:
+    """:func:`_tile_task` for one ``(a, bs)`` of the work, in :func:`executor.run_tasks`'
+    argument order (the shared arguments first, the item last)."""
+    a, bs = item
+    return _tile_task(prep, a, bs, roots, ctx)
+
+
 def _tile_outputs(
     prep: _Prepared,
     work: list[tuple[int, list[int]]],
     n_jobs: int | None,
+    client: Any,
     uf: _UnionFind | None,
     ctx: _PassCtx | None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
-    client = _current_client()
+    """The tiles' results as they finish, 2 tasks per thread (local or worker) in flight.
+
+    Scheduled by :func:`executor.run_tasks`, except on Dask workers with ``uf`` (see
+    :func:`_dask_outputs`): there each task carries the components as they stand when it is
+    submitted, which ``run_tasks`` (items fixed before the first submission) cannot express.
+    Threads need no snapshot: they read the live union-find (:class:`_LiveRoots`)."""
+    # the tiles advance the caller's stage (passes x tiles); run_tasks counts on a detached one
+    counted = progress.Stage("tiles", unit="tiles")
     if client is not None:
-        yield from _dask_outputs(client, prep, work, uf, ctx)
+        if uf is not None:
+            yield from _dask_outputs(client, prep, work, uf, ctx)
+            return
+        prep_f = executor.scatter(client, prep)
+        # the pass's arrays once per pass (their state when scattered: a task sees fewer rows
+        # saturated than threads would, never more)
+        ctx_f = None if ctx is None else executor.scatter(client, ctx)
+        for _, fut in executor.run_tasks(
+            _tile_item,
+            work,
+            prep_f,
+            None,
+            ctx_f,
+            client=client,
+            max_in_flight=2 * executor.total_threads(client),
+            progress=counted,
+            name="tile",
+        ):
+            yield fut.result()
         return
     from threadpoolctl import threadpool_limits
 
@@ -953,58 +974,58 @@ def _tile_outputs(
     n_threads = _n_threads(n_jobs)
     with threadpool_limits(limits=1, user_api="blas"):
         if n_threads == 1:
+            # in this thread, in order: each tile sees every earlier merge (no pool to run)
             for a, bs in work:
                 yield _tile_task(prep, a, bs, roots, ctx)
             return
-        with ThreadPoolExecutor(n_threads) as pool:
-            pending: set = set()
-            todo = iter(work)
-            while True:
-                for a, bs in todo:
-                    pending.add(pool.submit(_tile_task, prep, a, bs, roots, ctx))
-                    if len(pending) >= 2 * n_threads:
-                        break
-                if not pending:
-                    return
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    yield f.result()
+        for _, fut in executor.run_tasks(
+            _tile_item,
+            work,
+            prep,
+            roots,
+            ctx,
+            threads=n_threads,
+            max_in_flight=2 * n_threads,
+            progress=counted,
+            name="tile",
+        ):
+            yield fut.result()
 
 
 def _dask_outputs(
     client: Any,
     prep: _Prepared,
     work: list[tuple[int, list[int]]],
-    uf: _UnionFind | None,
+    uf: _UnionFind,
     ctx: _PassCtx | None,
 ) -> Iterator[tuple[np.ndarray, ...]]:
-    """Tiles as tasks on the client's workers, 2 per worker thread in flight; with ``uf``, each
-    task gets a per-leaf snapshot of the components (:class:`_LeafRoots`), refreshed as
-    results are merged."""
+    """Tiles as tasks on the client's workers, 2 per worker thread in flight, each with a
+    per-leaf snapshot of the components (:class:`_LeafRoots`) taken when it is submitted.
+
+    Scheduled here rather than by :func:`executor.run_tasks`: a task's roots depend on the
+    results merged before its submission (that is what lets a tile inside one component be
+    skipped), while ``run_tasks`` takes its items, arguments included, before the first
+    submission."""
     from distributed import as_completed
 
-    # hash=False: a fresh key per fit, so a previous fit's release cannot race this one
-    fut = client.scatter(prep, broadcast=True, hash=False)
-    # the pass's arrays once per pass (their state when scattered: a task sees fewer rows
-    # saturated than threads would, never more)
-    ctx_f = None if ctx is None else client.scatter(ctx, broadcast=True, hash=False)
-    n_slots = 2 * max(1, sum(client.nthreads().values()))
+    # hash=False (executor.scatter): a fresh key per fit, so a previous fit's release cannot
+    # race this one
+    fut = executor.scatter(client, prep)
+    ctx_f = None if ctx is None else executor.scatter(client, ctx)
+    n_slots = 2 * executor.total_threads(client)
     snapshot: _LeafRoots | None = None
     merged_at_snapshot = -1
     merged = 0
 
     def submit(a: int, bs: list[int]) -> Any:
         nonlocal snapshot, merged_at_snapshot
-        roots = None
-        if uf is not None:
-            if merged != merged_at_snapshot:
-                r = uf.roots()
-                lo = np.minimum.reduceat(r, prep.bounds[:-1])
-                hi = np.maximum.reduceat(r, prep.bounds[:-1])
-                snapshot = _LeafRoots(np.where(lo == hi, lo, -1), prep.bounds)
-                merged_at_snapshot = merged
-            roots = snapshot
-        return client.submit(_tile_task, fut, a, bs, roots, ctx_f, pure=False)
+        if merged != merged_at_snapshot:
+            r = uf.roots()
+            lo = np.minimum.reduceat(r, prep.bounds[:-1])
+            hi = np.maximum.reduceat(r, prep.bounds[:-1])
+            snapshot = _LeafRoots(np.where(lo == hi, lo, -1), prep.bounds)
+            merged_at_snapshot = merged
+        return client.submit(_tile_task, fut, a, bs, snapshot, ctx_f, pure=False)
 
     todo = iter(work)
     running = as_completed([submit(a, bs) for a, bs in itertools.islice(todo, n_slots)])
@@ -1305,6 +1326,7 @@ def _build_graph(
     *,
     keep_edges: bool,
     n_jobs: int | None,
+    client: Any = None,
     leaf_size: int = 30,
 ) -> _Graph:
     first, inverse, counts, R, excluded = _distinct_rows(X, mode)
@@ -1324,7 +1346,7 @@ def _build_graph(
         # min_samples=1: components over leaf-order rows, read by the tiles to skip work
         luf = None if keep_edges else _UnionFind(len(active))
         und_i, und_j = [], []
-        for si, sj, bi, bj in _run_tiles(prep, n_jobs, luf):
+        for si, sj, bi, bj in _run_tiles(prep, n_jobs, client, luf):
             if len(bi):
                 sure, und = _refine(X, first, to_rep[bi], to_rep[bj], prep, active_pos, mode)
                 si = np.concatenate([si, bi[sure]])
@@ -1432,6 +1454,7 @@ def _cluster_counts(
     min_samples: int,
     *,
     n_jobs: int | None,
+    client: Any = None,
     leaf_size: int = 30,
 ) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's DBSCAN for ``min_samples > 1`` without any neighbourhood or edge list:
@@ -1466,7 +1489,7 @@ def _cluster_counts(
         ma = len(active)
 
         def run(ctx: _PassCtx, luf: _UnionFind | None = None) -> Iterator[tuple]:
-            for out in _run_tiles(prep, n_jobs, luf, ctx, work, passes=3):
+            for out in _run_tiles(prep, n_jobs, client, luf, ctx, work, passes=3):
                 si, sj, ui, uj = rc.refine(prep, out[2], out[3])
                 yield out[0], out[1], si, sj, ui, uj
 
@@ -1628,7 +1651,7 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     p : float, default=None
         Minkowski power; only ``None`` or 2 run on the engine.
     n_jobs : int, default=None
-        Threads for the tiles when no Dask client is current (None or -1: every core, like
+        Threads for the tiles when ``fit`` is given no Dask client (None or -1: every core, like
         scikit-learn's OpenMP brute force; k: k tiles at once). Each tile uses a
         single-threaded BLAS, so threads are never oversubscribed.
 
@@ -1678,8 +1701,14 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     only the needed entries of scikit-learn's row chunks are computed (verified once per fit
     to round as scikit-learn's whole chunk does, else the whole chunk).
 
-    When a ``distributed.Client`` is current, the prepared rows are scattered once (broadcast)
-    and tiles run as tasks on the workers; the client process only merges components.
+    Given a ``distributed.Client`` (``fit(X, client=client)``), the prepared rows are scattered
+    once (broadcast) and tiles run as tasks on its workers; the client process only merges
+    components. The client is an argument of :meth:`fit`, not an estimator parameter: it is a
+    connection, not a hyperparameter, and as a parameter ``clone`` would deep-copy it,
+    ``get_params`` would report it and pickling the estimator would try to pickle a socket;
+    as a keyword of ``fit`` the estimator's parameters stay exactly scikit-learn's DBSCAN's
+    (what its own test suite, run against this class, checks). Nothing looks for a current or
+    default client: without ``client`` the tiles run on threads.
     """
 
     def __init__(
@@ -1703,7 +1732,9 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         self.p = p
         self.n_jobs = n_jobs
 
-    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> DBSCAN:
+    def fit(
+        self, X: Any, y: Any = None, sample_weight: Any = None, *, client: Any = None
+    ) -> DBSCAN:
         """Cluster ``X`` (n_samples, n_features); see :class:`sklearn.cluster.DBSCAN.fit`.
 
         Parameters
@@ -1714,6 +1745,10 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         y : Ignored
         sample_weight : array-like of shape (n_samples,), default=None
             As in scikit-learn (delegated to it when given).
+        client : distributed.Client, default=None
+            Run the tiles as tasks on this cluster's workers; with a ``dask.array`` ``X``, the
+            distributed engine (:mod:`dedup_batch.cluster_dask`) runs there. Without it the
+            tiles run on ``n_jobs`` threads here (and a ``dask.array`` is computed here).
 
         Returns
         -------
@@ -1722,7 +1757,7 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         if type(X).__module__.startswith("dask.array"):  # rows on Dask workers: never gathered
             from .cluster_dask import fit_dask
 
-            return fit_dask(self, X, sample_weight)
+            return fit_dask(self, X, sample_weight, client=client)
         sk = _SkDBSCAN(**self.get_params())
         _skc.validate_params(sk)
         Xv = _skc.validate_data(sk, X, accept_sparse="csr")
@@ -1730,7 +1765,7 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         result = None
         if mode is not None:
             try:
-                result = self._fit_engine(Xv, mode)
+                result = self._fit_engine(Xv, mode, client)
             except _Irregular:
                 log.info(
                     "DBSCAN: a pair within rounding of eps is decided asymmetrically by "
@@ -1753,7 +1788,7 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         self.n_features_in_ = Xv.shape[1]
         return self
 
-    def _fit_engine(self, X: np.ndarray, mode: _Mode) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_engine(self, X: np.ndarray, mode: _Mode, client: Any) -> tuple[np.ndarray, np.ndarray]:
         X = np.ascontiguousarray(X)
         if self.min_samples > 1:
             labels, core = _cluster_counts(
@@ -1762,6 +1797,7 @@ class DBSCAN(ClusterMixin, BaseEstimator):
                 mode,
                 int(self.min_samples),
                 n_jobs=self.n_jobs,
+                client=client,
                 leaf_size=self.leaf_size,
             )
             return labels.astype(np.intp), core
@@ -1771,6 +1807,7 @@ class DBSCAN(ClusterMixin, BaseEstimator):
             mode,
             keep_edges=False,
             n_jobs=self.n_jobs,
+            client=client,
             leaf_size=self.leaf_size,
         )
         single = False
@@ -1779,9 +1816,11 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         labels, core = _labels_from_graph(g, int(self.min_samples), single, float(self.eps))
         return labels.astype(np.intp), core
 
-    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
-        """Fit and return ``labels_`` (n_samples,)."""
-        return self.fit(X, sample_weight=sample_weight).labels_
+    def fit_predict(
+        self, X: Any, y: Any = None, sample_weight: Any = None, *, client: Any = None
+    ) -> np.ndarray:
+        """Fit (``client`` as in :meth:`fit`) and return ``labels_`` (n_samples,)."""
+        return self.fit(X, sample_weight=sample_weight, client=client).labels_
 
 
 def dbscan(
@@ -1796,11 +1835,13 @@ def dbscan(
     p: float = 2,
     sample_weight: Any = None,
     n_jobs: int | None = None,
+    client: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Functional form, as :func:`sklearn.cluster.dbscan`: ``(core_sample_indices, labels)``.
 
     Parameters are those of :class:`DBSCAN` (same defaults as scikit-learn's function: metric
-    ``"minkowski"`` with ``p=2``, i.e. euclidean). Memory and time as :class:`DBSCAN`.
+    ``"minkowski"`` with ``p=2``, i.e. euclidean), and ``client`` (a ``distributed.Client``,
+    optional) those of :meth:`DBSCAN.fit`. Memory and time as :class:`DBSCAN`.
     """
     est = DBSCAN(
         eps,
@@ -1812,12 +1853,17 @@ def dbscan(
         p=p,
         n_jobs=n_jobs,
     )
-    est.fit(X, sample_weight=sample_weight)
+    est.fit(X, sample_weight=sample_weight, client=client)
     return est.core_sample_indices_, est.labels_
 
 
 def eps_graph(
-    X: Any, eps: float, *, metric: str = "euclidean", n_jobs: int | None = None
+    X: Any,
+    eps: float,
+    *,
+    metric: str = "euclidean",
+    n_jobs: int | None = None,
+    client: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The eps-neighbourhood graph between distinct rows, as scikit-learn's DBSCAN sees it.
 
@@ -1831,7 +1877,9 @@ def eps_graph(
         Euclidean decisions follow scikit-learn's brute-force computation for d > 15 and its
         KD-tree for d <= 15 (``algorithm="auto"``).
     n_jobs : int, default=None
-        Threads when no Dask client is current (as :class:`DBSCAN`).
+        Threads when no Dask client is given (as :class:`DBSCAN`).
+    client : distributed.Client, default=None
+        Run the tiles on its workers (as :meth:`DBSCAN.fit`); without it, on threads here.
 
     Returns
     -------
@@ -1858,7 +1906,7 @@ def eps_graph(
     est = DBSCAN(eps, metric=metric)
     mode = _resolve_mode(est, X, None)
     try:
-        g = _build_graph(X, float(eps), mode, keep_edges=True, n_jobs=n_jobs)
+        g = _build_graph(X, float(eps), mode, keep_edges=True, n_jobs=n_jobs, client=client)
     except _Irregular as e:
         raise ValueError(
             "eps_graph: scikit-learn decides a pair within rounding of eps "

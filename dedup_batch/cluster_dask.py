@@ -28,6 +28,16 @@ per-row counts and labels) plus a few KB per block.
    tile already one component is skipped, and a task-local union-find skips what merges inside
    the task.
 
+Scheduling: the client is an argument (``DBSCAN.fit(X, client=client)``); nothing looks for a
+current or default client. The tasks are submitted here rather than through
+:func:`dedup_batch.executor.run_tasks`: the preparation steps map one task over every block and
+need all the results together (a barrier, run only on a client, so run_tasks' bounded
+streaming and thread fallback have nothing to add), the prepared blocks must stay on the
+workers as futures for every later tile (run_tasks releases each result once read), and a tile
+task carries the component roots as they stand when it is submitted, or is skipped then
+(run_tasks takes its items before the first submission). Scatters and the in-flight sizing go
+through :mod:`dedup_batch.executor`.
+
 Exactness: labels, core samples and cluster numbering are scikit-learn's, ties at ``eps``
 included. What the distributed engine does not cover is gathered on the client and fitted by the
 in-process engine (which may delegate to scikit-learn), with a log line saying why: input other
@@ -49,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from . import progress
+from . import executor, progress
 from .cluster import (
     _U32,
     _U64,
@@ -99,7 +109,7 @@ class _NeedsGather(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def fit_dask(est: Any, X: Any, sample_weight: Any = None) -> Any:
+def fit_dask(est: Any, X: Any, sample_weight: Any = None, *, client: Any = None) -> Any:
     """Fit ``est`` (a :class:`dedup_batch.cluster.DBSCAN`) to the dask array ``X``.
 
     Parameters
@@ -108,11 +118,13 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None) -> Any:
         Its parameters as given; ``labels_``, ``core_sample_indices_``, ``components_`` and
         ``n_features_in_`` are set.
     X : dask.array.Array of shape (n, d)
-        Rows to cluster, persisted on the workers of the current ``distributed.Client`` (it is
-        persisted here if it is not). Without a current client, X is computed here and fitted
-        in process.
+        Rows to cluster, persisted on the workers of ``client`` (it is persisted here if it is
+        not). Without ``client``, X is computed here and fitted in process, on threads.
     sample_weight : array-like of shape (n,), optional
         As in scikit-learn: gathered and fitted in process.
+    client : distributed.Client, optional
+        The cluster to run on (see :meth:`dedup_batch.cluster.DBSCAN.fit`). A fit gathered on
+        the client (inputs this engine does not cover) still runs its tiles on its workers.
 
     Returns
     -------
@@ -137,12 +149,6 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None) -> Any:
     workers: X once by the reorder (a shuffle), then one prepared block per tile whose two
     blocks live on different workers.
     """
-    from distributed import get_client
-
-    try:
-        client = get_client()
-    except ValueError:
-        client = None
     mode = _resolve_mode(est, X, sample_weight)
     why = _not_covered(est, X, mode, client)
     result = None
@@ -153,7 +159,7 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None) -> Any:
             why = str(exc) or "scikit-learn decides a near-eps pair asymmetrically"
     if result is None:
         log.info("DBSCAN: %s; gathering X on the client for the in-process engine", why)
-        return est.fit(X.compute(), sample_weight=sample_weight)
+        return est.fit(X.compute(), sample_weight=sample_weight, client=client)
     labels, core, stats = result
     est.distributed_stats_ = stats
     est.labels_ = labels.astype(np.intp)
@@ -166,7 +172,7 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None) -> Any:
 def _not_covered(est: Any, X: Any, mode: _Mode | None, client: Any) -> str | None:
     """Why this fit cannot run distributed, or ``None``."""
     if client is None:
-        return "no Dask client is current"
+        return "no Dask client was given"
     if X.ndim != 2 or X.shape[0] == 0:
         return "X is not a non-empty 2-d array"
     if mode is None or mode.kind not in ("brute", "cosine"):
@@ -585,7 +591,7 @@ class _DaskFit:
         # would (see cluster.SPLIT_CELLS): cells, then each block's leaves, cut the same grid
         g.n_split = max(1, min(k, int(math.log(max(2, n // LEAF)) / math.log(SPLIT_CELLS) + 1e-9)))
         if n_cells > 1:
-            g_f = client.scatter(g, broadcast=True, hash=False)
+            g_f = executor.scatter(client, g)
             P = np.concatenate(
                 client.gather(
                     client.map(_block_projections, blocks, seeds, g=g_f, frac=frac, pure=False)
@@ -606,7 +612,7 @@ class _DaskFit:
             X = X.rechunk({0: -1, 1: -1})
         import dask
 
-        g_f = client.scatter(g, broadcast=True, hash=False)
+        g_f = executor.scatter(client, g)
         # one prepared block per new block, computed where the shuffle left it; the shuffled
         # rows themselves are released once their block is prepared
         parts = X.to_delayed().ravel()
@@ -673,8 +679,8 @@ class _DaskFit:
         from distributed import as_completed
 
         client = self.client
-        slots = IN_FLIGHT_PER_THREAD * max(1, sum(client.nthreads().values()))
-        g_f = client.scatter(self.g, broadcast=True, hash=False)  # d x 33 floats: once per fit
+        slots = IN_FLIGHT_PER_THREAD * executor.total_threads(client)
+        g_f = executor.scatter(client, self.g)  # d x 33 floats: once per fit
         todo = iter(work)
 
         def submit_next() -> Any:

@@ -1,8 +1,9 @@
 """Load stage: read sharded feature files in parallel into one ``(n, d)`` float32 array.
 
-Each shard is read, parsed and validated by one Dask task (on a worker of a
-``distributed.Client``, or on dask's local threaded scheduler); the client only concatenates
-the validated pieces, in shard order then row order, and collapses paths listed twice.
+Each shard is read, parsed and validated by one task (on a worker of the
+``distributed.Client`` passed in, or on a local thread pool through
+:func:`dedup_batch.executor.run_tasks`); the client only concatenates the validated pieces, in
+shard order then row order, and collapses paths listed twice.
 
 Accepted shard layouts, chosen by the file name's suffix (case-insensitive):
 
@@ -34,9 +35,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from . import storage
+from . import executor, storage
 from .config import DISTRIBUTED
 from .errors import ConfigError, DedupError, InputError, ScopeError, one_line
+from .progress import Stage
 from .storage import Store
 
 if TYPE_CHECKING:
@@ -87,7 +89,7 @@ _FETCH_BYTES = 64 << 20
 # listed twice never copies more than ~this × d × 8 bytes at once.
 _DUP_CHUNK = 65536
 
-# Threads for the local scheduler: the concurrent.futures default. Reading is mostly waiting on
+# Threads for the local pool: the concurrent.futures default. Reading is mostly waiting on
 # storage and pyarrow/numpy release the GIL while parsing, so more threads than cores pay off.
 _LOCAL_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
@@ -186,8 +188,11 @@ def load_features(
         Read ``.pkl``/``.pickle`` shards. Unpickling runs code from the file: only for files
         you trust.
     client : distributed.Client, optional
-        Read one shard per task on this cluster's workers; without it, dask's threaded
-        scheduler reads them in this process.
+        Read one shard per task on this cluster's workers; without it, a local thread pool
+        (:func:`dedup_batch.executor.run_tasks`) reads them in this process. With a client the
+        reads are submitted here, not through ``run_tasks``: their pieces must stay on the
+        workers as futures (fetched in bounded batches below, or left there as
+        :class:`DistributedFeatures`), while ``run_tasks`` releases each result once read.
     distributed : {"never", "auto", "always"}, default "never"
         ``always`` (needs ``client``): return :class:`DistributedFeatures`, whose vectors
         stay on the workers that read and validated them; the duplicate-path check runs there
@@ -291,18 +296,23 @@ def load_features(
             return got
 
     else:
-        import dask
 
-        tasks = [
-            dask.delayed(_read_shard_task, pure=False)(
-                url, storage_options=opts, allow_pickle=allow_pickle, store=store
+        def read(i: int) -> Any:
+            return _read_shard_task(
+                shards[i], storage_options=opts, allow_pickle=allow_pickle, store=store
             )
-            for url in shards
-        ]
-        # In-process pieces are separate allocations, each freed as soon as it is copied.
-        pieces = list(
-            dask.compute(*tasks, scheduler="threads", num_workers=min(_LOCAL_THREADS, len(shards)))
-        )
+
+        # In-process pieces are separate allocations, each freed as soon as it is copied. The
+        # shards' progress goes to a detached stage: the load stage's display is unchanged.
+        pieces: list[Any] = [None] * len(shards)
+        for i, fut in executor.run_tasks(
+            read,
+            range(len(shards)),
+            threads=min(_LOCAL_THREADS, len(shards)),
+            progress=Stage("load", unit="shards"),
+            name="load",
+        ):
+            pieces[i] = fut.result()
         metas = [_piece_meta(p) for p in pieces]
         # Arrow's memory pool keeps what the reading threads freed (their tables: several
         # shards' worth); hand it back once before X is allocated. Once per load: the call is

@@ -512,10 +512,7 @@ def _with_dimensions(
 
 def _cluster(X: np.ndarray, spec: JobSpec, client: Any) -> np.ndarray:
     est = DBSCAN(eps=spec.eps, min_samples=spec.min_samples, metric=spec.metric)  # type: ignore[arg-type]
-    if client is None:
-        return est.fit(X).labels_
-    with client.as_current():
-        return est.fit(X).labels_
+    return est.fit(X, client=client).labels_
 
 
 def _summary(

@@ -142,9 +142,8 @@ class EpsForest:
         decides pairs at exactly eps as scikit-learn does. Cached per eps."""
         if eps not in self._exact:
             est = DBSCAN(eps=eps, min_samples=1, metric=self.metric)
-            cm = self.client.as_current() if self.client is not None else nullcontext()
-            with cm:
-                self._exact[eps] = est.fit(self.X).labels_.astype(np.int64)
+            labels = est.fit(self.X, client=self.client).labels_
+            self._exact[eps] = labels.astype(np.int64)
         return self._exact[eps]
 
     def n_clusters(self, eps: float) -> int:
@@ -259,10 +258,9 @@ def eps_forest(
     if metric not in ("euclidean", "cosine"):
         raise ConfigError(f"sweep: metric must be 'euclidean' or 'cosine', got {metric!r}")
     shown = stage(progress, unit="tiles") if isinstance(progress, str) else nullcontext()
-    current = client.as_current() if client is not None else nullcontext()
-    with shown, current:
+    with shown:
         try:
-            rep, gi, gj, gd = eps_graph(X, float(max_eps), metric=metric)
+            rep, gi, gj, gd = eps_graph(X, float(max_eps), metric=metric, client=client)
         except ValueError as exc:
             raise InputError(f"sweep: {exc}") from None
     # eps_graph names each row's representative by the first row with the same vector: in
@@ -437,7 +435,7 @@ def sweep(
     keep : {"first-path", "last-path"}
         Keeper policy used for the scores.
     client : distributed.Client, optional
-        Neighbour searches on its workers.
+        The clustering (the forest's eps-graph, or each eps's DBSCAN) on its workers.
     forest : EpsForest, optional
         A forest already built for this ``X`` at an eps >= ``max(eps_values)``.
 
@@ -484,7 +482,9 @@ def sweep(
             if min_samples == 1:
                 labels = forest.labels(float(e))  # type: ignore[union-attr]
             else:
-                labels = dbscan(X, float(e), min_samples=min_samples, metric=metric)[1]
+                labels = dbscan(X, float(e), min_samples=min_samples, metric=metric, client=client)[
+                    1
+                ]
             member = labels >= 0
             sizes = np.bincount(labels[member]) if member.any() else np.zeros(0, np.int64)
             row: dict[str, Any] = {

@@ -19,8 +19,8 @@ import dedup_batch.cluster as cluster_mod
 from dedup_batch.cluster import DBSCAN, dbscan, eps_graph
 
 
-def assert_same(X, sample_weight=None, **params):
-    ours = DBSCAN(**params).fit(X, sample_weight=sample_weight)
+def assert_same(X, sample_weight=None, client=None, **params):
+    ours = DBSCAN(**params).fit(X, sample_weight=sample_weight, client=client)
     ref = SkDBSCAN(**{k: v for k, v in params.items()}).fit(X, sample_weight=sample_weight)
     np.testing.assert_array_equal(ours.labels_, ref.labels_)
     np.testing.assert_array_equal(ours.core_sample_indices_, ref.core_sample_indices_)
@@ -230,9 +230,8 @@ def test_dask_workers_same_result(dask_client, small_tiles, metric):
     X = clustered(rng, 1500, 40, 120, 0.4, np.float32, repeat=0.05)
     eps = 0.3 if metric == "euclidean" else 0.04
     local = DBSCAN(eps=eps, min_samples=3, metric=metric).fit(X)
-    with dask_client.as_current():
-        ours = assert_same(X, eps=eps, min_samples=3, metric=metric)
-        ours1 = assert_same(X, eps=eps, min_samples=1, metric=metric)
+    ours = assert_same(X, eps=eps, min_samples=3, metric=metric, client=dask_client)
+    ours1 = assert_same(X, eps=eps, min_samples=1, metric=metric, client=dask_client)
     np.testing.assert_array_equal(ours.labels_, local.labels_)
     assert ours1.labels_.max() >= 0
 
@@ -242,10 +241,46 @@ def test_dask_tasks_actually_run_on_workers(dask_client, small_tiles):
     X = clustered(rng, 800, 30, 60, 0.4)
     # the task stream records this block's tasks only (a worker's own log is a bounded deque
     # that earlier tests may have filled)
-    with dask_client.as_current(), get_task_stream(dask_client) as stream:
-        assert_same(X, eps=0.3, min_samples=1)
+    with get_task_stream(dask_client) as stream:
+        assert_same(X, eps=0.3, min_samples=1, client=dask_client)
     workers = {t["worker"] for t in stream.data}
     assert stream.data and workers <= set(dask_client.scheduler_info()["workers"])
+
+
+@pytest.mark.parametrize("min_samples", [1, 3])
+def test_without_a_client_argument_nothing_runs_on_workers(dask_client, small_tiles, min_samples):
+    # The client is an argument: a client that merely exists in the process (here the
+    # session's, the default one) is never picked up; tiles then run on threads here.
+    rng = np.random.default_rng(2)
+    X = clustered(rng, 800, 30, 60, 0.4)
+    with get_task_stream(dask_client) as stream:
+        assert_same(X, eps=0.3, min_samples=min_samples, n_jobs=2)
+        eps_graph(X, 0.3)
+        dbscan(X, 0.3, min_samples=min_samples)
+    assert stream.data == []
+    with get_task_stream(dask_client) as stream:
+        eps_graph(X, 0.3, client=dask_client)
+        dbscan(X, 0.3, min_samples=min_samples, client=dask_client)
+    assert len(stream.data) > 0
+
+
+def test_client_is_a_fit_argument_not_a_parameter(dask_client, small_tiles):
+    # the estimator's parameters stay scikit-learn's: clone, get_params and pickling never
+    # meet the client, before or after a fit on it
+    import pickle
+
+    from sklearn.base import clone
+
+    X = clustered(np.random.default_rng(5), 300, 20, 20, 0.4)
+    est = DBSCAN(eps=0.3, min_samples=2)
+    assert est.fit(X, client=dask_client) is est
+    assert set(est.get_params()) == set(SkDBSCAN().get_params())
+    assert clone(est).get_params() == est.get_params()
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(again.labels_, est.labels_)
+    np.testing.assert_array_equal(
+        est.fit_predict(X, client=dask_client), SkDBSCAN(eps=0.3, min_samples=2).fit_predict(X)
+    )
 
 
 # ------------------------------------------------------------------------------------------

@@ -126,8 +126,6 @@ def _cells(monkeypatch, X, eps, skip):
         return out
 
     monkeypatch.setattr(cluster_mod, "_take", spy)
-    # in this process, not on a default Dask client another test may have left
-    monkeypatch.setattr(cluster_mod, "_current_client", lambda: None)
     if not skip:  # every row its own component as far as the tiles can tell
         monkeypatch.setattr(cluster_mod._LiveRoots, "__call__", lambda self, a, rows: -1 - rows)
     # one thread: each tile sees every earlier merge (with threads, how much is skipped

@@ -104,8 +104,6 @@ def test_fused_path_taken_only_where_the_screen_does_not_pay(monkeypatch):
 
     monkeypatch.setattr(cluster_mod, "_fused_block", spy)
     monkeypatch.setattr(cluster_mod, "_screen_pays", spy_pays)
-    # in this process (a session's Dask client, once started, would run the tiles elsewhere)
-    monkeypatch.setattr(cluster_mod, "_current_client", lambda: None)
     rng = np.random.default_rng(3)
     X = isotropic_with_copies(rng, 3000, 256, 0.0, 0.0, np.float32)
     fit_both(X, cluster_mod.FUSED_SHARE, eps=1.35, min_samples=1)

@@ -183,7 +183,7 @@ def test_fit_equals_scikit_learn(client, monkeypatch, caplog, kind, metric, eps,
     monkeypatch.setattr(cd, "BLOCK_BYTES", 256 * 4 * d)  # 256-row blocks: many tiles
     Xd = client.persist(da.from_array(X, chunks=(300, d)))
     with caplog.at_level(logging.INFO, "dedup_batch.cluster_dask"):
-        est = DBSCAN(eps=eps, min_samples=min_samples, metric=metric).fit(Xd)
+        est = DBSCAN(eps=eps, min_samples=min_samples, metric=metric).fit(Xd, client=client)
     sk = SkDBSCAN(eps=eps, min_samples=min_samples, metric=metric).fit(X)
     np.testing.assert_array_equal(est.labels_, sk.labels_)
     np.testing.assert_array_equal(est.core_sample_indices_, sk.core_sample_indices_)
@@ -215,7 +215,8 @@ def test_not_covered_inputs_are_gathered_and_still_exact(client, caplog):
     ]:
         caplog.clear()
         with caplog.at_level(logging.INFO, "dedup_batch.cluster_dask"):
-            est = DBSCAN(eps=0.9, min_samples=2, **kw).fit(da.from_array(Xn, chunks=(150, -1)))
+            Xd = da.from_array(Xn, chunks=(150, -1))
+            est = DBSCAN(eps=0.9, min_samples=2, **kw).fit(Xd, client=client)
         sk = SkDBSCAN(eps=0.9, min_samples=2, **kw).fit(Xn)
         np.testing.assert_array_equal(est.labels_, sk.labels_)
         assert "gathering X on the client" in caplog.text
