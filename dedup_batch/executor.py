@@ -4,9 +4,10 @@ The one owner of "a client, or threads": :func:`run_tasks` submits ``fn(*args, i
 item, keeps at most ``max_in_flight`` tasks running, yields each finished task's future as it
 completes (so results never pile up on the client), advances a progress stage, and on an error
 or Ctrl-C starts nothing new: queued thread tasks are cancelled (running ones finish), Dask tasks
-still pending are cancelled. Used by ``apply``, ``report``, ``images`` and ``sweep``. ``cluster``
-and ``load`` still schedule their own tasks (their owners adopt this helper later; see
-docs/architecture.md).
+still pending are cancelled. Used by every stage (``apply``, ``report``, ``images``, ``sweep``,
+``load`` without a client, and ``cluster``'s tiles on threads and its count passes); the
+hand-written schedulers left, and why each cannot use it, are named in docs/architecture.md's
+Dask section.
 
 Stages take the client as an argument; nothing here looks for a "current" client.
 """
