@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -839,6 +839,30 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
 
+def _union_then_decide(
+    uf: _UnionFind,
+    tiles: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    decide: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+) -> None:
+    """Merge tiles into ``uf`` as they finish, then the near-eps pairs scikit-learn puts within eps.
+
+    Each tile gives its sure edges ``(fi, fj)`` (unioned at once) and its pairs within
+    scikit-learn's rounding of eps ``(ui, uj)``; of those only the pairs still joining two
+    components are kept (a pair inside one component cannot change a partition), and once every
+    tile is in they are decided together by ``decide`` (scikit-learn's own computation, each of
+    its chunks once) and the edges it returns are unioned. Memory: the kept pairs only.
+    """
+    und_i, und_j = [], []
+    for fi, fj, ui, uj in tiles:
+        uf.union(fi, fj)
+        keep = uf.find(ui) != uf.find(uj)
+        und_i.append(ui[keep])
+        und_j.append(uj[keep])
+    bi, bj = _cat(und_i), _cat(und_j)
+    keep = uf.find(bi) != uf.find(bj)
+    uf.union(*decide(bi[keep], bj[keep]))
+
+
 def _run_tiles(
     prep: _Prepared,
     n_jobs: int | None,
@@ -1511,15 +1535,14 @@ def _cluster_counts(
         core = deg >= min_samples
         # 2. components among core rows
         luf = _UnionFind(ma)
-        und_i, und_j = [], []
-        for fi, fj, si, sj, ui, uj in run(_PassCtx("core", core=core), luf):
-            luf.union(np.concatenate([fi, si]), np.concatenate([fj, sj]))
-            keep = luf.find(ui) != luf.find(uj)
-            und_i.append(ui[keep])
-            und_j.append(uj[keep])
-        bi, bj = _cat(und_i), _cat(und_j)
-        keep = luf.find(bi) != luf.find(bj)
-        luf.union(*rc.decide(bi[keep], bj[keep]))
+        _union_then_decide(
+            luf,
+            (
+                (np.concatenate([fi, si]), np.concatenate([fj, sj]), ui, uj)
+                for fi, fj, si, sj, ui, uj in run(_PassCtx("core", core=core), luf)
+            ),
+            rc.decide,
+        )
         # clusters numbered by their lowest core row (copies of a row share its core status)
         core_q = np.nonzero(core)[0]
         label = np.full(ma, big)

@@ -67,6 +67,7 @@ from .cluster import (
     N_BOUND_DIMS,
     SPLIT_CELLS,
     _border_min,
+    _cat,
     _float32_band,
     _forest,
     _Irregular,
@@ -80,6 +81,7 @@ from .cluster import (
     _resolve_mode,
     _SkDecider,
     _tile_task,
+    _union_then_decide,
     _UnionFind,
 )
 
@@ -447,10 +449,6 @@ def _tile(
     return pos(si), pos(sj), pos(ui), pos(uj)
 
 
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
-
-
 # --------------------------------------------------------------------------------------------
 # Rows fetched for scikit-learn's own decision
 # --------------------------------------------------------------------------------------------
@@ -762,15 +760,7 @@ class _DaskFit:
     ) -> None:
         """Merge the tiles' spanning forests into ``uf`` as they finish, then the near-eps
         pairs scikit-learn finds within eps (only those still joining two components)."""
-        und_i, und_j = [], []
-        for fi, fj, ui, uj in self._tiles(work, extra, n_passes):
-            uf.union(fi, fj)
-            keep = uf.find(ui) != uf.find(uj)
-            und_i.append(ui[keep])
-            und_j.append(uj[keep])
-        bi, bj = _cat(und_i), _cat(und_j)
-        keep = uf.find(bi) != uf.find(bj)
-        uf.union(*self._decide(bi[keep], bj[keep]))
+        _union_then_decide(uf, self._tiles(work, extra, n_passes), self._decide)
 
     def _counts(self, work: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """``min_samples > 1``: three passes (neighbourhood sizes, components among core

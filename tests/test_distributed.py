@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +14,9 @@ import tests._shards as sh
 from dedup_batch.errors import InputError
 from dedup_batch.load import DistributedFeatures, Features, load_features
 from dedup_batch.storage import Store
-from tests.test_scheduler import _free_port, _spawn
+from tests._dask_procs import dask_processes
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[1]
 #: Each worker's --memory-limit: above a worker's own footprint (~150 MB with numpy, scipy and
 #: scikit-learn loaded), below the size of the X of the memory test.
 WORKER_LIMIT = 400 << 20
@@ -28,38 +25,9 @@ WORKER_LIMIT = 400 << 20
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `dask scheduler` and two `dask worker --memory-limit` processes (1 thread each)."""
-    from distributed import Client
-
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     logs = tmp_path_factory.mktemp("dask-logs")
-    scheduler_args = ["--host", "127.0.0.1", "--port", str(port)]
-    scheduler_args += ["--dashboard-address", "127.0.0.1:0", "--no-show"]
-    procs = [_spawn(["distributed.cli.dask_scheduler", *scheduler_args], logs / "s.log", env)]
-    try:
-        time.sleep(1)
-        for i in range(2):
-            worker_args = [address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1"]
-            worker_args += ["--memory-limit", str(WORKER_LIMIT), "--no-dashboard"]
-            worker_args += ["--local-directory", str(logs / f"w{i}")]
-            procs.append(
-                _spawn(["distributed.cli.dask_worker", *worker_args], logs / f"w{i}.log", env)
-            )
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
+    with dask_processes(logs, 2, ("--memory-limit", str(WORKER_LIMIT))) as address:
         yield address
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 @pytest.fixture

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,88 +11,15 @@ import pytest
 
 from dedup_batch.cli import main
 from dedup_batch.demo import DEMO_EPS, make_demo
+from tests._dask_procs import dask_processes, free_port
 
 pytestmark = pytest.mark.cluster
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_workers(address: str, n: int, timeout: float = 60) -> None:
-    from distributed import Client
-
-    with Client(address, timeout="30s") as client:
-        client.wait_for_workers(n, timeout=timeout)
-
-
-def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", *args], env=env, stdout=fh, stderr=subprocess.STDOUT
-        )
 
 
 @pytest.fixture(scope="module")
 def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    logs = tmp_path_factory.mktemp("dask-logs")
-    procs = [
-        _spawn(
-            [
-                "distributed.cli.dask_scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--dashboard-address",
-                "127.0.0.1:0",
-                "--no-show",
-            ],
-            logs / "scheduler.log",
-            env,
-        )
-    ]
-    try:
-        time.sleep(1)
-        for i in range(2):
-            procs.append(
-                _spawn(
-                    [
-                        "distributed.cli.dask_worker",
-                        address,
-                        "--nthreads",
-                        "1",
-                        "--nworkers",
-                        "1",
-                        "--host",
-                        "127.0.0.1",
-                        "--no-dashboard",
-                        "--local-directory",
-                        str(logs / f"w{i}"),
-                    ],
-                    logs / f"worker{i}.log",
-                    env,
-                )
-            )
-        _wait_for_workers(address, 2)
+    with dask_processes(tmp_path_factory.mktemp("dask-logs")) as address:
         yield address
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_plan_and_apply_on_an_external_cluster_match_the_local_cluster(
@@ -136,7 +58,7 @@ def test_plan_and_apply_on_an_external_cluster_match_the_local_cluster(
 def test_unreachable_scheduler_is_a_clear_error(capsys) -> None:
     import dask
 
-    port = _free_port()
+    port = free_port()
     args = [
         "plan",
         "--features",
