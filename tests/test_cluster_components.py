@@ -242,6 +242,22 @@ def _reference_labels(X, eps, original, copies):
     return number[inv]
 
 
+def _fit_capped(tmp_path, X: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
+    """Labels of ``X`` fitted in a child process with 640 MiB of address space beyond the
+    warm-up's (``_CAPPED``)."""
+    np.save(tmp_path / "X.npy", X)
+    args = [str(640 << 20), str(tmp_path / "X.npy"), repr(eps), str(tmp_path / "labels.npy")]
+    p = subprocess.run(
+        [sys.executable, "-c", _CAPPED, *args, str(min_samples)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    return np.load(tmp_path / "labels.npy")
+
+
 def test_dense_noisy_group_under_address_space_limit(tmp_path):
     # 30,000 noisy copies of one image (each at distance 0.02-0.3 from the original, eps
     # sqrt(0.1) ~ 0.316; copies up to 0.6 apart, so the group is not a clique) among 32,000
@@ -261,25 +277,7 @@ def test_dense_noisy_group_under_address_space_limit(tmp_path):
     X[copies] = X[original] + noise
     X = X.astype(np.float32)
     eps = float(np.sqrt(0.1))
-    np.save(tmp_path / "X.npy", X)
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _CAPPED,
-            str(640 << 20),
-            str(tmp_path / "X.npy"),
-            repr(eps),
-            str(tmp_path / "labels.npy"),
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    labels = np.load(tmp_path / "labels.npy")
+    labels = _fit_capped(tmp_path, X, eps, 1)
     np.testing.assert_array_equal(labels, _reference_labels(X, eps, original, copies))
     assert (labels[copies] == labels[original]).all()
 
@@ -309,22 +307,4 @@ def test_dense_group_min_samples_under_address_space_limit(tmp_path):
         assert D.min() > (1.5 * eps) ** 2
     expected = np.full(n, -1)
     expected[copies] = 0
-    np.save(tmp_path / "X.npy", X)
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _CAPPED,
-            str(640 << 20),
-            str(tmp_path / "X.npy"),
-            repr(eps),
-            str(tmp_path / "labels.npy"),
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": ROOT},
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected)
+    np.testing.assert_array_equal(_fit_capped(tmp_path, X, eps, 5), expected)
