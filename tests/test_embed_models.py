@@ -232,7 +232,10 @@ def test_timm_model_from_a_local_weights_file(tmp_path: Path, offline) -> None:
     torch.manual_seed(0)
     net = timm.create_model("test_vit", pretrained=False)
     save_file(net.state_dict(), str(tmp_path / "test_vit.safetensors"))
+    torch.set_num_threads(2)
     model = get_model(f"timm:test_vit?weights={tmp_path / 'test_vit.safetensors'}")
+    # one torch thread per Dask worker thread, as onnxruntime's sessions: no oversubscription
+    assert torch.get_num_threads() == 1
     net.reset_classifier(0)
     net.eval()
     images = [photo(s, 200, 150) for s in range(3)]

@@ -419,6 +419,10 @@ class _Torch(_Neural):
                 f"--model {self.name}:{self.target} needs torch and {self.LIBRARY} "
                 f"({one_line(exc)}): pip install 'dedup-batch[embed-torch]'"
             ) from None
+        # As onnxruntime's intra_op_num_threads = 1 above: Dask already runs one batch per
+        # worker thread, and torch's own pool (a thread per core, process-wide) inside each of
+        # them put cores x threads runnable threads on the machine.
+        torch.set_num_threads(1)
         self._torch = torch
         return lib
 
