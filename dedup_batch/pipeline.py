@@ -26,12 +26,13 @@ from . import __version__
 from .apply import ApplyResult, apply_plan
 from .apply import restore as restore_trash
 from .cluster import DBSCAN
-from .cluster_dask import clustered_rows, sample_rows
+from .cluster_dask import sample_rows
 from .config import JobSpec
 from .diagnose import plan_warnings
 from .errors import ConfigError, InputError, StorageError
 from .images import read_dimensions
 from .load import load_features
+from .plan_dask import select_on_workers
 from .plandir import MANIFEST_FILE, SWEEP_DIR, PlanCounts, PlanDir
 from .progress import StageTimer, log_dashboard, stage
 from .report import ReportResult, build_report
@@ -174,31 +175,43 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
     with timer.stage("headers", unit="images") as st:
         objects = _with_dimensions(store, paths, labels, objects, client, st)
     X_warn, labels_warn = X, labels
-    if not isinstance(X, np.ndarray):  # select reads clustered rows; warnings use a sample
-        X_warn, labels_warn = sample_rows(X, labels)
-        X = clustered_rows(X, labels)
     with timer.stage("select"):
-        table = select_keepers(
-            paths,
-            X,
-            labels,
-            objects,
-            policy=spec.keep,
-            protected=protected,
-            max_keeper_distance=spec.keeper_distance(),
-            metric=spec.metric,
-        )
+        if isinstance(X, np.ndarray):
+            table = select_keepers(
+                paths,
+                X,
+                labels,
+                objects,
+                policy=spec.keep,
+                protected=protected,
+                max_keeper_distance=spec.keeper_distance(),
+                metric=spec.metric,
+            )
+            counts = PlanCounts.of(table)
+        else:  # on the workers; the warnings use a sample
+            X_warn, labels_warn = sample_rows(X, labels)
+            table, counts = select_on_workers(
+                X,
+                labels,
+                paths,
+                objects,
+                protected,
+                out=out,
+                client=client,
+                policy=spec.keep,
+                max_keeper_distance=spec.keeper_distance(),
+                metric=spec.metric,
+            )
     warnings = plan_warnings(
         X_warn, labels_warn, eps=spec.eps, metric=spec.metric, min_samples=spec.min_samples
     )
     for w in warnings:
         log.warning("plan: %s", w)
-    summary = _summary(
-        spec, PlanCounts.of(table), feats.shards, feats.X.shape, timer.timings, started
-    )
+    summary = _summary(spec, counts, feats.shards, feats.X.shape, timer.timings, started)
     summary["warnings"] = [*summary.get("warnings", []), *protect_warnings, *warnings]
     with timer.stage("write"):
-        out.write_plan(table)
+        if table is not None:  # else the workers wrote it, as a dataset
+            out.write_plan(table)
         # A local root is recorded absolute, so 'apply DIR' works from any directory.
         recorded = dataclasses.replace(spec, root=store.root_path) if store.is_local else spec
         out.write_job(recorded.to_yaml())

@@ -363,7 +363,7 @@ def build_report(
 
     if plan is None:
         pdir.require_plan()  # no plan: say so before anything else
-        summary = pdir.read_summary()
+        summary = pdir.read_summary() if summary is None else summary
         job = pdir.read_job()
     summary = dict(summary or {})
     if store is None:
