@@ -1,6 +1,8 @@
 """Apply: delete the plan's duplicates (or move them to a trash), safely, in parallel.
 
-``apply_plan(plan_dir, store=...)`` reads ``plan_dir/plan.parquet`` and deletes exactly its
+``apply_plan(plan_dir, store=...)`` reads the plan in ``plan_dir`` (``plan.parquet``, or the
+dataset ``plan/part-*.parquet`` one part at a time: a cluster never spans parts, so every check
+below holds per part) and deletes exactly its
 ``keep == False`` rows outside noise (cluster -1), never a keeper:
 
 1. **Checks before any request to the store**: the delete set is built from ``keep == False``
@@ -284,7 +286,8 @@ def apply_plan(
     Parameters
     ----------
     plan_dir : str
-        Local path or fsspec URL of the plan directory (holds ``plan.parquet``).
+        Local path or fsspec URL of the plan directory (holds ``plan.parquet`` or the
+        ``plan/`` dataset).
     store : Store
         The job root: every plan path is resolved with ``store.resolve``.
     dry_run : bool, default False
@@ -328,9 +331,10 @@ def apply_plan(
 
     Notes
     -----
-    Memory on the client: the plan (a few hundred bytes per row) and one record per deleted
-    path. Requests: per batch one DeleteObjects (S3), plus reading the state of its objects:
-    about one listing per 1000 neighbouring keys, one HEAD per isolated key or keeper.
+    Memory on the client: one part of the plan at a time (a few hundred bytes per row), 8
+    bytes per row (the cross-part identity check) and one record per path to delete.
+    Requests: per batch one DeleteObjects (S3), plus reading the state of its objects: about
+    one listing per 1000 neighbouring keys, one HEAD per isolated key or keeper.
     """
     t0 = time.perf_counter()
     if not 1 <= int(batch_size) <= 1000:

@@ -310,8 +310,8 @@ def build_report(
     Parameters
     ----------
     plan_dir : str
-        Folder or URL holding ``plan.parquet`` (``summary.json`` and ``job.yaml`` are used when
-        present). The pages are written here.
+        Folder or URL holding the plan (``plan.parquet`` or the ``plan/`` dataset;
+        ``summary.json`` and ``job.yaml`` are used when present). The pages are written here.
     store : Store, optional
         Where the images are. Default: ``Store(root, options)`` with ``root`` from
         ``job.yaml`` and its non-secret storage options updated with ``storage_options``
