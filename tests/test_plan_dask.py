@@ -44,7 +44,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _plans(tmp_path: Path, demo: dict, client, **settings) -> dict[str, tuple]:
     base = {"features": [demo["features"]], "root": demo["root"], "eps": DEMO_EPS}
-    base.update(report=False, **settings)
+    base.update({"report": False, **settings})
     out = {}
     for mode in ("never", "always"):
         spec = JobSpec.from_mapping({**base, "out": str(tmp_path / mode), "distributed": mode})
@@ -79,7 +79,7 @@ def test_one_file_plan_is_the_same_on_the_workers(tmp_path, demo, client, settin
 
 def test_dataset_written_by_the_workers_is_the_in_process_plan(tmp_path, demo, client, monkeypatch):
     monkeypatch.setattr(plandir, "PART_ROWS", 7)  # both paths write datasets
-    plans = _plans(tmp_path, demo, client)
+    plans = _plans(tmp_path, demo, client, report=True)
     (gathered, gdir), (spread, sdir) = plans["never"], plans["always"]
     assert gdir.plan_layout() == sdir.plan_layout() == "dataset"
     assert spread.plan is None  # never gathered on the client
@@ -92,6 +92,10 @@ def test_dataset_written_by_the_workers_is_the_in_process_plan(tmp_path, demo, c
     pd.testing.assert_frame_equal(_sorted(sdir.read_plan()), gathered.plan)
     pd.testing.assert_frame_equal(_sorted(gdir.read_plan()), gathered.plan)
     assert gathered.summary["counts"] == spread.summary["counts"]
+    # the plan's own report: from the table in memory, and from the workers' parts
+    assert gathered.summary["report"]["clusters_total"] > 0
+    for key in ("clusters_total", "clusters_shown", "images_shown"):
+        assert gathered.summary["report"][key] == spread.summary["report"][key]
     # apply (dry run) and the report read the workers' dataset part by part
     store = Store(demo["root"])
     a = apply_plan(gdir.url, store=store, dry_run=True)
