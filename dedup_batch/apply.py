@@ -1,6 +1,8 @@
 """Apply: delete the plan's duplicates (or move them to a trash), safely, in parallel.
 
-``apply_plan(plan_dir, store=...)`` reads ``plan_dir/plan.parquet`` and deletes exactly its
+``apply_plan(plan_dir, store=...)`` reads the plan in ``plan_dir`` (``plan.parquet``, or the
+dataset ``plan/part-*.parquet`` one part at a time: a cluster never spans parts, so every check
+below holds per part) and deletes exactly its
 ``keep == False`` rows outside noise (cluster -1), never a keeper:
 
 1. **Checks before any request to the store**: the delete set is built from ``keep == False``
@@ -284,7 +286,8 @@ def apply_plan(
     Parameters
     ----------
     plan_dir : str
-        Local path or fsspec URL of the plan directory (holds ``plan.parquet``).
+        Local path or fsspec URL of the plan directory (holds ``plan.parquet`` or the
+        ``plan/`` dataset).
     store : Store
         The job root: every plan path is resolved with ``store.resolve``.
     dry_run : bool, default False
@@ -328,21 +331,20 @@ def apply_plan(
 
     Notes
     -----
-    Memory on the client: the plan (a few hundred bytes per row) and one record per deleted
-    path. Requests: per batch one DeleteObjects (S3), plus reading the state of its objects:
-    about one listing per 1000 neighbouring keys, one HEAD per isolated key or keeper.
+    Memory on the client: one part of the plan at a time (a few hundred bytes per row), 8
+    bytes per row (the cross-part identity check) and one record per path to delete.
+    Requests: per batch one DeleteObjects (S3), plus reading the state of its objects: about
+    one listing per 1000 neighbouring keys, one HEAD per isolated key or keeper.
     """
     t0 = time.perf_counter()
     if not 1 <= int(batch_size) <= 1000:
         raise ConfigError(f"batch_size must be between 1 and 1000, got {batch_size}")
     pdir = PlanDir.beside(plan_dir, store, plan_storage_options)
-    plan = pdir.read_plan()
+    scan = _scan(pdir, store)
     plan_store = pdir.store()
-    items, all_fs, unseen = _delete_set(plan, store)
-    _check_limits(len(items) + len(unseen), len(plan), max_delete, max_delete_fraction)
+    _check_limits(scan.planned + len(scan.unseen), scan.rows, max_delete, max_delete_fraction)
     trash_store = _trash_store(trash, store)
-    digest = _plan_digest(items)
-    manifest = _read_manifest(plan_store, digest, trash_store, plan_dir, store=store)
+    manifest = _read_manifest(plan_store, scan.digest, trash_store, plan_dir, store=store)
     if manifest is not None and int(manifest["batch_size"]) != int(batch_size):
         log.info(
             "apply: resuming with the journal's batch size %s (asked for %s)",
@@ -350,37 +352,38 @@ def apply_plan(
             batch_size,
         )
         batch_size = int(manifest["batch_size"])
-    batches = _make_batches(items, int(batch_size), all_fs if store.is_s3 else None)
-    journal = _load_journal(plan_store, "batch-", digest) if manifest is not None else {}
+    journal = _load_journal(plan_store, "batch-", scan.digest) if manifest is not None else {}
     result = ApplyResult(
         plan_dir=plan_dir,
         dry_run=dry_run,
-        guard=_guard(items, store),
+        guard=scan.guard,
         trash=trash,
-        planned=len(items),
-        planned_bytes=sum(it.size or 0 for it in items),
-        batches_total=len(batches),
+        planned=scan.planned,
+        planned_bytes=scan.planned_bytes,
     )
-    todo, records = _split_done(batches, journal, DONE_APPLY)
-    records.update((r.path, r) for r in unseen)
-    result.batches_skipped = len(batches) - len(todo)
+    records: dict[str, _Record] = {r.path: r for r in scan.unseen}
     log.info(
-        "apply%s: %d object(s) to %s in %d batch(es), %d batch(es) already finished (guard: %s)",
+        "apply%s: %d object(s) to %s, plan in %d part(s) (guard: %s)",
         " (dry run)" if dry_run else "",
-        len(items),
+        scan.planned,
         "move to trash" if trash else "delete",
-        len(batches),
-        result.batches_skipped,
+        scan.parts,
         result.guard,
     )
+    todo = _todo_by_part(
+        pdir, store, int(batch_size), scan.part_digests, journal, DONE_APPLY, records, result
+    )
     if dry_run:
-        _mark_would(todo, records, DONE_APPLY, WOULD_DELETE)
-        report = _write_would_delete(plan_store, todo)
+        would: list[_Item] = []
+        for part in todo:
+            _mark_would(part, records, DONE_APPLY, WOULD_DELETE)
+            would.extend(it for b in part for it in b.items)
+        report = _write_would_delete(plan_store, would)
         return _finish(result, records, report, t0)
-    if items and manifest is None:
+    if scan.planned and manifest is None:
         manifest = {
             "version": JOURNAL_VERSION,
-            "plan_digest": digest,
+            "plan_digest": scan.digest,
             "batch_size": int(batch_size),
             "trash": trash_store.root if trash_store is not None else None,
             # Trashed objects go under a folder of their own per plan, never over another
@@ -390,7 +393,7 @@ def apply_plan(
         }
         _write_json(plan_store, MANIFEST_FILE, manifest)
     scope = (manifest or {}).get("trash_scope")
-    task_args = (store, plan_store, trash_store, digest, scope)
+    task_args = (store, plan_store, trash_store, scan.digest, scope)
     stopped = _run_and_record(todo, _apply_batch, task_args, client, concurrency, "apply", records)
     result.batches_run = stopped.batches_run
     report = _write_report(plan_store, COMPLETION_REPORT, records)
@@ -423,14 +426,12 @@ def restore(
     """
     t0 = time.perf_counter()
     pdir = PlanDir.beside(plan_dir, store, plan_storage_options)
-    plan = pdir.read_plan()
+    scan = _scan(pdir, store)
     plan_store = pdir.store()
-    items, _, _ = _delete_set(plan, store)
     trash_store = _trash_store(trash, store)
     assert trash_store is not None
-    digest = _plan_digest(items)
     manifest = _read_manifest(
-        plan_store, digest, trash_store, plan_dir, store=store, check_trash=False
+        plan_store, scan.digest, trash_store, plan_dir, store=store, check_trash=False
     )
     if manifest is None:
         raise InputError(f"no apply journal in {plan_dir!r}: nothing was moved to the trash")
@@ -439,17 +440,9 @@ def restore(
             f"the apply in {plan_dir!r} used trash {manifest.get('trash')!r}, not {trash!r}: "
             "pass that trash URL"
         )
-    batches = _make_batches(items, int(manifest["batch_size"]), None)
-    applied = _load_journal(plan_store, "batch-", digest)
+    applied = _load_journal(plan_store, "batch-", scan.digest)
     trashed = {r.path: r for recs in applied.values() for r in recs if r.status == TRASHED}
-    batches = [
-        _Batch(
-            b.id, kept, tuple((it.fs,) for it in kept), took=tuple(trashed[i.path] for i in kept)
-        )
-        for b in batches
-        if (kept := tuple(it for it in b.items if it.path in trashed))
-    ]
-    journal = _load_journal(plan_store, "restore-", digest)
+    journal = _load_journal(plan_store, "restore-", scan.digest)
     result = ApplyResult(
         plan_dir=plan_dir,
         operation="restore",
@@ -457,21 +450,41 @@ def restore(
         guard="compare-then-copy",
         trash=trash,
         planned=len(trashed),
-        planned_bytes=sum(it.size or 0 for b in batches for it in b.items),
-        batches_total=len(batches),
     )
-    todo, records = _split_done(batches, journal, DONE_RESTORE)
-    result.batches_skipped = len(batches) - len(todo)
-    log.info(
-        "restore: %d object(s) in %d batch(es), %d batch(es) already finished",
-        len(trashed),
-        len(batches),
-        result.batches_skipped,
+    records: dict[str, _Record] = {}
+    log.info("restore: %d object(s), plan in %d part(s)", len(trashed), scan.parts)
+
+    def to_restore(batches: list[_Batch]) -> list[_Batch]:
+        """The apply's batches cut to their trashed paths (same ids: the journal's)."""
+        out = [
+            _Batch(
+                b.id,
+                kept,
+                tuple((it.fs,) for it in kept),
+                took=tuple(trashed[i.path] for i in kept),
+            )
+            for b in batches
+            if (kept := tuple(it for it in b.items if it.path in trashed))
+        ]
+        result.planned_bytes += sum(it.size or 0 for b in out for it in b.items)
+        return out
+
+    todo = _todo_by_part(
+        pdir,
+        store,
+        int(manifest["batch_size"]),
+        scan.part_digests,
+        journal,
+        DONE_RESTORE,
+        records,
+        result,
+        select=to_restore,
     )
     if dry_run:
-        _mark_would(todo, records, DONE_RESTORE, WOULD_RESTORE)
+        for part in todo:
+            _mark_would(part, records, DONE_RESTORE, WOULD_RESTORE)
         return _finish(result, records, None, t0)
-    task_args = (store, plan_store, trash_store, digest, manifest.get("trash_scope"))
+    task_args = (store, plan_store, trash_store, scan.digest, manifest.get("trash_scope"))
     stopped = _run_and_record(
         todo, _restore_batch, task_args, client, concurrency, "restore", records
     )
@@ -489,7 +502,7 @@ class _Stopped(NamedTuple):
 
 
 def _run_and_record(
-    todo: Sequence[_Batch],
+    todo: Iterable[Sequence[_Batch]],
     fn: Callable[..., list[_Record]],
     args: tuple[Any, ...],
     client: distributed.Client | None,
@@ -497,20 +510,22 @@ def _run_and_record(
     what: str,
     records: dict[str, _Record],
 ) -> _Stopped:
-    """Run the batches, recording every path's outcome; stop early (``error`` set) when the
-    first batches of this run all fail as whole requests: the store is down or refuses us,
-    and every further batch would only wait for the same timeouts."""
+    """Run the batches, part by part of the plan (``todo`` yields each part's batches),
+    recording every path's outcome; stop early (``error`` set) when the first batches of this
+    run all fail as whole requests: the store is down or refuses us, and every further batch
+    would only wait for the same timeouts."""
     run = 0
     worked = False
     try:
-        for _, recs in _run_batches(todo, fn, args, client, concurrency, what):
-            run += 1
-            for r in recs:
-                records[r.path] = r
-            down = bool(recs) and all(r.code == "RequestFailed" for r in recs)
-            worked = worked or not down
-            if down and not worked:
-                return _Stopped(run, recs[0].message)
+        for part in todo:
+            for _, recs in _run_batches(part, fn, args, client, concurrency, what):
+                run += 1
+                for r in recs:
+                    records[r.path] = r
+                down = bool(recs) and all(r.code == "RequestFailed" for r in recs)
+                worked = worked or not down
+                if down and not worked:
+                    return _Stopped(run, recs[0].message)
     except Exception as exc:
         # A batch could not even journal itself (the plan directory is unreachable), or the
         # cluster lost it: its objects may be done, so exit 2's "nothing was deleted" would
@@ -862,6 +877,121 @@ def _log_progress(what: str, done: int, total: int, t0: float) -> None:
 
 
 # -- plan, checks, batches --------------------------------------------------------------------
+class _Scan(NamedTuple):
+    """What the first pass over the plan's parts found (the plan itself is not kept)."""
+
+    rows: int
+    parts: int
+    #: rows to delete that were checked and will be acted on, and their sizes (bytes)
+    planned: int
+    planned_bytes: int
+    #: ``skipped_unobserved`` records (rows to delete that the plan never saw)
+    unseen: list[_Record]
+    #: fingerprint of the delete set, and of each part's (checked again when it is run)
+    digest: str
+    part_digests: list[str]
+    guard: str
+
+
+def _scan(pdir: PlanDir, store: Store) -> _Scan:
+    """Check every part of the plan and fingerprint its delete set, before anything is done.
+
+    One part is held at a time. Across parts, every path's identity (``store.resolve``) must
+    be new: a cluster never spans parts (``PlanDir.plan_parts`` checks it), so the per-part
+    checks of :func:`_delete_set` plus this one are the whole-plan checks. Memory: 8 bytes a
+    row (a 64-bit hash of each identity; a collision refuses the plan, never deletes more).
+    """
+    whole = hashlib.sha256()
+    part_digests: list[str] = []
+    seen = np.empty(0, dtype=np.uint64)
+    rows = planned = planned_bytes = 0
+    unseen: list[_Record] = []
+    etag = version = False
+    for part in pdir.plan_parts():
+        items, resolved, skipped = _delete_set(part, store)
+        ids = np.fromiter(
+            (int.from_bytes(hashlib.blake2b(f.encode(), digest_size=8).digest()) for f in resolved),
+            dtype=np.uint64,
+            count=len(resolved),
+        )
+        again = np.flatnonzero(np.isin(ids, seen))
+        if len(again):
+            i = int(again[0])
+            raise SafetyError(
+                f"{_where(part)} row {i}: path {part['path'].iloc[i]!r} names the same object as "
+                "a row of an earlier part; nothing was deleted: re-run `dedup-batch plan`"
+            )
+        seen = np.union1d(seen, ids)
+        own = hashlib.sha256()
+        for h in (whole, own):
+            _digest_update(h, items)
+        part_digests.append(own.hexdigest())
+        rows += len(part)
+        planned += len(items)
+        planned_bytes += sum(it.size or 0 for it in items)
+        unseen += skipped
+        etag = etag or any(it.etag for it in items)
+        version = version or any(
+            it.etag or it.size is not None or it.mtime is not None for it in items
+        )
+    guard = "existence-only"
+    if store.is_s3 and etag:
+        guard = "conditional+compare-then-delete"
+    elif version:
+        guard = "compare-then-delete"
+    return _Scan(
+        rows,
+        len(part_digests),
+        planned,
+        planned_bytes,
+        unseen,
+        whole.hexdigest(),
+        part_digests,
+        guard,
+    )
+
+
+def _todo_by_part(
+    pdir: PlanDir,
+    store: Store,
+    batch_size: int,
+    digests: Sequence[str],
+    journal: Mapping[int, list[_Record]],
+    done: frozenset[str],
+    records: dict[str, _Record],
+    result: ApplyResult,
+    *,
+    select: Callable[[list[_Batch]], list[_Batch]] | None = None,
+) -> Iterator[list[_Batch]]:
+    """Second pass: each part's batches still to run, one part at a time.
+
+    Batch ids continue from part to part, so they depend only on the plan and
+    ``batch_size`` (a one-file plan's are those of the whole plan, as before parts existed).
+    Records already final in ``journal`` go into ``records``; ``result``'s batch counts grow
+    as parts are read. A part that differs from what :func:`_scan` checked (the plan was
+    rewritten meanwhile) raises :class:`SafetyError` before any of its batches runs.
+    """
+    first = 0
+    for k, part in enumerate(pdir.plan_parts()):
+        items, resolved, _ = _delete_set(part, store)
+        own = hashlib.sha256()
+        _digest_update(own, items)
+        if k >= len(digests) or own.hexdigest() != digests[k]:
+            raise SafetyError(
+                f"{_where(part)} changed while it was being applied; nothing more was "
+                "deleted: re-run the same command to resume with the plan as it is now"
+            )
+        batches = _make_batches(items, batch_size, resolved if store.is_s3 else None, first=first)
+        first += len(batches)
+        if select is not None:
+            batches = select(batches)
+        todo, finished = _split_done(batches, journal, done)
+        records.update(finished)
+        result.batches_total += len(batches)
+        result.batches_skipped += len(batches) - len(todo)
+        yield todo
+
+
 def _trash_store(trash: str | None, store: Store) -> Store | None:
     if trash is None:
         return None
@@ -888,6 +1018,7 @@ def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str
     that each can be compared with what is there at apply time. Plans written by this version
     never mark other rows for deletion; older plans may, and those rows are left alone here.
     """
+    where = _where(plan)
     paths = plan["path"].astype(str).to_numpy()
     keep = plan["keep"].astype(bool).to_numpy()
     cluster = plan["cluster"].astype("int64").to_numpy()
@@ -895,19 +1026,19 @@ def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str
     dup = pd.Series(paths).duplicated(keep=False).to_numpy()
     if dup.any():
         i = int(np.flatnonzero(dup)[0])
-        raise InputError(f"plan row {i}: path {paths[i]!r} is listed more than once")
+        raise InputError(f"{where} row {i}: path {paths[i]!r} is listed more than once")
     resolved = []
     for i, p in enumerate(paths):
         try:
             resolved.append(store.resolve(p, real=False))
         except ScopeError as exc:
-            raise ScopeError(f"plan row {i}: {exc}; nothing was deleted") from None
+            raise ScopeError(f"{where} row {i}: {exc}; nothing was deleted") from None
     fs_of = dict(zip(paths, resolved, strict=True))
     same = pd.Series(resolved).duplicated(keep=False).to_numpy()
     if same.any():
         i = int(np.flatnonzero(same)[0])
         raise InputError(
-            f"plan row {i}: path {paths[i]!r} names the same object as another row; "
+            f"{where} row {i}: path {paths[i]!r} names the same object as another row; "
             "write each path once"
         )
     row_of = {p: i for i, p in enumerate(paths)}
@@ -929,21 +1060,21 @@ def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str
     for i in np.flatnonzero(~keep & (cluster != -1)):
         p, k = paths[i], keeper[i]
         if not isinstance(k, str) or not k:
-            raise SafetyError(f"plan row {i}: {p!r} is to be deleted but has no keeper")
+            raise SafetyError(f"{where} row {i}: {p!r} is to be deleted but has no keeper")
         if p in kept or p in keepers or p == k:
             raise SafetyError(
-                f"plan row {i}: {p!r} is both to be deleted and a keeper; the plan is "
+                f"{where} row {i}: {p!r} is both to be deleted and a keeper; the plan is "
                 "inconsistent, nothing was deleted: re-run `dedup-batch plan`"
             )
         j = row_of.get(k)
         if j is None or not keep[j]:
             raise SafetyError(
-                f"plan row {i}: keeper {k!r} of {p!r} is not a kept row of the plan; "
+                f"{where} row {i}: keeper {k!r} of {p!r} is not a kept row of the plan; "
                 "nothing was deleted: re-run `dedup-batch plan`"
             )
         if cluster[j] != cluster[i]:
             raise SafetyError(
-                f"plan row {i}: keeper {k!r} is in cluster {cluster[j]}, not {cluster[i]}; "
+                f"{where} row {i}: keeper {k!r} is in cluster {cluster[j]}, not {cluster[i]}; "
                 "nothing was deleted: re-run `dedup-batch plan`"
             )
         mine, theirs = seen(int(i)), seen(int(j))
@@ -972,6 +1103,12 @@ def _delete_set(plan: pd.DataFrame, store: Store) -> tuple[list[_Item], list[str
             )
         )
     return items, resolved, unseen
+
+
+def _where(part: pd.DataFrame) -> str:
+    """How error messages name a plan part: ``plan`` for ``plan.parquet`` (as before parts
+    existed), else the part's file name."""
+    return str(part.attrs.get("name", "plan"))
 
 
 def _opt_int(col: pd.Series | None, i: int) -> int | None:
@@ -1006,31 +1143,25 @@ def _check_limits(n: int, total: int, max_delete: int | None, fraction: float | 
         )
 
 
-def _guard(items: Sequence[_Item], store: Store) -> str:
-    if store.is_s3 and any(it.etag for it in items):
-        return "conditional+compare-then-delete"
-    if any(it.etag or it.size is not None or it.mtime is not None for it in items):
-        return "compare-then-delete"
-    return "existence-only"
-
-
-def _plan_digest(items: Sequence[_Item]) -> str:
-    """Fingerprint of the delete set: a journal only ever resumes the plan it was made for."""
-    h = hashlib.sha256()
+def _digest_update(h: Any, items: Sequence[_Item]) -> None:
+    """Add a part's delete set to the plan's fingerprint ``h`` (a hashlib object): a journal
+    only ever resumes the plan it was made for. A one-file plan's is the fingerprint of its
+    whole delete set, sorted by path."""
     for it in sorted(items, key=lambda x: x.path):
         h.update(f"{it.path}\t{it.keeper}\t{it.etag or ''}\t{it.size}\n".encode())
-    return h.hexdigest()
 
 
 def _make_batches(
-    items: Sequence[_Item], batch_size: int, all_fs: Sequence[str] | None
+    items: Sequence[_Item], batch_size: int, all_fs: Sequence[str] | None, *, first: int = 0
 ) -> list[_Batch]:
     """Pack whole clusters into batches of at most ``batch_size`` paths, deterministically.
 
     Clusters go in order of their first duplicate's path; a cluster that does not fit in the
     current batch starts a new one; one larger than a batch fills whole batches and its rest
     continues into the next. ``all_fs`` (every plan path, resolved; S3 only) tells which keys
-    lie close together in key order so they can be read with one listing.
+    lie close together in key order so they can be read with one listing (in a dataset plan:
+    the part's paths, so a listing may cover objects of other parts too: more entries read,
+    never fewer objects checked). Ids start at ``first``.
     """
     by_cluster: dict[str, list[_Item]] = {}
     for it in items:
@@ -1055,7 +1186,7 @@ def _make_batches(
     out = []
     for i, b in enumerate(raw):
         b.sort(key=lambda x: x.path)
-        out.append(_Batch(i, tuple(b), _read_groups(b, order)))
+        out.append(_Batch(first + i, tuple(b), _read_groups(b, order)))
     return out
 
 
@@ -1204,12 +1335,12 @@ def _write_report(plan_store: Store, rel: str, records: Mapping[str, _Record]) -
     return plan_store.url(full)
 
 
-def _write_would_delete(plan_store: Store, todo: Sequence[_Batch]) -> str:
+def _write_would_delete(plan_store: Store, items: Sequence[_Item]) -> str:
     """``would-delete.csv``: what an apply would delete now (``path,keeper,cluster,size``)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "keeper", "cluster", "size"])
-    for it in sorted((it for b in todo for it in b.items), key=lambda x: (x.cluster, x.path)):
+    for it in sorted(items, key=lambda x: (x.cluster, x.path)):
         w.writerow([it.path, it.keeper, it.cluster, "" if it.size is None else it.size])
     full = plan_store.resolve(WOULD_DELETE_REPORT)
     plan_store.write_bytes(full, buf.getvalue().encode("utf-8"))

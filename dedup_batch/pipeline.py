@@ -26,13 +26,14 @@ from . import __version__
 from .apply import ApplyResult, apply_plan
 from .apply import restore as restore_trash
 from .cluster import DBSCAN
-from .cluster_dask import clustered_rows, sample_rows
+from .cluster_dask import sample_rows
 from .config import JobSpec
 from .diagnose import plan_warnings
 from .errors import ConfigError, InputError, StorageError
 from .images import read_dimensions
 from .load import load_features
-from .plandir import MANIFEST_FILE, PLAN_FILE, SWEEP_DIR, PlanDir
+from .plan_dask import select_on_workers
+from .plandir import MANIFEST_FILE, SWEEP_DIR, PlanCounts, PlanDir
 from .progress import StageTimer, log_dashboard, stage
 from .report import ReportResult, build_report
 from .secrets import merge_options, without_redacted
@@ -68,10 +69,14 @@ _APPLY_KEYS = frozenset(
 
 @dataclass
 class PlanResult:
-    """What :func:`plan` produced: the plan table, its summary, and where they were written."""
+    """What :func:`plan` produced: the plan table, its summary, and where they were written.
+
+    ``plan`` is None when the plan was written as a dataset by the Dask workers (or reused
+    from one) and so never held whole here: read it with ``PlanDir(out).plan_parts()``.
+    """
 
     out: str
-    plan: pd.DataFrame
+    plan: pd.DataFrame | None
     summary: dict[str, Any]
     reused: bool = False
     #: ``run --embed``: what the embed step did (an ``embed.EmbedResult``).
@@ -170,29 +175,43 @@ def plan(spec: JobSpec, client: Any = None) -> PlanResult:
     with timer.stage("headers", unit="images") as st:
         objects = _with_dimensions(store, paths, labels, objects, client, st)
     X_warn, labels_warn = X, labels
-    if not isinstance(X, np.ndarray):  # select reads clustered rows; warnings use a sample
-        X_warn, labels_warn = sample_rows(X, labels)
-        X = clustered_rows(X, labels)
     with timer.stage("select"):
-        table = select_keepers(
-            paths,
-            X,
-            labels,
-            objects,
-            policy=spec.keep,
-            protected=protected,
-            max_keeper_distance=spec.keeper_distance(),
-            metric=spec.metric,
-        )
+        if isinstance(X, np.ndarray):
+            table = select_keepers(
+                paths,
+                X,
+                labels,
+                objects,
+                policy=spec.keep,
+                protected=protected,
+                max_keeper_distance=spec.keeper_distance(),
+                metric=spec.metric,
+            )
+            counts = PlanCounts.of(table)
+        else:  # on the workers; the warnings use a sample
+            X_warn, labels_warn = sample_rows(X, labels)
+            table, counts = select_on_workers(
+                X,
+                labels,
+                paths,
+                objects,
+                protected,
+                out=out,
+                client=client,
+                policy=spec.keep,
+                max_keeper_distance=spec.keeper_distance(),
+                metric=spec.metric,
+            )
     warnings = plan_warnings(
         X_warn, labels_warn, eps=spec.eps, metric=spec.metric, min_samples=spec.min_samples
     )
     for w in warnings:
         log.warning("plan: %s", w)
-    summary = _summary(spec, table, feats.shards, feats.X.shape, timer.timings, started)
+    summary = _summary(spec, counts, feats.shards, feats.X.shape, timer.timings, started)
     summary["warnings"] = [*summary.get("warnings", []), *protect_warnings, *warnings]
     with timer.stage("write"):
-        out.write_plan(table)
+        if table is not None:  # else the workers wrote it, as a dataset
+            out.write_plan(table)
         # A local root is recorded absolute, so 'apply DIR' works from any directory.
         recorded = dataclasses.replace(spec, root=store.root_path) if store.is_local else spec
         out.write_job(recorded.to_yaml())
@@ -517,35 +536,32 @@ def _cluster(X: np.ndarray, spec: JobSpec, client: Any) -> np.ndarray:
 
 def _summary(
     spec: JobSpec,
-    table: pd.DataFrame,
+    counts: PlanCounts,
     shards: tuple[str, ...],
     shape: tuple[int, ...],
     timings: dict[str, float],
     started: float,
 ) -> dict[str, Any]:
-    clusters = table.loc[table["cluster"] >= 0, "cluster"]
-    sizes = clusters.value_counts()
-    by_size = sizes.value_counts().sort_index()
-    delete = table[~table["keep"]]
+    """``summary.json``'s content, from the plan's counts (summed over its parts)."""
     return {
         "version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "root": spec.root,
         "features": {"shards": len(shards), "rows": int(shape[0]), "dim": int(shape[1])},
         "counts": {
-            "paths": len(table),
-            "clusters": int(sizes.size),
-            "duplicate_clusters": int((sizes > 1).sum()),
-            "noise": int((table["cluster"] < 0).sum()),
-            "keep": int(table["keep"].sum()),
-            "delete": len(delete),
-            "missing": int((~table["exists"]).sum()),
+            "paths": counts.paths,
+            "clusters": counts.clusters,
+            "duplicate_clusters": counts.duplicate_clusters,
+            "noise": counts.noise,
+            "keep": counts.keep,
+            "delete": counts.delete,
+            "missing": counts.missing,
             # keepers beyond one per cluster: chain guard and protected objects
-            "extra_keepers": int(table["keep"].sum() - sizes.size - (table["cluster"] < 0).sum()),
+            "extra_keepers": counts.keep - counts.clusters - counts.noise,
         },
-        "clusters_by_size": {str(k): int(v) for k, v in by_size.items()},
-        "largest_cluster": int(sizes.max()) if sizes.size else 0,
-        "reclaimable_bytes": int(delete["size"].fillna(0).sum()),
+        "clusters_by_size": {str(k): int(v) for k, v in sorted(counts.sizes.items())},
+        "largest_cluster": max(counts.sizes, default=0),
+        "reclaimable_bytes": counts.reclaimable_bytes,
         "settings": spec.to_dict(),
         "timings": timings,
     }
@@ -572,15 +588,18 @@ def _plan_store(plan_dir: str, spec: JobSpec) -> Store:
 def _reusable_plan(spec: JobSpec) -> PlanResult | None:
     so = spec.storage_options
     out = PlanDir(spec.out, so)
-    if not out.exists(PLAN_FILE):
-        return None
     try:
-        planned = _planned_spec(spec.out, so)
+        layout = out.plan_layout()
+        planned = _planned_spec(spec.out, so) if layout else None
     except (InputError, ConfigError):
+        return None
+    if planned is None:
         return None
     mine = {k: v for k, v in spec.to_dict().items() if k not in _APPLY_KEYS}
     theirs = {k: v for k, v in planned.to_dict().items() if k not in _APPLY_KEYS}
     if mine != theirs:
         return None
     log.info("%s already holds a plan from the same settings: reusing it", spec.out)
-    return PlanResult(spec.out, out.read_plan(), out.read_summary(), reused=True)
+    # a dataset is not read whole: apply and report read it part by part
+    table = out.read_plan() if layout == "file" else None
+    return PlanResult(spec.out, table, out.read_summary(), reused=True)

@@ -39,7 +39,7 @@ import pandas as pd
 from . import storage
 from .errors import ConfigError, InputError, ScopeError, StorageError, one_line
 from .executor import run_batches
-from .plandir import REPORT_FILE, PlanDir
+from .plandir import REPORT_FILE, PlanCounts, PlanDir
 from .progress import Stage, stage
 from .secrets import merge_options, without_redacted
 from .select import parse_policy
@@ -310,8 +310,8 @@ def build_report(
     Parameters
     ----------
     plan_dir : str
-        Folder or URL holding ``plan.parquet`` (``summary.json`` and ``job.yaml`` are used when
-        present). The pages are written here.
+        Folder or URL holding the plan (``plan.parquet`` or the ``plan/`` dataset;
+        ``summary.json`` and ``job.yaml`` are used when present). The pages are written here.
     store : Store, optional
         Where the images are. Default: ``Store(root, options)`` with ``root`` from
         ``job.yaml`` and its non-secret storage options updated with ``storage_options``
@@ -332,7 +332,7 @@ def build_report(
         it exists.
     plan, summary : optional
         The plan table and its summary when the caller holds them (the pipeline, right after
-        planning): then ``plan.parquet``, ``summary.json`` and ``job.yaml`` are not read back.
+        planning): then the plan, ``summary.json`` and ``job.yaml`` are not read back.
 
     Returns
     -------
@@ -340,8 +340,11 @@ def build_report(
 
     Notes
     -----
-    The plan is read whole (about 200 bytes a row: 2 million rows is ~400 MB in pandas).
-    Thumbnails are made page by page, so the client holds one page's thumbnails at a time.
+    The plan is read part by part (see :meth:`~dedup_batch.plandir.PlanDir.plan_parts`), twice:
+    once for the per-cluster table and the counts, once for the members of the clusters shown.
+    Memory: one part (~200 bytes a row), one row per cluster with duplicates, and 8 bytes per
+    row to delete (the distance histogram). Thumbnails are made page by page, so the client
+    holds one page's thumbnails at a time.
     """
     for name, value in (
         ("clusters_per_page", clusters_per_page),
@@ -353,9 +356,14 @@ def build_report(
             raise ConfigError(f"report: '{name}' must be a positive integer, got {value!r}")
     pdir = PlanDir.beside(plan_dir, store, storage_options)
     job: dict[str, Any] = {}
+    held = plan
+
+    def parts() -> Iterable[pd.DataFrame]:
+        return [held] if held is not None else pdir.plan_parts()
+
     if plan is None:
-        plan = pdir.read_plan()
-        summary = pdir.read_summary()
+        pdir.require_plan()  # no plan: say so before anything else
+        summary = pdir.read_summary() if summary is None else summary
         job = pdir.read_job()
     summary = dict(summary or {})
     if store is None:
@@ -371,11 +379,11 @@ def build_report(
         )
         store = storage.Store(root, image_options)
     settings = {**(job or {}), **(summary.get("settings") or {})}
-    clusters = _rank_clusters(plan)
+    clusters, counts_, distances = _scan_parts(parts())
     shown = clusters.iloc[: clusters_per_page * max_pages]
     n_pages = max(1, math.ceil(len(shown) / clusters_per_page))
     pages = ["report.html"] + [f"report-{k}.html" for k in range(2, n_pages + 1)]
-    members = _members_to_show(plan, shown["cluster"].to_numpy(), max_members)
+    members = _members_to_show(parts(), shown["cluster"].to_numpy(), max_members)
     counts: dict[str, int] = {}
     images_shown = 0
     first_views: list[dict[str, Any]] = []
@@ -421,7 +429,7 @@ def build_report(
             )
             pdir.write_text(pages[k], page)
     overview = _overview_view(
-        plan, clusters, shown, summary, settings, counts, n_pages, max_members, store
+        counts_, distances, clusters, shown, summary, settings, counts, n_pages, max_members, store
     )
     page = render(
         "report.html.j2",
@@ -459,6 +467,32 @@ def build_report(
     return result
 
 
+def _scan_parts(parts: Iterable[pd.DataFrame]) -> tuple[pd.DataFrame, PlanCounts, np.ndarray]:
+    """One pass over the plan's parts: the clusters with duplicates, riskiest first (see
+    :func:`_rank_clusters`; exact per part, as a cluster never spans parts), the plan's counts,
+    and the distances of the rows to delete (for the histogram; NaN dropped)."""
+    ranked, dists = [], []
+    counts = PlanCounts()
+    for part in parts:
+        ranked.append(_rank_clusters(part))
+        counts += PlanCounts.of(part)
+        if "distance_to_keeper" in part:
+            d = pd.to_numeric(
+                part.loc[~part["keep"].astype(bool), "distance_to_keeper"], errors="coerce"
+            )
+            dists.append(d.dropna().to_numpy(dtype=np.float64))
+    clusters = ranked[0] if len(ranked) == 1 else _riskiest_first(pd.concat(ranked))
+    return clusters, counts, np.concatenate(dists) if dists else np.empty(0)
+
+
+def _riskiest_first(agg: pd.DataFrame) -> pd.DataFrame:
+    agg = agg.assign(_d=agg["max_distance"].fillna(-1.0))
+    agg = agg.sort_values(
+        ["_d", "size", "cluster"], ascending=[False, False, True], kind="mergesort"
+    )
+    return agg.drop(columns="_d").reset_index(drop=True)
+
+
 def _rank_clusters(plan: pd.DataFrame) -> pd.DataFrame:
     """One row per cluster with duplicates, riskiest first.
 
@@ -489,19 +523,17 @@ def _rank_clusters(plan: pd.DataFrame) -> pd.DataFrame:
         )
         .reset_index()
     )
-    agg = agg[agg["size"] > 1]
-    agg = agg.assign(_d=agg["max_distance"].fillna(-1.0))
-    agg = agg.sort_values(
-        ["_d", "size", "cluster"], ascending=[False, False, True], kind="mergesort"
-    )
-    return agg.drop(columns="_d").reset_index(drop=True)
+    return _riskiest_first(agg[agg["size"] > 1])
 
 
 def _members_to_show(
-    plan: pd.DataFrame, clusters: np.ndarray, max_members: int
+    parts: Iterable[pd.DataFrame], clusters: np.ndarray, max_members: int
 ) -> dict[int, pd.DataFrame]:
-    """For each cluster: keepers first (by path), then deletions farthest first, capped."""
-    sub = plan[plan["cluster"].isin(clusters)].copy()
+    """For each cluster: keepers first (by path), then deletions farthest first, capped.
+
+    Reads each part once and keeps only the rows of ``clusters``."""
+    subs = [p[p["cluster"].isin(clusters)] for p in parts]
+    sub = pd.concat(subs).copy() if subs else pd.DataFrame(columns=["cluster", "keep", "path"])
     if "distance_to_keeper" not in sub:
         sub["distance_to_keeper"] = np.nan
     sub["_k"] = ~sub["keep"].astype(bool)
@@ -695,7 +727,8 @@ def _policy_words(keep: Any) -> str | None:
 
 
 def _overview_view(
-    plan: pd.DataFrame,
+    tally: PlanCounts,
+    distances: np.ndarray,
     clusters: pd.DataFrame,
     shown: pd.DataFrame,
     summary: Mapping[str, Any],
@@ -706,13 +739,8 @@ def _overview_view(
     store: storage.Store,
 ) -> dict[str, Any]:
     """The first page's head: cards, charts, settings, timings, warnings."""
-    n = len(plan)
-    delete = ~plan["keep"].astype(bool)
-    n_del = int(delete.sum())
-    noise = int((plan["cluster"] < 0).sum())
-    size = pd.to_numeric(plan["size"], errors="coerce") if "size" in plan else None
-    reclaim = int(size[delete].fillna(0).sum()) if size is not None else 0
-    not_found = int((~plan["exists"].astype(bool)).sum()) if "exists" in plan else 0
+    n, n_del, noise = tally.paths, tally.delete, tally.noise
+    reclaim, not_found = tally.reclaimable_bytes, tally.missing
     eps = _float_or_none(settings.get("eps"))
     cards = [
         ("", f"{n:,}", "images in plan"),
@@ -752,7 +780,7 @@ def _overview_view(
         "root": store.root,
         "warnings": warnings,
         "cards": [{"cls": c, "value": v, "text": t} for c, v, t in cards],
-        "charts": _charts(plan, clusters, eps),
+        "charts": _charts(distances, clusters, eps),
         "settings": [(k, v) for k, v in keys if v is not None],
         "timings": [
             (k, f"{float(v):.2f} s") for k, v in timings.items() if _float_or_none(v) is not None
@@ -765,21 +793,13 @@ def _overview_view(
     }
 
 
-def _charts(plan: pd.DataFrame, clusters: pd.DataFrame, eps: float | None) -> list[tuple]:
+def _charts(distances: np.ndarray, clusters: pd.DataFrame, eps: float | None) -> list[tuple]:
     """``(alt text, data: URI)`` of the histograms (PNG, inline)."""
     imgs = []
     if len(clusters):
         imgs.append(("cluster sizes", _size_hist_png(clusters["size"].to_numpy())))
-    if "distance_to_keeper" in plan:
-        d = (
-            pd.to_numeric(
-                plan.loc[~plan["keep"].astype(bool), "distance_to_keeper"], errors="coerce"
-            )
-            .dropna()
-            .to_numpy()
-        )
-        if len(d):
-            imgs.append(("distance to keeper", _distance_hist_png(d, eps)))
+    if len(distances):
+        imgs.append(("distance to keeper", _distance_hist_png(distances, eps)))
     return [(a, "data:image/png;base64," + base64.b64encode(p).decode()) for a, p in imgs]
 
 

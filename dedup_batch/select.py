@@ -49,6 +49,7 @@ __all__ = [
     "PLAN_COLUMNS",
     "POLICIES",
     "KeepPolicy",
+    "check_policy_inputs",
     "copy_marker",
     "parse_policy",
     "policy_problem",
@@ -122,6 +123,7 @@ def select_keepers(
     protected: np.ndarray | None = None,
     max_keeper_distance: float | None = None,
     metric: str = "euclidean",
+    whole: bool = True,
 ) -> pd.DataFrame:
     """Choose the keepers of every cluster and build the plan.
 
@@ -148,6 +150,12 @@ def select_keepers(
     max_keeper_distance : float or None, default=None
         Chain guard. ``None`` keeps one keeper per cluster (the seed notebook's behaviour).
     metric : {"euclidean", "cosine"}, default="euclidean"
+    whole : bool, default=True
+        The rows are the whole input: check here that the policy's first key is known (see
+        :func:`check_policy_inputs`). False for a partition holding whole clusters (the Dask
+        workers' select, :mod:`dedup_batch.plan_dask`), whose caller checked every row: each
+        cluster is decided from its own rows only, so a partition's plan is the whole plan's
+        rows for those clusters.
 
     Returns
     -------
@@ -172,7 +180,8 @@ def select_keepers(
     keys is one global ``lexsort``: O(n log n).
     """
     pol = policy if isinstance(policy, KeepPolicy) else parse_policy(policy)
-    log.info("keep policy %s: %s", pol.text, pol.describe())
+    if whole:
+        log.info("keep policy %s: %s", pol.text, pol.describe())
     paths = np.asarray(paths, dtype=object)
     labels = np.asarray(labels)
     n = len(paths)
@@ -180,7 +189,8 @@ def select_keepers(
         raise ValueError(f"paths ({n}), X ({X.shape[0]}) and labels ({labels.shape[0]}) differ")
     given, objects = objects, _objects_frame(objects, n)
     protected = np.zeros(n, dtype=bool) if protected is None else np.asarray(protected, bool)
-    _check_policy_inputs(pol, objects, labels)
+    if whole:
+        check_policy_inputs(pol, objects, labels)
 
     keeper_idx = np.arange(n)
     distance = np.zeros(n, dtype=np.float64)
@@ -271,9 +281,18 @@ def _in_duplicate_cluster(labels: np.ndarray) -> np.ndarray:
     return pd.Series(labels).duplicated(keep=False).to_numpy() & (labels != -1)
 
 
-def _check_policy_inputs(pol: KeepPolicy, objects: pd.DataFrame, labels: np.ndarray) -> None:
+def check_policy_inputs(
+    policy: str | KeepPolicy, objects: pd.DataFrame, labels: np.ndarray
+) -> None:
+    """Refuse (:class:`ConfigError`) a policy led by ``size`` or ``mtime`` when the backend
+    gave that value for none of the objects in clusters with duplicates.
+
+    ``objects`` (rows aligned with ``labels``, shape (n,)) and ``labels`` are every row of the
+    plan: a partition could lack the value where the whole plan has it.
+    """
     # A policy led by size or mtime on a backend that gives neither would silently become path
     # order: say so. Later keys (and pixels, which is per image) fall back quietly instead.
+    pol = policy if isinstance(policy, KeepPolicy) else parse_policy(policy)
     col = pol.keys[0][0]
     if col not in ("size", "mtime"):
         return

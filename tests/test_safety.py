@@ -32,10 +32,11 @@ from fsspec.asyn import sync
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dedup_batch import pipeline
+from dedup_batch import pipeline, plandir
 from dedup_batch.apply import apply_plan, restore
 from dedup_batch.config import JobSpec
 from dedup_batch.errors import SafetyError, ScopeError, StorageError
+from dedup_batch.plandir import PlanDir
 from dedup_batch.storage import Store, trash_key
 
 DIM = 4
@@ -486,9 +487,26 @@ def collections(draw):
     return objects, rows, change, remove, create, trash
 
 
+#: Each property runs on both plan layouts: one plan.parquet, and a dataset of parts of about
+#: two rows (whole clusters each), so that apply, resume and restore work part by part.
+LAYOUTS = pytest.mark.parametrize("part_rows", [None, 2], ids=["one-file", "dataset"])
+
+
+def use_layout(monkeypatch, part_rows) -> None:
+    if part_rows is not None:
+        monkeypatch.setattr(plandir, "PART_ROWS", part_rows)
+
+
+def check_layout(out: str, plan: pd.DataFrame, part_rows, options=None) -> None:
+    dataset = part_rows is not None and len(plan) > part_rows
+    assert PlanDir(out, options).plan_layout() == ("dataset" if dataset else "file")
+
+
+@LAYOUTS
 @given(collections())
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_invariants_local(case):
+def test_invariants_local(monkeypatch, part_rows, case):
+    use_layout(monkeypatch, part_rows)
     objects, rows, change, remove, create, use_trash = case
     tmp = tempfile.mkdtemp()
     try:
@@ -502,6 +520,7 @@ def test_invariants_local(case):
         write_features(feats, rows)
         out = os.path.join(tmp, "plan")
         plan = plan_job(root, feats, out, max_keeper_distance="none")
+        check_layout(out, plan, part_rows)
         at_plan = snapshot(root)
         keepers = set(plan.loc[plan["keep"], "path"])
         # Between plan and apply: objects change, disappear, appear.
@@ -533,9 +552,11 @@ def test_invariants_local(case):
         shutil.rmtree(tmp)
 
 
+@LAYOUTS
 @given(collections())
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
-def test_invariants_memory(case):
+def test_invariants_memory(monkeypatch, part_rows, case):
+    use_layout(monkeypatch, part_rows)
     objects, rows, change, remove, create, use_trash = case
     rows = [(p, v) for p, v in rows if not p.startswith("linked/")]
     fs = fsspec.filesystem("memory")
@@ -546,6 +567,7 @@ def test_invariants_memory(case):
         write_features(feats, rows)
         out = f"memory://{base}/plan"
         plan = plan_job(f"memory://{base}/root", feats, out, max_keeper_distance="none")
+        check_layout(out, plan, part_rows)
         keepers = {f"{base}/root/{p}" for p in plan.loc[plan["keep"], "path"]}
 
         def snap() -> dict[str, bytes]:
@@ -604,12 +626,16 @@ S3_KEYS = st.lists(
 )
 
 
+@LAYOUTS
 @given(keys=S3_KEYS, data=st.data())
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-def test_invariants_s3_with_a_trash_shared_by_two_plans(s3_server, keys, data):
+def test_invariants_s3_with_a_trash_shared_by_two_plans(
+    monkeypatch, part_rows, s3_server, keys, data
+):
     """Two plans over one bucket share a local trash; objects change, appear and vanish
     between plan and apply. No keeper or unseen object is deleted, and both plans' trashed
     objects restore byte for byte."""
+    use_layout(monkeypatch, part_rows)
     import requests
     import s3fs
 
@@ -641,6 +667,7 @@ def test_invariants_s3_with_a_trash_shared_by_two_plans(s3_server, keys, data):
         for run in ("A", "B"):
             out = os.path.join(tmp, run)
             plan = plan_job("s3://bkt/r", feats, out, opts, max_keeper_distance="none")
+            check_layout(out, plan, part_rows)
             keepers = set(plan.loc[plan["keep"], "path"])
             at_plan = listing()
             for k in data.draw(st.lists(st.sampled_from(keys), max_size=3, unique=True)):
