@@ -64,15 +64,47 @@ def test_load_leaves_validated_blocks_on_the_workers(root, client):
     assert isinstance(f, DistributedFeatures)
     keep = [i for i in range(30) if i not in (0, 5)]
     assert f.X.chunks == ((50, 28), (8,))  # one block per non-empty shard, kept apart
-    # persisted: every block is held by a worker, none computed here
-    assert all(fut.status == "finished" for fut in futures_of(f.X))
-    np.testing.assert_array_equal(f.X.compute(), np.concatenate([a_X, b_X[keep]]))
+    # held: every block is in a worker's memory, none computed here; X itself is its lineage
+    # (read and select tasks, no futures), so it stays computable once the blocks are released
+    assert [fut.status for fut in f.held.futures] == ["finished", "finished"]
+    assert futures_of(f.X) == []
+    expected = np.concatenate([a_X, b_X[keep]])
+    np.testing.assert_array_equal(f.X.compute(), expected)
     assert f.path_array().tolist() == a_paths + [b_paths[i] for i in keep]
     gathered = load_features(url, store=root, client=client, distributed="never")
     assert isinstance(gathered, Features)
     np.testing.assert_array_equal(gathered.X, f.X.compute())
     # auto: these 78 rows fit anywhere, so they are gathered
     assert isinstance(load_features(url, store=root, client=client, distributed="auto"), Features)
+
+
+def test_taken_blocks_are_freed_and_read_again_when_needed(root, client):
+    """A fit takes the loaded blocks over (load.take_blocks): once it drops them no worker
+    holds them, and X is still computable, by reading its shards again."""
+    import time
+
+    from dedup_batch.load import take_blocks
+
+    a_paths, a_X = sh.vectors(50, 8, seed=1)
+    _shard(root, "a.parquet", a_paths, a_X)
+    _shard(root, "b.parquet", [p.replace("img", "b") for p in a_paths], a_X + 1)
+    f = load_features(
+        os.path.join(root.root, "feat", "*.parquet"),
+        store=root,
+        client=client,
+        distributed="always",
+    )
+    keys = {fut.key for fut in f.held.futures}
+    assert keys <= set().union(*client.has_what().values())
+    taken = take_blocks(f.X)
+    assert {fut.key for fut in taken} == keys and f.held.futures == []
+    assert take_blocks(f.X) == []  # taken once
+    del taken
+    deadline = time.monotonic() + 10
+    while keys & set().union(*client.has_what().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not keys & set().union(*client.has_what().values())
+    np.testing.assert_array_equal(f.X.compute(), np.concatenate([a_X, a_X + 1]))
 
 
 def test_load_on_workers_refuses_what_the_gathered_load_refuses(root, client):
