@@ -198,6 +198,58 @@ def test_fit_equals_scikit_learn(client, monkeypatch, caplog, kind, metric, eps,
         assert done < total
 
 
+def test_a_worker_killed_mid_fit_does_not_change_the_labels(tmp_path, monkeypatch):
+    """SIGKILL the worker holding the most prepared blocks once the first tile is back: the
+    scheduler recomputes what died with it (the prepared blocks from the reorder's graph,
+    their input blocks from the shards' read tasks) and the fit ends with scikit-learn's
+    labels."""
+    import signal
+
+    from distributed import Client
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    import dedup_batch.cluster_dask as cd
+    from dedup_batch.cluster import DBSCAN
+
+    root = Store(str(tmp_path))
+    (tmp_path / "feat").mkdir()
+    X = _data("groups")
+    for k, s in enumerate(range(0, len(X), 200)):
+        paths = [f"img/{i:05d}.jpg" for i in range(s, s + len(X[s : s + 200]))]
+        _shard(root, f"part-{k}.parquet", paths, X[s : s + 200])
+    monkeypatch.setattr(cd, "BLOCK_BYTES", 128 * 4 * X.shape[1])  # 128-row blocks: many tiles
+    killed: list[int] = []
+    tiles = cd._DaskFit._tiles
+
+    def kill_after_first_tile(self, *args, **kwargs):
+        for i, out in enumerate(tiles(self, *args, **kwargs)):
+            if i == 0 and not killed:
+                held = {b.key for b in self.blocks}
+                owner = max(self.client.has_what().items(), key=lambda kv: len(held & set(kv[1])))[
+                    0
+                ]
+                assert held & set(self.client.has_what()[owner])  # it holds prepared blocks
+                pid = self.client.run(os.getpid, workers=[owner])[owner]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            yield out
+
+    monkeypatch.setattr(cd._DaskFit, "_tiles", kill_after_first_tile)
+    with dask_processes(tmp_path, 2) as address, Client(address, timeout="30s") as client:
+        f = load_features(
+            os.path.join(root.root, "feat", "*.parquet"),
+            store=root,
+            client=client,
+            distributed="always",
+        )
+        est = DBSCAN(eps=2.3, min_samples=1).fit(f.X, client=client)
+        pids = set(client.run(os.getpid).values())
+    assert killed and killed[0] not in pids  # it died mid-fit; its nanny started another
+    sk = SkDBSCAN(eps=2.3, min_samples=1).fit(X)
+    np.testing.assert_array_equal(est.labels_, sk.labels_)
+    assert est.distributed_stats_["tiles"] > 1
+
+
 def test_not_covered_inputs_are_gathered_and_still_exact(client, caplog):
     import logging
 
