@@ -798,6 +798,9 @@ class _DaskFit:
             labels, core = self._counts(work)
             labels, core = labels[self.where], core[self.where]
         self.stats["seconds_total"] = round(time.perf_counter() - self.t0, 3)
+        # release the prepared blocks now, not when the garbage collector breaks the cycle
+        # through the decider's rows (their memory is the fit's whole footprint on the workers)
+        self.blocks, self.decider = [], None
         return labels, core, self.stats
 
     def _components(self, work: list[tuple[int, int]]) -> np.ndarray:

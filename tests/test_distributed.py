@@ -250,6 +250,92 @@ def test_a_worker_killed_mid_fit_does_not_change_the_labels(tmp_path, monkeypatc
     assert est.distributed_stats_["tiles"] > 1
 
 
+#: the memory test: 156,000 x 768 float32 (X = 479 MB) on 4 workers limited to 450 MB each
+#: (each worker's own footprint is ~0.25 GB: its share of X must be held once, not twice)
+BIG_N, BIG_D, BIG_LIMIT, BIG_SHARD = 156_000, 768, 450_000_000, 4096
+
+
+def _write_big(folder: Path) -> np.ndarray:
+    """Shards of rows whose answer is known without computing it: 5% of the rows are copies
+    (groups of 2-4) of a centre, the others lone centres; centres lie in a 16-d subspace,
+    more than 0.2 apart (checked), each row is its centre plus 1e-3 noise per dimension
+    (< 0.05 between two rows of a group). Written shard by shard (the test process never
+    holds X); returns each row's group (rows of one group share it)."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(0)
+    group = np.arange(BIG_N)
+    copies = rng.choice(BIG_N, BIG_N // 20, replace=False)
+    group[copies] = rng.choice(np.setdiff1d(group, copies), len(copies) // 3)[
+        rng.integers(0, len(copies) // 3, len(copies))
+    ]
+    centres = rng.uniform(-1, 1, size=(BIG_N, 16))
+    assert not cKDTree(centres[np.unique(group)]).query_pairs(0.2)  # groups far apart
+    basis = np.linalg.qr(rng.standard_normal((BIG_D, 16)))[0].T
+    for k, s in enumerate(range(0, BIG_N, BIG_SHARD)):
+        e = min(BIG_N, s + BIG_SHARD)
+        x = (centres[group[s:e]] @ basis).astype(np.float32)
+        x += 1e-3 * rng.standard_normal(x.shape, dtype=np.float32)
+        paths = np.asarray([f"img/{i:07d}.jpg" for i in range(s, e)])
+        np.savez(folder / f"part-{k:05d}.npz", paths=paths, embeddings=x)
+    return group
+
+
+_PLAN_CLIENT = """
+import json, resource, sys, psutil
+from distributed import Client
+from dedup_batch.config import JobSpec
+from dedup_batch.pipeline import plan
+with Client(sys.argv[1], timeout="30s") as client:
+    base = psutil.Process().memory_info().rss
+    spec = JobSpec.from_mapping({"features": [sys.argv[2] + "/feat/*.npz"], "root": sys.argv[2],
+        "eps": 0.1, "report": False, "out": sys.argv[2] + "/out", "distributed": "always"})
+    plan(spec, client)
+print(json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~2 min on 2 quiet cores; 4 worker processes under load take more
+def test_workers_limited_below_x_run_a_whole_plan_the_client_never_holding_x(tmp_path):
+    """Four `dask worker --memory-limit 450MB` processes and X of 479 MB: load, fit and the
+    whole `plan` complete, the clusters are the known ones (scikit-learn's partition: every
+    within-group distance < eps < every other), and the client process (a child of this one,
+    whose peak RSS is measured) never held X."""
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from dedup_batch.cluster_dask import _number
+
+    (tmp_path / "feat").mkdir()
+    (tmp_path / "img").mkdir()
+    for i in range(100):  # plan needs some of the objects to exist
+        (tmp_path / "img" / f"{i:07d}.jpg").write_bytes(b"x")
+    group = _write_big(tmp_path / "feat")
+    nbytes = BIG_N * BIG_D * 4
+    assert nbytes > BIG_LIMIT
+    with dask_processes(tmp_path, 4, ("--memory-limit", str(BIG_LIMIT))) as address:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        child = [sys.executable, "-c", _PLAN_CLIENT, address, str(tmp_path)]
+        done = subprocess.run(child, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        restarts = [
+            line
+            for log in tmp_path.glob("worker*.log")
+            for line in log.read_text().splitlines()
+            if "Restarting worker" in line
+        ]
+    assert restarts == []  # no worker went over 95% of its limit
+    rss = json.loads(done.stdout.splitlines()[-1])
+    assert rss["peak"] - rss["base"] < nbytes / 2  # the client never held X
+    table = pd.read_parquet(tmp_path / "out" / "plan.parquet")
+    table = table.set_index("path").loc[[f"img/{i:07d}.jpg" for i in range(BIG_N)]]
+    np.testing.assert_array_equal(table["cluster"].to_numpy(), _number(group))
+
+
 def test_not_covered_inputs_are_gathered_and_still_exact(client, caplog):
     import logging
 
