@@ -9,8 +9,9 @@ per-row counts and labels) plus a few KB per block.
 1. Preparation, on the workers: the column sum (the euclidean centre), the principal
    directions of a ~20,000-row sample (d x d grams summed over blocks), and a median-split tree
    over the sample's projections (built on the client from ~20,000 x 2 numbers) whose cells
-   become the new row blocks: ``x.shuffle`` moves each row to its cell's block (~16 MiB each),
-   so that blocks are spatially compact. Each block then builds, on its worker, what
+   become the new row blocks (~16 MiB each), so that blocks are spatially compact: each input
+   block is cut into one piece per cell on its worker, and each cell's pieces are moved to one
+   worker and concatenated there. Each block then builds, on its worker, what
    ``cluster._prepare`` builds for the whole input: leaves of <= LEAF rows, low-rank factors,
    rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
    are farther apart than ``eps`` plus every rounding bound are never scheduled.
@@ -100,6 +101,8 @@ BLOCK_BYTES = 16 << 20
 #: Tiles in flight per worker thread: enough to hide the client's merge between results,
 #: few enough that finished results never pile up (each is O(rows of two blocks)).
 IN_FLIGHT_PER_THREAD = 2
+# Grams summed per task on the workers (each d x d float64: 2 MiB at 512-d, 4.7 MiB at 768-d).
+_GRAM_FANIN = 8
 # Rows of block A multiplied at once in a tile: a (1024 x rows_B) product and its float64 sums.
 _TILE_ROWS = 1024
 
@@ -146,12 +149,18 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None, *, client: Any = None)
     reorder's permutation and its inverse, 8 more for counts with ``min_samples > 1``), a
     20,000-row sample's projections on the splitting directions, d x d float64 for the
     principal directions, and the results of the tiles in flight. Per worker: its share of X
-    twice (the input blocks, kept by the caller, and the reordered, prepared blocks: raw rows
-    plus ~330 bytes per row of factors and bounds) and, per thread, one tile (two blocks'
+    once at rest (the prepared blocks: raw rows plus ~330 bytes per row of factors and
+    bounds), since the fit takes over the blocks ``load`` left on the workers
+    (:func:`dedup_batch.load.take_blocks`) and frees each once it is cut (an X persisted by
+    the caller stays held by the caller: twice), plus, per thread, one tile (two blocks'
     float32 working rows and a few LEAF x TILE products). Time: the in-process engine's work
     on the block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
-    workers: X once by the reorder (a shuffle), then one prepared block per tile whose two
+    workers: X once by the reorder (its pieces), then one prepared block per tile whose two
     blocks live on different workers.
+
+    A worker lost mid-fit changes nothing but the time: every prepared block is a key of a
+    graph the scheduler keeps until the fit ends (its pieces, their input blocks, the shards'
+    read tasks), so Dask recomputes what died with the worker and reruns its tiles.
     """
     mode = _resolve_mode(est, X, sample_weight)
     why = _not_covered(est, X, mode, client)
@@ -217,6 +226,11 @@ def _sample(m: int, frac: float, seed: int) -> np.ndarray:
     """The rows of a block in the global sample (the same rows in every pass)."""
     k = min(m, max(1, round(m * frac))) if m else 0
     return np.sort(np.random.default_rng(seed).choice(m, size=k, replace=False))
+
+
+def _add_grams(*parts: tuple) -> tuple:
+    """Dask task: the sum of :func:`_block_gram` results (d x d, d, rows)."""
+    return tuple(sum(p[i] for p in parts) for i in range(3))
 
 
 def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tuple:
@@ -621,16 +635,23 @@ class _DaskFit:
         # Principal directions of a ~20,000-row sample, accumulated on the workers (d x d).
         frac = min(1.0, 20000 / n)
         seeds = list(range(len(blocks)))
-        grams = client.gather(client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False))
+        # summed on the workers, _GRAM_FANIN at a time: the client receives one d x d gram,
+        # not one per input block (39 blocks at 768-d were 184 MB on the client)
+        grams = client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False)
+        while len(grams) > 1:
+            grams = [
+                client.submit(_add_grams, *grams[i : i + _GRAM_FANIN], pure=False)
+                for i in range(0, len(grams), _GRAM_FANIN)
+            ]
+        gram, ssum, total = grams[0].result()
         k = min(N_BOUND_DIMS, d)
-        total = sum(c for _, _, c in grams)
         if k < d and total >= 2:
-            smean = sum(s for _, s, _ in grams) / total
-            cov = (sum(gm for gm, _, _ in grams) - total * np.outer(smean, smean)) / (total - 1)
+            smean = ssum / total
+            cov = (gram - total * np.outer(smean, smean)) / (total - 1)
             g.V = np.ascontiguousarray(np.linalg.eigh(cov)[1][:, ::-1][:, :k])
         else:
             g.V = np.eye(d)[:, :k]
-        del grams
+        del grams, gram
         log.debug(
             "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
         )
