@@ -1,23 +1,31 @@
 """Benchmark: the in-process engine against the distributed path (vectors on the Dask workers),
 same data, same run, one machine.
 
-One command: ``python benchmarks/bench_distributed.py [--n 100000] [--d 256] [--workers 2]``.
+One command: ``python benchmarks/bench_distributed.py [--n 100000] [--d 256] [--workers 2]``;
+issue 14's large case: ``--case 600k`` (600,000 x 512 float32, 1.2 GB, on 3 workers limited
+to 900 MB each; minutes, never part of a quick run).
 
-Each side runs in its own subprocess. The data (``bench_cluster.make_data``: 256-d unit vectors,
-groups of ~4 near-duplicates around decaying-spectrum centres, eps 0.6, min_samples 1) is
-written once to a ``.npy`` file by this process.
+The data (``bench_cluster.make_data``: unit vectors, groups of ~4 near-duplicates around
+decaying-spectrum centres, eps 0.6, min_samples 1) is generated in a process of its own, which
+writes it as NPZ feature shards (``--shard-rows`` rows each) and as one ``.npy``: no process
+measured here ever held the generator's temporaries. Each side runs in its own subprocess:
 
 - ``in-process``: ``np.load`` then ``dedup_batch.cluster.DBSCAN.fit(X)`` on all cores (threads).
-- ``distributed``: a ``LocalCluster`` of ``--workers`` processes x 1 thread; each worker reads
-  its row blocks from the file (``np.load(mmap_mode="r")`` slices: the client never holds X),
-  the blocks are persisted, then ``DBSCAN.fit(dask_array)`` is timed.
+- ``distributed``: a ``LocalCluster`` of ``--workers`` processes x 1 thread (``--memory-limit``
+  each), ``load_features(distributed="always")`` (the workers read the shards: the client never
+  holds X), then ``DBSCAN.fit(feats.X)`` is timed, as ``plan`` runs it: the fit takes over the
+  loaded blocks (``load.take_blocks``).
+- ``--compare TREE``: the distributed side again with another checkout's code (e.g. the main
+  branch), same data, same run.
 
-Printed: seconds of each side and their ratio (target: distributed <= 1.2x in-process), peak
-RSS of the in-process side, of the distributed client and of each worker; the bytes the workers
-sent each other during the fit (``Worker.transfer_outgoing_bytes_total``, summed) against the
-cost model of docs/scaling.md; the fit's statistics (blocks, block pairs scheduled, tiles run);
-whether the labels are identical. The machine's load average is printed too: on a shared
-machine the ratio is the figure to read, not the seconds.
+Printed: seconds of each side and their ratio (target: distributed <= 1.2x in-process); peak
+RSS of the in-process side and of the distributed client; each worker's peak RSS per stage of
+the fit (sampled every 0.1 s with psutil: load, sums, grams, cells, reorder+prepare, tiles)
+and at rest once the blocks are prepared; the bytes the workers sent each other during the fit
+(``Worker.transfer_outgoing_bytes_total``, summed) against the cost model of docs/scaling.md;
+the fit's statistics (blocks, block pairs scheduled, tiles run); whether the labels are
+identical. The machine's load average is printed too: on a shared machine the ratio is the
+figure to read, not the seconds.
 """
 
 from __future__ import annotations
@@ -29,23 +37,51 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
+# the tree measured: this checkout, or --compare's (set by the parent for that child)
+sys.path.insert(0, os.environ.get("BENCH_TREE") or os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
+
+#: issue 14's target case: 600k x 512 float32 (1.2 GB) on 3 workers limited to 900 MB each
+CASES = {"600k": {"n": 600_000, "d": 512, "workers": 3, "memory_limit": "900MB"}}
+#: the fit's own debug lines that end each stage, and the stage they end
+STAGES = [
+    ("sums at", "persist+sums"),
+    ("principal directions at", "grams"),
+    ("cells at", "cells"),
+    ("reordered and prepared at", "reorder+prepare"),
+    ("prepared in", "block pairs"),
+]
 
 
 def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _in_process(path: str, eps: float, out: str) -> None:
+def _generate(n: int, d: int, shard_rows: int, folder: str) -> None:
+    """Child: the data as NPZ shards (``folder/shards``) and ``folder/X.npy``."""
+    from bench_cluster import make_data
+
+    X = make_data(n, d=d)
+    np.save(os.path.join(folder, "X.npy"), X)
+    os.makedirs(os.path.join(folder, "shards"))
+    for k, s in enumerate(range(0, n, shard_rows)):
+        e = min(n, s + shard_rows)
+        paths = np.asarray([f"img/{i:08d}.jpg" for i in range(s, e)])
+        np.savez(
+            os.path.join(folder, "shards", f"part-{k:05d}.npz"), paths=paths, embeddings=X[s:e]
+        )
+
+
+def _in_process(folder: str, eps: float, out: str) -> None:
     from dedup_batch.cluster import DBSCAN
 
-    X = np.load(path)
+    X = np.load(os.path.join(folder, "X.npy"))
     t = time.perf_counter()
     labels = DBSCAN(eps=eps, min_samples=1).fit(X).labels_
     secs = time.perf_counter() - t
@@ -54,30 +90,59 @@ def _in_process(path: str, eps: float, out: str) -> None:
         json.dump({"seconds": secs, "peak_rss": _peak()}, f)
 
 
-def _read_rows(path: str, s: int, e: int) -> np.ndarray:
-    return np.array(np.load(path, mmap_mode="r")[s:e])
+class _Sampler:
+    """Each worker's RSS every 0.1 s (psutil, by pid: no Dask call in the way), attributed to
+    the fit's stage running at the time (from the fit's own debug lines)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        import psutil
+
+        self.procs = [psutil.Process(p) for p in pids]
+        self.stage = "load"
+        self.peaks: dict[str, list[int]] = {}
+        self.at_rest: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> list[int]:
+        out = []
+        for p in self.procs:
+            try:
+                out.append(p.memory_info().rss)
+            except Exception:  # a worker restarted by its nanny: it has no RSS to report
+                out.append(0)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = self.sample()
+            old = self.peaks.setdefault(self.stage, [0] * len(rss))
+            self.peaks[self.stage] = [max(a, b) for a, b in zip(old, rss, strict=True)]
+            time.sleep(0.1)
+
+    def on_message(self, msg: str) -> None:
+        names = [ended for _, ended in STAGES] + ["tiles+merge"]
+        for marker, ended in STAGES:
+            if marker in msg:
+                self.stage = names[names.index(ended) + 1]
+                if ended == "reorder+prepare":
+                    self.at_rest = self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def _distributed(path: str, eps: float, workers: int, out: str) -> None:
+def _distributed(folder: str, eps: float, workers: int, limit: str, out: str) -> None:
     import logging
 
-    import dask
-    import dask.array as da
-    from distributed import Client, LocalCluster, wait
+    from distributed import Client, LocalCluster
 
     from dedup_batch.cluster import DBSCAN
+    from dedup_batch.load import load_features
+    from dedup_batch.storage import Store
 
-    phases: list[str] = []  # the fit's own timing lines (preparation steps)
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            phases.append(record.getMessage())
-
-    log = logging.getLogger("dedup_batch.cluster_dask")
-    log.setLevel(logging.DEBUG)
-    log.addHandler(_Keep())
-    n, d = np.load(path, mmap_mode="r").shape
-    rows = 8192
     with (
         LocalCluster(
             n_workers=workers,
@@ -85,39 +150,52 @@ def _distributed(path: str, eps: float, workers: int, out: str) -> None:
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
+            memory_limit=limit,
         ) as cluster,
         Client(cluster) as client,
     ):
-        parts = [
-            da.from_delayed(
-                dask.delayed(_read_rows)(path, s, min(n, s + rows)),
-                shape=(min(n, s + rows) - s, d),
-                dtype=np.float32,
-            )
-            for s in range(0, n, rows)
-        ]
-        X = client.persist(da.concatenate(parts))
-        wait(X)
         # the workers import the engine (scikit-learn, SciPy) before the clock starts, as the
         # in-process side has imported it before its clock starts
         client.run(lambda: __import__("dedup_batch.cluster_dask"))
+        sampler = _Sampler(list(client.run(os.getpid).values()))
+        phases: list[str] = []  # the fit's own timing lines (preparation steps)
+
+        class _Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                phases.append(record.getMessage())
+                sampler.on_message(record.getMessage())
+
+        log = logging.getLogger("dedup_batch.cluster_dask")
+        log.setLevel(logging.DEBUG)
+        log.addHandler(_Keep())
+        t = time.perf_counter()
+        feats = load_features(
+            os.path.join(folder, "shards", "*.npz"),
+            store=Store(folder),
+            client=client,
+            distributed="always",
+        )
+        load_secs = time.perf_counter() - t
+        sampler.stage = "persist+sums"
 
         def sent(dask_worker) -> int:
             return int(dask_worker.transfer_outgoing_bytes_total)
 
         before = sum(client.run(sent).values())
         t = time.perf_counter()
-        est = DBSCAN(eps=eps, min_samples=1).fit(X, client=client)
+        est = DBSCAN(eps=eps, min_samples=1).fit(feats.X, client=client)
         secs = time.perf_counter() - t
+        sampler.stop()
         moved = sum(client.run(sent).values()) - before
-        worker_peaks = list(client.run(_peak).values())
     np.save(out + ".npy", est.labels_)
     with open(out, "w") as f:
         json.dump(
             {
                 "seconds": secs,
+                "load_seconds": load_secs,
                 "peak_rss": _peak(),
-                "worker_peaks": worker_peaks,
+                "stage_peaks": sampler.peaks,
+                "at_rest": sampler.at_rest,
                 "bytes_moved": moved,
                 "stats": getattr(est, "distributed_stats_", {}),
                 "phases": [p for p in phases if " at " in p or "block pairs" in p],
@@ -126,7 +204,11 @@ def _distributed(path: str, eps: float, workers: int, out: str) -> None:
         )
 
 
-def _run(args: list[str], timeout: float) -> dict:
+def _run(args: list[str], timeout: float, tree: str | None = None) -> dict:
+    # the workers (spawned processes) import the package through PYTHONPATH: the same tree
+    tree = os.path.abspath(tree or os.path.join(HERE, ".."))
+    path = os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "BENCH_TREE": tree, "PYTHONPATH": path}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
         p = subprocess.run(
@@ -134,6 +216,7 @@ def _run(args: list[str], timeout: float) -> dict:
             capture_output=True,
             text=True,
             timeout=timeout,
+            env=env,
         )
         if p.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(p.stderr[-2000:])
@@ -154,51 +237,73 @@ def _model_bytes(n: int, d: int, workers: int, stats: dict) -> float:
     return cross * n * d * 4 + cross * off_diag * block
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=100_000)
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--eps", type=float, default=0.6)
-    ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.child:
-        side, path, eps, *rest = a.child
-        if side == "in-process":
-            _in_process(path, float(eps), rest[-1])
-        else:
-            _distributed(path, float(eps), int(rest[0]), rest[-1])
-        return
-    from bench_cluster import make_data
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "X.npy")
-        np.save(path, make_data(a.n, d=a.d))
-        load0 = os.getloadavg()[0]
-        ours = _run(["in-process", path, str(a.eps)], a.timeout)
-        dist = _run(["distributed", path, str(a.eps), str(a.workers)], a.timeout)
-        load1 = os.getloadavg()[0]
+def _report(name: str, dist: dict, ours: dict, a: argparse.Namespace) -> None:
     gib = 1 << 30
     st = dist["stats"]
     model = _model_bytes(a.n, a.d, a.workers, st)
-    print(f"data: make_data({a.n}, d={a.d}) float32 ({a.n * a.d * 4 / gib:.2f} GiB), eps {a.eps}")
-    print(f"machine: {os.cpu_count()} cores, load average {load0:.1f} -> {load1:.1f}")
-    print(f"in-process : {ours['seconds']:8.2f} s  peak RSS {ours['peak_rss'] / gib:.2f} GiB")
     print(
-        f"distributed: {dist['seconds']:8.2f} s  client peak {dist['peak_rss'] / gib:.2f} GiB, "
-        "workers " + ", ".join(f"{p / gib:.2f}" for p in dist["worker_peaks"]) + " GiB"
+        f"{name}: {dist['seconds']:8.2f} s (load {dist['load_seconds']:.1f} s)  client peak "
+        f"{dist['peak_rss'] / gib:.2f} GiB; "
+        f"ratio to in-process {dist['seconds'] / ours['seconds']:.2f}x (target 1.2x)"
     )
-    print(f"ratio distributed / in-process: {dist['seconds'] / ours['seconds']:.2f}x (target 1.2x)")
+    for stage, peaks in dist["stage_peaks"].items():
+        print(f"    worker peak RSS, {stage:16s}: " + ", ".join(f"{p / gib:.2f}" for p in peaks))
+    rest = ", ".join(f"{p / gib:.2f}" for p in dist["at_rest"])
+    print(f"    worker RSS at rest (blocks prepared): {rest} GiB")
     print(
-        f"bytes moved between workers: {dist['bytes_moved'] / 2**20:.1f} MiB "
+        f"    bytes moved between workers: {dist['bytes_moved'] / 2**20:.1f} MiB "
         f"(cost model {model / 2**20:.1f} MiB)"
     )
-    print(f"fit statistics: {json.dumps(st)}")
+    print(f"    fit statistics: {json.dumps(st)}")
     for line in dist["phases"]:
-        print(f"  {line}")
-    same = np.array_equal(ours["labels"], dist["labels"])
-    print(f"labels identical: {same}")
+        print(f"      {line}")
+    print(f"    labels identical to in-process: {np.array_equal(ours['labels'], dist['labels'])}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", choices=sorted(CASES), help="a named case (sets n, d, workers)")
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--memory-limit", default="auto", help="each worker's, e.g. 900MB")
+    ap.add_argument("--shard-rows", type=int, default=8192)
+    ap.add_argument("--eps", type=float, default=0.6)
+    ap.add_argument("--compare", metavar="TREE", help="also run this checkout's distributed path")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        side, folder, *rest = a.child
+        if side == "generate":
+            _generate(int(rest[0]), int(rest[1]), int(rest[2]), folder)
+        elif side == "in-process":
+            _in_process(folder, float(rest[0]), rest[-1])
+        else:
+            _distributed(folder, float(rest[0]), int(rest[1]), rest[2], rest[-1])
+        return
+    for key, value in CASES.get(a.case, {}).items():
+        setattr(a, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = [sys.executable, __file__, "--child", "generate", tmp]
+        subprocess.run([*gen, str(a.n), str(a.d), str(a.shard_rows)], check=True)
+        load0 = os.getloadavg()[0]
+        ours = _run(["in-process", tmp, str(a.eps)], a.timeout)
+        dist_args = ["distributed", tmp, str(a.eps), str(a.workers), a.memory_limit]
+        dist = _run(dist_args, a.timeout)
+        other = _run(dist_args, a.timeout, a.compare) if a.compare else None
+        load1 = os.getloadavg()[0]
+    gib = 1 << 30
+    print(
+        f"data: make_data({a.n}, d={a.d}) float32 ({a.n * a.d * 4 / gib:.2f} GiB) in "
+        f"{len(range(0, a.n, a.shard_rows))} NPZ shards, eps {a.eps}; {a.workers} workers x 1 "
+        f"thread, memory limit {a.memory_limit}"
+    )
+    print(f"machine: {os.cpu_count()} cores, load average {load0:.1f} -> {load1:.1f}")
+    print(f"in-process : {ours['seconds']:8.2f} s  peak RSS {ours['peak_rss'] / gib:.2f} GiB")
+    _report("distributed", dist, ours, a)
+    if other is not None:
+        _report(f"distributed ({a.compare})", other, ours, a)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ per-row counts and labels) plus a few KB per block.
 1. Preparation, on the workers: the column sum (the euclidean centre), the principal
    directions of a ~20,000-row sample (d x d grams summed over blocks), and a median-split tree
    over the sample's projections (built on the client from ~20,000 x 2 numbers) whose cells
-   become the new row blocks: ``x.shuffle`` moves each row to its cell's block (~16 MiB each),
-   so that blocks are spatially compact. Each block then builds, on its worker, what
+   become the new row blocks (~16 MiB each), so that blocks are spatially compact: each input
+   block is cut into one piece per cell on its worker, and each cell's pieces are moved to one
+   worker and concatenated there. Each block then builds, on its worker, what
    ``cluster._prepare`` builds for the whole input: leaves of <= LEAF rows, low-rank factors,
    rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
    are farther apart than ``eps`` plus every rounding bound are never scheduled.
@@ -53,6 +54,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -84,6 +86,7 @@ from .cluster import (
     _union_then_decide,
     _UnionFind,
 )
+from .load import take_blocks
 
 __all__ = ["BLOCK_BYTES", "ClusteredRows", "clustered_rows", "fit_dask", "sample_rows"]
 
@@ -98,6 +101,8 @@ BLOCK_BYTES = 16 << 20
 #: Tiles in flight per worker thread: enough to hide the client's merge between results,
 #: few enough that finished results never pile up (each is O(rows of two blocks)).
 IN_FLIGHT_PER_THREAD = 2
+# Grams summed per task on the workers (each d x d float64: 2 MiB at 512-d, 4.7 MiB at 768-d).
+_GRAM_FANIN = 8
 # Rows of block A multiplied at once in a tile: a (1024 x rows_B) product and its float64 sums.
 _TILE_ROWS = 1024
 
@@ -144,12 +149,18 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None, *, client: Any = None)
     reorder's permutation and its inverse, 8 more for counts with ``min_samples > 1``), a
     20,000-row sample's projections on the splitting directions, d x d float64 for the
     principal directions, and the results of the tiles in flight. Per worker: its share of X
-    twice (the input blocks, kept by the caller, and the reordered, prepared blocks: raw rows
-    plus ~330 bytes per row of factors and bounds) and, per thread, one tile (two blocks'
+    once at rest (the prepared blocks: raw rows plus ~330 bytes per row of factors and
+    bounds), since the fit takes over the blocks ``load`` left on the workers
+    (:func:`dedup_batch.load.take_blocks`) and frees each once it is cut (an X persisted by
+    the caller stays held by the caller: twice), plus, per thread, one tile (two blocks'
     float32 working rows and a few LEAF x TILE products). Time: the in-process engine's work
     on the block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
-    workers: X once by the reorder (a shuffle), then one prepared block per tile whose two
+    workers: X once by the reorder (its pieces), then one prepared block per tile whose two
     blocks live on different workers.
+
+    A worker lost mid-fit changes nothing but the time: every prepared block is a key of a
+    graph the scheduler keeps until the fit ends (its pieces, their input blocks, the shards'
+    read tasks), so Dask recomputes what died with the worker and reruns its tiles.
     """
     mode = _resolve_mode(est, X, sample_weight)
     why = _not_covered(est, X, mode, client)
@@ -217,6 +228,11 @@ def _sample(m: int, frac: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(m, size=k, replace=False))
 
 
+def _add_grams(*parts: tuple) -> tuple:
+    """Dask task: the sum of :func:`_block_gram` results (d x d, d, rows)."""
+    return tuple(sum(p[i] for p in parts) for i in range(3))
+
+
 def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tuple:
     """Dask task: ``(sum of c c^T, sum of c, rows)`` over the block's sampled rows: the
     pieces of the sample covariance whose leading eigenvectors bound distances (d x d)."""
@@ -282,8 +298,28 @@ def _median_tree(P: np.ndarray, cap: int) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(a) for a in (axis, thr, left, right, leaf))
 
 
-def _block_prep(x: np.ndarray, g: SimpleNamespace) -> SimpleNamespace:
-    """Dask task: a block prepared for tiles, as ``cluster._prepare`` prepares the whole
+class _Block(SimpleNamespace):
+    """A prepared block (:func:`_block_prep`). Sized by its arrays, so that Dask's memory
+    manager weighs it right when it spills, pauses or plans transfers (a plain namespace
+    counts as a few dozen bytes)."""
+
+    def __sizeof__(self) -> int:
+        return 256 + sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+
+def _cut(x: np.ndarray, cells: np.ndarray, used: np.ndarray) -> Any:
+    """Dask task: the rows of block ``x`` of each cell in ``used`` (ascending), in row order:
+    a tuple of arrays, or the one array when the block lies in one cell."""
+    if len(used) == 1:
+        return x
+    order = np.argsort(cells, kind="stable")
+    ends = np.searchsorted(cells[order], used, side="right")
+    return tuple(x[o] for o in np.split(order, ends[:-1]))
+
+
+def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
+    """Dask task: a block prepared for tiles from its cell's ``pieces`` (rows of each input
+    block in this cell, in input order), as ``cluster._prepare`` prepares the whole
     input: its rows in leaf order (leaves of <= LEAF rows by median splits of the
     projections), the low-rank factors, the error bands and the leaves' boxes.
 
@@ -291,6 +327,7 @@ def _block_prep(x: np.ndarray, g: SimpleNamespace) -> SimpleNamespace:
     two (k + 2) float32 factors and six float64 values (~330 bytes at k = 32). The float32
     working rows are recomputed by each tile (O(rows x d), against the tile's O(rows^2 x d)).
     """
+    x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     m, d = x.shape
     c64, sq = _centred(x, g)
     k = g.V.shape[1]
@@ -317,7 +354,7 @@ def _block_prep(x: np.ndarray, g: SimpleNamespace) -> SimpleNamespace:
     diff = c64 - centre
     radius = float(np.sqrt(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
     slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
-    return SimpleNamespace(
+    return _Block(
         x=np.ascontiguousarray(x[order]),
         order=order.astype(np.int32),
         csq=csq,
@@ -346,6 +383,11 @@ def _block_meta(b: SimpleNamespace) -> SimpleNamespace:
         hi=b.hi.max(axis=0),
         slack=b.slack,
     )
+
+
+def _block_rows(b: SimpleNamespace, q: np.ndarray) -> np.ndarray:
+    """Dask task: the raw rows at places ``q`` of a prepared block (float32, (len(q), d))."""
+    return b.x[q]
 
 
 def _tile(
@@ -455,27 +497,47 @@ def _tile(
 
 
 class _Rows:
-    """The rows of a dask array as ``_SkDecider`` reads them: ``X[a:b]`` and ``X[indices]``
-    fetch only those rows from the workers (a slice is cached: scikit-learn's 256-row chunks
-    are read again for each pair in them). Anything needing all of X raises
-    :class:`_NeedsGather`: the fit is then gathered and run in process."""
+    """The input rows as ``_SkDecider`` reads them: ``X[a:b]`` and ``X[indices]`` fetch only
+    those rows, from the prepared blocks that hold them (the input blocks are released once
+    the reorder has consumed them); a slice is cached: scikit-learn's 256-row chunks are read
+    again for each pair in them. Anything needing all of X raises :class:`_NeedsGather`: the
+    fit is then gathered and run in process."""
 
-    def __init__(self, X: Any) -> None:
-        self.X = X
-        self.shape = X.shape
-        self.dtype = X.dtype
+    def __init__(self, fit: _DaskFit) -> None:
+        self.fit = fit
+        self.shape = (fit.n, fit.d)
+        self.dtype = np.dtype(np.float32)
         self._slices: dict[tuple[int, int], np.ndarray] = {}
+
+    def _fetch(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """The rows of each of ``parts`` (arrays of input rows), in one round trip: one task
+        per prepared block that holds some of them."""
+        fit = self.fit
+        rows = np.concatenate(parts)
+        pos = fit.where[rows]
+        blk = np.searchsorted(fit.starts, pos, side="right") - 1
+        out = np.empty((len(rows), fit.d), np.float32)
+        owners = np.unique(blk)
+        got = fit.client.gather(
+            [
+                fit.client.submit(
+                    _block_rows, fit.blocks[b], pos[blk == b] - fit.starts[b], pure=False
+                )
+                for b in owners
+            ]
+        )
+        for b, vals in zip(owners, got, strict=True):
+            out[blk == b] = vals
+        return np.split(out, np.cumsum([len(p) for p in parts])[:-1])
 
     def prefetch(self, starts: np.ndarray, size: int) -> None:
         """Fetch the slices ``[s, s + size)`` for ``s`` in ``starts`` in one round trip."""
-        import dask
-
         n = self.shape[0]
         todo = [(int(s), min(n, int(s) + size)) for s in np.unique(starts)]
         todo = [k for k in todo if k not in self._slices]
         if not todo:
             return
-        got = dask.compute(*[self.X[s:e] for s, e in todo])
+        got = self._fetch([np.arange(s, e) for s, e in todo])
         for k, rows in zip(todo, got, strict=True):
             self._slices[k] = rows
 
@@ -491,7 +553,7 @@ class _Rows:
             if (s, e) == (0, n):
                 raise _NeedsGather("scikit-learn's decision needs all of X")
             if (s, e) not in self._slices:
-                self._slices[(s, e)] = self.X[s:e].compute()
+                self._slices[(s, e)] = self._fetch([np.arange(s, e)])[0]
             return self._slices[(s, e)]
         idx = np.asarray(key)
         if idx.dtype == bool or idx.ndim != 1:
@@ -499,7 +561,7 @@ class _Rows:
         if len(idx) > max(65536, n // 4):
             raise _NeedsGather("scikit-learn's decision needs most of X")
         uniq, inv = np.unique(idx, return_inverse=True)
-        return self.X[uniq].compute()[inv]
+        return self._fetch([uniq])[0][inv]
 
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise _NeedsGather("scikit-learn's decision needs all of X")
@@ -558,6 +620,10 @@ class _DaskFit:
 
         client, g, n, d = self.client, self.g, self.n, self.d
         self.t0 = time.perf_counter()
+        # X loaded by ``load`` comes with the futures that hold its blocks: the fit takes them
+        # over and drops them once the reorder is submitted, so each input block is freed as
+        # soon as its pieces are cut (X stays computable: a block is read again if needed)
+        held = take_blocks(self.X)
         X = client.persist(self.X)
         blocks = [Future(k, client) for k in _keys(X)]
         sums = client.gather(client.map(_block_sum, blocks, pure=False))
@@ -569,16 +635,23 @@ class _DaskFit:
         # Principal directions of a ~20,000-row sample, accumulated on the workers (d x d).
         frac = min(1.0, 20000 / n)
         seeds = list(range(len(blocks)))
-        grams = client.gather(client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False))
+        # summed on the workers, _GRAM_FANIN at a time: the client receives one d x d gram,
+        # not one per input block (39 blocks at 768-d were 184 MB on the client)
+        grams = client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False)
+        while len(grams) > 1:
+            grams = [
+                client.submit(_add_grams, *grams[i : i + _GRAM_FANIN], pure=False)
+                for i in range(0, len(grams), _GRAM_FANIN)
+            ]
+        gram, ssum, total = grams[0].result()
         k = min(N_BOUND_DIMS, d)
-        total = sum(c for _, _, c in grams)
         if k < d and total >= 2:
-            smean = sum(s for _, s, _ in grams) / total
-            cov = (sum(gm for gm, _, _ in grams) - total * np.outer(smean, smean)) / (total - 1)
+            smean = ssum / total
+            cov = (gram - total * np.outer(smean, smean)) / (total - 1)
             g.V = np.ascontiguousarray(np.linalg.eigh(cov)[1][:, ::-1][:, :k])
         else:
             g.V = np.eye(d)[:, :k]
-        del grams
+        del grams, gram
         log.debug(
             "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
         )
@@ -596,30 +669,40 @@ class _DaskFit:
                 )
             )
             tree = _median_tree(P, max(1, -(-len(P) // n_cells)))
-            cells = np.concatenate(
-                client.gather(client.map(_block_cells, blocks, g=g_f, tree=tree, pure=False))
-            )
-            perm = np.argsort(cells, kind="stable")
+            cells_of = client.gather(client.map(_block_cells, blocks, g=g_f, tree=tree, pure=False))
             log.debug("DBSCAN (distributed): cells at %.2f s", time.perf_counter() - self.t0)
-            groups = np.split(perm, np.cumsum(np.bincount(cells))[:-1])
-            X = X.shuffle([grp.tolist() for grp in groups if len(grp)], axis=0)
-            if len(X.chunks[1]) > 1:
-                X = X.rechunk({1: -1})
         else:  # one block's worth of rows: one block, however the input was chunked
-            perm = np.arange(n)
-            X = X.rechunk({0: -1, 1: -1})
+            cells_of = [np.zeros(m, np.int32) for m in X.chunks[0]]
+        cells = np.concatenate(cells_of)
+        # rows by cell, in input order within a cell: the reorder's permutation
+        perm = np.argsort(cells, kind="stable")
         import dask
 
-        g_f = executor.scatter(client, g)
-        # one prepared block per new block, computed where the shuffle left it; the shuffled
-        # rows themselves are released once their block is prepared
-        parts = X.to_delayed().ravel()
-        self.blocks = client.compute([dask.delayed(_block_prep)(b, g_f) for b in parts])
+        # The reorder, as a graph the scheduler keeps (the lineage of every prepared block):
+        # each input block is cut into one piece per cell it has rows in, on its worker; each
+        # cell's pieces are moved to one worker, concatenated and prepared there. Pieces are
+        # the only copy in flight: no reordered block is held apart from its prepared form.
+        # ``g`` is a literal of the graph, not a scattered copy: scattered data has no lineage,
+        # and a block recomputed after its worker died must not depend on data that died too.
+        g_d = dask.delayed(g, traverse=False, name=f"dbscan-geometry-{uuid.uuid4().hex}")
+        pieces: dict[int, list[Any]] = {}
+        for fut, c in zip(blocks, cells_of, strict=True):
+            used = np.unique(c)
+            if len(used) == 0:
+                continue
+            many = len(used) > 1
+            cut = dask.delayed(_cut, nout=len(used) if many else None)(fut, c, used)
+            for a, piece in zip(used, cut if many else [cut], strict=True):
+                pieces.setdefault(int(a), []).append(piece)
+        prep = dask.delayed(_block_prep)
+        self.blocks = client.compute([prep(pieces[a], g_d) for a in sorted(pieces)])
+        # the reorder's graph is on the scheduler: drop every hold on the input blocks, so
+        # each is freed once its pieces are cut (the scheduler keeps their tasks as lineage)
+        del X, blocks, held
         wait(self.blocks)
         log.debug(
             "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
         )
-        del X, parts
         metas = client.gather(client.map(_block_meta, self.blocks, pure=False))
         sizes = [len(m.order) for m in metas]
         self.starts = np.zeros(len(sizes) + 1, np.int64)
@@ -729,13 +812,16 @@ class _DaskFit:
             "prepared_row_bytes": 4 * self.d + 8 * (k + 2) + 48,
             "seconds_prepare": round(time.perf_counter() - self.t0, 3),
         }
-        self.decider = _SkDecider(_Rows(self.X), self.eps, self.mode, self.est.leaf_size, None)
+        self.decider = _SkDecider(_Rows(self), self.eps, self.mode, self.est.leaf_size, None)
         if self.min_samples == 1:
             labels, core = self._components(work), np.ones(self.n, bool)
         else:
             labels, core = self._counts(work)
             labels, core = labels[self.where], core[self.where]
         self.stats["seconds_total"] = round(time.perf_counter() - self.t0, 3)
+        # release the prepared blocks now, not when the garbage collector breaks the cycle
+        # through the decider's rows (their memory is the fit's whole footprint on the workers)
+        self.blocks, self.decider = [], None
         return labels, core, self.stats
 
     def _components(self, work: list[tuple[int, int]]) -> np.ndarray:

@@ -23,9 +23,11 @@ import csv
 import io
 import logging
 import os
+import uuid
+import weakref
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,7 +46,7 @@ from .storage import Store
 if TYPE_CHECKING:
     import distributed
 
-__all__ = ["SHARD_SUFFIXES", "DistributedFeatures", "Features", "load_features"]
+__all__ = ["SHARD_SUFFIXES", "DistributedFeatures", "Features", "load_features", "take_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -141,20 +143,27 @@ class DistributedFeatures:
         One ``path`` column (``string``): the canonical paths relative to the root, one
         partition per non-empty shard, aligned row for row with ``X``'s row blocks.
     X : dask.array.Array of float32, shape (n, d)
-        Persisted: each row block is one shard's validated vectors (duplicates removed), held
-        by the worker that read it. Nothing of it is on the client.
+        Each row block is one shard's validated vectors (duplicates removed), computed by the
+        worker that read the shard. Its graph is the pure read and select tasks (no futures):
+        while ``held`` holds them the blocks are in worker memory and reused by anything
+        computed from ``X``; once released (a fit takes them, see :func:`take_blocks`), or
+        lost with a worker, a block is recomputed by reading its shard again.
     shards : tuple of str
         URLs of the shards read, in read order (sorted).
+    held : _Held
+        The futures keeping ``X``'s blocks in worker memory until a fit takes them.
 
     Notes
     -----
-    Memory: ``n × d × 4`` bytes spread over the workers (each block where it was read) and
-    about 100 bytes per path; the client holds the task graph only (a few KB per shard).
+    Memory: ``n × d × 4`` bytes spread over the workers (each block where it was read) while
+    held, and about 100 bytes per path; the client holds the task graph only (a few KB per
+    shard).
     """
 
     paths: Any
     X: Any
     shards: tuple[str, ...]
+    held: _Held | None = field(default=None, repr=False)
 
     def path_array(self) -> np.ndarray:
         """The paths on the client: (n,) object array of ``str`` (about 100 bytes per row)."""
@@ -273,21 +282,18 @@ def load_features(
     )
 
     if client is not None:
-        futures = client.map(
-            _read_shard_task,
-            shards,
-            storage_options=opts,
-            allow_pickle=allow_pickle,
-            store=store,
-            pure=False,
-        )
+        # One pure read task per shard, named for this load (a shard rewritten since an
+        # earlier load is read again): the scheduler keeps these tasks as the lineage of the
+        # blocks left on the workers, so a block lost with its worker is read again.
+        reads = _read_tasks(shards, opts, allow_pickle, store)
+        futures = client.compute(reads)
         # Only the pieces' shapes travel first (computed where the pieces are): the client then
         # allocates the result once and fetches the pieces in bounded batches, copying and
         # freeing each batch before the next, so it never holds the pieces and X at once.
         metas = client.gather(client.map(_piece_meta, futures, pure=False))
         _raise_first_error(metas)
         if distributed == "always" or (distributed == "auto" and _too_big_to_gather(client, metas)):
-            return _on_workers(client, shards, metas, futures)
+            return _on_workers(client, shards, metas, reads, futures)
 
         def fetch(rows: list[int]) -> list[Any]:
             got = client.gather([futures[i] for i in rows])
@@ -342,6 +348,55 @@ def _piece_meta(res: Any) -> tuple[int, int] | DedupError:
 
 
 # -- vectors left on the workers --------------------------------------------------------------
+class _Held:
+    """The futures that keep a loaded ``X``'s blocks in worker memory (one per block)."""
+
+    def __init__(self, futures: list[Any]) -> None:
+        self.futures = futures
+
+
+# X's name -> what holds its blocks; weak: the blocks live as long as their DistributedFeatures
+# (or until a fit takes them), never because of this table.
+_HELD: weakref.WeakValueDictionary[str, _Held] = weakref.WeakValueDictionary()
+
+
+def take_blocks(X: Any) -> list[Any]:
+    """Take over the futures that hold the blocks of ``X`` (a ``DistributedFeatures.X``) in
+    worker memory; ``[]`` for any other array or when already taken.
+
+    The caller becomes their only holder: once it drops them, each block's memory is freed as
+    soon as no pending task needs it, and ``X`` stays usable (a block computed again reads
+    its shard again). ``cluster_dask`` takes them so that a worker holds its share of X once
+    (the reordered blocks) rather than twice while it fits.
+    """
+    held = _HELD.get(getattr(X, "name", ""))
+    if held is None:
+        return []
+    futures, held.futures = held.futures, []
+    return futures
+
+
+def _read_tasks(
+    shards: list[str], opts: dict[str, Any], allow_pickle: bool, store: Store
+) -> list[Any]:
+    """One ``dask.delayed`` read-and-validate task per shard, keyed by this load and the
+    shard's place (pure: running it again gives the same piece)."""
+    import dask
+
+    tag = uuid.uuid4().hex
+    read = dask.delayed(_read_shard_task, pure=True)
+    return [
+        read(
+            url,
+            storage_options=opts,
+            allow_pickle=allow_pickle,
+            store=store,
+            dask_key_name=f"load-read-{tag}-{i}",
+        )
+        for i, url in enumerate(shards)
+    ]
+
+
 def _too_big_to_gather(client: distributed.Client, metas: list[tuple[int, int]]) -> bool:
     """``auto``: would X take more than ``_AUTO_SHARE`` of the smallest worker's memory limit
     or of the client's available memory?"""
@@ -368,32 +423,44 @@ def _too_big_to_gather(client: distributed.Client, metas: list[tuple[int, int]])
 
 
 def _on_workers(
-    client: distributed.Client, shards: list[str], metas: list[tuple[int, int]], reads: list[Any]
+    client: distributed.Client,
+    shards: list[str],
+    metas: list[tuple[int, int]],
+    reads: list[Any],
+    futures: list[Any],
 ) -> DistributedFeatures:
-    """The read pieces (futures ``reads``, one per shard) as a persisted ``dask.array`` and a
-    dask dataframe of paths, duplicates removed by a check that runs on the workers."""
+    """The read pieces (``reads``, one delayed task per shard, computed as ``futures``) as a
+    ``dask.array`` whose blocks are held on the workers, and a dask dataframe of paths,
+    duplicates removed by a check that runs on the workers."""
+    import dask
     import dask.array as da
     import dask.dataframe as dd
+    from distributed import futures_of
     from distributed import wait as distributed_wait
 
     sizes = [m for m, _ in metas]
     n, d = _shape(shards, metas)
     starts = np.zeros(len(shards) + 1, dtype=np.int64)
     starts[1:] = np.cumsum(sizes)
-    drop = _distributed_duplicates(client, shards, starts, reads)
+    drop = _distributed_duplicates(client, shards, starts, futures)
     blocks, paths = [], []
-    for i, fut in enumerate(reads):
+    vectors = dask.delayed(_piece_vectors, pure=True)
+    for i, (read, fut) in enumerate(zip(reads, futures, strict=True)):
         rows = drop[(drop >= starts[i]) & (drop < starts[i + 1])] - starts[i]
         m = sizes[i] - len(rows)
         if m == 0:
             continue
-        x = client.submit(_piece_vectors, fut, rows, pure=False)
+        # from the read *task*, not its future: X's graph is its own lineage, so a block lost
+        # with its worker (or released by a fit) is computed again from its shard
+        x = vectors(read, rows, dask_key_name=f"{read.key}-vectors")
         blocks.append(da.from_delayed(x, shape=(m, d), dtype=np.float32))
         paths.append(client.submit(_piece_paths, fut, rows, pure=False))
-    # persist: the blocks become keys of X's own graph, held where they were computed (the
-    # worker that read the shard); the pieces they came from are released with ``reads``.
-    X = client.persist(da.concatenate(blocks, axis=0))
-    distributed_wait(X)  # the load stage ends when the blocks are in place
+    X = da.concatenate(blocks, axis=0)
+    # the blocks are computed where their piece is (the worker that read the shard) and held
+    # by ``held``; the pieces they came from are released with ``futures``
+    held = _Held(futures_of(client.persist(X)))
+    _HELD[X.name] = held
+    distributed_wait(held.futures)  # the load stage ends when the blocks are in place
     meta = pd.DataFrame({"path": pd.array([], dtype="string")})
     frame = dd.from_delayed(paths, meta=meta, verify_meta=False)
     log.info(
@@ -404,7 +471,7 @@ def _on_workers(
         len(shards),
         len(blocks),
     )
-    return DistributedFeatures(paths=frame, X=X, shards=tuple(shards))
+    return DistributedFeatures(paths=frame, X=X, shards=tuple(shards), held=held)
 
 
 def _distributed_duplicates(

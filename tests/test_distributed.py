@@ -64,15 +64,47 @@ def test_load_leaves_validated_blocks_on_the_workers(root, client):
     assert isinstance(f, DistributedFeatures)
     keep = [i for i in range(30) if i not in (0, 5)]
     assert f.X.chunks == ((50, 28), (8,))  # one block per non-empty shard, kept apart
-    # persisted: every block is held by a worker, none computed here
-    assert all(fut.status == "finished" for fut in futures_of(f.X))
-    np.testing.assert_array_equal(f.X.compute(), np.concatenate([a_X, b_X[keep]]))
+    # held: every block is in a worker's memory, none computed here; X itself is its lineage
+    # (read and select tasks, no futures), so it stays computable once the blocks are released
+    assert [fut.status for fut in f.held.futures] == ["finished", "finished"]
+    assert futures_of(f.X) == []
+    expected = np.concatenate([a_X, b_X[keep]])
+    np.testing.assert_array_equal(f.X.compute(), expected)
     assert f.path_array().tolist() == a_paths + [b_paths[i] for i in keep]
     gathered = load_features(url, store=root, client=client, distributed="never")
     assert isinstance(gathered, Features)
     np.testing.assert_array_equal(gathered.X, f.X.compute())
     # auto: these 78 rows fit anywhere, so they are gathered
     assert isinstance(load_features(url, store=root, client=client, distributed="auto"), Features)
+
+
+def test_taken_blocks_are_freed_and_read_again_when_needed(root, client):
+    """A fit takes the loaded blocks over (load.take_blocks): once it drops them no worker
+    holds them, and X is still computable, by reading its shards again."""
+    import time
+
+    from dedup_batch.load import take_blocks
+
+    a_paths, a_X = sh.vectors(50, 8, seed=1)
+    _shard(root, "a.parquet", a_paths, a_X)
+    _shard(root, "b.parquet", [p.replace("img", "b") for p in a_paths], a_X + 1)
+    f = load_features(
+        os.path.join(root.root, "feat", "*.parquet"),
+        store=root,
+        client=client,
+        distributed="always",
+    )
+    keys = {fut.key for fut in f.held.futures}
+    assert keys <= set().union(*client.has_what().values())
+    taken = take_blocks(f.X)
+    assert {fut.key for fut in taken} == keys and f.held.futures == []
+    assert take_blocks(f.X) == []  # taken once
+    del taken
+    deadline = time.monotonic() + 10
+    while keys & set().union(*client.has_what().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not keys & set().union(*client.has_what().values())
+    np.testing.assert_array_equal(f.X.compute(), np.concatenate([a_X, a_X + 1]))
 
 
 def test_load_on_workers_refuses_what_the_gathered_load_refuses(root, client):
@@ -164,6 +196,158 @@ def test_fit_equals_scikit_learn(client, monkeypatch, caplog, kind, metric, eps,
         pruned = caplog.text.split("DBSCAN (distributed): ")[1]
         done, total = (int(x) for x in pruned.split("; ")[1].split(" block pairs")[0].split(" of "))
         assert done < total
+
+
+def test_a_worker_killed_mid_fit_does_not_change_the_labels(tmp_path, monkeypatch):
+    """SIGKILL the worker holding the most prepared blocks once the first tile is back: the
+    scheduler recomputes what died with it (the prepared blocks from the reorder's graph,
+    their input blocks from the shards' read tasks) and the fit ends with scikit-learn's
+    labels."""
+    import signal
+
+    from distributed import Client
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    import dedup_batch.cluster_dask as cd
+    from dedup_batch.cluster import DBSCAN
+
+    root = Store(str(tmp_path))
+    (tmp_path / "feat").mkdir()
+    X = _data("groups")
+    for k, s in enumerate(range(0, len(X), 200)):
+        paths = [f"img/{i:05d}.jpg" for i in range(s, s + len(X[s : s + 200]))]
+        _shard(root, f"part-{k}.parquet", paths, X[s : s + 200])
+    monkeypatch.setattr(cd, "BLOCK_BYTES", 128 * 4 * X.shape[1])  # 128-row blocks: many tiles
+    killed: list[int] = []
+    tiles = cd._DaskFit._tiles
+
+    def kill_after_first_tile(self, *args, **kwargs):
+        for i, out in enumerate(tiles(self, *args, **kwargs)):
+            if i == 0 and not killed:
+                held = {b.key for b in self.blocks}
+                owner = max(self.client.has_what().items(), key=lambda kv: len(held & set(kv[1])))[
+                    0
+                ]
+                assert held & set(self.client.has_what()[owner])  # it holds prepared blocks
+                pid = self.client.run(os.getpid, workers=[owner])[owner]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            yield out
+
+    monkeypatch.setattr(cd._DaskFit, "_tiles", kill_after_first_tile)
+    with dask_processes(tmp_path, 2) as address, Client(address, timeout="30s") as client:
+        f = load_features(
+            os.path.join(root.root, "feat", "*.parquet"),
+            store=root,
+            client=client,
+            distributed="always",
+        )
+        est = DBSCAN(eps=2.3, min_samples=1).fit(f.X, client=client)
+        pids = set(client.run(os.getpid).values())
+    assert killed and killed[0] not in pids  # it died mid-fit; its nanny started another
+    sk = SkDBSCAN(eps=2.3, min_samples=1).fit(X)
+    np.testing.assert_array_equal(est.labels_, sk.labels_)
+    assert est.distributed_stats_["tiles"] > 1
+
+
+#: the memory test: 156,000 x 768 float32 (X = 479 MB) on 4 workers limited to 450 MB each
+#: (each worker's own footprint is ~0.25 GB: its share of X must be held once, not twice)
+BIG_N, BIG_D, BIG_LIMIT, BIG_SHARD = 156_000, 768, 450_000_000, 4096
+
+
+def _write_big(folder: Path) -> np.ndarray:
+    """Shards of rows whose answer is known without computing it: 5% of the rows are copies
+    (groups of 2-4) of a centre, the others lone centres; centres are distinct points of a
+    16-d lattice of step 0.25 (so at least 0.25 apart) in an orthonormal 16-d subspace, each
+    row is its centre plus 1e-3 noise per dimension (about 0.04 between two rows of a group).
+    Written shard by shard (the test process never holds X); returns each row's group (rows
+    of one group share it)."""
+    rng = np.random.default_rng(0)
+    group = np.arange(BIG_N)
+    copies = rng.choice(BIG_N, BIG_N // 20, replace=False)
+    group[copies] = rng.choice(np.setdiff1d(group, copies), len(copies) // 3)[
+        rng.integers(0, len(copies) // 3, len(copies))
+    ]
+    centres = rng.integers(-4, 4, size=(BIG_N, 16)) * 0.25
+    used = centres[np.unique(group)]
+    assert len(np.unique(used, axis=0)) == len(used)  # distinct lattice points: >= 0.25 apart
+    basis = np.linalg.qr(rng.standard_normal((BIG_D, 16)))[0].T
+    for k, s in enumerate(range(0, BIG_N, BIG_SHARD)):
+        e = min(BIG_N, s + BIG_SHARD)
+        x = (centres[group[s:e]] @ basis).astype(np.float32)
+        x += 1e-3 * rng.standard_normal(x.shape, dtype=np.float32)
+        paths = np.asarray([f"img/{i:07d}.jpg" for i in range(s, e)])
+        np.savez(folder / f"part-{k:05d}.npz", paths=paths, embeddings=x)
+    return group
+
+
+# The client: a process of its own, so that its peak RSS is its own; the peak is also read
+# when the cluster stage ends (load + fit), from the stage's own log line.
+_PLAN_CLIENT = """
+import json, logging, resource, sys, psutil
+from distributed import Client
+from dedup_batch.config import JobSpec
+from dedup_batch.pipeline import plan
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+at = {}
+class Stages(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("cluster: done"):
+            at["fit"] = peak()
+logging.getLogger("dedup_batch").addHandler(Stages())
+logging.getLogger("dedup_batch").setLevel(logging.INFO)
+with Client(sys.argv[1], timeout="30s") as client:
+    base = psutil.Process().memory_info().rss
+    spec = JobSpec.from_mapping({"features": [sys.argv[2] + "/feat/*.npz"], "root": sys.argv[2],
+        "eps": 0.1, "report": False, "out": sys.argv[2] + "/out", "distributed": "always"})
+    plan(spec, client)
+print(json.dumps({"base": base, "fit": at["fit"], "peak": peak()}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~2 min on 2 quiet cores; 4 worker processes under load take more
+def test_workers_limited_below_x_run_a_whole_plan_the_client_never_holding_x(tmp_path):
+    """Four `dask worker --memory-limit 450MB` processes and X of 479 MB: load, fit and the
+    whole `plan` complete, the clusters are the known ones (scikit-learn's partition: every
+    within-group distance < eps < every other), and the client process (a child of this one,
+    whose peak RSS is measured) never held X."""
+    import json
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from dedup_batch.cluster_dask import _number
+
+    (tmp_path / "feat").mkdir()
+    (tmp_path / "img").mkdir()
+    for i in range(100):  # plan needs some of the objects to exist
+        (tmp_path / "img" / f"{i:07d}.jpg").write_bytes(b"x")
+    group = _write_big(tmp_path / "feat")
+    nbytes = BIG_N * BIG_D * 4
+    assert nbytes > BIG_LIMIT
+    with dask_processes(tmp_path, 4, ("--memory-limit", str(BIG_LIMIT))) as address:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        child = [sys.executable, "-c", _PLAN_CLIENT, address, str(tmp_path)]
+        done = subprocess.run(child, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        restarts = [
+            line
+            for log in tmp_path.glob("worker*.log")
+            for line in log.read_text().splitlines()
+            if "Restarting worker" in line
+        ]
+    assert restarts == []  # no worker went over 95% of its limit
+    rss = json.loads(done.stdout.splitlines()[-1])
+    # the client never held X: up to the fit's end its peak grew by less than a quarter of X;
+    # the rest of the plan (paths, the plan table, select's clustered rows, a 20,000-row sample
+    # for the warnings and their k-distances in scikit-learn's chunks) stays below X too
+    assert rss["fit"] - rss["base"] < nbytes / 4, rss
+    assert rss["peak"] - rss["base"] < nbytes, rss
+    table = pd.read_parquet(tmp_path / "out" / "plan.parquet")
+    table = table.set_index("path").loc[[f"img/{i:07d}.jpg" for i in range(BIG_N)]]
+    np.testing.assert_array_equal(table["cluster"].to_numpy(), _number(group))
 
 
 def test_not_covered_inputs_are_gathered_and_still_exact(client, caplog):
