@@ -24,6 +24,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,14 @@ _GEMM_MIN_MNK = 1 << 24
 #: copies of one vector (the copies' noise is isotropic, so no projection prunes their pairs):
 #: 595M of the 1.1G pairs in such blocks passed the screen.
 FUSED_SHARE = 16
+#: The float32 working rows of the tiles (centred or normalised, in leaf order) are kept whole
+#: when they take at most this many bytes; beyond, each tile builds its leaves' rows from the
+#: input in place (:class:`_RowCache`) and at most this many bytes of them are kept for reuse.
+#: So the peak never holds a second (m, d) copy of a large input (600k x 512 float32: 1.14 GiB
+#: saved), while inputs up to 256k x 512 keep the contiguous copy, which is cheaper: building a
+#: leaf's rows (gather, float64 centring, cast) costs ~60% of one 256 x 2048 x 512 product,
+#: and a column leaf is multiplied once per leaf that reaches it.
+ROW_BYTES = 512 << 20
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 
@@ -144,7 +153,11 @@ def _distinct_rows(X: np.ndarray, mode: Any) -> tuple[np.ndarray, ...]:
     m = len(first)
     counts = np.bincount(inverse, minlength=m)
     R = X if m == X.shape[0] else X[first]
-    excluded = ~np.any(R != 0, axis=1) if mode.kind == "cosine" else np.zeros(m, bool)
+    excluded = np.zeros(m, bool)
+    if mode.kind == "cosine":  # by chunks: R != 0 whole is an (m, d) bool temporary
+        step = _chunk_rows(R.shape[1])
+        for s in range(0, m, step):
+            excluded[s : s + step] = ~np.any(R[s : s + step] != 0, axis=1)
     return first, inverse, counts, R, excluded
 
 
@@ -162,7 +175,8 @@ def _unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0x5EED)
     mult = rng.integers(1, 2**63, size=(width + pad) // 8, dtype=np.uint64) | np.uint64(1)
     h = np.empty(n, dtype=np.uint64)
-    step = max(1, (64 << 20) // max(1, width + pad))
+    # 8 MiB of rows per chunk: the product below and the verifying gather each take one
+    step = max(1, (8 << 20) // max(1, width + pad))
     with np.errstate(over="ignore"):
         for s in range(0, n, step):
             block = raw[s : s + step]
@@ -258,9 +272,16 @@ class _Prepared:
     rows), so tile tasks slice instead of gathering. ``lo``/``hi`` (n_leaves, k) are the leaves'
     boxes in the projected space; ``leaf_band``/``leaf_band_lo`` (n_leaves,) each leaf's largest
     ``band``/``band_lo``.
+
+    Rows read in place: when ``C`` is None (the working rows would exceed ``ROW_BYTES``) the
+    tiles build them per leaf from ``R`` (the caller's rows, never copied: leaf-order row ``q``
+    is ``R[src[q]]``), centred on ``mean`` (euclidean) or divided by the square root of ``sq``
+    (cosine: raw squared norms, leaf order) exactly as :func:`_prepare` would have built ``C``
+    (:func:`_centre`), so the values and the error bands are the same bits. ``cache`` keeps
+    at most ``ROW_BYTES`` of built leaves (see :func:`_rows`).
     """
 
-    C: np.ndarray
+    C: np.ndarray | None
     csq: np.ndarray
     Alo: np.ndarray
     Blo: np.ndarray
@@ -278,10 +299,110 @@ class _Prepared:
     #: whether tiles run the low-rank screen first (None: not measured yet, see
     #: :func:`_screen_pays`)
     screen: bool | None = None
+    R: np.ndarray | None = None
+    src: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    sq: np.ndarray | None = None
+    cache: _RowCache | None = None
 
     @property
     def n_leaves(self) -> int:
         return len(self.bounds) - 1
+
+
+def _centre(rows: np.ndarray, mean: np.ndarray | None, sq: np.ndarray | None) -> np.ndarray:
+    """The working rows in float64: ``rows`` minus ``mean`` (euclidean), or divided by the
+    square roots of their squared norms ``sq`` (cosine, ``mean`` None). One owner: the
+    float32 cast of this result is the tiles' ``C`` however it is built (whole in
+    :func:`_prepare`, or per leaf in :func:`_rows`), bit for bit. Memory: (len(rows), d)
+    float64."""
+    r64 = rows.astype(np.float64)
+    if mean is None:
+        r64 /= np.sqrt(sq)[:, None]
+    else:
+        r64 -= mean
+    return r64
+
+
+class _RowCache:
+    """Float32 working rows of leaves built from the input (:func:`_leaf_rows`), at most
+    ``limit`` bytes of them kept.
+
+    Tiles run in increasing order of their row leaf ``a`` and reach only leaves ``b >= a``,
+    each scanning its partners in increasing order: a leaf below the calling tile's is not
+    needed again in this pass (dropped first), and among the rest the highest is needed last
+    (Belady's choice: evicted, or not kept when it is itself the highest). Shared by the
+    tile threads under a lock; a leaf built by two threads at once is harmless (same bits).
+    Pickled empty (each Dask worker builds its own)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.blocks: dict[int, np.ndarray] = {}
+        self.nbytes = 0
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"])
+
+    def get(self, leaf: int) -> np.ndarray | None:
+        return self.blocks.get(leaf)
+
+    def put(self, leaf: int, block: np.ndarray, caller: int) -> None:
+        with self.lock:
+            if leaf in self.blocks:
+                return
+            if self.nbytes + block.nbytes > self.limit:
+                for b in [b for b in self.blocks if b < caller]:
+                    self.nbytes -= self.blocks.pop(b).nbytes
+            while self.nbytes + block.nbytes > self.limit and self.blocks:
+                top = max(self.blocks)
+                if top < leaf:
+                    return
+                self.nbytes -= self.blocks.pop(top).nbytes
+            if self.nbytes + block.nbytes <= self.limit:
+                self.blocks[leaf] = block
+                self.nbytes += block.nbytes
+
+
+def _leaf_rows(prep: _Prepared, leaf: int, caller: int) -> np.ndarray:
+    """The float32 working rows of one leaf (its rows of ``C``), from the cache or built from
+    the input in place. Memory: (<= LEAF, d) float32 (float64 while built)."""
+    block = prep.cache.get(leaf)
+    if block is None:
+        s0, s1 = int(prep.bounds[leaf]), int(prep.bounds[leaf + 1])
+        sq = None if prep.sq is None else prep.sq[s0:s1]
+        block = _centre(prep.R[prep.src[s0:s1]], prep.mean, sq).astype(np.float32)
+        prep.cache.put(leaf, block, caller)
+    return block
+
+
+def _rows(
+    prep: _Prepared, runs: list[list[int]] | None, idx: np.ndarray, caller: int
+) -> np.ndarray:
+    """Rows ``idx`` (leaf order) of the float32 working rows ``C``: (len(idx), d) float32, a
+    slice of ``prep.C`` where it can be (see :func:`_take`), else assembled from the leaves
+    that hold them (``runs``: ``idx`` is exactly these runs of rows). ``caller``: the tile's
+    row leaf (for :class:`_RowCache`'s eviction)."""
+    if prep.C is not None:
+        return _take(prep.C, runs, idx)
+    bnd = prep.bounds
+    if runs is not None:
+        leaves = []
+        for x, y in runs:
+            lx, ly = np.searchsorted(bnd, [x, y], side="right") - 1
+            leaves.extend(range(int(lx), int(ly)))
+        parts = [_leaf_rows(prep, lf, caller) for lf in leaves]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    leaf_of = np.searchsorted(bnd, idx, side="right") - 1
+    leaves_u = np.unique(leaf_of)
+    parts = [_leaf_rows(prep, int(lf), caller) for lf in leaves_u]
+    block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    offset = np.zeros(len(bnd), np.int64)
+    offset[leaves_u] = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    return block[offset[leaf_of] + idx - bnd[leaf_of]]
 
 
 def _float32_band(sq: np.ndarray, n_terms: int, threshold: float) -> np.ndarray:
@@ -368,12 +489,7 @@ def _prepare(
     mean = np.zeros(d) if cosine else total / max(m, 1)
 
     def centred(rows: np.ndarray, sq: np.ndarray) -> np.ndarray:
-        r64 = rows.astype(np.float64)
-        if cosine:
-            r64 /= np.sqrt(sq)[:, None]
-        else:
-            r64 -= mean
-        return r64
+        return _centre(rows, None if cosine else mean, sq)
 
     if cosine:
         threshold = 2.0 * eps  # |x^ - y^|^2 = 2 (1 - cos)
@@ -445,7 +561,8 @@ def _prepare(
     P = None  # (m, k) float64: freed before C is built (a closure holds the name)
     # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks). The
     # projections are computed again per chunk here rather than permuted (no second copy).
-    C = np.empty((m, d), np.float32)
+    # Above ROW_BYTES the tiles build their rows from R in place instead (no (m, d) copy).
+    C = np.empty((m, d), np.float32) if m * d * 4 <= ROW_BYTES else None
     csq = np.empty(m)
     psq = np.empty(m)
     Alo = np.empty((m, k + 2), np.float32)
@@ -455,7 +572,8 @@ def _prepare(
         rows = order[s : s + step]
         c64 = centred(R[rows], sq_orig[rows])
         csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
-        C[s : s + step] = c64
+        if C is not None:
+            C[s : s + step] = c64
         p = c64 if k == d else c64 @ V
         pq = np.einsum("ij,ij->i", p, p)
         psq[s : s + step] = pq
@@ -476,6 +594,15 @@ def _prepare(
     # Projection errors (float64, V orthonormal to ~1e-15) are ~1e-15 |c|: a generous absolute
     # slack keeps the bounds true lower bounds.
     slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
+    in_place: dict[str, Any] = {}
+    if C is None:
+        in_place = {
+            "R": R,
+            "src": order,
+            "mean": None if cosine else mean,
+            "sq": sq_orig[order] if cosine else None,
+            "cache": _RowCache(ROW_BYTES),
+        }
     return _Prepared(
         C,
         csq,
@@ -492,6 +619,7 @@ def _prepare(
         leaf_band,
         leaf_band_lo,
         slack,
+        **in_place,
     )
 
 
@@ -747,7 +875,7 @@ def _pairs_block(
         # bands leave the block (int32 positions). Gathering the screen's survivors and
         # their values cost ~25 ns per pair, as much as the product itself.
         del passed
-        gi, gj, s32 = _fused_block(prep, runs_a, runs_b, ia, ib, hi)
+        gi, gj, s32 = _fused_block(prep, a, runs_a, runs_b, ia, ib, hi)
     else:
         # One pass over the mask: flatnonzero is ~3x cheaper per pair than a 2-d np.nonzero
         # (or a row-min pre-pass). Full value for the survivors only.
@@ -755,7 +883,12 @@ def _pairs_block(
         del passed
         r, c = np.divmod(f, nb)
         del f
-        dots = np.einsum("ij,ij->i", prep.C[ia[r]], prep.C[ib[c]])
+        if prep.C is not None:  # the survivors' rows only
+            xa, xb = prep.C[ia[r]], prep.C[ib[c]]
+        else:  # the block's leaves, built once and cached for the next tiles
+            xa, xb = _rows(prep, runs_a, ia, a)[r], _rows(prep, runs_b, ib, a)[c]
+        dots = np.einsum("ij,ij->i", xa, xb)
+        del xa, xb
         gi, gj = ia[r], ib[c]
         del r, c
         s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
@@ -790,6 +923,7 @@ def _pairs_block(
 
 def _fused_block(
     prep: _Prepared,
+    a: int,
     runs_a: list[list[int]] | None,
     runs_b: list[list[int]] | None,
     ia: np.ndarray,
@@ -805,7 +939,7 @@ def _fused_block(
     sure or in the band and re-decided. Memory: one (len(ia), len(ib)) float32 block (2 MiB
     at 256 x 2048) and the survivors' int32 positions.
     """
-    prod = _take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T
+    prod = _rows(prep, runs_a, ia, a) @ _rows(prep, runs_b, ib, a).T
     prod *= np.float32(-2.0)
     prod += prep.csq[ia].astype(np.float32)[:, None]
     prod += prep.csq[ib].astype(np.float32)[None, :]
@@ -1777,6 +1911,12 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         -------
         self : DBSCAN
         """
+        return self._fit(X, sample_weight, client, components=True)
+
+    def _fit(self, X: Any, sample_weight: Any, client: Any, *, components: bool) -> DBSCAN:
+        """:meth:`fit`; ``components=False`` (:func:`dbscan`, which returns only the indices
+        and labels) leaves ``components_`` unset: on the engine it is a copy of every core
+        row, as large as ``X`` with ``min_samples=1``."""
         if type(X).__module__.startswith("dask.array"):  # rows on Dask workers: never gathered
             from .cluster_dask import fit_dask
 
@@ -1802,12 +1942,11 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         else:
             self.labels_, core = result
             self.core_sample_indices_ = np.nonzero(core)[0]
-            if len(self.core_sample_indices_):
+            if components:
                 # fancy indexing already copies: a further .copy() held X twice more (2 GiB
                 # at 1M rows, where every row is core with min_samples=1)
-                self.components_ = Xv[self.core_sample_indices_]
-            else:
-                self.components_ = np.empty((0, Xv.shape[1]))
+                core_idx = self.core_sample_indices_
+                self.components_ = Xv[core_idx] if len(core_idx) else np.empty((0, Xv.shape[1]))
         self.n_features_in_ = Xv.shape[1]
         return self
 
@@ -1864,7 +2003,9 @@ def dbscan(
 
     Parameters are those of :class:`DBSCAN` (same defaults as scikit-learn's function: metric
     ``"minkowski"`` with ``p=2``, i.e. euclidean), and ``client`` (a ``distributed.Client``,
-    optional) those of :meth:`DBSCAN.fit`. Memory and time as :class:`DBSCAN`.
+    optional) those of :meth:`DBSCAN.fit`. Memory and time as :class:`DBSCAN`, without
+    ``components_`` (a copy of every core row, i.e. of ``X`` with ``min_samples=1``), which
+    this function does not return and so never builds.
     """
     est = DBSCAN(
         eps,
@@ -1876,7 +2017,7 @@ def dbscan(
         p=p,
         n_jobs=n_jobs,
     )
-    est.fit(X, sample_weight=sample_weight, client=client)
+    est._fit(X, sample_weight, client, components=False)
     return est.core_sample_indices_, est.labels_
 
 
