@@ -304,6 +304,10 @@ class _Prepared:
     mean: np.ndarray | None = None
     sq: np.ndarray | None = None
     cache: _RowCache | None = None
+    #: ``C`` (and the leaves built in place) hold d + 2 columns ``[c, 1, fl32(csq)]``: one
+    #: product with a leaf's ``[-2c, fl32(csq), 1]`` is the squared distance (see
+    #: :func:`_a_form`). False where a caller builds ``C`` as the plain (m, d) rows.
+    aug: bool = False
 
     @property
     def n_leaves(self) -> int:
@@ -374,9 +378,41 @@ def _leaf_rows(prep: _Prepared, leaf: int, caller: int) -> np.ndarray:
     if block is None:
         s0, s1 = int(prep.bounds[leaf]), int(prep.bounds[leaf + 1])
         sq = None if prep.sq is None else prep.sq[s0:s1]
-        block = _centre(prep.R[prep.src[s0:s1]], prep.mean, sq).astype(np.float32)
+        c64 = _centre(prep.R[prep.src[s0:s1]], prep.mean, sq)
+        block = np.empty((s1 - s0, c64.shape[1] + 2), np.float32)
+        _fill_aug(block, c64, prep.csq[s0:s1])
         prep.cache.put(leaf, block, caller)
     return block
+
+
+def _fill_aug(out: np.ndarray, c64: np.ndarray, csq: np.ndarray) -> None:
+    """``out`` (rows, d + 2) float32 := ``[c, 1, csq]`` rounded to float32 (the augmented
+    working rows, see :func:`_a_form`)."""
+    d = c64.shape[1]
+    out[:, :d] = c64
+    out[:, d] = 1.0
+    out[:, d + 1] = csq
+
+
+def _a_form(rows: np.ndarray) -> np.ndarray:
+    """The row side of the augmented product: ``[-2c, fl32(csq), 1]`` from augmented rows
+    ``[c, 1, fl32(csq)]`` (n, d + 2) float32, so that ``_a_form(x) @ y.T`` is, for each pair,
+    ``fl32(csq_i) + fl32(csq_j) - 2 c_i.c_j``: the squared distance in one float32 product,
+    with no pass over the block to add the norms.
+
+    Why the error bands still hold: scaling by -2 is exact, so the product is a float32 dot
+    product of d + 2 terms, whose error in any summation order (BLAS blocking, FMA) is at
+    most gamma_(d+2) times the sum of the terms' magnitudes, 2|c_i||c_j| + csq_i + csq_j <=
+    2 (csq_i + csq_j) (each csq rounded to float32 by <= u32 csq). That is <= (2 (d + 2) + 1)
+    u32 (csq_i + csq_j) in all, while each pair's band (``_float32_band`` with d + 2 terms,
+    for row i plus row j) allows 4 (d + 8) u32 (csq_i + csq_j) for it, besides the float32
+    rounding of the vectors themselves (the same term as before). Memory: (n, d + 2)."""
+    d = rows.shape[1] - 2
+    out = np.empty_like(rows)
+    np.multiply(rows[:, :d], np.float32(-2.0), out=out[:, :d])
+    out[:, d] = rows[:, d + 1]
+    out[:, d + 1] = 1.0
+    return out
 
 
 def _rows(
@@ -562,7 +598,7 @@ def _prepare(
     # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks). The
     # projections are computed again per chunk here rather than permuted (no second copy).
     # Above ROW_BYTES the tiles build their rows from R in place instead (no (m, d) copy).
-    C = np.empty((m, d), np.float32) if m * d * 4 <= ROW_BYTES else None
+    C = np.empty((m, d + 2), np.float32) if m * (d + 2) * 4 <= ROW_BYTES else None
     csq = np.empty(m)
     psq = np.empty(m)
     Alo = np.empty((m, k + 2), np.float32)
@@ -573,7 +609,7 @@ def _prepare(
         c64 = centred(R[rows], sq_orig[rows])
         csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
         if C is not None:
-            C[s : s + step] = c64
+            _fill_aug(C[s : s + step], c64, csq[s : s + step])
         p = c64 if k == d else c64 @ V
         pq = np.einsum("ij,ij->i", p, p)
         psq[s : s + step] = pq
@@ -619,6 +655,7 @@ def _prepare(
         leaf_band,
         leaf_band_lo,
         slack,
+        aug=True,
         **in_place,
     )
 
@@ -823,11 +860,12 @@ def _tile_task(
             runs, size, bmax, blomax = [], 0, 0.0, 0.0
     if runs:
         groups.append((runs, bmax, blomax))
+    task: dict[str, np.ndarray] = {}  # leaf a's row side of the products, once per task
     for runs, bmax_b, blo_b in groups:
         ib_all = np.concatenate([np.arange(x, y) for x, y in runs])
         for ia, ib in _restrict(ctx, roots, a, rows_a, ib_all):
             if len(ib) and len(ia):
-                _pairs_block(prep, a, ia, ib, runs, bmax_b, blo_b, ctx, roots, out)
+                _pairs_block(prep, a, ia, ib, runs, bmax_b, blo_b, ctx, roots, out, task)
     return _task_result(ctx, roots, out)
 
 
@@ -842,9 +880,11 @@ def _pairs_block(
     ctx: _PassCtx | None,
     roots: Any,
     out: tuple[list, list, list, list],
+    task: dict[str, np.ndarray],
 ) -> None:
     """One block of a tile (rows ``ia`` of leaf ``a`` x columns ``ib`` of a group made of
-    ``runs``): its pairs within eps, reduced as the pass needs, appended to ``out``."""
+    ``runs``): its pairs within eps, reduced as the pass needs, appended to ``out``.
+    ``task``: what the tile's blocks share (leaf a's :func:`_a_form`, built once)."""
     sure_i, sure_j, band_i, band_j = out
     bnd = prep.bounds
     a0, a1 = int(bnd[a]), int(bnd[a + 1])
@@ -869,13 +909,18 @@ def _pairs_block(
         n_pass = int(np.count_nonzero(passed))
         if n_pass == 0:
             return
+    arows = None
+    if prep.aug:
+        if "a" not in task:
+            task["a"] = _a_form(_rows(prep, [[a0, a1]], np.arange(a0, a1), a))
+        arows = task["a"] if whole_a else task["a"][ia - a0]
     if passed is None or n_pass > nr * nb // FUSED_SHARE:
         # The screen does not pay here (flat spectra, a group of noisy copies): the full
         # product of the block, thresholded in place, and only the pairs within eps and the
         # bands leave the block (int32 positions). Gathering the screen's survivors and
         # their values cost ~25 ns per pair, as much as the product itself.
         del passed
-        gi, gj, s32 = _fused_block(prep, a, runs_a, runs_b, ia, ib, hi)
+        gi, gj, s32 = _fused_block(prep, a, runs_a, runs_b, ia, ib, hi, arows)
     else:
         # One pass over the mask: flatnonzero is ~3x cheaper per pair than a 2-d np.nonzero
         # (or a row-min pre-pass). Full value for the survivors only.
@@ -883,15 +928,17 @@ def _pairs_block(
         del passed
         r, c = np.divmod(f, nb)
         del f
-        if prep.C is not None:  # the survivors' rows only
-            xa, xb = prep.C[ia[r]], prep.C[ib[c]]
-        else:  # the block's leaves, built once and cached for the next tiles
-            xa, xb = _rows(prep, runs_a, ia, a)[r], _rows(prep, runs_b, ib, a)[c]
-        dots = np.einsum("ij,ij->i", xa, xb)
-        del xa, xb
+        # the survivors' rows only, or the block's leaves built (and cached) from the input
+        xb = prep.C[ib[c]] if prep.C is not None else _rows(prep, runs_b, ib, a)[c]
+        if arows is not None:  # the squared distance in one float32 dot (see _a_form)
+            s32 = np.einsum("ij,ij->i", arows[r], xb)
+        else:
+            dots = np.einsum("ij,ij->i", prep.C[ia[r]], xb)
+            s32 = (prep.csq[ia[r]] + prep.csq[ib[c]]).astype(np.float32) - 2.0 * dots
+            del dots
+        del xb
         gi, gj = ia[r], ib[c]
         del r, c
-        s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
         sel = s32 <= hi
         gi, gj, s32 = gi[sel], gj[sel], s32[sel]
     # pairs inside leaf a (its diagonal block): each unordered pair once
@@ -914,7 +961,10 @@ def _pairs_block(
     elif kind == "border":
         si, sj = _border_min(ctx, si, sj)
     elif roots is not None:
-        si, sj = _forest(si, sj, np.union1d(ia, ib))
+        # ia and ib ascending; they overlap only on the tile's diagonal leaf (union1d's
+        # sort measured ~2 ms a block, 5% of a copies200k fit, for a concatenation)
+        nodes = np.concatenate([ia, ib]) if ia[-1] < ib[0] else np.union1d(ia, ib)
+        si, sj = _forest(si, sj, nodes)
     sure_i.append(si)
     sure_j.append(sj)
     band_i.append(gi[unsure])
@@ -929,9 +979,14 @@ def _fused_block(
     ia: np.ndarray,
     ib: np.ndarray,
     hi: float,
+    arows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(gi, gj, s32)``: the pairs of rows ``ia`` x columns ``ib`` whose float32 squared
     distance ``s32`` is at most ``hi``, from one full product of the block.
+
+    ``arows`` (augmented rows, ``prep.aug``): the rows' :func:`_a_form`, whose product with
+    the columns' augmented rows is the squared distance itself: one GEMM, then one compare
+    pass (the three passes below measured ~1/3 of the product's time).
 
     ``csq_i + csq_j - 2 c_i.c_j`` is formed in place in the product (float32): a few more
     roundings of the norms than the gathered path's float64 sum, each <= u32 (csq_i + csq_j),
@@ -939,10 +994,13 @@ def _fused_block(
     sure or in the band and re-decided. Memory: one (len(ia), len(ib)) float32 block (2 MiB
     at 256 x 2048) and the survivors' int32 positions.
     """
-    prod = _rows(prep, runs_a, ia, a) @ _rows(prep, runs_b, ib, a).T
-    prod *= np.float32(-2.0)
-    prod += prep.csq[ia].astype(np.float32)[:, None]
-    prod += prep.csq[ib].astype(np.float32)[None, :]
+    if arows is not None:
+        prod = arows @ _rows(prep, runs_b, ib, a).T
+    else:
+        prod = _rows(prep, runs_a, ia, a) @ _rows(prep, runs_b, ib, a).T
+        prod *= np.float32(-2.0)
+        prod += prep.csq[ia].astype(np.float32)[:, None]
+        prod += prep.csq[ib].astype(np.float32)[None, :]
     nb = prod.shape[1]
     prod = prod.ravel()
     f = np.flatnonzero(prod <= hi)
@@ -1827,10 +1885,15 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     Memory and complexity: peak memory is O(n d) plus a few tiles per thread, independent of
     how many pairs lie within ``eps``, for every ``min_samples``. Identical rows collapse first
     (8 bytes per row for the hashes, plus a copy of the m distinct rows when there are
-    copies); the tiles need one float32 copy of the distinct rows (kept in leaf order), their
-    projections on 32 principal directions ((m, 32) float64 while the tree is built, then two
-    (m, 34) float32 factors) and a few 256 x ~2048 float32 blocks per thread; preparation
-    works in ~8 MiB float64 chunks. No neighbourhood and no edge list is stored: with
+    copies: then that copy is the only one); the tiles need the rows' projections on 32
+    principal directions ((m, 32) float64 while the tree is built, then two (m, 34) float32
+    factors), ~10 float64 values per row, and a few 256 x ~2048 float32 blocks per thread;
+    preparation works in ~8 MiB float64 chunks. The tiles' float32 working rows (centred or
+    normalised, in leaf order) are one contiguous copy when it takes at most ``ROW_BYTES``
+    (512 MiB); beyond, each tile builds its leaves' rows from the input in place and at most
+    512 MiB of built leaves are kept for the next tiles, so the peak never holds a second
+    (n, d) copy: at 600k x 512 float32 (1.14 GiB of input) it is about 2.2 GiB in all.
+    No neighbourhood and no edge list is stored: with
     ``min_samples=1`` a tile returns a spanning forest of its edges (at most one per row) that
     is merged by union-find as it finishes, and a tile whose rows are already one component
     is skipped (a group of near-identical rows costs about O(group) instead of O(group^2));
@@ -1844,9 +1907,10 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     block is one full float32 product thresholded in place, and when a sample of leaf pairs
     shows the bound pruning almost nowhere it is not computed at all: flat spectra cost
     O(m^2 d) then, as scikit-learn's brute force does, in float32 and without neighbourhoods.
-    At 1M x 256 float32 rows without copies the working set is about 1.5 GiB beyond the
-    input; the float32 copy of the distinct rows (``C``) is most of it, so the peak is about
-    twice the input plus the libraries (600k x 512: 3.0 GiB).
+    ``components_`` (a copy of every core row, i.e. of all of ``X`` with ``min_samples=1``,
+    as scikit-learn's contract has it) is built by :meth:`fit` after the tiles' memory is
+    freed, and adds the input's size to what the fitted estimator holds; the functional
+    :func:`dbscan`, which returns only the indices and labels, never builds it.
     scikit-learn by contrast holds every neighbourhood, O(sum of neighbourhood sizes) memory,
     quadratic in a group of copies (10.5 GB for 20,000 copies of one vector).
 
