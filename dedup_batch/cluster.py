@@ -344,6 +344,7 @@ class _RowCache:
         self.blocks: dict[int, np.ndarray] = {}
         self.nbytes = 0
         self.lock = threading.Lock()
+        self.built = self.reused = 0  # leaves built / found (debug log; races lose counts)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"limit": self.limit}
@@ -375,7 +376,10 @@ def _leaf_rows(prep: _Prepared, leaf: int, caller: int) -> np.ndarray:
     """The float32 working rows of one leaf (its rows of ``C``), from the cache or built from
     the input in place. Memory: (<= LEAF, d) float32 (float64 while built)."""
     block = prep.cache.get(leaf)
-    if block is None:
+    if block is not None:
+        prep.cache.reused += 1
+    else:
+        prep.cache.built += 1
         s0, s1 = int(prep.bounds[leaf]), int(prep.bounds[leaf + 1])
         sq = None if prep.sq is None else prep.sq[s0:s1]
         c64 = _centre(prep.R[prep.src[s0:s1]], prep.mean, sq)
@@ -1578,6 +1582,13 @@ def _build_graph(
                 bi, bj = bi[keep], bj[keep]
             und_i.append(bi)
             und_j.append(bj)
+        if prep.cache is not None:
+            log.debug(
+                "eps-graph: rows read in place: %d leaves built, %d reused (of %d leaves)",
+                prep.cache.built,
+                prep.cache.reused,
+                prep.n_leaves,
+            )
         del prep
         # Pairs within scikit-learn's own rounding of eps, from every tile, decided together
         # once the tiles are done: each of scikit-learn's chunks is computed once per fit, and
