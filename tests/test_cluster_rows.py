@@ -77,6 +77,12 @@ def test_rows_built_in_place_are_the_whole_copys_bits(monkeypatch, metric, dtype
     # a scattered subset (the gathered path's rows) and a run of a few leaves
     idx = np.sort(rng.choice(m, 90, replace=False))
     np.testing.assert_array_equal(cluster_mod._rows(fly, None, idx, 0), whole.C[idx])
+    # a few survivors' rows (built alone) and most of a block's (its leaves built)
+    for k in (5, 80):
+        pos = rng.integers(0, len(idx), k)
+        np.testing.assert_array_equal(
+            cluster_mod._some_rows(fly, None, idx, pos, 0), whole.C[idx[pos]]
+        )
     run = [[int(fly.bounds[2]), int(fly.bounds[5])]]
     np.testing.assert_array_equal(
         cluster_mod._rows(fly, run, np.arange(*run[0]), 2), whole.C[run[0][0] : run[0][1]]
