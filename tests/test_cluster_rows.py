@@ -224,3 +224,19 @@ def test_dbscan_function_holds_no_copy_of_the_input(monkeypatch):
     assert (p2 - p1) / (x2 - x1) < 0.75, seen
     assert (w2 - w1) / (x2 - x1) > 1.0, seen
     assert not hasattr(DBSCAN(0.05)._fit(X, None, None, components=False), "components_")
+
+
+@pytest.mark.parametrize("min_samples", [1, 3])
+def test_in_place_rows_on_dask_workers(dask_client, min_samples):
+    # The prepared input travels to the workers with its (empty) row cache; each worker
+    # builds its tiles' rows from the shipped input, with the same labels as scikit-learn.
+    rng = np.random.default_rng(21)
+    X = noisy_input(rng, 1200, 48, 0.3, 0.3, np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cluster_mod, "ROW_BYTES", SMALL)
+        mp.setattr(cluster_mod, "LEAF", 32)
+        mp.setattr(cluster_mod, "TILE", 96)
+        ours = DBSCAN(eps=0.25, min_samples=min_samples).fit(X, client=dask_client)
+    ref = SkDBSCAN(eps=0.25, min_samples=min_samples).fit(X)
+    np.testing.assert_array_equal(ours.labels_, ref.labels_)
+    np.testing.assert_array_equal(ours.core_sample_indices_, ref.core_sample_indices_)
