@@ -259,8 +259,9 @@ class _UnionFind:
 class _Prepared:
     """Per-representative data shipped to tile tasks (scattered once under Dask).
 
-    ``C`` (m, d) float32: the centred (euclidean) or normalised (cosine) vectors, ``csq`` (m,)
-    float64 their squared norms, so that |c_i - c_j|^2 = csq_i + csq_j - 2 c_i.c_j. ``Alo``,
+    ``C`` (m, d) float32: the centred (euclidean) or normalised (cosine) vectors (with ``aug``,
+    (m, d + 2): each followed by 1 and its squared norm), ``csq`` (m,) float64 their squared
+    norms, so that |c_i - c_j|^2 = csq_i + csq_j - 2 c_i.c_j. ``Alo``,
     ``Blo`` (m, k+2) float32 rows ``[p, |p|^2, 1]`` and ``[-2p, 1, |p|^2]`` of the projections
     ``p`` on the k leading principal directions: one small GEMM gives |p_i - p_j|^2, a lower
     bound of |c_i - c_j|^2. ``band``/``band_lo`` (m,) float64: half-widths of each row's
@@ -374,7 +375,7 @@ class _RowCache:
 
 def _leaf_rows(prep: _Prepared, leaf: int, caller: int) -> np.ndarray:
     """The float32 working rows of one leaf (its rows of ``C``), from the cache or built from
-    the input in place. Memory: (<= LEAF, d) float32 (float64 while built)."""
+    the input in place. Memory: (<= LEAF, d + 2) float32 (d float64 while built)."""
     block = prep.cache.get(leaf)
     if block is not None:
         prep.cache.reused += 1
@@ -441,7 +442,8 @@ def _some_rows(
 def _rows(
     prep: _Prepared, runs: list[list[int]] | None, idx: np.ndarray, caller: int
 ) -> np.ndarray:
-    """Rows ``idx`` (leaf order) of the float32 working rows ``C``: (len(idx), d) float32, a
+    """Rows ``idx`` (leaf order) of the float32 working rows ``C``: (len(idx), d + 2) float32
+    (augmented, see :func:`_a_form`; d without ``prep.aug``), a
     slice of ``prep.C`` where it can be (see :func:`_take`), else assembled from the leaves
     that hold them (``runs``: ``idx`` is exactly these runs of rows). ``caller``: the tile's
     row leaf (for :class:`_RowCache`'s eviction)."""
