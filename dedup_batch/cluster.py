@@ -443,10 +443,10 @@ def _rows(
     prep: _Prepared, runs: list[list[int]] | None, idx: np.ndarray, caller: int
 ) -> np.ndarray:
     """Rows ``idx`` (leaf order) of the float32 working rows ``C``: (len(idx), d + 2) float32
-    (augmented, see :func:`_a_form`; d without ``prep.aug``), a
-    slice of ``prep.C`` where it can be (see :func:`_take`), else assembled from the leaves
-    that hold them (``runs``: ``idx`` is exactly these runs of rows). ``caller``: the tile's
-    row leaf (for :class:`_RowCache`'s eviction)."""
+    (augmented, see :func:`_a_form`; d without ``prep.aug``), a slice of ``prep.C`` where it
+    can be (see :func:`_take`), else assembled from the leaves that hold them (``runs``:
+    ``idx`` is exactly these runs of rows). ``caller``: the tile's row leaf (for
+    :class:`_RowCache`'s eviction)."""
     if prep.C is not None:
         return _take(prep.C, runs, idx)
     bnd = prep.bounds
