@@ -81,7 +81,7 @@ _GEMM_MIN_MNK = 1 << 24
 FUSED_SHARE = 16
 #: The float32 working rows of the tiles (centred or normalised, in leaf order) are kept whole
 #: when they take at most this many bytes; beyond, each tile builds its leaves' rows from the
-#: input in place (:class:`_RowCache`) and at most this many bytes of them are kept for reuse.
+#: input in place (:class:`_RowCache`) and at most half this many bytes of them are kept.
 #: So the peak never holds a second (m, d) copy of a large input (600k x 512 float32: 1.14 GiB
 #: saved), while inputs up to 256k x 512 keep the contiguous copy, which is cheaper: building a
 #: leaf's rows (gather, float64 centring, cast) costs ~60% of one 256 x 2048 x 512 product,
@@ -279,7 +279,7 @@ class _Prepared:
     is ``R[src[q]]``), centred on ``mean`` (euclidean) or divided by the square root of ``sq``
     (cosine: raw squared norms, leaf order) exactly as :func:`_prepare` would have built ``C``
     (:func:`_centre`), so the values and the error bands are the same bits. ``cache`` keeps
-    at most ``ROW_BYTES`` of built leaves (see :func:`_rows`).
+    at most ``ROW_BYTES / 2`` of built leaves (see :func:`_rows`).
     """
 
     C: np.ndarray | None
@@ -662,7 +662,8 @@ def _prepare(
             "src": order,
             "mean": None if cosine else mean,
             "sq": sq_orig[order] if cosine else None,
-            "cache": _RowCache(ROW_BYTES),
+            # half: 600k x 512 peaked at 2.42-2.53 GiB with a 512 MiB cache (2.5 GiB target)
+            "cache": _RowCache(ROW_BYTES // 2),
         }
     return _Prepared(
         C,
@@ -1923,7 +1924,7 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     preparation works in ~8 MiB float64 chunks. The tiles' float32 working rows (centred or
     normalised, in leaf order) are one contiguous copy when it takes at most ``ROW_BYTES``
     (512 MiB); beyond, each tile builds its leaves' rows from the input in place and at most
-    512 MiB of built leaves are kept for the next tiles, so the peak never holds a second
+    256 MiB of built leaves are kept for the next tiles, so the peak never holds a second
     (n, d) copy: at 600k x 512 float32 (1.14 GiB of input) it measured 2.42 GiB in all.
     No neighbourhood and no edge list is stored: with
     ``min_samples=1`` a tile returns a spanning forest of its edges (at most one per row) that

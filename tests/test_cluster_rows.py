@@ -18,8 +18,8 @@ import dedup_batch.cluster as cluster_mod
 from dedup_batch.cluster import DBSCAN, dbscan
 
 #: ROW_BYTES values: 0 keeps no built leaf (every tile builds its rows), SMALL keeps a few
-#: leaves of 32 rows x <= 128 dims (evictions on every fit), WHOLE keeps the whole copy.
-NONE, SMALL, WHOLE = 0, 3 * 32 * 128 * 4, 1 << 40
+#: leaves of 32 rows x <= 128 dims in its half (evictions on every fit), WHOLE the whole copy.
+NONE, SMALL, WHOLE = 0, 6 * 32 * 130 * 4, 1 << 40
 
 
 def noisy_input(rng, n, d, dense_share, noise, dtype):
