@@ -222,9 +222,14 @@ def generate(case: Case, path: str) -> None:
     np.save(path, eval(case.data))  # a generator call from this file's CASES
 
 
-def child(case: Case, side: str, data: str, out: str) -> None:
+def child(case: Case, side: str, data: str, out: str, estimator: bool = False) -> None:
     """Run one side of one case on the array saved at ``data`` and write {seconds,
-    peak_rss, data_rss} + labels to ``out``."""
+    peak_rss, data_rss} + labels to ``out``.
+
+    Both DBSCANs are called the same way: the functional ``dbscan(X, eps, ...)``, which
+    returns ``(core_sample_indices, labels)`` (what the pipeline uses), or with ``estimator``
+    ``DBSCAN(...).fit(X)``, whose ``components_`` is a copy of every core row (of all of X
+    with min_samples=1) and counts in the peak."""
     if side != "ours":
         resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
     X = np.load(data)
@@ -234,12 +239,15 @@ def child(case: Case, side: str, data: str, out: str) -> None:
         labels = _faiss_labels(X, case.metric, case.eps)
     else:
         if side == "sklearn":
-            from sklearn.cluster import DBSCAN
+            from sklearn.cluster import DBSCAN, dbscan
         else:
             sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-            from dedup_batch.cluster import DBSCAN
-        est = DBSCAN(eps=case.eps, min_samples=case.min_samples, metric=case.metric)
-        labels = est.fit(X).labels_
+            from dedup_batch.cluster import DBSCAN, dbscan
+        params = {"min_samples": case.min_samples, "metric": case.metric}
+        if estimator:
+            labels = DBSCAN(eps=case.eps, **params).fit(X).labels_
+        else:
+            labels = dbscan(X, case.eps, **params)[1]
     secs = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     np.save(out + ".npy", labels)
@@ -247,7 +255,9 @@ def child(case: Case, side: str, data: str, out: str) -> None:
         json.dump({"seconds": secs, "peak_rss": peak, "data_rss": base * 1024}, f)
 
 
-def run_side(case: Case, side: str, data: str, timeout: float) -> dict | None:
+def run_side(
+    case: Case, side: str, data: str, timeout: float, estimator: bool = False
+) -> dict | None:
     if side not in case.sides:
         return None
     if side == "faiss":
@@ -258,6 +268,7 @@ def run_side(case: Case, side: str, data: str, timeout: float) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
         cmd = [sys.executable, __file__, "--child", case.name, side, data, out]
+        cmd += ["--estimator"] if estimator else []
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -291,13 +302,19 @@ def main() -> None:
     ap.add_argument("--case", action="append", metavar="NAME", help="run only this case")
     ap.add_argument("--list", action="store_true", help="list the cases and their data")
     ap.add_argument("--timeout", type=float, default=1800, help="per side, seconds")
+    ap.add_argument(
+        "--estimator",
+        action="store_true",
+        help="call DBSCAN(...).fit(X) (components_, a copy of the core rows, in the peak) "
+        "instead of dbscan(X, ...)",
+    )
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     by_name = {c.name: c for c in CASES}
     if a.child:
         name, side, data, out = a.child
-        child(by_name[name], side, data, out)
+        child(by_name[name], side, data, out, a.estimator)
         return
     if a.generate:
         generate(by_name[a.generate[0]], a.generate[1])
@@ -307,7 +324,11 @@ def main() -> None:
             print(f"{c.name:20} {c.data:34} {c.metric:9} eps={c.eps:.4g} ms={c.min_samples}")
         return
     cases = [by_name[n] for n in a.case] if a.case else [c for c in CASES if c.quick or not a.quick]
-    print(f"DBSCAN, float32 input, {os.cpu_count()} cores; baselines limited to {LIMIT >> 30} GiB")
+    call = "DBSCAN(...).fit(X)" if a.estimator else "dbscan(X, ...)"
+    print(
+        f"DBSCAN via {call}, float32 input, {os.cpu_count()} cores; "
+        f"baselines limited to {LIMIT >> 30} GiB"
+    )
     print(
         f"{'case':>19} | {'sklearn':>17} | {'faiss':>17} | {'dedup_batch':>17} | "
         "speed vs sk | vs faiss | memory vs sk | vs faiss | same labels as sk"
@@ -316,9 +337,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = os.path.join(tmp, "X.npy")
             subprocess.run([sys.executable, __file__, "--generate", c.name, data], check=True)
-            sk = run_side(c, "sklearn", data, a.timeout)
+            sk = run_side(c, "sklearn", data, a.timeout, a.estimator)
             fa = run_side(c, "faiss", data, a.timeout)
-            ours = run_side(c, "ours", data, a.timeout)
+            ours = run_side(c, "ours", data, a.timeout, a.estimator)
         ok = sk and "error" not in sk and ours and "error" not in ours
         same = np.array_equal(sk["labels"], ours["labels"]) if ok else "-"
         print(

@@ -24,6 +24,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,14 @@ _GEMM_MIN_MNK = 1 << 24
 #: copies of one vector (the copies' noise is isotropic, so no projection prunes their pairs):
 #: 595M of the 1.1G pairs in such blocks passed the screen.
 FUSED_SHARE = 16
+#: The float32 working rows of the tiles (centred or normalised, in leaf order) are kept whole
+#: when they take at most this many bytes; beyond, each tile builds its leaves' rows from the
+#: input in place (:class:`_RowCache`) and at most half this many bytes of them are kept.
+#: So the peak never holds a second (m, d) copy of a large input (600k x 512 float32: 1.14 GiB
+#: saved), while inputs up to 256k x 512 keep the contiguous copy, which is cheaper: building a
+#: leaf's rows (gather, float64 centring, cast) costs ~60% of one 256 x 2048 x 512 product,
+#: and a column leaf is multiplied once per leaf that reaches it.
+ROW_BYTES = 512 << 20
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 
@@ -144,7 +153,11 @@ def _distinct_rows(X: np.ndarray, mode: Any) -> tuple[np.ndarray, ...]:
     m = len(first)
     counts = np.bincount(inverse, minlength=m)
     R = X if m == X.shape[0] else X[first]
-    excluded = ~np.any(R != 0, axis=1) if mode.kind == "cosine" else np.zeros(m, bool)
+    excluded = np.zeros(m, bool)
+    if mode.kind == "cosine":  # by chunks: R != 0 whole is an (m, d) bool temporary
+        step = _chunk_rows(R.shape[1])
+        for s in range(0, m, step):
+            excluded[s : s + step] = ~np.any(R[s : s + step] != 0, axis=1)
     return first, inverse, counts, R, excluded
 
 
@@ -162,7 +175,8 @@ def _unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0x5EED)
     mult = rng.integers(1, 2**63, size=(width + pad) // 8, dtype=np.uint64) | np.uint64(1)
     h = np.empty(n, dtype=np.uint64)
-    step = max(1, (64 << 20) // max(1, width + pad))
+    # 8 MiB of rows per chunk: the product below and the verifying gather each take one
+    step = max(1, (8 << 20) // max(1, width + pad))
     with np.errstate(over="ignore"):
         for s in range(0, n, step):
             block = raw[s : s + step]
@@ -245,8 +259,9 @@ class _UnionFind:
 class _Prepared:
     """Per-representative data shipped to tile tasks (scattered once under Dask).
 
-    ``C`` (m, d) float32: the centred (euclidean) or normalised (cosine) vectors, ``csq`` (m,)
-    float64 their squared norms, so that |c_i - c_j|^2 = csq_i + csq_j - 2 c_i.c_j. ``Alo``,
+    ``C`` (m, d) float32: the centred (euclidean) or normalised (cosine) vectors (with ``aug``,
+    (m, d + 2): each followed by 1 and its squared norm), ``csq`` (m,) float64 their squared
+    norms, so that |c_i - c_j|^2 = csq_i + csq_j - 2 c_i.c_j. ``Alo``,
     ``Blo`` (m, k+2) float32 rows ``[p, |p|^2, 1]`` and ``[-2p, 1, |p|^2]`` of the projections
     ``p`` on the k leading principal directions: one small GEMM gives |p_i - p_j|^2, a lower
     bound of |c_i - c_j|^2. ``band``/``band_lo`` (m,) float64: half-widths of each row's
@@ -258,9 +273,16 @@ class _Prepared:
     rows), so tile tasks slice instead of gathering. ``lo``/``hi`` (n_leaves, k) are the leaves'
     boxes in the projected space; ``leaf_band``/``leaf_band_lo`` (n_leaves,) each leaf's largest
     ``band``/``band_lo``.
+
+    Rows read in place: when ``C`` is None (the working rows would exceed ``ROW_BYTES``) the
+    tiles build them per leaf from ``R`` (the caller's rows, never copied: leaf-order row ``q``
+    is ``R[src[q]]``), centred on ``mean`` (euclidean) or divided by the square root of ``sq``
+    (cosine: raw squared norms, leaf order) exactly as :func:`_prepare` would have built ``C``
+    (:func:`_centre`), so the values and the error bands are the same bits. ``cache`` keeps
+    at most ``ROW_BYTES / 2`` of built leaves (see :func:`_rows`).
     """
 
-    C: np.ndarray
+    C: np.ndarray | None
     csq: np.ndarray
     Alo: np.ndarray
     Blo: np.ndarray
@@ -278,10 +300,170 @@ class _Prepared:
     #: whether tiles run the low-rank screen first (None: not measured yet, see
     #: :func:`_screen_pays`)
     screen: bool | None = None
+    R: np.ndarray | None = None
+    src: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    sq: np.ndarray | None = None
+    cache: _RowCache | None = None
+    #: ``C`` (and the leaves built in place) hold d + 2 columns ``[c, 1, fl32(csq)]``: one
+    #: product with a leaf's ``[-2c, fl32(csq), 1]`` is the squared distance (see
+    #: :func:`_a_form`). False where a caller builds ``C`` as the plain (m, d) rows.
+    aug: bool = False
 
     @property
     def n_leaves(self) -> int:
         return len(self.bounds) - 1
+
+
+def _centre(rows: np.ndarray, mean: np.ndarray | None, sq: np.ndarray | None) -> np.ndarray:
+    """The working rows in float64: ``rows`` minus ``mean`` (euclidean), or divided by the
+    square roots of their squared norms ``sq`` (cosine, ``mean`` None). One owner: the
+    float32 cast of this result is the tiles' ``C`` however it is built (whole in
+    :func:`_prepare`, or per leaf in :func:`_rows`), bit for bit. Memory: (len(rows), d)
+    float64."""
+    r64 = rows.astype(np.float64)
+    if mean is None:
+        r64 /= np.sqrt(sq)[:, None]
+    else:
+        r64 -= mean
+    return r64
+
+
+class _RowCache:
+    """Float32 working rows of leaves built from the input (:func:`_leaf_rows`), at most
+    ``limit`` bytes of them kept.
+
+    Tiles run in increasing order of their row leaf ``a`` and reach only leaves ``b >= a``,
+    each scanning its partners in increasing order: a leaf below the calling tile's is not
+    needed again in this pass (dropped first), and among the rest the highest is needed last
+    (Belady's choice: evicted, or not kept when it is itself the highest). Shared by the
+    tile threads under a lock; a leaf built by two threads at once is harmless (same bits).
+    Pickled empty (each Dask worker builds its own)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.blocks: dict[int, np.ndarray] = {}
+        self.nbytes = 0
+        self.lock = threading.Lock()
+        self.built = self.reused = 0  # leaves built / found (debug log; races lose counts)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"])
+
+    def get(self, leaf: int) -> np.ndarray | None:
+        return self.blocks.get(leaf)
+
+    def put(self, leaf: int, block: np.ndarray, caller: int) -> None:
+        with self.lock:
+            if leaf in self.blocks:
+                return
+            if self.nbytes + block.nbytes > self.limit:
+                for b in [b for b in self.blocks if b < caller]:
+                    self.nbytes -= self.blocks.pop(b).nbytes
+            while self.nbytes + block.nbytes > self.limit and self.blocks:
+                top = max(self.blocks)
+                if top < leaf:
+                    return
+                self.nbytes -= self.blocks.pop(top).nbytes
+            if self.nbytes + block.nbytes <= self.limit:
+                self.blocks[leaf] = block
+                self.nbytes += block.nbytes
+
+
+def _leaf_rows(prep: _Prepared, leaf: int, caller: int) -> np.ndarray:
+    """The float32 working rows of one leaf (its rows of ``C``), from the cache or built from
+    the input in place. Memory: (<= LEAF, d + 2) float32 (d float64 while built)."""
+    block = prep.cache.get(leaf)
+    if block is not None:
+        prep.cache.reused += 1
+    else:
+        prep.cache.built += 1
+        s0, s1 = int(prep.bounds[leaf]), int(prep.bounds[leaf + 1])
+        sq = None if prep.sq is None else prep.sq[s0:s1]
+        c64 = _centre(prep.R[prep.src[s0:s1]], prep.mean, sq)
+        block = np.empty((s1 - s0, c64.shape[1] + 2), np.float32)
+        _fill_aug(block, c64, prep.csq[s0:s1])
+        prep.cache.put(leaf, block, caller)
+    return block
+
+
+def _fill_aug(out: np.ndarray, c64: np.ndarray, csq: np.ndarray) -> None:
+    """``out`` (rows, d + 2) float32 := ``[c, 1, csq]`` rounded to float32 (the augmented
+    working rows, see :func:`_a_form`)."""
+    d = c64.shape[1]
+    out[:, :d] = c64
+    out[:, d] = 1.0
+    out[:, d + 1] = csq
+
+
+def _a_form(rows: np.ndarray) -> np.ndarray:
+    """The row side of the augmented product: ``[-2c, fl32(csq), 1]`` from augmented rows
+    ``[c, 1, fl32(csq)]`` (n, d + 2) float32, so that ``_a_form(x) @ y.T`` is, for each pair,
+    ``fl32(csq_i) + fl32(csq_j) - 2 c_i.c_j``: the squared distance in one float32 product,
+    with no pass over the block to add the norms.
+
+    Why the error bands still hold: scaling by -2 is exact, so the product is a float32 dot
+    product of d + 2 terms, whose error in any summation order (BLAS blocking, FMA) is at
+    most gamma_(d+2) times the sum of the terms' magnitudes, 2|c_i||c_j| + csq_i + csq_j <=
+    2 (csq_i + csq_j) (each csq rounded to float32 by <= u32 csq). That is <= (2 (d + 2) + 1)
+    u32 (csq_i + csq_j) in all, while each pair's band (``_float32_band`` with d + 2 terms,
+    for row i plus row j) allows 4 (d + 8) u32 (csq_i + csq_j) for it, besides the float32
+    rounding of the vectors themselves (the same term as before). Memory: (n, d + 2)."""
+    d = rows.shape[1] - 2
+    out = np.empty_like(rows)
+    np.multiply(rows[:, :d], np.float32(-2.0), out=out[:, :d])
+    out[:, d] = rows[:, d + 1]
+    out[:, d + 1] = 1.0
+    return out
+
+
+def _some_rows(
+    prep: _Prepared, runs: list[list[int]] | None, idx: np.ndarray, pos: np.ndarray, caller: int
+) -> np.ndarray:
+    """``_rows(prep, runs, idx, caller)[pos]`` without building (nor caching) the leaves of
+    ``idx`` when the positions ``pos`` need at most half of its rows: those rows alone are
+    built, row by row the same bits (:func:`_centre` and :func:`_fill_aug` work per row).
+    Measured on 60,000 rows of copies200k with nothing cached: whole leaves per block cost
+    2.2x the fit's CPU time, most blocks' screen passing a few pairs."""
+    u, inv = np.unique(pos, return_inverse=True)
+    if 2 * len(u) > len(idx):
+        return _rows(prep, runs, idx, caller)[pos]
+    rows = idx[u]
+    src = prep.src[rows]
+    c64 = _centre(prep.R[src], prep.mean, None if prep.sq is None else prep.sq[rows])
+    out = np.empty((len(rows), c64.shape[1] + 2), np.float32)
+    _fill_aug(out, c64, prep.csq[rows])
+    return out[inv]
+
+
+def _rows(
+    prep: _Prepared, runs: list[list[int]] | None, idx: np.ndarray, caller: int
+) -> np.ndarray:
+    """Rows ``idx`` (leaf order) of the float32 working rows ``C``: (len(idx), d + 2) float32
+    (augmented, see :func:`_a_form`; d without ``prep.aug``), a slice of ``prep.C`` where it
+    can be (see :func:`_take`), else assembled from the leaves that hold them (``runs``:
+    ``idx`` is exactly these runs of rows). ``caller``: the tile's row leaf (for
+    :class:`_RowCache`'s eviction)."""
+    if prep.C is not None:
+        return _take(prep.C, runs, idx)
+    bnd = prep.bounds
+    if runs is not None:
+        leaves = []
+        for x, y in runs:
+            lx, ly = np.searchsorted(bnd, [x, y], side="right") - 1
+            leaves.extend(range(int(lx), int(ly)))
+        parts = [_leaf_rows(prep, lf, caller) for lf in leaves]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    leaf_of = np.searchsorted(bnd, idx, side="right") - 1
+    leaves_u = np.unique(leaf_of)
+    parts = [_leaf_rows(prep, int(lf), caller) for lf in leaves_u]
+    block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    offset = np.zeros(len(bnd), np.int64)
+    offset[leaves_u] = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    return block[offset[leaf_of] + idx - bnd[leaf_of]]
 
 
 def _float32_band(sq: np.ndarray, n_terms: int, threshold: float) -> np.ndarray:
@@ -368,12 +550,7 @@ def _prepare(
     mean = np.zeros(d) if cosine else total / max(m, 1)
 
     def centred(rows: np.ndarray, sq: np.ndarray) -> np.ndarray:
-        r64 = rows.astype(np.float64)
-        if cosine:
-            r64 /= np.sqrt(sq)[:, None]
-        else:
-            r64 -= mean
-        return r64
+        return _centre(rows, None if cosine else mean, sq)
 
     if cosine:
         threshold = 2.0 * eps  # |x^ - y^|^2 = 2 (1 - cos)
@@ -445,7 +622,8 @@ def _prepare(
     P = None  # (m, k) float64: freed before C is built (a closure holds the name)
     # Leaf order: each leaf's rows contiguous (slices, not gathers, in the tile tasks). The
     # projections are computed again per chunk here rather than permuted (no second copy).
-    C = np.empty((m, d), np.float32)
+    # Above ROW_BYTES the tiles build their rows from R in place instead (no (m, d) copy).
+    C = np.empty((m, d + 2), np.float32) if m * (d + 2) * 4 <= ROW_BYTES else None
     csq = np.empty(m)
     psq = np.empty(m)
     Alo = np.empty((m, k + 2), np.float32)
@@ -455,7 +633,8 @@ def _prepare(
         rows = order[s : s + step]
         c64 = centred(R[rows], sq_orig[rows])
         csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
-        C[s : s + step] = c64
+        if C is not None:
+            _fill_aug(C[s : s + step], c64, csq[s : s + step])
         p = c64 if k == d else c64 @ V
         pq = np.einsum("ij,ij->i", p, p)
         psq[s : s + step] = pq
@@ -476,6 +655,16 @@ def _prepare(
     # Projection errors (float64, V orthonormal to ~1e-15) are ~1e-15 |c|: a generous absolute
     # slack keeps the bounds true lower bounds.
     slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
+    in_place: dict[str, Any] = {}
+    if C is None:
+        in_place = {
+            "R": R,
+            "src": order,
+            "mean": None if cosine else mean,
+            "sq": sq_orig[order] if cosine else None,
+            # half: 600k x 512 peaked at 2.42-2.53 GiB with a 512 MiB cache (2.5 GiB target)
+            "cache": _RowCache(ROW_BYTES // 2),
+        }
     return _Prepared(
         C,
         csq,
@@ -492,6 +681,8 @@ def _prepare(
         leaf_band,
         leaf_band_lo,
         slack,
+        aug=True,
+        **in_place,
     )
 
 
@@ -695,11 +886,12 @@ def _tile_task(
             runs, size, bmax, blomax = [], 0, 0.0, 0.0
     if runs:
         groups.append((runs, bmax, blomax))
+    task: dict[str, np.ndarray] = {}  # leaf a's row side of the products, once per task
     for runs, bmax_b, blo_b in groups:
         ib_all = np.concatenate([np.arange(x, y) for x, y in runs])
         for ia, ib in _restrict(ctx, roots, a, rows_a, ib_all):
             if len(ib) and len(ia):
-                _pairs_block(prep, a, ia, ib, runs, bmax_b, blo_b, ctx, roots, out)
+                _pairs_block(prep, a, ia, ib, runs, bmax_b, blo_b, ctx, roots, out, task)
     return _task_result(ctx, roots, out)
 
 
@@ -714,9 +906,11 @@ def _pairs_block(
     ctx: _PassCtx | None,
     roots: Any,
     out: tuple[list, list, list, list],
+    task: dict[str, np.ndarray],
 ) -> None:
     """One block of a tile (rows ``ia`` of leaf ``a`` x columns ``ib`` of a group made of
-    ``runs``): its pairs within eps, reduced as the pass needs, appended to ``out``."""
+    ``runs``): its pairs within eps, reduced as the pass needs, appended to ``out``.
+    ``task``: what the tile's blocks share (leaf a's :func:`_a_form`, built once)."""
     sure_i, sure_j, band_i, band_j = out
     bnd = prep.bounds
     a0, a1 = int(bnd[a]), int(bnd[a + 1])
@@ -741,13 +935,18 @@ def _pairs_block(
         n_pass = int(np.count_nonzero(passed))
         if n_pass == 0:
             return
+    arows = None
+    if prep.aug:
+        if "a" not in task:
+            task["a"] = _a_form(_rows(prep, [[a0, a1]], np.arange(a0, a1), a))
+        arows = task["a"] if whole_a else task["a"][ia - a0]
     if passed is None or n_pass > nr * nb // FUSED_SHARE:
         # The screen does not pay here (flat spectra, a group of noisy copies): the full
         # product of the block, thresholded in place, and only the pairs within eps and the
         # bands leave the block (int32 positions). Gathering the screen's survivors and
         # their values cost ~25 ns per pair, as much as the product itself.
         del passed
-        gi, gj, s32 = _fused_block(prep, runs_a, runs_b, ia, ib, hi)
+        gi, gj, s32 = _fused_block(prep, a, runs_a, runs_b, ia, ib, hi, arows)
     else:
         # One pass over the mask: flatnonzero is ~3x cheaper per pair than a 2-d np.nonzero
         # (or a row-min pre-pass). Full value for the survivors only.
@@ -755,10 +954,17 @@ def _pairs_block(
         del passed
         r, c = np.divmod(f, nb)
         del f
-        dots = np.einsum("ij,ij->i", prep.C[ia[r]], prep.C[ib[c]])
+        # the survivors' rows only (built from the input when rows are read in place)
+        xb = prep.C[ib[c]] if prep.C is not None else _some_rows(prep, runs_b, ib, c, a)
+        if arows is not None:  # the squared distance in one float32 dot (see _a_form)
+            s32 = np.einsum("ij,ij->i", arows[r], xb)
+        else:
+            dots = np.einsum("ij,ij->i", prep.C[ia[r]], xb)
+            s32 = (prep.csq[ia[r]] + prep.csq[ib[c]]).astype(np.float32) - 2.0 * dots
+            del dots
+        del xb
         gi, gj = ia[r], ib[c]
         del r, c
-        s32 = (prep.csq[gi] + prep.csq[gj]).astype(np.float32) - 2.0 * dots
         sel = s32 <= hi
         gi, gj, s32 = gi[sel], gj[sel], s32[sel]
     # pairs inside leaf a (its diagonal block): each unordered pair once
@@ -781,7 +987,10 @@ def _pairs_block(
     elif kind == "border":
         si, sj = _border_min(ctx, si, sj)
     elif roots is not None:
-        si, sj = _forest(si, sj, np.union1d(ia, ib))
+        # ia and ib ascending; they overlap only on the tile's diagonal leaf (union1d's
+        # sort measured ~2 ms a block, 5% of a copies200k fit, for a concatenation)
+        nodes = np.concatenate([ia, ib]) if ia[-1] < ib[0] else np.union1d(ia, ib)
+        si, sj = _forest(si, sj, nodes)
     sure_i.append(si)
     sure_j.append(sj)
     band_i.append(gi[unsure])
@@ -790,14 +999,20 @@ def _pairs_block(
 
 def _fused_block(
     prep: _Prepared,
+    a: int,
     runs_a: list[list[int]] | None,
     runs_b: list[list[int]] | None,
     ia: np.ndarray,
     ib: np.ndarray,
     hi: float,
+    arows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(gi, gj, s32)``: the pairs of rows ``ia`` x columns ``ib`` whose float32 squared
     distance ``s32`` is at most ``hi``, from one full product of the block.
+
+    ``arows`` (augmented rows, ``prep.aug``): the rows' :func:`_a_form`, whose product with
+    the columns' augmented rows is the squared distance itself: one GEMM, then one compare
+    pass (the three passes below measured ~1/3 of the product's time).
 
     ``csq_i + csq_j - 2 c_i.c_j`` is formed in place in the product (float32): a few more
     roundings of the norms than the gathered path's float64 sum, each <= u32 (csq_i + csq_j),
@@ -805,10 +1020,13 @@ def _fused_block(
     sure or in the band and re-decided. Memory: one (len(ia), len(ib)) float32 block (2 MiB
     at 256 x 2048) and the survivors' int32 positions.
     """
-    prod = _take(prep.C, runs_a, ia) @ _take(prep.C, runs_b, ib).T
-    prod *= np.float32(-2.0)
-    prod += prep.csq[ia].astype(np.float32)[:, None]
-    prod += prep.csq[ib].astype(np.float32)[None, :]
+    if arows is not None:
+        prod = arows @ _rows(prep, runs_b, ib, a).T
+    else:
+        prod = _rows(prep, runs_a, ia, a) @ _rows(prep, runs_b, ib, a).T
+        prod *= np.float32(-2.0)
+        prod += prep.csq[ia].astype(np.float32)[:, None]
+        prod += prep.csq[ib].astype(np.float32)[None, :]
     nb = prod.shape[1]
     prod = prod.ravel()
     f = np.flatnonzero(prod <= hi)
@@ -1386,6 +1604,13 @@ def _build_graph(
                 bi, bj = bi[keep], bj[keep]
             und_i.append(bi)
             und_j.append(bj)
+        if prep.cache is not None:
+            log.debug(
+                "eps-graph: rows read in place: %d leaves built, %d reused (of %d leaves)",
+                prep.cache.built,
+                prep.cache.reused,
+                prep.n_leaves,
+            )
         del prep
         # Pairs within scikit-learn's own rounding of eps, from every tile, decided together
         # once the tiles are done: each of scikit-learn's chunks is computed once per fit, and
@@ -1693,10 +1918,15 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     Memory and complexity: peak memory is O(n d) plus a few tiles per thread, independent of
     how many pairs lie within ``eps``, for every ``min_samples``. Identical rows collapse first
     (8 bytes per row for the hashes, plus a copy of the m distinct rows when there are
-    copies); the tiles need one float32 copy of the distinct rows (kept in leaf order), their
-    projections on 32 principal directions ((m, 32) float64 while the tree is built, then two
-    (m, 34) float32 factors) and a few 256 x ~2048 float32 blocks per thread; preparation
-    works in ~8 MiB float64 chunks. No neighbourhood and no edge list is stored: with
+    copies: then that copy is the only one); the tiles need the rows' projections on 32
+    principal directions ((m, 32) float64 while the tree is built, then two (m, 34) float32
+    factors), ~10 float64 values per row, and a few 256 x ~2048 float32 blocks per thread;
+    preparation works in ~8 MiB float64 chunks. The tiles' float32 working rows (centred or
+    normalised, in leaf order) are one contiguous copy when it takes at most ``ROW_BYTES``
+    (512 MiB); beyond, each tile builds its leaves' rows from the input in place and at most
+    256 MiB of built leaves are kept for the next tiles, so the peak never holds a second
+    (n, d) copy: at 600k x 512 float32 (1.14 GiB of input) it measured 2.21 GiB in all.
+    No neighbourhood and no edge list is stored: with
     ``min_samples=1`` a tile returns a spanning forest of its edges (at most one per row) that
     is merged by union-find as it finishes, and a tile whose rows are already one component
     is skipped (a group of near-identical rows costs about O(group) instead of O(group^2));
@@ -1710,9 +1940,10 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     block is one full float32 product thresholded in place, and when a sample of leaf pairs
     shows the bound pruning almost nowhere it is not computed at all: flat spectra cost
     O(m^2 d) then, as scikit-learn's brute force does, in float32 and without neighbourhoods.
-    At 1M x 256 float32 rows without copies the working set is about 1.5 GiB beyond the
-    input; the float32 copy of the distinct rows (``C``) is most of it, so the peak is about
-    twice the input plus the libraries (600k x 512: 3.0 GiB).
+    ``components_`` (a copy of every core row, i.e. of all of ``X`` with ``min_samples=1``,
+    as scikit-learn's contract has it) is built by :meth:`fit` after the tiles' memory is
+    freed, and adds the input's size to what the fitted estimator holds; the functional
+    :func:`dbscan`, which returns only the indices and labels, never builds it.
     scikit-learn by contrast holds every neighbourhood, O(sum of neighbourhood sizes) memory,
     quadratic in a group of copies (10.5 GB for 20,000 copies of one vector).
 
@@ -1777,6 +2008,12 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         -------
         self : DBSCAN
         """
+        return self._fit(X, sample_weight, client, components=True)
+
+    def _fit(self, X: Any, sample_weight: Any, client: Any, *, components: bool) -> DBSCAN:
+        """:meth:`fit`; ``components=False`` (:func:`dbscan`, which returns only the indices
+        and labels) leaves ``components_`` unset: on the engine it is a copy of every core
+        row, as large as ``X`` with ``min_samples=1``."""
         if type(X).__module__.startswith("dask.array"):  # rows on Dask workers: never gathered
             from .cluster_dask import fit_dask
 
@@ -1802,12 +2039,11 @@ class DBSCAN(ClusterMixin, BaseEstimator):
         else:
             self.labels_, core = result
             self.core_sample_indices_ = np.nonzero(core)[0]
-            if len(self.core_sample_indices_):
+            if components:
                 # fancy indexing already copies: a further .copy() held X twice more (2 GiB
                 # at 1M rows, where every row is core with min_samples=1)
-                self.components_ = Xv[self.core_sample_indices_]
-            else:
-                self.components_ = np.empty((0, Xv.shape[1]))
+                core_idx = self.core_sample_indices_
+                self.components_ = Xv[core_idx] if len(core_idx) else np.empty((0, Xv.shape[1]))
         self.n_features_in_ = Xv.shape[1]
         return self
 
@@ -1864,7 +2100,9 @@ def dbscan(
 
     Parameters are those of :class:`DBSCAN` (same defaults as scikit-learn's function: metric
     ``"minkowski"`` with ``p=2``, i.e. euclidean), and ``client`` (a ``distributed.Client``,
-    optional) those of :meth:`DBSCAN.fit`. Memory and time as :class:`DBSCAN`.
+    optional) those of :meth:`DBSCAN.fit`. Memory and time as :class:`DBSCAN`, without
+    ``components_`` (a copy of every core row, i.e. of ``X`` with ``min_samples=1``), which
+    this function does not return and so never builds.
     """
     est = DBSCAN(
         eps,
@@ -1876,7 +2114,7 @@ def dbscan(
         p=p,
         n_jobs=n_jobs,
     )
-    est.fit(X, sample_weight=sample_weight, client=client)
+    est._fit(X, sample_weight, client, components=False)
     return est.core_sample_indices_, est.labels_
 
 

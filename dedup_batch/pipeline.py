@@ -25,7 +25,7 @@ import pandas as pd
 from . import __version__
 from .apply import ApplyResult, apply_plan
 from .apply import restore as restore_trash
-from .cluster import DBSCAN
+from .cluster import dbscan
 from .cluster_dask import sample_rows
 from .config import JobSpec
 from .diagnose import plan_warnings
@@ -530,8 +530,7 @@ def _with_dimensions(
 
 
 def _cluster(X: np.ndarray, spec: JobSpec, client: Any) -> np.ndarray:
-    est = DBSCAN(eps=spec.eps, min_samples=spec.min_samples, metric=spec.metric)  # type: ignore[arg-type]
-    return est.fit(X, client=client).labels_
+    return dbscan(X, spec.eps, min_samples=spec.min_samples, metric=spec.metric, client=client)[1]
 
 
 def _summary(

@@ -117,22 +117,20 @@ def test_min_samples_ties_at_eps(min_samples):
 def _cells(monkeypatch, X, eps, skip):
     """Low-rank products' cells computed by a fit (rows x columns of every tile block)."""
     cells = []
-    take = cluster_mod._take
+    block = cluster_mod._pairs_block
 
-    def spy(arr, runs, idx):
-        out = take(arr, runs, idx)
-        if arr.shape[1] == cluster_mod.N_BOUND_DIMS + 2 or arr.shape[1] == X.shape[1] + 2:
-            cells.append(len(out))
-        return out
+    def spy(prep, a, ia, ib, *args):
+        cells.append(len(ia) * len(ib))  # a block's products (screen, full or both)
+        return block(prep, a, ia, ib, *args)
 
-    monkeypatch.setattr(cluster_mod, "_take", spy)
+    monkeypatch.setattr(cluster_mod, "_pairs_block", spy)
     if not skip:  # every row its own component as far as the tiles can tell
         monkeypatch.setattr(cluster_mod._LiveRoots, "__call__", lambda self, a, rows: -1 - rows)
     # one thread: each tile sees every earlier merge (with threads, how much is skipped
     # depends on timing; correctness does not, see the hypothesis test)
     labels = DBSCAN(eps=eps, min_samples=1, n_jobs=1).fit(X).labels_
     monkeypatch.undo()
-    return sum(a * b for a, b in zip(cells[::2], cells[1::2], strict=True)), labels
+    return sum(cells), labels
 
 
 def test_tiles_inside_one_component_are_skipped(monkeypatch):
