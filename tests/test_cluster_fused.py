@@ -20,11 +20,15 @@ from dedup_batch.cluster import DBSCAN
 GATHERED, FUSED = 1, 2**40
 
 
-def fit_both(X, share, screen=None, **params):
-    """Our labels and core rows equal scikit-learn's, with FUSED_SHARE = ``share`` and the
-    low-rank screen forced on or off (``screen``; None: measured, as in a real fit)."""
+def fit_both(X, share, screen=None, row_bytes=None, **params):
+    """Our labels and core rows equal scikit-learn's, with FUSED_SHARE = ``share``, the
+    low-rank screen forced on or off (``screen``; None: measured, as in a real fit) and the
+    tiles' rows one whole copy (``row_bytes`` None) or built from the input in place with a row
+    cache of ``row_bytes`` (see tests/test_cluster_rows.py)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cluster_mod, "FUSED_SHARE", share)
+        if row_bytes is not None:
+            mp.setattr(cluster_mod, "ROW_BYTES", row_bytes)
         if screen is not None:
             mp.setattr(cluster_mod, "_screen_pays", lambda prep, work: screen)
         mp.setattr(cluster_mod, "LEAF", 32)
@@ -61,16 +65,18 @@ def isotropic_with_copies(rng, n, d, dense_share, noise, dtype):
     dtype=st.sampled_from([np.float32, np.float64]),
     share=st.sampled_from([GATHERED, FUSED, 16]),
     screen=st.sampled_from([None, True, False]),
+    # the whole copy; rows built in place keeping no leaf; a cache evicting on every fit
+    row_bytes=st.sampled_from([None, 0, 6 * 32 * 130 * 4]),
 )
 def test_flat_spectra_and_dense_groups(
-    seed, d, n, dense_share, noise, min_samples, metric, dtype, share, screen
+    seed, d, n, dense_share, noise, min_samples, metric, dtype, share, screen, row_bytes
 ):
     rng = np.random.default_rng(seed)
     X = isotropic_with_copies(rng, n, d, dense_share, noise, dtype)
     # eps near the typical distance of two isotropic unit rows (sqrt 2) and near the group's
     # spread, so that many pairs of both kinds sit close to it
     for eps in (1.3, noise * 1.2) if metric == "euclidean" else (0.8, noise**2 * 0.7):
-        fit_both(X, share, screen, eps=eps, min_samples=min_samples, metric=metric)
+        fit_both(X, share, screen, row_bytes, eps=eps, min_samples=min_samples, metric=metric)
 
 
 @pytest.mark.parametrize(("share", "screen"), [(GATHERED, True), (FUSED, True), (16, False)])

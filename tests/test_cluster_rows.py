@@ -1,7 +1,8 @@
 """Tiles that read the input rows in place (no float32 working copy of the whole input, see
 ``cluster.ROW_BYTES``): the rows they build are the whole copy's bits, the labels are
 scikit-learn's on adversarial data (ties at eps, duplicates, flat spectra, dense noisy groups)
-whatever the row cache keeps, and ``dbscan()`` never builds ``components_``."""
+whatever the row cache keeps (generated inputs: tests/test_cluster_fused.py), and ``dbscan()``
+never builds ``components_``."""
 
 from __future__ import annotations
 
@@ -9,31 +10,16 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from sklearn.cluster import DBSCAN as SkDBSCAN
 from sklearn.cluster import dbscan as sk_dbscan
 
 import dedup_batch.cluster as cluster_mod
 from dedup_batch.cluster import DBSCAN, dbscan
+from tests.test_cluster_fused import isotropic_with_copies as noisy_input
 
 #: ROW_BYTES values: 0 keeps no built leaf (every tile builds its rows), SMALL keeps a few
 #: leaves of 32 rows x <= 128 dims in its half (evictions on every fit), WHOLE the whole copy.
 NONE, SMALL, WHOLE = 0, 6 * 32 * 130 * 4, 1 << 40
-
-
-def noisy_input(rng, n, d, dense_share, noise, dtype):
-    """Isotropic unit rows (a flat spectrum: no direction prunes), a share of them one vector
-    plus independent noise (a dense noisy group), and a tenth exact copies of other rows."""
-    X = rng.standard_normal((n, d))
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    k = int(dense_share * n)
-    if k:
-        idx = rng.choice(n, k, replace=False)
-        X[idx] = X[idx[0]] + noise * rng.standard_normal((k, d)) / np.sqrt(d)
-    dup = rng.choice(n, n // 10, replace=False)
-    X[dup[: len(dup) // 2]] = X[dup[len(dup) // 2 :][: len(dup) // 2]]
-    return X.astype(dtype)
 
 
 def fit_in_place(X, row_bytes, share=16, n_jobs=None, **params):
@@ -87,30 +73,6 @@ def test_rows_built_in_place_are_the_whole_copys_bits(monkeypatch, metric, dtype
     np.testing.assert_array_equal(
         cluster_mod._rows(fly, run, np.arange(*run[0]), 2), whole.C[run[0][0] : run[0][1]]
     )
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    d=st.sampled_from([16, 40, 128]),
-    n=st.integers(2, 500),
-    dense_share=st.sampled_from([0.0, 0.3, 0.8]),
-    noise=st.sampled_from([1e-3, 0.3, 1.0]),
-    min_samples=st.sampled_from([1, 2, 5]),
-    metric=st.sampled_from(["euclidean", "cosine"]),
-    dtype=st.sampled_from([np.float32, np.float64]),
-    row_bytes=st.sampled_from([NONE, SMALL]),
-    share=st.sampled_from([1, 2**40, 16]),
-)
-def test_in_place_rows_match_sklearn_generated(
-    seed, d, n, dense_share, noise, min_samples, metric, dtype, row_bytes, share
-):
-    rng = np.random.default_rng(seed)
-    X = noisy_input(rng, n, d, dense_share, noise, dtype)
-    # eps near the typical distance of two isotropic unit rows and near the group's spread
-    eps = (1.3, noise * 1.2) if metric == "euclidean" else (0.8, noise**2 * 0.7)
-    for e in eps:
-        fit_in_place(X, row_bytes, share, eps=e, min_samples=min_samples, metric=metric)
 
 
 @pytest.mark.parametrize("row_bytes", [NONE, SMALL])
