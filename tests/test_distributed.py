@@ -19,7 +19,10 @@ from tests._dask_procs import dask_processes
 pytestmark = pytest.mark.cluster
 #: Each worker's --memory-limit: above a worker's own footprint (~150 MB with numpy, scipy and
 #: scikit-learn loaded), below the size of the X of the memory test.
-WORKER_LIMIT = 400 << 20
+#: The module's workers: a worker's own ~0.3 GB plus a few small fits. At 400 MiB its 80%
+#: pause threshold (335 MB) sat just above that baseline, and with distributed 2026.8.0 a
+#: paused worker stalled the plan test after the fits; the test of limits below X is below.
+WORKER_LIMIT = 1 << 30
 
 
 @pytest.fixture(scope="module")
