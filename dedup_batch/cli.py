@@ -179,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
         "plan",
         help="cluster the features and write a plan (deletes nothing)",
         description="Load, cluster, choose keepers and write plan.parquet, "
-        "summary.json and job.yaml to --out. Deletes nothing.",
+        "summary.json and job.yaml to --out. Deletes nothing. A --config job spec with "
+        "'embed: MODEL' embeds the new or changed images first, as 'run' does.",
     )
     _add_common(sp, "plan")
     _job_flags(sp.add_argument_group("plan"), "plan", "plan")
@@ -303,12 +304,18 @@ def _spec(args: argparse.Namespace) -> JobSpec:
 
 # -- commands ------------------------------------------------------------------------------
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .pipeline import dask_client, plan
+    from .pipeline import dask_client, plan, run
 
     spec = _spec(args)
     with dask_client(spec) as client:
-        result = plan(spec, client)
-    _print_plan(result.summary, result.out)
+        if spec.embed:
+            # a job spec that embeds (embed: MODEL): its plan is run's dry run, embed included;
+            # a job spec's 'mode: apply' is for run, never for plan
+            result, _ = run(spec.merged({"mode": "plan"}), client)
+            print(result.embedded.summary_line())
+        else:
+            result = plan(spec, client)
+    _print_plan(result.summary, result.out, reused=result.reused)
     print(f"dry run: nothing deleted. To delete: {_apply_hint(spec, result.out)}")
     return 0
 

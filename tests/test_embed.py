@@ -40,6 +40,7 @@ from dedup_batch.embed.images import decode_image
 from dedup_batch.errors import ConfigError, InputError, StorageError
 from dedup_batch.load import load_features
 from dedup_batch.pipeline import plan
+from dedup_batch.plandir import PlanDir
 from dedup_batch.storage import Store
 
 pdqhash = pytest.importorskip("pdqhash")
@@ -585,6 +586,30 @@ def test_run_embed_embeds_what_is_missing_then_plans(tmp_path: Path, dask_client
         JobSpec.from_mapping({"embed": "clip"})
     with pytest.raises(ConfigError, match="'embed_batch_size' must be >= 1"):
         JobSpec.from_mapping({"embed": "pdq", "embed_batch_size": 0})
+
+
+def test_plan_of_a_job_spec_that_embeds_embeds_first_and_deletes_nothing(
+    tmp_path: Path, dask_client, capsys
+) -> None:
+    # a job spec with 'embed:' (jobs/s3-bucket.yaml's commented key) given to 'plan': before,
+    # plan ignored the key and failed with "'features' is required"; 'mode: apply' is run's
+    root = tmp_path / "photos"
+    for i in range(3):
+        img = photo(1400 + i, 160, 120)
+        save(img, root / f"p{i}.jpg")
+        save(img, root / f"p{i} (1).jpg", 50)
+    before = {p: p.read_bytes() for p in root.iterdir()}
+    job = tmp_path / "job.yaml"
+    plan_dir = tmp_path / "plan"
+    job.write_text(f"root: {root}\nout: {plan_dir}\nembed: pdq\nmode: apply\nreport: false\n")
+    argv = ["plan", "--config", str(job), "--scheduler", dask_client.scheduler.address]
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"embed: 6 images embedded, 0 skipped unchanged, 0 errors", out)
+    assert "keep 3, delete 3" in out and "dry run: nothing deleted" in out
+    assert {p: p.read_bytes() for p in root.iterdir()} == before
+    assert not PlanDir(str(plan_dir)).has_journal()
 
 
 def test_heic_is_embedded_where_pillow_heif_is_installed(tmp_path: Path) -> None:
