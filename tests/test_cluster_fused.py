@@ -28,6 +28,7 @@ def fit_both(
     root_sample=None,
     leaf_scale=None,
     split_gain=None,
+    screen_chunk=None,
     **params,
 ):
     """Our labels and core rows equal scikit-learn's, with FUSED_SHARE = ``share``, the
@@ -36,7 +37,8 @@ def fit_both(
     cache of ``row_bytes`` (see tests/test_cluster_rows.py), the component left out of a block
     found among ``root_sample`` of its rows' roots (1: the first row's, often not the largest)
     and left out when that saves 1/``split_gain`` of the block (1: never; 2**40: always), and
-    leaves of ``leaf_scale`` * 32 rows."""
+    leaves of ``leaf_scale`` * 32 rows, the screen's products ``screen_chunk`` columns at a
+    time (chunks that pass nothing leave their part of the mask empty)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cluster_mod, "FUSED_SHARE", share)
         if row_bytes is not None:
@@ -47,6 +49,8 @@ def fit_both(
             mp.setattr(cluster_mod, "LEAF_SCALE", leaf_scale)
         if split_gain is not None:
             mp.setattr(cluster_mod, "_SPLIT_GAIN", split_gain)
+        if screen_chunk is not None:
+            mp.setattr(cluster_mod, "SCREEN_CHUNK", screen_chunk)
         if screen is not None:
             mp.setattr(cluster_mod, "_screen_pays", lambda prep, work: screen)
         mp.setattr(cluster_mod, "LEAF", 32)
@@ -71,7 +75,7 @@ def isotropic_with_copies(rng, n, d, dense_share, noise, dtype):
     return X.astype(dtype)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
     d=st.sampled_from([16, 40, 128]),
@@ -89,6 +93,7 @@ def isotropic_with_copies(rng, n, d, dense_share, noise, dtype):
     root_sample=st.sampled_from([None, 1, 7]),
     leaf_scale=st.sampled_from([1, 2, 3]),
     split_gain=st.sampled_from([None, 1, 2**40]),
+    screen_chunk=st.sampled_from([None, 7, 32]),
 )
 def test_flat_spectra_and_dense_groups(
     seed,
@@ -105,6 +110,7 @@ def test_flat_spectra_and_dense_groups(
     root_sample,
     leaf_scale,
     split_gain,
+    screen_chunk,
 ):
     rng = np.random.default_rng(seed)
     X = isotropic_with_copies(rng, n, d, dense_share, noise, dtype)
@@ -119,6 +125,7 @@ def test_flat_spectra_and_dense_groups(
             root_sample,
             leaf_scale,
             split_gain,
+            screen_chunk,
             eps=eps,
             min_samples=min_samples,
             metric=metric,
