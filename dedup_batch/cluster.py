@@ -1071,8 +1071,8 @@ def _fused_block(
     ``csq_i + csq_j - 2 c_i.c_j`` is formed in place in the product (float32): a few more
     roundings of the norms than the gathered path's float64 sum, each <= u32 (csq_i + csq_j),
     well inside ``_float32_band``'s (d + 8) terms, so every pair within eps is still either
-    sure or in the band and re-decided. Memory: one (len(ia), len(ib)) float32 block (2 MiB
-    at 256 x 2048) and the survivors' int32 positions.
+    sure or in the band and re-decided. Memory: one (len(ib), len(ia)) float32 block (4 MiB
+    at 2048 x 512) and the survivors' int32 positions.
     """
     # Columns x rows (the block transposed): the rows are often few (those of leaf a outside
     # a group's component), and OpenBLAS's SGEMM with few rows on the right measured up to
@@ -1977,7 +1977,9 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     (8 bytes per row for the hashes, plus a copy of the m distinct rows when there are
     copies: then that copy is the only one); the tiles need the rows' projections on 32
     principal directions ((m, 32) float64 while the tree is built, then two (m, 34) float32
-    factors), ~10 float64 values per row, and a few 256 x ~2048 float32 blocks per thread;
+    factors), ~10 float64 values per row, and a few 512 x ~2048 float32 blocks per thread
+    (leaves of 512 rows against groups of ~2048 columns, the low-rank bound 512 columns at a
+    time);
     preparation works in ~8 MiB float64 chunks. The tiles' float32 working rows (centred or
     normalised, in leaf order) are one contiguous copy when it takes at most ``ROW_BYTES``
     (512 MiB); beyond, each tile builds its leaves' rows from the input in place and at most

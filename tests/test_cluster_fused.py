@@ -86,50 +86,29 @@ def isotropic_with_copies(rng, n, d, dense_share, noise, dtype):
     metric=st.sampled_from(["euclidean", "cosine"]),
     dtype=st.sampled_from([np.float32, np.float64]),
     share=st.sampled_from([GATHERED, FUSED, 16]),
-    screen=st.sampled_from([None, True, False]),
-    # the whole copy; rows built in place keeping no leaf; a cache evicting on every fit
-    row_bytes=st.sampled_from([None, 0, 6 * 32 * 130 * 4]),
-    # every root, the first row's only (a component that is often not the largest), a few
-    root_sample=st.sampled_from([None, 1, 7]),
-    leaf_scale=st.sampled_from([1, 2, 3]),
-    split_gain=st.sampled_from([None, 1, 2**40]),
-    screen_chunk=st.sampled_from([None, 7, 32]),
+    # the engine's other switches (see fit_both)
+    knobs=st.fixed_dictionaries(
+        {
+            "screen": st.sampled_from([None, True, False]),
+            # the whole copy; rows built in place keeping no leaf; a cache evicting on every fit
+            "row_bytes": st.sampled_from([None, 0, 6 * 32 * 130 * 4]),
+            # every root, the first row's only (a component often not the largest), a few
+            "root_sample": st.sampled_from([None, 1, 7]),
+            "leaf_scale": st.sampled_from([1, 2, 3]),
+            "split_gain": st.sampled_from([None, 1, 2**40]),
+            "screen_chunk": st.sampled_from([None, 7, 32]),
+        }
+    ),
 )
 def test_flat_spectra_and_dense_groups(
-    seed,
-    d,
-    n,
-    dense_share,
-    noise,
-    min_samples,
-    metric,
-    dtype,
-    share,
-    screen,
-    row_bytes,
-    root_sample,
-    leaf_scale,
-    split_gain,
-    screen_chunk,
+    seed, d, n, dense_share, noise, min_samples, metric, dtype, share, knobs
 ):
     rng = np.random.default_rng(seed)
     X = isotropic_with_copies(rng, n, d, dense_share, noise, dtype)
     # eps near the typical distance of two isotropic unit rows (sqrt 2) and near the group's
     # spread, so that many pairs of both kinds sit close to it
     for eps in (1.3, noise * 1.2) if metric == "euclidean" else (0.8, noise**2 * 0.7):
-        fit_both(
-            X,
-            share,
-            screen,
-            row_bytes,
-            root_sample,
-            leaf_scale,
-            split_gain,
-            screen_chunk,
-            eps=eps,
-            min_samples=min_samples,
-            metric=metric,
-        )
+        fit_both(X, share, **knobs, eps=eps, min_samples=min_samples, metric=metric)
 
 
 @pytest.mark.parametrize(("share", "screen"), [(GATHERED, True), (FUSED, True), (16, False)])
