@@ -50,6 +50,14 @@ TILE = 2048
 #: Leaves of the projection tree hold at most this many representatives: small leaves give
 #: tight boxes (more tile pairs skipped); a task multiplies one leaf by up to TILE columns.
 LEAF = 256
+#: The in-process tree's leaves (:func:`_prepare`) hold at most LEAF_SCALE * LEAF rows (512;
+#: the distributed engine, :mod:`dedup_batch.cluster_dask`, builds its own tree with LEAF).
+#: On copies200k twice the rows per leaf halve the tile blocks (45k -> 21k), and with them
+#: the per-block work (roots, forests, index arrays), and give each product twice the rows,
+#: for 1% more pairs through the screen (10.70G vs 10.56G: the box bounds prune about half
+#: the pairs there at either size): 12% less CPU time on its first 100,000 rows (11.6 vs
+#: 14.3 s, one thread, best of 3 alternating).
+LEAF_SCALE = 2
 #: Principal directions used for the exact lower bounds: leaf boxes, and a first low-rank
 #: product per tile (the distance of the projections never exceeds the distance), so the full
 #: d-dimensional product is only computed for the few pairs that pass it.
@@ -79,6 +87,11 @@ _GEMM_MIN_MNK = 1 << 24
 #: copies of one vector (the copies' noise is isotropic, so no projection prunes their pairs):
 #: 595M of the 1.1G pairs in such blocks passed the screen.
 FUSED_SHARE = 16
+#: Columns per product of the low-rank screen: each (SCREEN_CHUNK x leaf) float32 product
+#: (1 MiB at 512 x 512) is reduced to its minimum while in cache. Measured on a 2048 x 512
+#: block (one thread, best of 20): one product and its min 0.86 ms, four chunks of 512 0.67
+#: ms (256: 0.70; 128: 0.80).
+SCREEN_CHUNK = 512
 #: The float32 working rows of the tiles (centred or normalised, in leaf order) are kept whole
 #: when they take at most this many bytes; beyond, each tile builds its leaves' rows from the
 #: input in place (:class:`_RowCache`) and at most half this many bytes of them are kept.
@@ -87,6 +100,13 @@ FUSED_SHARE = 16
 #: leaf's rows (gather, float64 centring, cast) costs ~60% of one 256 x 2048 x 512 product,
 #: and a column leaf is multiplied once per leaf that reaches it.
 ROW_BYTES = 512 << 20
+#: A tile block (min_samples=1) leaves out the pairs inside the largest component among
+#: about this many of its rows' roots: sorting all of them (~4,600 in a 512 x 4096 block)
+#: measured ~0.1 ms a block; which component is left out changes only the work, not the
+#: pairs that are computed outside it.
+ROOT_SAMPLE = 512
+#: ... and splits the block in two only when that leaves out at least 1/_SPLIT_GAIN of its pairs.
+_SPLIT_GAIN = 8
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 
@@ -269,9 +289,10 @@ class _Prepared:
     ``sk_err``, which stays in input order for :func:`_refine`).
 
     Every per-row array except ``sk_err`` is stored in *leaf order*: row ``q`` here is input row
-    ``order[q]``, and leaf ``l`` is the contiguous range ``bounds[l]:bounds[l + 1]`` (<= LEAF
-    rows), so tile tasks slice instead of gathering. ``lo``/``hi`` (n_leaves, k) are the leaves'
-    boxes in the projected space; ``leaf_band``/``leaf_band_lo`` (n_leaves,) each leaf's largest
+    ``order[q]``, and leaf ``l`` is the contiguous range ``bounds[l]:bounds[l + 1]`` (<=
+    LEAF_SCALE * LEAF rows in-process, <= LEAF from :mod:`dedup_batch.cluster_dask`), so tile
+    tasks slice instead of gathering. ``lo``/``hi`` (n_leaves, k) are the leaves' boxes in the
+    projected space; ``leaf_band``/``leaf_band_lo`` (n_leaves,) each leaf's largest
     ``band``/``band_lo``.
 
     Rows read in place: when ``C`` is None (the working rows would exceed ``ROW_BYTES``) the
@@ -375,7 +396,7 @@ class _RowCache:
 
 def _leaf_rows(prep: _Prepared, leaf: int, caller: int) -> np.ndarray:
     """The float32 working rows of one leaf (its rows of ``C``), from the cache or built from
-    the input in place. Memory: (<= LEAF, d + 2) float32 (d float64 while built)."""
+    the input in place. Memory: (leaf rows, d + 2) float32 (d float64 while built)."""
     block = prep.cache.get(leaf)
     if block is not None:
         prep.cache.reused += 1
@@ -597,13 +618,14 @@ def _prepare(
     _each_chunk(project, m, step, n_threads)
     # Projection tree: recursive median splits along the widest of the n_split leading
     # projected directions (see SPLIT_CELLS).
-    n_leaves = max(1, m // LEAF)
+    leaf = LEAF_SCALE * LEAF
+    n_leaves = max(1, m // leaf)
     n_split = max(1, min(k, int(math.log(n_leaves) / math.log(SPLIT_CELLS) + 1e-9)))
     leaves = []
     stack = [np.arange(m)]
     while stack:
         idx = stack.pop()
-        if len(idx) <= LEAF:
+        if len(idx) <= leaf:
             leaves.append(np.sort(idx))
             continue
         sub = P[idx, :n_split]
@@ -745,7 +767,20 @@ def _forest(
         nodes, inv = np.unique(np.concatenate([i, j]), return_inverse=True)
         li, lj = inv[: len(i)], inv[len(i) :]
     else:
-        li, lj = np.searchsorted(nodes, i), np.searchsorted(nodes, j)
+        k = len(nodes)
+        if len(i) < k // 2:
+            return i, j
+        lo, span = int(nodes[0]), int(nodes[-1] - nodes[0]) + 1
+        if span <= max(64 * k, 1 << 20):
+            # a position table over the nodes' range (<= 8 MiB, or 512 bytes a node):
+            # searchsorted of ~6,400 unsorted edges in 4,600 nodes took 0.9 ms of the 1.5 ms
+            # forest of a copies200k block, the table 0.03 ms
+            pos = np.empty(span, np.int64)
+            pos[nodes - lo] = np.arange(k)
+            li, lj = pos[i - lo], pos[j - lo]
+            del pos
+        else:
+            li, lj = np.searchsorted(nodes, i), np.searchsorted(nodes, j)
     k = len(nodes)
     if len(i) < k // 2:
         return i, j
@@ -818,10 +853,18 @@ def _restrict(
     both = np.concatenate([ra, rb])
     if (both == both[0]).all():
         return []
-    vals, cnt = np.unique(both, return_counts=True)
+    # Any component r gives exactly the pairs needed; the largest saves the most, found in a
+    # sample of the rows (see ROOT_SAMPLE).
+    vals, cnt = np.unique(both[:: max(1, len(both) // ROOT_SAMPLE)], return_counts=True)
     r = vals[np.argmax(cnt)]
-    in_a = ra == r
-    return [(ia[~in_a], ib), (ia[in_a], ib[rb != r])]
+    in_a, in_b = ra == r, rb == r
+    if _SPLIT_GAIN * np.count_nonzero(in_a) * np.count_nonzero(in_b) < len(ia) * len(ib):
+        # r is a small component (a few copies among rows that are otherwise apart): the
+        # pairs inside it are not worth a second block (its own products, and gathered rows
+        # where the whole block is slices); computing them is harmless (edges inside one
+        # component). On copies200k most groups were split this way for nothing.
+        return [(ia, ib)]
+    return [(ia[~in_a], ib), (ia[in_a], ib[~in_b])]
 
 
 def _border_min(ctx: _PassCtx, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -850,7 +893,7 @@ def _tile_task(
     order (row ``q`` is input row ``prep.order[q]``).
 
     The leaves ``bs`` are multiplied in groups of about TILE columns, so one task holds one
-    (LEAF x TILE) float32 block at a time. Leaves are contiguous, so a group's factors are a
+    (leaf x TILE) float32 block at a time. Leaves are contiguous, so a group's factors are a
     slice (consecutive leaves) or a concatenation of slices, never a row gather.
 
     ``roots`` (``min_samples=1``: only components matter): a callable giving the component
@@ -858,7 +901,7 @@ def _tile_task(
     and leaf ``a``'s are all in one component is skipped; when leaf ``a`` (or the group) is in
     one component, only the columns (rows) outside it are computed; and the sure edges come
     back as a spanning forest, at most one edge per row touched. Memory is then a few
-    (LEAF x TILE) blocks per task whatever the number of pairs within eps (a group of copies).
+    (leaf x TILE) blocks per task whatever the number of pairs within eps (a group of copies).
 
     ``ctx`` (``min_samples > 1``, see :class:`_PassCtx`): ``"count"`` returns ``(rows,
     neighbour weight, band_i, band_j)``; ``"core"`` a spanning forest among core rows and
@@ -928,13 +971,24 @@ def _pairs_block(
     if prep.screen is False:  # measured not to pay on this data (flat spectrum)
         passed, n_pass = None, nr * nb
     else:
-        # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2.
-        L = _take(prep.Alo, runs_a, ia) @ _take(prep.Blo, runs_b, ib).T
-        passed = np.less_equal(L, hi_lo)
-        del L
-        n_pass = int(np.count_nonzero(passed))
-        if n_pass == 0:
+        # Low-rank lower bound first: |P(c_i - c_j)|^2 <= |c_i - c_j|^2. Columns x rows
+        # (the block transposed): OpenBLAS's SGEMM measured 15% faster so at K = 34 (0.375
+        # vs 0.441 ms for 2048 x 195), and the output is the same bound (a dot product in any
+        # order, inside band_lo). Most screened blocks pass nothing (copies200k: 27k of 45k
+        # blocks, 5.2G of 9.8G pairs): a min pass settles them, on chunks of SCREEN_CHUNK
+        # columns while each is in cache.
+        bl, al = _take(prep.Blo, runs_b, ib), _take(prep.Alo, runs_a, ia).T
+        passed = None
+        for k0 in range(0, nb, SCREEN_CHUNK):
+            L = bl[k0 : k0 + SCREEN_CHUNK] @ al
+            if L.min() <= hi_lo:
+                if passed is None:
+                    passed = np.zeros((nb, nr), bool)
+                np.less_equal(L, hi_lo, out=passed[k0 : k0 + SCREEN_CHUNK])
+        del L, bl, al
+        if passed is None:
             return
+        n_pass = int(np.count_nonzero(passed))
     arows = None
     if prep.aug:
         if "a" not in task:
@@ -952,7 +1006,7 @@ def _pairs_block(
         # (or a row-min pre-pass). Full value for the survivors only.
         f = np.flatnonzero(passed)
         del passed
-        r, c = np.divmod(f, nb)
+        c, r = np.divmod(f, nr)
         del f
         # the survivors' rows only (built from the input when rows are read in place)
         xb = prep.C[ib[c]] if prep.C is not None else _some_rows(prep, runs_b, ib, c, a)
@@ -1017,24 +1071,27 @@ def _fused_block(
     ``csq_i + csq_j - 2 c_i.c_j`` is formed in place in the product (float32): a few more
     roundings of the norms than the gathered path's float64 sum, each <= u32 (csq_i + csq_j),
     well inside ``_float32_band``'s (d + 8) terms, so every pair within eps is still either
-    sure or in the band and re-decided. Memory: one (len(ia), len(ib)) float32 block (2 MiB
-    at 256 x 2048) and the survivors' int32 positions.
+    sure or in the band and re-decided. Memory: one (len(ib), len(ia)) float32 block (4 MiB
+    at 2048 x 512) and the survivors' int32 positions.
     """
+    # Columns x rows (the block transposed): the rows are often few (those of leaf a outside
+    # a group's component), and OpenBLAS's SGEMM with few rows on the right measured up to
+    # 1.9x faster (2048 x 514 x 16: 0.66 vs 1.25 ms; x 64: 1.6 vs 2.2 ms; x 195: 4.5 vs 4.8).
     if arows is not None:
-        prod = arows @ _rows(prep, runs_b, ib, a).T
+        prod = _rows(prep, runs_b, ib, a) @ arows.T
     else:
-        prod = _rows(prep, runs_a, ia, a) @ _rows(prep, runs_b, ib, a).T
+        prod = _rows(prep, runs_b, ib, a) @ _rows(prep, runs_a, ia, a).T
         prod *= np.float32(-2.0)
-        prod += prep.csq[ia].astype(np.float32)[:, None]
-        prod += prep.csq[ib].astype(np.float32)[None, :]
-    nb = prod.shape[1]
+        prod += prep.csq[ib].astype(np.float32)[:, None]
+        prod += prep.csq[ia].astype(np.float32)[None, :]
+    nr = prod.shape[1]
     prod = prod.ravel()
     f = np.flatnonzero(prod <= hi)
     if len(prod) < 2**31:
         f = f.astype(np.int32)
     s32 = prod[f]
     del prod
-    r, c = np.divmod(f, nb)
+    c, r = np.divmod(f, nr)
     return ia[r], ib[c], s32
 
 
@@ -1920,7 +1977,9 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     (8 bytes per row for the hashes, plus a copy of the m distinct rows when there are
     copies: then that copy is the only one); the tiles need the rows' projections on 32
     principal directions ((m, 32) float64 while the tree is built, then two (m, 34) float32
-    factors), ~10 float64 values per row, and a few 256 x ~2048 float32 blocks per thread;
+    factors), ~10 float64 values per row, and a few 512 x ~2048 float32 blocks per thread
+    (leaves of 512 rows against groups of ~2048 columns, the low-rank bound 512 columns at a
+    time);
     preparation works in ~8 MiB float64 chunks. The tiles' float32 working rows (centred or
     normalised, in leaf order) are one contiguous copy when it takes at most ``ROW_BYTES``
     (512 MiB); beyond, each tile builds its leaves' rows from the input in place and at most

@@ -180,6 +180,33 @@ def test_forest_keeps_the_components():
     np.testing.assert_array_equal(a.roots(), b.roots())
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_nodes=st.integers(2, 400),
+    n_edges=st.integers(0, 3000),
+    # node numbers in a narrow range (position table) or spread far apart (searchsorted)
+    spread=st.sampled_from([1, 3, 1 << 16, 1 << 30]),
+)
+def test_forest_with_known_nodes_keeps_the_components(seed, n_nodes, n_edges, spread):
+    # _forest given the sorted nodes (as a tile block passes them): the same components as
+    # all the edges, at most one edge per node, whichever way the endpoints are located
+    rng = np.random.default_rng(seed)
+    nodes = np.unique(rng.integers(0, n_nodes * spread, n_nodes)) + 7
+    k = len(nodes)
+    li, lj = rng.integers(0, k, n_edges), rng.integers(0, k, n_edges) // 2 * 2
+    fi, fj = cluster_mod._forest(nodes[li], nodes[lj], nodes)
+    # a computed forest has under one edge per node; small or sparse edge sets come back whole
+    assert len(fi) == n_edges or len(fi) < k
+    pos = {int(v): q for q, v in enumerate(nodes)}
+    a, b = cluster_mod._UnionFind(k), cluster_mod._UnionFind(k)
+    a.union(li, lj)
+    b.union(
+        np.array([pos[int(v)] for v in fi], np.int64), np.array([pos[int(v)] for v in fj], np.int64)
+    )
+    np.testing.assert_array_equal(a.roots(), b.roots())
+
+
 _CAPPED = textwrap.dedent(
     """
     import resource, sys

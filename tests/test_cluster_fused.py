@@ -20,15 +20,37 @@ from dedup_batch.cluster import DBSCAN
 GATHERED, FUSED = 1, 2**40
 
 
-def fit_both(X, share, screen=None, row_bytes=None, **params):
+def fit_both(
+    X,
+    share,
+    screen=None,
+    row_bytes=None,
+    root_sample=None,
+    leaf_scale=None,
+    split_gain=None,
+    screen_chunk=None,
+    **params,
+):
     """Our labels and core rows equal scikit-learn's, with FUSED_SHARE = ``share``, the
-    low-rank screen forced on or off (``screen``; None: measured, as in a real fit) and the
+    low-rank screen forced on or off (``screen``; None: measured, as in a real fit), the
     tiles' rows one whole copy (``row_bytes`` None) or built from the input in place with a row
-    cache of ``row_bytes`` (see tests/test_cluster_rows.py)."""
+    cache of ``row_bytes`` (see tests/test_cluster_rows.py), the component left out of a block
+    found among ``root_sample`` of its rows' roots (1: the first row's, often not the largest)
+    and left out when that saves 1/``split_gain`` of the block (1: never; 2**40: always), and
+    leaves of ``leaf_scale`` * 32 rows, the screen's products ``screen_chunk`` columns at a
+    time (chunks that pass nothing leave their part of the mask empty)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cluster_mod, "FUSED_SHARE", share)
         if row_bytes is not None:
             mp.setattr(cluster_mod, "ROW_BYTES", row_bytes)
+        if root_sample is not None:
+            mp.setattr(cluster_mod, "ROOT_SAMPLE", root_sample)
+        if leaf_scale is not None:
+            mp.setattr(cluster_mod, "LEAF_SCALE", leaf_scale)
+        if split_gain is not None:
+            mp.setattr(cluster_mod, "_SPLIT_GAIN", split_gain)
+        if screen_chunk is not None:
+            mp.setattr(cluster_mod, "SCREEN_CHUNK", screen_chunk)
         if screen is not None:
             mp.setattr(cluster_mod, "_screen_pays", lambda prep, work: screen)
         mp.setattr(cluster_mod, "LEAF", 32)
@@ -53,7 +75,7 @@ def isotropic_with_copies(rng, n, d, dense_share, noise, dtype):
     return X.astype(dtype)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**32 - 1),
     d=st.sampled_from([16, 40, 128]),
@@ -64,19 +86,29 @@ def isotropic_with_copies(rng, n, d, dense_share, noise, dtype):
     metric=st.sampled_from(["euclidean", "cosine"]),
     dtype=st.sampled_from([np.float32, np.float64]),
     share=st.sampled_from([GATHERED, FUSED, 16]),
-    screen=st.sampled_from([None, True, False]),
-    # the whole copy; rows built in place keeping no leaf; a cache evicting on every fit
-    row_bytes=st.sampled_from([None, 0, 6 * 32 * 130 * 4]),
+    # the engine's other switches (see fit_both)
+    knobs=st.fixed_dictionaries(
+        {
+            "screen": st.sampled_from([None, True, False]),
+            # the whole copy; rows built in place keeping no leaf; a cache evicting on every fit
+            "row_bytes": st.sampled_from([None, 0, 6 * 32 * 130 * 4]),
+            # every root, the first row's only (a component often not the largest), a few
+            "root_sample": st.sampled_from([None, 1, 7]),
+            "leaf_scale": st.sampled_from([1, 2, 3]),
+            "split_gain": st.sampled_from([None, 1, 2**40]),
+            "screen_chunk": st.sampled_from([None, 7, 32]),
+        }
+    ),
 )
 def test_flat_spectra_and_dense_groups(
-    seed, d, n, dense_share, noise, min_samples, metric, dtype, share, screen, row_bytes
+    seed, d, n, dense_share, noise, min_samples, metric, dtype, share, knobs
 ):
     rng = np.random.default_rng(seed)
     X = isotropic_with_copies(rng, n, d, dense_share, noise, dtype)
     # eps near the typical distance of two isotropic unit rows (sqrt 2) and near the group's
     # spread, so that many pairs of both kinds sit close to it
     for eps in (1.3, noise * 1.2) if metric == "euclidean" else (0.8, noise**2 * 0.7):
-        fit_both(X, share, screen, row_bytes, eps=eps, min_samples=min_samples, metric=metric)
+        fit_both(X, share, **knobs, eps=eps, min_samples=min_samples, metric=metric)
 
 
 @pytest.mark.parametrize(("share", "screen"), [(GATHERED, True), (FUSED, True), (16, False)])
