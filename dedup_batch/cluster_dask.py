@@ -586,6 +586,29 @@ def _decide(decider: _SkDecider, rows: _Rows, bi: np.ndarray, bj: np.ndarray) ->
     return _recheck(bi, bj, _Singletons(), decider)
 
 
+def _reorder(blocks: list[Any], cells_of: list[np.ndarray], g_f: Any) -> list[Any]:
+    """The reorder, as a graph the scheduler keeps (the lineage of every prepared block): each
+    input block (``blocks``: futures) is cut into one piece per cell it has rows in, on its
+    worker; each cell's pieces are moved to one worker, concatenated and prepared there
+    (:func:`_block_prep`). One ``dask.delayed`` per cell, in cell order. Pieces are the only
+    copy in flight: no reordered block is held apart from its prepared form.
+
+    The delayed objects hold the input blocks' futures: drop them once computed."""
+    import dask
+
+    pieces: dict[int, list[Any]] = {}
+    for fut, c in zip(blocks, cells_of, strict=True):
+        used = np.unique(c)
+        if len(used) == 0:
+            continue
+        many = len(used) > 1
+        cut = dask.delayed(_cut, nout=len(used) if many else None)(fut, c, used)
+        for a, piece in zip(used, cut if many else [cut], strict=True):
+            pieces.setdefault(int(a), []).append(piece)
+    prep = dask.delayed(_block_prep)
+    return [prep(pieces[a], g_f) for a in sorted(pieces)]
+
+
 # --------------------------------------------------------------------------------------------
 # The client's side
 # --------------------------------------------------------------------------------------------
@@ -661,44 +684,41 @@ class _DaskFit:
         # split along as many leading directions as the in-process engine's tree over all rows
         # would (see cluster.SPLIT_CELLS): cells, then each block's leaves, cut the same grid
         g.n_split = max(1, min(k, int(math.log(max(2, n // LEAF)) / math.log(SPLIT_CELLS) + 1e-9)))
+        # The geometry (mean, directions: d x 33 floats) as a literal of the graph, computed
+        # once and held by the fit: every later task (cells, the reorder, each tile of each
+        # pass) depends on this one key. Not scattered: scattered data has no lineage, and
+        # once the active memory manager has dropped a broadcast's extra replicas, the worker
+        # holding the last one may die (or be restarted by its nanny for memory), after which
+        # every tile submitted with it is cancelled ("already forgotten"). A literal is
+        # recomputed like any other task.
+        import dask
+
+        self.g_f = client.compute(
+            dask.delayed(g, traverse=False, name=f"dbscan-geometry-{uuid.uuid4().hex}")
+        )
         if n_cells > 1:
-            g_f = executor.scatter(client, g)
             P = np.concatenate(
                 client.gather(
-                    client.map(_block_projections, blocks, seeds, g=g_f, frac=frac, pure=False)
+                    client.map(_block_projections, blocks, seeds, g=self.g_f, frac=frac, pure=False)
                 )
             )
             tree = _median_tree(P, max(1, -(-len(P) // n_cells)))
-            cells_of = client.gather(client.map(_block_cells, blocks, g=g_f, tree=tree, pure=False))
+            cells_of = client.gather(
+                client.map(_block_cells, blocks, g=self.g_f, tree=tree, pure=False)
+            )
             log.debug("DBSCAN (distributed): cells at %.2f s", time.perf_counter() - self.t0)
         else:  # one block's worth of rows: one block, however the input was chunked
             cells_of = [np.zeros(m, np.int32) for m in X.chunks[0]]
         cells = np.concatenate(cells_of)
         # rows by cell, in input order within a cell: the reorder's permutation
         perm = np.argsort(cells, kind="stable")
-        import dask
 
-        # The reorder, as a graph the scheduler keeps (the lineage of every prepared block):
-        # each input block is cut into one piece per cell it has rows in, on its worker; each
-        # cell's pieces are moved to one worker, concatenated and prepared there. Pieces are
-        # the only copy in flight: no reordered block is held apart from its prepared form.
-        # ``g`` is a literal of the graph, not a scattered copy: scattered data has no lineage,
-        # and a block recomputed after its worker died must not depend on data that died too.
-        g_d = dask.delayed(g, traverse=False, name=f"dbscan-geometry-{uuid.uuid4().hex}")
-        pieces: dict[int, list[Any]] = {}
-        for fut, c in zip(blocks, cells_of, strict=True):
-            used = np.unique(c)
-            if len(used) == 0:
-                continue
-            many = len(used) > 1
-            cut = dask.delayed(_cut, nout=len(used) if many else None)(fut, c, used)
-            for a, piece in zip(used, cut if many else [cut], strict=True):
-                pieces.setdefault(int(a), []).append(piece)
-        prep = dask.delayed(_block_prep)
-        self.blocks = client.compute([prep(pieces[a], g_d) for a in sorted(pieces)])
-        # the reorder's graph is on the scheduler: drop every hold on the input blocks, so
-        # each is freed once its pieces are cut (the scheduler keeps their tasks as lineage)
-        del X, blocks, held
+        prepared = _reorder(blocks, cells_of, self.g_f)
+        self.blocks = client.compute(prepared)
+        # the reorder's graph is on the scheduler: drop every hold on the input blocks (the
+        # delayed pieces hold their futures too), so each is freed once its pieces are cut
+        # (the scheduler keeps their tasks as lineage)
+        del X, blocks, held, prepared
         wait(self.blocks)
         log.debug(
             "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
@@ -761,7 +781,6 @@ class _DaskFit:
 
         client = self.client
         slots = IN_FLIGHT_PER_THREAD * executor.total_threads(client)
-        g_f = executor.scatter(client, self.g)  # d x 33 floats: once per fit
         todo = iter(work)
 
         def submit_next() -> Any:
@@ -774,7 +793,7 @@ class _DaskFit:
                 ga, gb = int(self.starts[a]), int(self.starts[b])
                 A, B = self.blocks[a], self.blocks[b]
                 self.stats["tiles"] += 1
-                return client.submit(_tile, A, B, ga, gb, g_f, roots, ctx, pure=False)
+                return client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False)
             return None
 
         running = as_completed([f for f in (submit_next() for _ in range(slots)) if f])
@@ -821,7 +840,7 @@ class _DaskFit:
         self.stats["seconds_total"] = round(time.perf_counter() - self.t0, 3)
         # release the prepared blocks now, not when the garbage collector breaks the cycle
         # through the decider's rows (their memory is the fit's whole footprint on the workers)
-        self.blocks, self.decider = [], None
+        self.blocks, self.decider, self.g_f = [], None, None
         return labels, core, self.stats
 
     def _components(self, work: list[tuple[int, int]]) -> np.ndarray:

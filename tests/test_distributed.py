@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -201,18 +201,10 @@ def test_fit_equals_scikit_learn(client, monkeypatch, caplog, kind, metric, eps,
         assert done < total
 
 
-def test_a_worker_killed_mid_fit_does_not_change_the_labels(tmp_path, monkeypatch):
-    """SIGKILL the worker holding the most prepared blocks once the first tile is back: the
-    scheduler recomputes what died with it (the prepared blocks from the reorder's graph,
-    their input blocks from the shards' read tasks) and the fit ends with scikit-learn's
-    labels."""
-    import signal
-
-    from distributed import Client
-    from sklearn.cluster import DBSCAN as SkDBSCAN
-
+def _groups_on_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Store, np.ndarray]:
+    """The "groups" input as 200-row shards under ``tmp_path``, fitted in 128-row blocks (many
+    tiles): blocks lost with a worker are recomputed by reading their shards again."""
     import dedup_batch.cluster_dask as cd
-    from dedup_batch.cluster import DBSCAN
 
     root = Store(str(tmp_path))
     (tmp_path / "feat").mkdir()
@@ -220,24 +212,34 @@ def test_a_worker_killed_mid_fit_does_not_change_the_labels(tmp_path, monkeypatc
     for k, s in enumerate(range(0, len(X), 200)):
         paths = [f"img/{i:05d}.jpg" for i in range(s, s + len(X[s : s + 200]))]
         _shard(root, f"part-{k}.parquet", paths, X[s : s + 200])
-    monkeypatch.setattr(cd, "BLOCK_BYTES", 128 * 4 * X.shape[1])  # 128-row blocks: many tiles
+    monkeypatch.setattr(cd, "BLOCK_BYTES", 128 * 4 * X.shape[1])
+    return root, X
+
+
+def _fit_killing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, choose: Callable) -> tuple:
+    """Fit the shards of :func:`_groups_on_shards` on two worker processes; after each tile
+    result ``choose(fit, i, killed)`` names the workers to SIGKILL (or ``None``). Returns the
+    fitted estimator, the input, the pids killed and the workers' pids at the end."""
+    import signal
+
+    from distributed import Client
+
+    import dedup_batch.cluster_dask as cd
+    from dedup_batch.cluster import DBSCAN
+
+    root, X = _groups_on_shards(tmp_path, monkeypatch)
     killed: list[int] = []
     tiles = cd._DaskFit._tiles
 
-    def kill_after_first_tile(self, *args, **kwargs):
+    def killing(self, *args, **kwargs):
         for i, out in enumerate(tiles(self, *args, **kwargs)):
-            if i == 0 and not killed:
-                held = {b.key for b in self.blocks}
-                owner = max(self.client.has_what().items(), key=lambda kv: len(held & set(kv[1])))[
-                    0
-                ]
-                assert held & set(self.client.has_what()[owner])  # it holds prepared blocks
-                pid = self.client.run(os.getpid, workers=[owner])[owner]
+            victims = choose(self, i, killed) or []
+            for pid in self.client.run(os.getpid, workers=victims).values():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             yield out
 
-    monkeypatch.setattr(cd._DaskFit, "_tiles", kill_after_first_tile)
+    monkeypatch.setattr(cd._DaskFit, "_tiles", killing)
     with dask_processes(tmp_path, 2) as address, Client(address, timeout="30s") as client:
         f = load_features(
             os.path.join(root.root, "feat", "*.parquet"),
@@ -247,7 +249,48 @@ def test_a_worker_killed_mid_fit_does_not_change_the_labels(tmp_path, monkeypatc
         )
         est = DBSCAN(eps=2.3, min_samples=1).fit(f.X, client=client)
         pids = set(client.run(os.getpid).values())
+    return est, X, killed, pids
+
+
+def test_a_worker_killed_mid_fit_does_not_change_the_labels(tmp_path, monkeypatch):
+    """SIGKILL the worker holding the most prepared blocks once the first tile is back: the
+    scheduler recomputes what died with it (the prepared blocks from the reorder's graph,
+    their input blocks from the shards' read tasks) and the fit ends with scikit-learn's
+    labels."""
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    def most_blocks(fit, i, killed):
+        if i != 0 or killed:
+            return None
+        held = {b.key for b in fit.blocks}
+        owner = max(fit.client.has_what().items(), key=lambda kv: len(held & set(kv[1])))[0]
+        assert held & set(fit.client.has_what()[owner])  # it holds prepared blocks
+        return [owner]
+
+    est, X, killed, pids = _fit_killing(tmp_path, monkeypatch, most_blocks)
     assert killed and killed[0] not in pids  # it died mid-fit; its nanny started another
+    sk = SkDBSCAN(eps=2.3, min_samples=1).fit(X)
+    np.testing.assert_array_equal(est.labels_, sk.labels_)
+    assert est.distributed_stats_["tiles"] > 1
+
+
+def test_every_worker_killed_at_once_during_the_tiles_does_not_change_the_labels(
+    tmp_path, monkeypatch
+):
+    """Both workers die together once the first tile is back (a node lost with all its
+    workers): everything the later tiles read (the prepared blocks *and* whatever the fit
+    shares among its tiles) must be recomputable from the graph. Data sent to the workers
+    without lineage (a scatter, even broadcast) dies with them, and the tiles that need it
+    are cancelled ("already forgotten")."""
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    def every(fit, i, killed):
+        if i == 0 and not killed:
+            return list(fit.client.scheduler_info(n_workers=-1)["workers"])
+        return None
+
+    est, X, killed, pids = _fit_killing(tmp_path, monkeypatch, every)
+    assert len(killed) == 2 and not set(killed) & pids
     sk = SkDBSCAN(eps=2.3, min_samples=1).fit(X)
     np.testing.assert_array_equal(est.labels_, sk.labels_)
     assert est.distributed_stats_["tiles"] > 1
