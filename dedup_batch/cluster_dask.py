@@ -107,6 +107,10 @@ _GRAM_FANIN = 8
 _TILE_ROWS = 1024
 
 
+# What a stalled wait names (see executor.finished).
+_WHAT = "cluster (distributed DBSCAN)"
+
+
 class _NeedsGather(Exception):
     """This fit needs something only the in-process engine provides: gather X and use it."""
 
@@ -518,13 +522,15 @@ class _Rows:
         blk = np.searchsorted(fit.starts, pos, side="right") - 1
         out = np.empty((len(rows), fit.d), np.float32)
         owners = np.unique(blk)
-        got = fit.client.gather(
+        got = executor.gather(
+            fit.client,
             [
                 fit.client.submit(
                     _block_rows, fit.blocks[b], pos[blk == b] - fit.starts[b], pure=False
                 )
                 for b in owners
-            ]
+            ],
+            what=_WHAT,
         )
         for b, vals in zip(owners, got, strict=True):
             out[blk == b] = vals
@@ -639,7 +645,7 @@ class _DaskFit:
     def _prepare(self) -> list[tuple[int, int]]:
         """Reorder the rows into spatially compact blocks, prepare each block on its worker
         and return the block pairs to compute (A <= B), diagonal first."""
-        from distributed import Future, wait
+        from distributed import Future
 
         client, g, n, d = self.client, self.g, self.n, self.d
         self.t0 = time.perf_counter()
@@ -649,7 +655,7 @@ class _DaskFit:
         held = take_blocks(self.X)
         X = client.persist(self.X)
         blocks = [Future(k, client) for k in _keys(X)]
-        sums = client.gather(client.map(_block_sum, blocks, pure=False))
+        sums = executor.gather(client, client.map(_block_sum, blocks, pure=False), what=_WHAT)
         if g.cosine and sum(z for _, z in sums):
             raise _NeedsGather("cosine zero vectors (distance 1 to everything, themselves too)")
         if not g.cosine:
@@ -666,7 +672,7 @@ class _DaskFit:
                 client.submit(_add_grams, *grams[i : i + _GRAM_FANIN], pure=False)
                 for i in range(0, len(grams), _GRAM_FANIN)
             ]
-        gram, ssum, total = grams[0].result()
+        gram, ssum, total = executor.gather(client, grams, what=_WHAT)[0]
         k = min(N_BOUND_DIMS, d)
         if k < d and total >= 2:
             smean = ssum / total
@@ -697,14 +703,15 @@ class _DaskFit:
             dask.delayed(g, traverse=False, name=f"dbscan-geometry-{uuid.uuid4().hex}")
         )
         if n_cells > 1:
-            P = np.concatenate(
-                client.gather(
-                    client.map(_block_projections, blocks, seeds, g=self.g_f, frac=frac, pure=False)
-                )
+            projections = client.map(
+                _block_projections, blocks, seeds, g=self.g_f, frac=frac, pure=False
             )
+            P = np.concatenate(executor.gather(client, projections, what=_WHAT))
             tree = _median_tree(P, max(1, -(-len(P) // n_cells)))
-            cells_of = client.gather(
-                client.map(_block_cells, blocks, g=self.g_f, tree=tree, pure=False)
+            cells_of = executor.gather(
+                client,
+                client.map(_block_cells, blocks, g=self.g_f, tree=tree, pure=False),
+                what=_WHAT,
             )
             log.debug("DBSCAN (distributed): cells at %.2f s", time.perf_counter() - self.t0)
         else:  # one block's worth of rows: one block, however the input was chunked
@@ -719,11 +726,14 @@ class _DaskFit:
         # delayed pieces hold their futures too), so each is freed once its pieces are cut
         # (the scheduler keeps their tasks as lineage)
         del X, blocks, held, prepared
-        wait(self.blocks)
+        for _ in executor.finished(client, set(self.blocks), what=_WHAT):
+            pass
         log.debug(
             "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
         )
-        metas = client.gather(client.map(_block_meta, self.blocks, pure=False))
+        metas = executor.gather(
+            client, client.map(_block_meta, self.blocks, pure=False), what=_WHAT
+        )
         sizes = [len(m.order) for m in metas]
         self.starts = np.zeros(len(sizes) + 1, np.int64)
         self.starts[1:] = np.cumsum(sizes)
@@ -777,8 +787,6 @@ class _DaskFit:
         """Each tile's result as it finishes, with at most ``IN_FLIGHT_PER_THREAD`` tasks per
         worker thread in flight. ``extra(a, b)`` gives the tile's ``(roots, ctx)`` when it is
         submitted (read after the previous results were merged), or ``None`` to skip it."""
-        from distributed import as_completed
-
         client = self.client
         slots = IN_FLIGHT_PER_THREAD * executor.total_threads(client)
         todo = iter(work)
@@ -796,8 +804,8 @@ class _DaskFit:
                 return client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False)
             return None
 
-        running = as_completed([f for f in (submit_next() for _ in range(slots)) if f])
-        for f in running:
+        running = {f for f in (submit_next() for _ in range(slots)) if f}
+        for f in executor.finished(client, running, what=_WHAT):
             out = f.result()
             f.release()
             yield out

@@ -21,7 +21,7 @@ import dask
 import numpy as np
 import pandas as pd
 
-from . import plandir
+from . import executor, plandir
 from .cluster_dask import ClusteredRows
 from .plandir import PlanCounts, PlanDir
 from .select import KeepPolicy, check_policy_inputs, parse_policy, select_keepers
@@ -120,7 +120,7 @@ def select_on_workers(
         task(r, v, i, out if dataset else None, kw)
         for i, (r, v) in enumerate(zip(rows.to_delayed(), vectors.to_delayed(), strict=True))
     ]
-    results = client.gather(client.compute(tasks))
+    results = executor.gather(client, client.compute(tasks), what="select (on the workers)")
     counts = PlanCounts()
     for c, _ in results:
         counts += c

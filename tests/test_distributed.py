@@ -296,6 +296,36 @@ def test_every_worker_killed_at_once_during_the_tiles_does_not_change_the_labels
     assert est.distributed_stats_["tiles"] > 1
 
 
+def test_a_cluster_whose_workers_stay_paused_ends_the_stage_with_an_error(tmp_path, monkeypatch):
+    """Workers paused for good (their memory above Dask's pause threshold, here set to 1% of
+    the limit) run nothing: the load and the fit each stop with an error naming the paused
+    workers and what to do, instead of waiting forever."""
+    import time
+
+    import dask.array as da
+    from distributed import Client
+
+    from dedup_batch import executor
+    from dedup_batch.cluster import DBSCAN
+    from dedup_batch.errors import ConfigError
+
+    monkeypatch.setattr(executor, "PAUSED_TIMEOUT", 4.0)
+    root, X = _groups_on_shards(tmp_path, monkeypatch)
+    paused = {"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "0.01"}
+    with (
+        dask_processes(tmp_path, 2, ("--memory-limit", "1GiB"), paused) as address,
+        Client(address, timeout="30s") as client,
+    ):
+        url = os.path.join(root.root, "feat", "*.parquet")
+        t = time.monotonic()
+        with pytest.raises(ConfigError, match=r"^load: no Dask task finished in 4 s while 2 "):
+            load_features(url, store=root, client=client, distributed="always")
+        with pytest.raises(ConfigError, match=r"^cluster \(distributed DBSCAN\): .* paused") as err:
+            DBSCAN(eps=2.3, min_samples=1).fit(da.from_array(X, chunks=(300, -1)), client=client)
+        assert time.monotonic() - t < 60
+    assert "MB of a 1074 MB limit" in str(err.value) and "--memory-limit" in str(err.value)
+
+
 #: the memory test: 156,000 x 768 float32 (X = 479 MB) on 4 workers limited to 450 MB each
 #: (each worker's own footprint is ~0.25 GB: its share of X must be held once, not twice)
 BIG_N, BIG_D, BIG_LIMIT, BIG_SHARD = 156_000, 768, 450_000_000, 4096
