@@ -101,10 +101,15 @@ BLOCK_BYTES = 16 << 20
 #: Tiles in flight per worker thread: enough to hide the client's merge between results,
 #: few enough that finished results never pile up (each is O(rows of two blocks)).
 IN_FLIGHT_PER_THREAD = 2
-# Grams summed per task on the workers (each d x d float64: 2 MiB at 512-d, 4.7 MiB at 768-d).
+# Grams summed per task on the workers (each d x d float64: 2 MiB at 512-d, 4.7 MiB at 768-d),
+# at most _GRAM_BYTES of them (at 2048-d a gram is 32 MiB: two at a time).
 _GRAM_FANIN = 8
+_GRAM_BYTES = 64 << 20
 # Rows of block A multiplied at once in a tile: a (1024 x rows_B) product and its float64 sums.
 _TILE_ROWS = 1024
+# Rows centred at once in float64 (a block's float64 copy is twice its size: 2048 rows at
+# 768-d are 12 MiB).
+_CENTRE_ROWS = 2048
 
 
 # What a stalled wait names (see executor.finished).
@@ -226,6 +231,18 @@ def _centred(x: np.ndarray, g: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]
     return x64, sq
 
 
+def _centred_chunks(
+    x: np.ndarray, g: SimpleNamespace
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """``(start, end, c64, sq)`` of :func:`_centred` over ``x`` in chunks of
+    ``_CENTRE_ROWS`` rows: the float64 copy of a whole block (2x its size) is never held.
+    Row by row the values are :func:`_centred`'s (each row's are computed from it alone)."""
+    for s in range(0, len(x), _CENTRE_ROWS):
+        e = min(len(x), s + _CENTRE_ROWS)
+        c64, sq = _centred(x[s:e], g)
+        yield s, e, c64, sq
+
+
 def _sample(m: int, frac: float, seed: int) -> np.ndarray:
     """The rows of a block in the global sample (the same rows in every pass)."""
     k = min(m, max(1, round(m * frac))) if m else 0
@@ -252,8 +269,10 @@ def _block_projections(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float
 
 def _block_cells(x: np.ndarray, g: SimpleNamespace, tree: tuple[np.ndarray, ...]) -> np.ndarray:
     """Dask task: the cell (new block) of each row, by the client's median-split tree."""
-    c64, _ = _centred(x, g)
-    return _descend(tree, c64 @ g.V[:, : g.n_split])
+    P = np.empty((len(x), g.n_split))
+    for s, e, c64, _ in _centred_chunks(x, g):
+        P[s:e] = c64 @ g.V[:, : g.n_split]
+    return _descend(tree, P)
 
 
 def _descend(tree: tuple[np.ndarray, ...], P: np.ndarray) -> np.ndarray:
@@ -330,19 +349,32 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     Memory (held with the block): the raw rows in leaf order (the block's size) and per row
     two (k + 2) float32 factors and six float64 values (~330 bytes at k = 32). The float32
     working rows are recomputed by each tile (O(rows x d), against the tile's O(rows^2 x d)).
+    While it runs: the pieces, their concatenation and its copy in leaf order (3x the
+    block) plus ``_CENTRE_ROWS`` rows in float64: the centred rows are never held whole.
     """
     x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     m, d = x.shape
-    c64, sq = _centred(x, g)
     k = g.V.shape[1]
-    P = c64 @ g.V
+    P, sq, csq = np.empty((m, k)), np.empty(m), np.empty(m)
+    total = np.zeros(d)
+    for s, e, c64, sq_rows in _centred_chunks(x, g):
+        sq[s:e] = sq_rows
+        P[s:e] = c64 @ g.V
+        csq[s:e] = np.einsum("ij,ij->i", c64, c64)
+        total += c64.sum(axis=0)
+    # the block's ball: any centre will do (the radius is measured from it, and rounded up)
+    centre = total / max(m, 1)
+    radius = 0.0
+    for _, _, c64, _ in _centred_chunks(x, g):
+        diff = c64 - centre
+        radius = max(radius, float(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
+    radius = math.sqrt(radius)
     cells = _descend(_median_tree(P[:, : g.n_split], LEAF), P[:, : g.n_split])
     order = np.argsort(cells, kind="stable")
     bounds = np.zeros(int(cells.max(initial=-1)) + 2, np.int64)
     bounds[1:] = np.cumsum(np.bincount(cells, minlength=len(bounds) - 1))
-    c64, sq, P = c64[order], sq[order], P[order]
+    sq, csq, P = sq[order], csq[order], P[order]
     t = g.threshold
-    csq = np.einsum("ij,ij->i", c64, c64)
     psq = np.einsum("ij,ij->i", P, P)
     if g.cosine:
         sk_err = np.full(m, 2.0 * (d + 8) * _U32 * 2.0)
@@ -354,9 +386,6 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     Alo[:, :k], Alo[:, k], Alo[:, k + 1] = P, psq, 1.0
     Blo[:, :k], Blo[:, k], Blo[:, k + 1] = -2.0 * P, 1.0, psq
     starts = bounds[:-1]
-    centre = c64.mean(axis=0)
-    diff = c64 - centre
-    radius = float(np.sqrt(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
     slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
     return _Block(
         x=np.ascontiguousarray(x[order]),
@@ -394,6 +423,26 @@ def _block_rows(b: SimpleNamespace, q: np.ndarray) -> np.ndarray:
     return b.x[q]
 
 
+class _Pair:
+    """The raw rows of one or two prepared blocks as one (m, d) array for ``cluster._refine``,
+    which reads a few rows (``pair[idx]``): their concatenation is never made."""
+
+    def __init__(self, parts: list[SimpleNamespace]) -> None:
+        self.parts = parts
+        self.shape = (sum(len(b.x) for b in parts), parts[0].x.shape[1])
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        if len(self.parts) == 1:
+            return self.parts[0].x[idx]
+        a, b = self.parts
+        out = np.empty((len(idx), self.shape[1]), a.x.dtype)
+        first = idx < len(a.x)
+        out[first] = a.x[idx[first]]
+        out[~first] = b.x[idx[~first] - len(a.x)]
+        return out
+
+
 def _tile(
     A: SimpleNamespace,
     B: SimpleNamespace,
@@ -428,7 +477,13 @@ def _tile(
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(b, name) for b in parts])
 
-    C = np.concatenate([_centred(b.x, g)[0].astype(np.float32) for b in parts])
+    # the float32 working rows, filled a chunk at a time (cast as ``astype`` would)
+    C = np.empty((sum(len(b.x) for b in parts), A.x.shape[1]), np.float32)
+    at = 0
+    for b in parts:
+        for s, e, c64, _ in _centred_chunks(b.x, g):
+            C[at + s : at + e] = c64
+        at += len(b.x)
     bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
     band, band_lo = cat("band"), cat("band_lo")
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
@@ -470,9 +525,8 @@ def _tile(
     else:
         sj = _cat([r[1] for r in out])
     if len(ui):  # a second look in float64 from the original rows: most pairs settle here
-        Xl = cat("x")
-        idx = np.arange(len(Xl))
-        surely, undecided = _refine(Xl, idx, ui, uj, prep, idx, _Mode(g.kind))
+        idx = np.arange(len(C))
+        surely, undecided = _refine(_Pair(parts), idx, ui, uj, prep, idx, _Mode(g.kind))
         ri, rj = ui[surely], uj[surely]
         ui, uj = ui[undecided], uj[undecided]
         if kind == "count":
@@ -592,16 +646,21 @@ def _decide(decider: _SkDecider, rows: _Rows, bi: np.ndarray, bj: np.ndarray) ->
     return _recheck(bi, bj, _Singletons(), decider)
 
 
-def _reorder(blocks: list[Any], cells_of: list[np.ndarray], g_f: Any) -> list[Any]:
-    """The reorder, as a graph the scheduler keeps (the lineage of every prepared block): each
-    input block (``blocks``: futures) is cut into one piece per cell it has rows in, on its
-    worker; each cell's pieces are moved to one worker, concatenated and prepared there
-    (:func:`_block_prep`). One ``dask.delayed`` per cell, in cell order. Pieces are the only
-    copy in flight: no reordered block is held apart from its prepared form.
+def _reorder(client: Any, blocks: list[Any], cells_of: list[np.ndarray], g_f: Any) -> list[Any]:
+    """The prepared blocks (futures, in cell order), by a reorder the scheduler keeps as
+    their lineage: each input block (``blocks``: futures) is cut into one piece per cell it
+    has rows in, on its worker; each cell's pieces are moved to one worker, concatenated and
+    prepared there (:func:`_block_prep`). Pieces are the only copy in flight: no reordered
+    block is held apart from its prepared form.
 
-    The delayed objects hold the input blocks' futures: drop them once computed."""
+    Each cell is prepared on the worker that :func:`_placement` gives it (a loose
+    restriction: another worker takes it if that one is gone or busy): left to the scheduler,
+    which runs a task where most of its inputs are, a worker that had read more shards
+    prepared several times its share of the blocks (730 against 420 MiB, 156,000 x 768 on 4
+    workers), and the busiest worker sets the memory a fit needs."""
     import dask
 
+    n_cells = 1 + max((int(c.max(initial=-1)) for c in cells_of), default=-1)
     pieces: dict[int, list[Any]] = {}
     for fut, c in zip(blocks, cells_of, strict=True):
         used = np.unique(c)
@@ -611,8 +670,49 @@ def _reorder(blocks: list[Any], cells_of: list[np.ndarray], g_f: Any) -> list[An
         cut = dask.delayed(_cut, nout=len(used) if many else None)(fut, c, used)
         for a, piece in zip(used, cut if many else [cut], strict=True):
             pieces.setdefault(int(a), []).append(piece)
-    prep = dask.delayed(_block_prep)
-    return [prep(pieces[a], g_f) for a in sorted(pieces)]
+    cells = sorted(pieces)
+    counts = [len(pieces[a]) for a in cells]
+    # the pieces as futures (their keys and lineage are the graph's), so that each cell's
+    # task can be placed on its own; dropped on return, once the preparations hold them
+    held = client.compute([p for a in cells for p in pieces[a]])
+    del pieces
+    rows = np.stack([np.bincount(c, minlength=n_cells) for c in cells_of])
+    who = client.who_has(blocks)
+    owner = [(who.get(f.key) or [None])[0] for f in blocks]
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    place = _placement(rows, owner, workers)
+    out, at = [], 0
+    for a, k in zip(cells, counts, strict=True):
+        out.append(
+            client.submit(
+                _block_prep,
+                held[at : at + k],
+                g_f,
+                workers=[place[a]],
+                allow_other_workers=True,
+                pure=False,
+            )
+        )
+        at += k
+    return out
+
+
+def _placement(rows: np.ndarray, owner: list[str | None], workers: list[str]) -> list[str]:
+    """The worker to prepare each cell on: ``rows[i, a]`` rows of input block i (held by
+    ``owner[i]``) are in cell a. Cells, largest first, go to the worker holding most of
+    their rows among those below an equal share of all rows (plus one cell), else to the
+    least loaded: each worker prepares about its share, and most rows do not move."""
+    size = rows.sum(axis=0)
+    cap = size.sum() / max(1, len(workers)) + size.max(initial=0)
+    load = dict.fromkeys(workers, 0)
+    local = {w: rows[[i for i, o in enumerate(owner) if o == w]].sum(axis=0) for w in workers}
+    place = [workers[0]] * rows.shape[1]
+    for a in np.argsort(-size, kind="stable"):
+        room = [w for w in workers if load[w] + size[a] <= cap] or workers
+        best = max(room, key=lambda w: (local[w][a], -load[w]))
+        place[a] = best
+        load[best] += int(size[a])
+    return place
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,20 +767,32 @@ class _DaskFit:
         # summed on the workers, _GRAM_FANIN at a time: the client receives one d x d gram,
         # not one per input block (39 blocks at 768-d were 184 MB on the client)
         grams = client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False)
+        fanin = max(2, min(_GRAM_FANIN, _GRAM_BYTES // (8 * d * d)))
         while len(grams) > 1:
             grams = [
-                client.submit(_add_grams, *grams[i : i + _GRAM_FANIN], pure=False)
-                for i in range(0, len(grams), _GRAM_FANIN)
+                client.submit(_add_grams, *grams[i : i + fanin], pure=False)
+                for i in range(0, len(grams), fanin)
             ]
         gram, ssum, total = executor.gather(client, grams, what=_WHAT)[0]
+        del grams
         k = min(N_BOUND_DIMS, d)
         if k < d and total >= 2:
-            smean = ssum / total
-            cov = (gram - total * np.outer(smean, smean)) / (total - 1)
-            g.V = np.ascontiguousarray(np.linalg.eigh(cov)[1][:, ::-1][:, :k])
+            from scipy.linalg import eigh
+
+            # the scatter matrix about the sample's mean, in place (its eigenvectors are the
+            # covariance's), and only its k leading eigenvectors: the client holds one d x d
+            # float64 (8 MiB at 1024-d), not the four of a full eigendecomposition
+            cov = gram if gram.flags.writeable else gram.copy()
+            del gram
+            cov -= np.outer(ssum / total, ssum)
+            _, vecs = eigh(
+                cov, subset_by_index=[d - k, d - 1], overwrite_a=True, check_finite=False
+            )
+            g.V = np.ascontiguousarray(vecs[:, ::-1])
+            del cov, vecs
         else:
             g.V = np.eye(d)[:, :k]
-        del grams, gram
+            del gram
         log.debug(
             "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
         )
@@ -720,12 +832,10 @@ class _DaskFit:
         # rows by cell, in input order within a cell: the reorder's permutation
         perm = np.argsort(cells, kind="stable")
 
-        prepared = _reorder(blocks, cells_of, self.g_f)
-        self.blocks = client.compute(prepared)
-        # the reorder's graph is on the scheduler: drop every hold on the input blocks (the
-        # delayed pieces hold their futures too), so each is freed once its pieces are cut
-        # (the scheduler keeps their tasks as lineage)
-        del X, blocks, held, prepared
+        self.blocks = _reorder(client, blocks, cells_of, self.g_f)
+        # the reorder's tasks are on the scheduler: drop every hold on the input blocks, so
+        # each is freed once its pieces are cut (the scheduler keeps their tasks as lineage)
+        del X, blocks, held
         for _ in executor.finished(client, set(self.blocks), what=_WHAT):
             pass
         log.debug(

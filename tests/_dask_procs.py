@@ -58,7 +58,13 @@ def dask_processes(
             worker += ["--local-directory", str(logs / f"w{i}")]
             procs.append(_spawn(worker, logs / f"worker{i}.log", {**env, **(worker_env or {})}))
         with Client(address, timeout="30s") as client:
-            client.wait_for_workers(n_workers, timeout=60)
+            # joined, whatever their status: Client.wait_for_workers counts running workers
+            # only, and a test may start workers that pause at once
+            deadline = time.monotonic() + 60
+            while len(client.scheduler_info(n_workers=-1)["workers"]) < n_workers:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{n_workers} dask workers did not join in 60 s: {logs}")
+                time.sleep(0.1)
         yield address
     finally:
         for p in reversed(procs):
