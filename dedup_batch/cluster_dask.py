@@ -105,8 +105,6 @@ IN_FLIGHT_PER_THREAD = 2
 # at most _GRAM_BYTES of them (at 2048-d a gram is 32 MiB: two at a time).
 _GRAM_FANIN = 8
 _GRAM_BYTES = 64 << 20
-# Rows of block A multiplied at once in a tile: a (1024 x rows_B) product and its float64 sums.
-_TILE_ROWS = 1024
 # Rows centred at once in float64 (a block's float64 copy is twice its size: 2048 rows at
 # 768-d are 12 MiB).
 _CENTRE_ROWS = 2048

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from . import executor, plandir
-from .cluster_dask import ClusteredRows
+from .cluster_dask import ClusteredRows, _cut
 from .plandir import PlanCounts, PlanDir
 from .select import KeepPolicy, check_policy_inputs, parse_policy, select_keepers
 
@@ -187,12 +187,7 @@ def _cut_rows(block: np.ndarray, local: np.ndarray, where: np.ndarray, used: np.
     """Dask task: rows ``local`` of one row block, cut by their partition ``where`` into one
     (k, d) array per partition in ``used`` (ascending), rows in order; the one array when
     they all go to one partition."""
-    x = np.asarray(block)[local]
-    if len(used) == 1:
-        return x
-    order = np.argsort(where, kind="stable")
-    ends = np.searchsorted(where[order], used, side="right")
-    return tuple(x[o] for o in np.split(order, ends[:-1]))
+    return _cut(np.asarray(block)[local], where, used)
 
 
 def _select_partition(
