@@ -101,10 +101,17 @@ BLOCK_BYTES = 16 << 20
 #: Tiles in flight per worker thread: enough to hide the client's merge between results,
 #: few enough that finished results never pile up (each is O(rows of two blocks)).
 IN_FLIGHT_PER_THREAD = 2
-# Grams summed per task on the workers (each d x d float64: 2 MiB at 512-d, 4.7 MiB at 768-d).
+# Grams summed per task on the workers (each d x d float64: 2 MiB at 512-d, 4.7 MiB at 768-d),
+# at most _GRAM_BYTES of them (at 2048-d a gram is 32 MiB: two at a time).
 _GRAM_FANIN = 8
-# Rows of block A multiplied at once in a tile: a (1024 x rows_B) product and its float64 sums.
-_TILE_ROWS = 1024
+_GRAM_BYTES = 64 << 20
+# Rows centred at once in float64 (a block's float64 copy is twice its size: 2048 rows at
+# 768-d are 12 MiB).
+_CENTRE_ROWS = 2048
+
+
+# What a stalled wait names (see executor.finished).
+_WHAT = "cluster (distributed DBSCAN)"
 
 
 class _NeedsGather(Exception):
@@ -222,6 +229,18 @@ def _centred(x: np.ndarray, g: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]
     return x64, sq
 
 
+def _centred_chunks(
+    x: np.ndarray, g: SimpleNamespace
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """``(start, end, c64, sq)`` of :func:`_centred` over ``x`` in chunks of
+    ``_CENTRE_ROWS`` rows: the float64 copy of a whole block (2x its size) is never held.
+    Row by row the values are :func:`_centred`'s (each row's are computed from it alone)."""
+    for s in range(0, len(x), _CENTRE_ROWS):
+        e = min(len(x), s + _CENTRE_ROWS)
+        c64, sq = _centred(x[s:e], g)
+        yield s, e, c64, sq
+
+
 def _sample(m: int, frac: float, seed: int) -> np.ndarray:
     """The rows of a block in the global sample (the same rows in every pass)."""
     k = min(m, max(1, round(m * frac))) if m else 0
@@ -248,8 +267,10 @@ def _block_projections(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float
 
 def _block_cells(x: np.ndarray, g: SimpleNamespace, tree: tuple[np.ndarray, ...]) -> np.ndarray:
     """Dask task: the cell (new block) of each row, by the client's median-split tree."""
-    c64, _ = _centred(x, g)
-    return _descend(tree, c64 @ g.V[:, : g.n_split])
+    P = np.empty((len(x), g.n_split))
+    for s, e, c64, _ in _centred_chunks(x, g):
+        P[s:e] = c64 @ g.V[:, : g.n_split]
+    return _descend(tree, P)
 
 
 def _descend(tree: tuple[np.ndarray, ...], P: np.ndarray) -> np.ndarray:
@@ -326,19 +347,32 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     Memory (held with the block): the raw rows in leaf order (the block's size) and per row
     two (k + 2) float32 factors and six float64 values (~330 bytes at k = 32). The float32
     working rows are recomputed by each tile (O(rows x d), against the tile's O(rows^2 x d)).
+    While it runs: the pieces, their concatenation and its copy in leaf order (3x the
+    block) plus ``_CENTRE_ROWS`` rows in float64: the centred rows are never held whole.
     """
     x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     m, d = x.shape
-    c64, sq = _centred(x, g)
     k = g.V.shape[1]
-    P = c64 @ g.V
+    P, sq, csq = np.empty((m, k)), np.empty(m), np.empty(m)
+    total = np.zeros(d)
+    for s, e, c64, sq_rows in _centred_chunks(x, g):
+        sq[s:e] = sq_rows
+        P[s:e] = c64 @ g.V
+        csq[s:e] = np.einsum("ij,ij->i", c64, c64)
+        total += c64.sum(axis=0)
+    # the block's ball: any centre will do (the radius is measured from it, and rounded up)
+    centre = total / max(m, 1)
+    radius = 0.0
+    for _, _, c64, _ in _centred_chunks(x, g):
+        diff = c64 - centre
+        radius = max(radius, float(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
+    radius = math.sqrt(radius)
     cells = _descend(_median_tree(P[:, : g.n_split], LEAF), P[:, : g.n_split])
     order = np.argsort(cells, kind="stable")
     bounds = np.zeros(int(cells.max(initial=-1)) + 2, np.int64)
     bounds[1:] = np.cumsum(np.bincount(cells, minlength=len(bounds) - 1))
-    c64, sq, P = c64[order], sq[order], P[order]
+    sq, csq, P = sq[order], csq[order], P[order]
     t = g.threshold
-    csq = np.einsum("ij,ij->i", c64, c64)
     psq = np.einsum("ij,ij->i", P, P)
     if g.cosine:
         sk_err = np.full(m, 2.0 * (d + 8) * _U32 * 2.0)
@@ -350,9 +384,6 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     Alo[:, :k], Alo[:, k], Alo[:, k + 1] = P, psq, 1.0
     Blo[:, :k], Blo[:, k], Blo[:, k + 1] = -2.0 * P, 1.0, psq
     starts = bounds[:-1]
-    centre = c64.mean(axis=0)
-    diff = c64 - centre
-    radius = float(np.sqrt(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
     slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
     return _Block(
         x=np.ascontiguousarray(x[order]),
@@ -390,6 +421,26 @@ def _block_rows(b: SimpleNamespace, q: np.ndarray) -> np.ndarray:
     return b.x[q]
 
 
+class _Pair:
+    """The raw rows of one or two prepared blocks as one (m, d) array for ``cluster._refine``,
+    which reads a few rows (``pair[idx]``): their concatenation is never made."""
+
+    def __init__(self, parts: list[SimpleNamespace]) -> None:
+        self.parts = parts
+        self.shape = (sum(len(b.x) for b in parts), parts[0].x.shape[1])
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        if len(self.parts) == 1:
+            return self.parts[0].x[idx]
+        a, b = self.parts
+        out = np.empty((len(idx), self.shape[1]), a.x.dtype)
+        first = idx < len(a.x)
+        out[first] = a.x[idx[first]]
+        out[~first] = b.x[idx[~first] - len(a.x)]
+        return out
+
+
 def _tile(
     A: SimpleNamespace,
     B: SimpleNamespace,
@@ -424,7 +475,13 @@ def _tile(
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(b, name) for b in parts])
 
-    C = np.concatenate([_centred(b.x, g)[0].astype(np.float32) for b in parts])
+    # the float32 working rows, filled a chunk at a time (cast as ``astype`` would)
+    C = np.empty((sum(len(b.x) for b in parts), A.x.shape[1]), np.float32)
+    at = 0
+    for b in parts:
+        for s, e, c64, _ in _centred_chunks(b.x, g):
+            C[at + s : at + e] = c64
+        at += len(b.x)
     bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
     band, band_lo = cat("band"), cat("band_lo")
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
@@ -466,9 +523,8 @@ def _tile(
     else:
         sj = _cat([r[1] for r in out])
     if len(ui):  # a second look in float64 from the original rows: most pairs settle here
-        Xl = cat("x")
-        idx = np.arange(len(Xl))
-        surely, undecided = _refine(Xl, idx, ui, uj, prep, idx, _Mode(g.kind))
+        idx = np.arange(len(C))
+        surely, undecided = _refine(_Pair(parts), idx, ui, uj, prep, idx, _Mode(g.kind))
         ri, rj = ui[surely], uj[surely]
         ui, uj = ui[undecided], uj[undecided]
         if kind == "count":
@@ -518,13 +574,15 @@ class _Rows:
         blk = np.searchsorted(fit.starts, pos, side="right") - 1
         out = np.empty((len(rows), fit.d), np.float32)
         owners = np.unique(blk)
-        got = fit.client.gather(
+        got = executor.gather(
+            fit.client,
             [
                 fit.client.submit(
                     _block_rows, fit.blocks[b], pos[blk == b] - fit.starts[b], pure=False
                 )
                 for b in owners
-            ]
+            ],
+            what=_WHAT,
         )
         for b, vals in zip(owners, got, strict=True):
             out[blk == b] = vals
@@ -586,6 +644,75 @@ def _decide(decider: _SkDecider, rows: _Rows, bi: np.ndarray, bj: np.ndarray) ->
     return _recheck(bi, bj, _Singletons(), decider)
 
 
+def _reorder(client: Any, blocks: list[Any], cells_of: list[np.ndarray], g_f: Any) -> list[Any]:
+    """The prepared blocks (futures, in cell order), by a reorder the scheduler keeps as
+    their lineage: each input block (``blocks``: futures) is cut into one piece per cell it
+    has rows in, on its worker; each cell's pieces are moved to one worker, concatenated and
+    prepared there (:func:`_block_prep`). Pieces are the only copy in flight: no reordered
+    block is held apart from its prepared form.
+
+    Each cell is prepared on the worker that :func:`_placement` gives it (a loose
+    restriction: another worker takes it if that one is gone or busy): left to the scheduler,
+    which runs a task where most of its inputs are, a worker that had read more shards
+    prepared several times its share of the blocks (730 against 420 MiB, 156,000 x 768 on 4
+    workers), and the busiest worker sets the memory a fit needs."""
+    import dask
+
+    n_cells = 1 + max((int(c.max(initial=-1)) for c in cells_of), default=-1)
+    pieces: dict[int, list[Any]] = {}
+    for fut, c in zip(blocks, cells_of, strict=True):
+        used = np.unique(c)
+        if len(used) == 0:
+            continue
+        many = len(used) > 1
+        cut = dask.delayed(_cut, nout=len(used) if many else None)(fut, c, used)
+        for a, piece in zip(used, cut if many else [cut], strict=True):
+            pieces.setdefault(int(a), []).append(piece)
+    cells = sorted(pieces)
+    counts = [len(pieces[a]) for a in cells]
+    # the pieces as futures (their keys and lineage are the graph's), so that each cell's
+    # task can be placed on its own; dropped on return, once the preparations hold them
+    held = client.compute([p for a in cells for p in pieces[a]])
+    del pieces
+    rows = np.stack([np.bincount(c, minlength=n_cells) for c in cells_of])
+    who = client.who_has(blocks)
+    owner = [(who.get(f.key) or [None])[0] for f in blocks]
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    place = _placement(rows, owner, workers)
+    out, at = [], 0
+    for a, k in zip(cells, counts, strict=True):
+        out.append(
+            client.submit(
+                _block_prep,
+                held[at : at + k],
+                g_f,
+                workers=[place[a]],
+                allow_other_workers=True,
+                pure=False,
+            )
+        )
+        at += k
+    return out
+
+
+def _placement(rows: np.ndarray, owner: list[str | None], workers: list[str]) -> list[str]:
+    """The worker to prepare each cell on: ``rows[i, a]`` rows of input block i (held by
+    ``owner[i]``) are in cell a. Cells, largest first, go to the worker holding most of
+    their rows among those below an equal share of all rows (plus one cell), else to the
+    least loaded: each worker prepares about its share, and most rows do not move."""
+    size = rows.sum(axis=0)
+    cap = size.sum() / max(1, len(workers)) + size.max(initial=0)
+    load = dict.fromkeys(workers, 0)
+    local = {w: rows[[i for i, o in enumerate(owner) if o == w]].sum(axis=0) for w in workers}
+    place = [workers[0]] * rows.shape[1]
+    for a in np.argsort(-size, kind="stable"):
+        room = [w for w in workers if load[w] + size[a] <= cap] or workers
+        best = max(room, key=lambda w: (local[w][a], -load[w]))
+        place[a] = best
+        load[best] += int(size[a])
+    return place
+
+
 # --------------------------------------------------------------------------------------------
 # The client's side
 # --------------------------------------------------------------------------------------------
@@ -616,7 +743,7 @@ class _DaskFit:
     def _prepare(self) -> list[tuple[int, int]]:
         """Reorder the rows into spatially compact blocks, prepare each block on its worker
         and return the block pairs to compute (A <= B), diagonal first."""
-        from distributed import Future, wait
+        from distributed import Future
 
         client, g, n, d = self.client, self.g, self.n, self.d
         self.t0 = time.perf_counter()
@@ -626,7 +753,7 @@ class _DaskFit:
         held = take_blocks(self.X)
         X = client.persist(self.X)
         blocks = [Future(k, client) for k in _keys(X)]
-        sums = client.gather(client.map(_block_sum, blocks, pure=False))
+        sums = executor.gather(client, client.map(_block_sum, blocks, pure=False), what=_WHAT)
         if g.cosine and sum(z for _, z in sums):
             raise _NeedsGather("cosine zero vectors (distance 1 to everything, themselves too)")
         if not g.cosine:
@@ -638,20 +765,32 @@ class _DaskFit:
         # summed on the workers, _GRAM_FANIN at a time: the client receives one d x d gram,
         # not one per input block (39 blocks at 768-d were 184 MB on the client)
         grams = client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False)
+        fanin = max(2, min(_GRAM_FANIN, _GRAM_BYTES // (8 * d * d)))
         while len(grams) > 1:
             grams = [
-                client.submit(_add_grams, *grams[i : i + _GRAM_FANIN], pure=False)
-                for i in range(0, len(grams), _GRAM_FANIN)
+                client.submit(_add_grams, *grams[i : i + fanin], pure=False)
+                for i in range(0, len(grams), fanin)
             ]
-        gram, ssum, total = grams[0].result()
+        gram, ssum, total = executor.gather(client, grams, what=_WHAT)[0]
+        del grams
         k = min(N_BOUND_DIMS, d)
         if k < d and total >= 2:
-            smean = ssum / total
-            cov = (gram - total * np.outer(smean, smean)) / (total - 1)
-            g.V = np.ascontiguousarray(np.linalg.eigh(cov)[1][:, ::-1][:, :k])
+            from scipy.linalg import eigh
+
+            # the scatter matrix about the sample's mean, in place (its eigenvectors are the
+            # covariance's), and only its k leading eigenvectors: the client holds one d x d
+            # float64 (8 MiB at 1024-d), not the four of a full eigendecomposition
+            cov = gram if gram.flags.writeable else gram.copy()
+            del gram
+            cov -= np.outer(ssum / total, ssum)
+            _, vecs = eigh(
+                cov, subset_by_index=[d - k, d - 1], overwrite_a=True, check_finite=False
+            )
+            g.V = np.ascontiguousarray(vecs[:, ::-1])
+            del cov, vecs
         else:
             g.V = np.eye(d)[:, :k]
-        del grams, gram
+            del gram
         log.debug(
             "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
         )
@@ -661,49 +800,48 @@ class _DaskFit:
         # split along as many leading directions as the in-process engine's tree over all rows
         # would (see cluster.SPLIT_CELLS): cells, then each block's leaves, cut the same grid
         g.n_split = max(1, min(k, int(math.log(max(2, n // LEAF)) / math.log(SPLIT_CELLS) + 1e-9)))
+        # The geometry (mean, directions: d x 33 floats) as a literal of the graph, computed
+        # once and held by the fit: every later task (cells, the reorder, each tile of each
+        # pass) depends on this one key. Not scattered: scattered data has no lineage, and
+        # once the active memory manager has dropped a broadcast's extra replicas, the worker
+        # holding the last one may die (or be restarted by its nanny for memory), after which
+        # every tile submitted with it is cancelled ("already forgotten"). A literal is
+        # recomputed like any other task.
+        import dask
+
+        self.g_f = client.compute(
+            dask.delayed(g, traverse=False, name=f"dbscan-geometry-{uuid.uuid4().hex}")
+        )
         if n_cells > 1:
-            g_f = executor.scatter(client, g)
-            P = np.concatenate(
-                client.gather(
-                    client.map(_block_projections, blocks, seeds, g=g_f, frac=frac, pure=False)
-                )
+            projections = client.map(
+                _block_projections, blocks, seeds, g=self.g_f, frac=frac, pure=False
             )
+            P = np.concatenate(executor.gather(client, projections, what=_WHAT))
             tree = _median_tree(P, max(1, -(-len(P) // n_cells)))
-            cells_of = client.gather(client.map(_block_cells, blocks, g=g_f, tree=tree, pure=False))
+            cells_of = executor.gather(
+                client,
+                client.map(_block_cells, blocks, g=self.g_f, tree=tree, pure=False),
+                what=_WHAT,
+            )
             log.debug("DBSCAN (distributed): cells at %.2f s", time.perf_counter() - self.t0)
         else:  # one block's worth of rows: one block, however the input was chunked
             cells_of = [np.zeros(m, np.int32) for m in X.chunks[0]]
         cells = np.concatenate(cells_of)
         # rows by cell, in input order within a cell: the reorder's permutation
         perm = np.argsort(cells, kind="stable")
-        import dask
 
-        # The reorder, as a graph the scheduler keeps (the lineage of every prepared block):
-        # each input block is cut into one piece per cell it has rows in, on its worker; each
-        # cell's pieces are moved to one worker, concatenated and prepared there. Pieces are
-        # the only copy in flight: no reordered block is held apart from its prepared form.
-        # ``g`` is a literal of the graph, not a scattered copy: scattered data has no lineage,
-        # and a block recomputed after its worker died must not depend on data that died too.
-        g_d = dask.delayed(g, traverse=False, name=f"dbscan-geometry-{uuid.uuid4().hex}")
-        pieces: dict[int, list[Any]] = {}
-        for fut, c in zip(blocks, cells_of, strict=True):
-            used = np.unique(c)
-            if len(used) == 0:
-                continue
-            many = len(used) > 1
-            cut = dask.delayed(_cut, nout=len(used) if many else None)(fut, c, used)
-            for a, piece in zip(used, cut if many else [cut], strict=True):
-                pieces.setdefault(int(a), []).append(piece)
-        prep = dask.delayed(_block_prep)
-        self.blocks = client.compute([prep(pieces[a], g_d) for a in sorted(pieces)])
-        # the reorder's graph is on the scheduler: drop every hold on the input blocks, so
+        self.blocks = _reorder(client, blocks, cells_of, self.g_f)
+        # the reorder's tasks are on the scheduler: drop every hold on the input blocks, so
         # each is freed once its pieces are cut (the scheduler keeps their tasks as lineage)
         del X, blocks, held
-        wait(self.blocks)
+        for _ in executor.finished(client, set(self.blocks), what=_WHAT):
+            pass
         log.debug(
             "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
         )
-        metas = client.gather(client.map(_block_meta, self.blocks, pure=False))
+        metas = executor.gather(
+            client, client.map(_block_meta, self.blocks, pure=False), what=_WHAT
+        )
         sizes = [len(m.order) for m in metas]
         self.starts = np.zeros(len(sizes) + 1, np.int64)
         self.starts[1:] = np.cumsum(sizes)
@@ -757,11 +895,8 @@ class _DaskFit:
         """Each tile's result as it finishes, with at most ``IN_FLIGHT_PER_THREAD`` tasks per
         worker thread in flight. ``extra(a, b)`` gives the tile's ``(roots, ctx)`` when it is
         submitted (read after the previous results were merged), or ``None`` to skip it."""
-        from distributed import as_completed
-
         client = self.client
         slots = IN_FLIGHT_PER_THREAD * executor.total_threads(client)
-        g_f = executor.scatter(client, self.g)  # d x 33 floats: once per fit
         todo = iter(work)
 
         def submit_next() -> Any:
@@ -774,11 +909,11 @@ class _DaskFit:
                 ga, gb = int(self.starts[a]), int(self.starts[b])
                 A, B = self.blocks[a], self.blocks[b]
                 self.stats["tiles"] += 1
-                return client.submit(_tile, A, B, ga, gb, g_f, roots, ctx, pure=False)
+                return client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False)
             return None
 
-        running = as_completed([f for f in (submit_next() for _ in range(slots)) if f])
-        for f in running:
+        running = {f for f in (submit_next() for _ in range(slots)) if f}
+        for f in executor.finished(client, running, what=_WHAT):
             out = f.result()
             f.release()
             yield out
@@ -821,7 +956,7 @@ class _DaskFit:
         self.stats["seconds_total"] = round(time.perf_counter() - self.t0, 3)
         # release the prepared blocks now, not when the garbage collector breaks the cycle
         # through the decider's rows (their memory is the fit's whole footprint on the workers)
-        self.blocks, self.decider = [], None
+        self.blocks, self.decider, self.g_f = [], None, None
         return labels, core, self.stats
 
     def _components(self, work: list[tuple[int, int]]) -> np.ndarray:

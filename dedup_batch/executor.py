@@ -15,19 +15,99 @@ Stages take the client as an argument; nothing here looks for a "current" client
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from . import progress as _progress
+from .errors import ConfigError
 from .progress import Stage
 
-__all__ = ["DEFAULT_THREADS", "run_batches", "run_tasks", "scatter", "total_threads"]
+__all__ = [
+    "DEFAULT_THREADS",
+    "PAUSED_TIMEOUT",
+    "finished",
+    "gather",
+    "run_batches",
+    "run_tasks",
+    "scatter",
+    "total_threads",
+]
 
 #: Threads of the local pool when no client is given: the stages that use it (deletes, header
 #: and thumbnail reads) mostly wait on storage, so more threads than cores pay off.
 DEFAULT_THREADS = 8
+
+
+#: Seconds a wait on Dask tasks may go without any of them finishing while a worker stays
+#: paused (its process memory above Dask's pause threshold, ``distributed.worker.memory.pause``,
+#: 80% of its limit by default) before the stage stops with an error. A paused worker runs
+#: nothing, and when its own unmanaged memory (Python and its libraries, ~0.3 GB) is what
+#: holds it above the threshold, spilling cannot bring it back: it stays paused for good and
+#: every task that needs it waits forever. A worker that spills its way back, or resumes
+#: once a neighbour's long task ends, does so well within this.
+PAUSED_TIMEOUT = 300.0
+# How often a quiet wait asks the scheduler for the workers' states (seconds).
+_POLL_SECONDS = 2.0
+
+
+def finished(client: Any, futures: set[Any], *, what: str) -> Iterator[Any]:
+    """Each future of ``futures`` as it finishes (done, erred or cancelled: its ``result()``
+    says which), removed from the set; futures the caller adds to the set while iterating
+    are waited for too (bounded waves).
+
+    Raises :class:`~dedup_batch.errors.ConfigError` naming the workers, their memory and
+    what to do when none has finished for :data:`PAUSED_TIMEOUT` seconds while a worker
+    stayed paused all that time: a stalled cluster ends the stage instead of hanging it.
+    Costs one scheduler call every 2 s of a wait in which nothing finishes.
+    """
+    from distributed import wait
+
+    last = time.monotonic()  # when a future last finished
+    paused_since: dict[str, float] = {}
+    while futures:
+        try:
+            done = wait(list(futures), timeout=_POLL_SECONDS, return_when="FIRST_COMPLETED").done
+        except TimeoutError:
+            done = set()
+        now = time.monotonic()
+        if done:
+            last = now
+            for fut in done:
+                futures.discard(fut)
+                yield fut
+            continue
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        paused = {a: w for a, w in workers.items() if w.get("status") == "paused"}
+        paused_since = {a: paused_since.get(a, now) for a in paused}
+        stuck = [a for a, t in paused_since.items() if now - max(t, last) >= PAUSED_TIMEOUT]
+        if stuck:
+            raise ConfigError(_paused_message(what, [(a, paused[a]) for a in stuck]))
+
+
+def _paused_message(what: str, stuck: list[tuple[str, dict[str, Any]]]) -> str:
+    def one(address: str, info: dict[str, Any]) -> str:
+        rss = (info.get("metrics") or {}).get("memory") or 0
+        limit = info.get("memory_limit") or 0
+        return f"{address} at {rss / 1e6:.0f} MB of a {limit / 1e6:.0f} MB limit"
+
+    return (
+        f"{what}: no Dask task finished in {PAUSED_TIMEOUT:.0f} s while {len(stuck)} worker(s) "
+        f"stayed paused, their memory above Dask's pause threshold "
+        f"({'; '.join(one(a, i) for a, i in stuck)}). A paused worker runs nothing, and its "
+        "own memory (~0.3 GB for Python and its libraries) cannot be spilled: give the "
+        "workers a larger --memory-limit, or more workers (see docs/scaling.md)"
+    )
+
+
+def gather(client: Any, futures: Sequence[Any], *, what: str) -> list[Any]:
+    """``client.gather(futures)`` once every one has finished, waited for by
+    :func:`finished` (a cluster whose workers stay paused raises instead of hanging)."""
+    for _ in finished(client, set(futures), what=what):
+        pass
+    return client.gather(list(futures))
 
 
 def total_threads(client: Any) -> int:

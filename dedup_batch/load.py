@@ -290,7 +290,7 @@ def load_features(
         # Only the pieces' shapes travel first (computed where the pieces are): the client then
         # allocates the result once and fetches the pieces in bounded batches, copying and
         # freeing each batch before the next, so it never holds the pieces and X at once.
-        metas = client.gather(client.map(_piece_meta, futures, pure=False))
+        metas = executor.gather(client, client.map(_piece_meta, futures, pure=False), what="load")
         _raise_first_error(metas)
         if distributed == "always" or (distributed == "auto" and _too_big_to_gather(client, metas)):
             return _on_workers(client, shards, metas, reads, futures)
@@ -436,7 +436,6 @@ def _on_workers(
     import dask.array as da
     import dask.dataframe as dd
     from distributed import futures_of
-    from distributed import wait as distributed_wait
 
     sizes = [m for m, _ in metas]
     n, d = _shape(shards, metas)
@@ -460,7 +459,8 @@ def _on_workers(
     # by ``held``; the pieces they came from are released with ``futures``
     held = _Held(futures_of(client.persist(X)))
     _HELD[X.name] = held
-    distributed_wait(held.futures)  # the load stage ends when the blocks are in place
+    for _ in executor.finished(client, set(held.futures), what="load"):
+        pass  # the load stage ends when the blocks are in place
     meta = pd.DataFrame({"path": pd.array([], dtype="string")})
     frame = dd.from_delayed(paths, meta=meta, verify_meta=False)
     log.info(
@@ -496,7 +496,7 @@ def _distributed_duplicates(
         )
         for b in range(nb)
     ]
-    pairs = client.gather(buckets)
+    pairs = executor.gather(client, buckets, what="load")
     del split, buckets
     dup = np.concatenate([p[0] for p in pairs])
     orig = np.concatenate([p[1] for p in pairs])
@@ -518,7 +518,7 @@ def _distributed_duplicates(
                 pure=False,
             )
         )
-    found = [c for c in client.gather(checks) if c is not None]
+    found = [c for c in executor.gather(client, checks, what="load") if c is not None]
     if found:
         r, o, path_r, path_o, key = min(found)
         raise InputError(

@@ -1,10 +1,15 @@
 """Select on the Dask workers: the plan of a job whose vectors stay on the workers (issue 14).
 
-The rows are grouped by cluster with Dask's own shuffle (``set_index`` on a partition number
-with fixed divisions), so that each partition holds whole clusters, and
+The rows are grouped by cluster into partitions that each hold a range of whole clusters, and
 :func:`dedup_batch.select.select_keepers` (the one implementation of the keep policies and the
-chain guard) runs on each partition, on the worker that holds it. Only the vectors of rows in
-clusters of two or more travel: a singleton is its own keeper and needs no vector.
+chain guard) runs on each partition, on a worker. Only the vectors of rows in clusters of two
+or more travel: a singleton is its own keeper and needs no vector. The client knows every
+row's partition (it holds the labels), so the grouping is a plain graph, not a shuffle: each
+row block of X is cut on its worker into one piece per partition it has clustered rows in,
+and each partition's task takes its pieces (numpy arrays) and its rows' metadata (split on
+the client, which holds it already). Dask's dataframe shuffle, used before, carried each
+vector as d columns through Arrow and took most of a plan's time on wide vectors (54 of 115 s
+at 156,000 x 768).
 
 A plan of more than :data:`dedup_batch.plandir.PART_ROWS` rows is written by the workers as
 the dataset ``plan/part-NNNNN.parquet`` (one part per partition) and never comes to the
@@ -21,8 +26,8 @@ import dask
 import numpy as np
 import pandas as pd
 
-from . import plandir
-from .cluster_dask import ClusteredRows
+from . import executor, plandir
+from .cluster_dask import ClusteredRows, _cut
 from .plandir import PlanCounts, PlanDir
 from .select import KeepPolicy, check_policy_inputs, parse_policy, select_keepers
 
@@ -75,15 +80,15 @@ def select_on_workers(
 
     Notes
     -----
-    Moved between workers: the metadata of every row (~100-200 bytes) and the vectors of the
-    rows in clusters of two or more (``4 d`` bytes each), once, by the shuffle. Per worker:
-    one partition (at most about ``PART_ROWS`` rows, or ``n / blocks`` for a gathered plan)
-    and its clustered vectors. The client holds ``paths``, ``objects`` and ``labels`` (as the
-    pipeline already does) and 4 bytes a row for the partition numbers; the plan table only
-    when it is gathered.
+    Moved between workers: the vectors of the rows in clusters of two or more (``4 d`` bytes
+    each), once (X's row blocks are computed again from their shards, each on one worker, and
+    cut there); every row's metadata (~100-200 bytes) goes from the client to its partition's
+    worker, as that task's argument. Per worker: one partition (at most about ``PART_ROWS``
+    rows, or ``n / blocks`` for a gathered plan) and its clustered vectors, plus the row block
+    being cut. The client holds ``paths``, ``objects`` and ``labels`` (as the pipeline
+    already does), 4 bytes a row for the partition numbers and 8 for their order; the plan
+    table only when it is gathered.
     """
-    import dask.dataframe as dd
-
     pol = policy if isinstance(policy, KeepPolicy) else parse_policy(policy)
     log.info("keep policy %s: %s", pol.text, pol.describe())
     labels = np.asarray(labels, dtype=np.int64)
@@ -101,26 +106,30 @@ def select_on_workers(
             "path": pd.array(paths, dtype="string"),
             "cluster": labels,
             "protected": np.asarray(protected, dtype=bool),
-            "_part": part,
         }
     )
     for col in _OBJECT_COLUMNS:
         if col in objects:
             meta[col] = objects[col].to_numpy() if col == "kind" else objects[col].array
-    rows = dd.from_pandas(meta, npartitions=max(1, X.numblocks[0]), sort=False)
-    vectors = _clustered_vectors(X, labels, part)
-    divisions = tuple(range(n_parts + 1))  # partition i holds _part i: whole clusters
-    rows = rows.set_index("_part", divisions=divisions)
-    vectors = vectors.set_index("_part", divisions=divisions)
+    sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(1, np.int64)
+    clustered = (labels >= 0) & (sizes[np.maximum(labels, 0)] > 1)
+    pieces = _clustered_pieces(X, clustered, part)
+    # rows of each partition, ascending: one stable sort instead of a mask per partition
+    order = np.argsort(part, kind="stable")
+    ends = np.searchsorted(part[order], np.arange(1, n_parts + 1))
     if dataset:
         out.start_dataset()
     task = dask.delayed(_select_partition, pure=True)
     kw = {"policy": pol, "max_keeper_distance": max_keeper_distance, "metric": metric}
-    tasks = [
-        task(r, v, i, out if dataset else None, kw)
-        for i, (r, v) in enumerate(zip(rows.to_delayed(), vectors.to_delayed(), strict=True))
-    ]
-    results = client.gather(client.compute(tasks))
+    d = int(X.shape[1])
+    tasks = []
+    for i, rows in enumerate(np.split(order, ends[:-1])):
+        want = rows[clustered[rows]]  # ascending: the pieces' rows, in block order
+        tasks.append(
+            task(meta.iloc[rows], pieces.get(i, []), want, d, i, out if dataset else None, kw)
+        )
+    del pieces, meta
+    results = executor.gather(client, client.compute(tasks), what="select (on the workers)")
     counts = PlanCounts()
     for c, _ in results:
         counts += c
@@ -151,57 +160,61 @@ def _partitions(labels: np.ndarray, n_parts: int) -> np.ndarray:
     return part
 
 
-def _clustered_vectors(X: Any, labels: np.ndarray, part: np.ndarray) -> Any:
-    """A dask dataframe of the vectors of rows in clusters of two or more (``row``, ``_part``,
-    ``v0``..``v{d-1}``), one partition per row block of X, built where the block is."""
-    import dask.dataframe as dd
-
-    counts = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(1, np.int64)
-    dup = (labels >= 0) & (counts[np.maximum(labels, 0)] > 1)
+def _clustered_pieces(X: Any, clustered: np.ndarray, part: np.ndarray) -> dict[int, list[Any]]:
+    """The vectors of the ``clustered`` rows, per partition: ``{partition: [pieces]}``, each
+    piece a ``dask.delayed`` (k, d) array of one row block's clustered rows in that
+    partition, in row order; pieces in block order (so a partition's rows ascend). Each row
+    block is cut once, on the worker that computes it (:func:`_cut_rows`)."""
     starts = np.r_[0, np.cumsum(X.chunks[0])]
-    d = X.shape[1]
-    frame = dask.delayed(_vector_frame, pure=True)
-    pieces = []
+    pieces: dict[int, list[Any]] = {}
     for k, block in enumerate(X.to_delayed().ravel()):
         a, b = int(starts[k]), int(starts[k + 1])
-        local = np.flatnonzero(dup[a:b])
-        pieces.append(frame(block, local, a, part[a:b][local], d))
-    return dd.from_delayed(pieces, meta=_vector_frame(np.empty((0, d), X.dtype), [], 0, [], d))
+        local = np.flatnonzero(clustered[a:b])
+        if len(local) == 0:
+            continue
+        where = part[a:b][local]
+        used = np.unique(where)
+        many = len(used) > 1
+        cut = dask.delayed(_cut_rows, pure=True, nout=len(used) if many else None)(
+            block, local, where, used
+        )
+        for i, piece in zip(used, cut if many else [cut], strict=True):
+            pieces.setdefault(int(i), []).append(piece)
+    return pieces
 
 
-def _vector_frame(block: np.ndarray, local: Any, start: int, part: Any, d: int) -> pd.DataFrame:
-    """Rows ``local`` of one row block (global row ``start + local``) as a frame."""
-    local = np.asarray(local, dtype=np.int64)
-    values = np.asarray(block)[local]
-    out = pd.DataFrame(values, columns=[f"v{j}" for j in range(d)])
-    out.insert(0, "_part", np.asarray(part, dtype=np.int32))
-    out.insert(0, "row", start + local)
-    return out
+def _cut_rows(block: np.ndarray, local: np.ndarray, where: np.ndarray, used: np.ndarray) -> Any:
+    """Dask task: rows ``local`` of one row block, cut by their partition ``where`` into one
+    (k, d) array per partition in ``used`` (ascending), rows in order; the one array when
+    they all go to one partition."""
+    return _cut(np.asarray(block)[local], where, used)
 
 
 def _select_partition(
     rows: pd.DataFrame,
-    vectors: pd.DataFrame,
+    pieces: list[np.ndarray],
+    want: np.ndarray,
+    d: int,
     index: int,
     out: PlanDir | None,
     kw: dict[str, Any],
 ) -> tuple[PlanCounts, Any]:
     """Select one partition (whole clusters) on its worker; write it as part ``index`` when
-    ``out`` is given. Returns its counts and its part entry (or its plan table)."""
-    rows = rows.sort_values("row", kind="stable").reset_index(drop=True)
-    vectors = vectors.sort_values("row", kind="stable")
+    ``out`` is given. ``rows``: its rows' metadata, ascending by ``row``; ``pieces``: the
+    vectors (``d`` floats) of its rows ``want`` (those in clusters of two or more, ascending),
+    which select compares; the others are each their own keeper. Returns its
+    counts and its part entry (or its plan table)."""
+    rows = rows.reset_index(drop=True)
     here = rows["row"].to_numpy(dtype=np.int64)
-    want = vectors["row"].to_numpy(dtype=np.int64)
     pos = np.searchsorted(here, want)
-    if len(want) and (
-        pos.max() >= len(here) or np.any(here[np.minimum(pos, len(here) - 1)] != want)
+    values = np.concatenate(pieces) if pieces else np.empty((0, d), np.float32)
+    if len(values) != len(want) or (
+        len(want)
+        and (pos.max() >= len(here) or np.any(here[np.minimum(pos, len(here) - 1)] != want))
     ):
-        # the two shuffles disagree on where a cluster went: never guess a keeper
+        # the pieces and the rows disagree on where a cluster went: never guess a keeper
         raise RuntimeError(f"select partition {index}: vectors of rows not in the partition")
-    columns = [c for c in vectors.columns if str(c).startswith("v")]  # v0 .. v{d-1}
-    d = len(columns)
-    values = vectors[columns].to_numpy(dtype=np.float32)
-    X = ClusteredRows((len(rows), d), pos.astype(np.int64), np.ascontiguousarray(values))
+    X = ClusteredRows((len(rows), d), pos.astype(np.int64), values)
     objects = rows[[c for c in _OBJECT_COLUMNS if c in rows]].reset_index(drop=True)
     plan = select_keepers(
         rows["path"].to_numpy(dtype=object),

@@ -30,10 +30,15 @@ def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
 
 @contextmanager
 def dask_processes(
-    logs: Path, n_workers: int = 2, worker_args: tuple[str, ...] = ()
+    logs: Path,
+    n_workers: int = 2,
+    worker_args: tuple[str, ...] = (),
+    worker_env: dict[str, str] | None = None,
 ) -> Iterator[str]:
-    """Start a scheduler and ``n_workers`` one-thread workers on 127.0.0.1 (logs in ``logs``),
-    wait until every worker has joined, yield the scheduler's address, stop them all."""
+    """Start a scheduler and ``n_workers`` one-thread workers on 127.0.0.1 (logs in ``logs``;
+    ``worker_env`` added to the workers' environment, e.g. Dask settings as
+    ``DASK_DISTRIBUTED__...`` variables), wait until every worker has joined, yield the
+    scheduler's address, stop them all."""
     from distributed import Client
 
     port = free_port()
@@ -51,9 +56,15 @@ def dask_processes(
             worker = ["distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1"]
             worker += ["--host", "127.0.0.1", "--no-dashboard", *worker_args]
             worker += ["--local-directory", str(logs / f"w{i}")]
-            procs.append(_spawn(worker, logs / f"worker{i}.log", env))
+            procs.append(_spawn(worker, logs / f"worker{i}.log", {**env, **(worker_env or {})}))
         with Client(address, timeout="30s") as client:
-            client.wait_for_workers(n_workers, timeout=60)
+            # joined, whatever their status: Client.wait_for_workers counts running workers
+            # only, and a test may start workers that pause at once
+            deadline = time.monotonic() + 60
+            while len(client.scheduler_info(n_workers=-1)["workers"]) < n_workers:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{n_workers} dask workers did not join in 60 s: {logs}")
+                time.sleep(0.1)
         yield address
     finally:
         for p in reversed(procs):
