@@ -15,6 +15,9 @@ measured here ever held the generator's temporaries. Each side runs in its own s
   each), ``load_features(distributed="always")`` (the workers read the shards: the client never
   holds X), then ``DBSCAN.fit(feats.X)`` is timed, as ``plan`` runs it: the fit takes over the
   loaded blocks (``load.take_blocks``).
+- ``--scheduler-process``: the scheduler and the workers as ``dask scheduler`` / ``dask worker``
+  processes (as ``--scheduler`` and the Helm chart run them), so that the client's peak RSS is
+  the client's alone; without it the LocalCluster's scheduler runs in the client's process.
 - ``--compare TREE``: the distributed side again with another checkout's code (e.g. the main
   branch), same data, same run.
 
@@ -134,8 +137,12 @@ class _Sampler:
         self._thread.join()
 
 
-def _distributed(folder: str, eps: float, workers: int, limit: str, out: str) -> None:
+def _distributed(
+    folder: str, eps: float, workers: int, limit: str, own_scheduler: bool, out: str
+) -> None:
+    import contextlib
     import logging
+    from pathlib import Path
 
     from distributed import Client, LocalCluster
 
@@ -143,17 +150,29 @@ def _distributed(folder: str, eps: float, workers: int, limit: str, out: str) ->
     from dedup_batch.load import load_features
     from dedup_batch.storage import Store
 
-    with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            memory_limit=limit,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with contextlib.ExitStack() as stack:
+        if own_scheduler:
+            # `dask scheduler` and `dask worker` processes (as --scheduler and the Helm chart
+            # run them): this process is then the client alone, and its peak is the client's
+            sys.path.insert(0, os.path.join(os.environ.get("BENCH_TREE", ""), "tests"))
+            from _dask_procs import dask_processes
+
+            logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            address = stack.enter_context(
+                dask_processes(logs, workers, worker_args=("--memory-limit", limit))
+            )
+        else:  # the LocalCluster's scheduler runs in this process: its peak includes it
+            address = stack.enter_context(
+                LocalCluster(
+                    n_workers=workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",
+                    memory_limit=limit,
+                )
+            )
+        client = stack.enter_context(Client(address))
         # the workers import the engine (scikit-learn, SciPy) before the clock starts, as the
         # in-process side has imported it before its clock starts
         client.run(lambda: __import__("dedup_batch.cluster_dask"))
@@ -271,6 +290,12 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=0.6)
     ap.add_argument("--compare", metavar="TREE", help="also run this checkout's distributed path")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument(
+        "--scheduler-process",
+        action="store_true",
+        help="run the scheduler and workers as `dask scheduler`/`dask worker` processes, so "
+        "that the client's peak is its own (default: a LocalCluster, scheduler in the client)",
+    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -280,7 +305,7 @@ def main() -> None:
         elif side == "in-process":
             _in_process(folder, float(rest[0]), rest[-1])
         else:
-            _distributed(folder, float(rest[0]), int(rest[1]), rest[2], rest[-1])
+            _distributed(folder, float(rest[0]), int(rest[1]), rest[2], rest[3] == "1", rest[-1])
         return
     for key, value in CASES.get(a.case, {}).items():
         setattr(a, key, value)
@@ -290,6 +315,7 @@ def main() -> None:
         load0 = os.getloadavg()[0]
         ours = _run(["in-process", tmp, str(a.eps)], a.timeout)
         dist_args = ["distributed", tmp, str(a.eps), str(a.workers), a.memory_limit]
+        dist_args.append("1" if a.scheduler_process else "0")
         dist = _run(dist_args, a.timeout)
         other = _run(dist_args, a.timeout, a.compare) if a.compare else None
         load1 = os.getloadavg()[0]
@@ -297,7 +323,8 @@ def main() -> None:
     print(
         f"data: make_data({a.n}, d={a.d}) float32 ({a.n * a.d * 4 / gib:.2f} GiB) in "
         f"{len(range(0, a.n, a.shard_rows))} NPZ shards, eps {a.eps}; {a.workers} workers x 1 "
-        f"thread, memory limit {a.memory_limit}"
+        f"thread, memory limit {a.memory_limit}, scheduler "
+        f"{'in a process of its own' if a.scheduler_process else 'in the client (LocalCluster)'}"
     )
     print(f"machine: {os.cpu_count()} cores, load average {load0:.1f} -> {load1:.1f}")
     print(f"in-process : {ours['seconds']:8.2f} s  peak RSS {ours['peak_rss'] / gib:.2f} GiB")
