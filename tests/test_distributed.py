@@ -378,11 +378,14 @@ def _write_big(folder: Path) -> np.ndarray:
 # every 20 ms during the cluster stage (load + listing before it hold the paths and the
 # listing: O(n), not X), from the stage's own log lines.
 _PLAN_CLIENT = """
-import json, logging, resource, sys, threading, time, psutil
+import json, logging, re, sys, threading, time, psutil
 from distributed import Client
 from dedup_batch.config import JobSpec
 from dedup_batch.pipeline import plan
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# this process's own high-water mark (VmHWM), not ru_maxrss: Linux starts a child's ru_maxrss
+# at its parent's RSS when it was spawned (a whole suite's pytest: 1.25 GB in the CI rehearsal)
+hwm = re.compile(r"VmHWM:\\s+(\\d+) kB")
+peak = lambda: int(hwm.search(open("/proc/self/status").read()).group(1)) * 1024
 rss = lambda: psutil.Process().memory_info().rss
 fit = {}
 def sample():
