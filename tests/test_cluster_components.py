@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy import sparse
+from scipy.sparse.csgraph import connected_components
 from sklearn.cluster import DBSCAN as SkDBSCAN
 
 import dedup_batch.cluster as cluster_mod
@@ -205,6 +207,33 @@ def test_forest_with_known_nodes_keeps_the_components(seed, n_nodes, n_edges, sp
         np.array([pos[int(v)] for v in fi], np.int64), np.array([pos[int(v)] for v in fj], np.int64)
     )
     np.testing.assert_array_equal(a.roots(), b.roots())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    k=st.integers(1, 300),
+    n_edges=st.integers(0, 2000),
+    shape=st.sampled_from(["random", "chain", "shuffled chain", "stars"]),
+    rounds=st.integers(0, 4),
+)
+def test_lowest_in_component_matches_scipy(seed, k, n_edges, shape, rounds):
+    # the propagation's answer, settled or finished by SciPy after `rounds` (0: SciPy alone
+    # on the starting labels), is each node's smallest component member, as SciPy finds it
+    rng = np.random.default_rng(seed)
+    if shape == "random":
+        li, lj = rng.integers(0, k, n_edges), rng.integers(0, k, n_edges)
+    elif shape == "stars":
+        li, lj = rng.integers(0, k, n_edges), rng.integers(0, max(1, k // 20), n_edges)
+    else:  # a path: many rounds of propagation unless the nodes are in order
+        path = rng.permutation(k) if shape == "shuffled chain" else np.arange(k)
+        li, lj = path[:-1], path[1:]
+    got = cluster_mod._lowest_in_component(li, lj, k, rounds=rounds)
+    g = sparse.coo_matrix((np.ones(len(li)), (li, lj)), shape=(k, k))
+    _, comp = connected_components(g, directed=False)
+    low = np.full(comp.max() + 1, k)
+    np.minimum.at(low, comp, np.arange(k))
+    np.testing.assert_array_equal(got, low[comp])
 
 
 _CAPPED = textwrap.dedent(
