@@ -166,19 +166,21 @@ def _resolve_mode(est: DBSCAN, X: Any, sample_weight: Any) -> _Mode | None:
 
 
 def _distinct_rows(X: np.ndarray, mode: Any) -> tuple[np.ndarray, ...]:
-    """The distinct rows of ``X``: ``first`` (index of each), ``inverse`` (row -> distinct),
-    ``counts``, ``R`` (the distinct rows; ``X`` itself when it has no copies, which saves a
-    full copy of the data) and ``excluded`` (cosine zero vectors, which have no direction)."""
+    """The distinct rows of ``X``: ``first`` (index of each, ascending), ``inverse`` (row ->
+    distinct), ``counts``, ``excluded`` (cosine zero vectors, which have no direction) and
+    ``subset``: the rows of ``X`` to prepare (``first[~excluded]``), or None for all of
+    them. The distinct rows are read where they lie (:func:`_prepare`'s ``subset``): exact
+    copies, common in a bucket of duplicates, cost no copy of the input."""
     first, inverse = _unique_rows(X)
     m = len(first)
     counts = np.bincount(inverse, minlength=m)
-    R = X if m == X.shape[0] else X[first]
     excluded = np.zeros(m, bool)
-    if mode.kind == "cosine":  # by chunks: R != 0 whole is an (m, d) bool temporary
-        step = _chunk_rows(R.shape[1])
+    if mode.kind == "cosine":  # by chunks: X != 0 whole is an (m, d) bool temporary
+        step = _chunk_rows(X.shape[1])
         for s in range(0, m, step):
-            excluded[s : s + step] = ~np.any(R[s : s + step] != 0, axis=1)
-    return first, inverse, counts, R, excluded
+            excluded[s : s + step] = ~np.any(X[first[s : s + step]] != 0, axis=1)
+    subset = first[~excluded]
+    return first, inverse, counts, excluded, None if len(subset) == X.shape[0] else subset
 
 
 def _unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -537,10 +539,19 @@ def _each_chunk(fn: Any, m: int, step: int, n_threads: int) -> list[Any]:
 
 
 def _prepare(
-    R: np.ndarray, eps: float, mode: _Mode, sk_dtype: np.dtype, n_threads: int | None = None
+    R: np.ndarray,
+    eps: float,
+    mode: _Mode,
+    sk_dtype: np.dtype,
+    n_threads: int | None = None,
+    subset: np.ndarray | None = None,
 ) -> _Prepared:
     """Centre/normalise the representatives, build the float32 factors, the error bands and
     the projection tree.
+
+    ``subset`` (ascending row numbers of ``R``): prepare those rows only, read in place
+    (row ``q`` of the prepared input is ``R[subset[q]]``): cosine input with zero vectors
+    leaves them out without a copy of the others.
 
     Memory: one float32 copy of R (``C``, in leaf order), (m, k) float64 projections (k = 32;
     freed once the leaves are built) and two (m, k+2) float32 factors. Every float64 working
@@ -553,7 +564,11 @@ def _prepare(
     """
     from threadpoolctl import threadpool_limits
 
-    m, d = R.shape
+    m, d = R.shape if subset is None else (len(subset), R.shape[1])
+
+    def rows_of(idx: Any) -> np.ndarray:  # prepared rows idx (a slice or positions)
+        return R[idx] if subset is None else R[subset[idx]]
+
     step = _chunk_rows(d)
     k = min(N_BOUND_DIMS, d)
     cosine = mode.kind == "cosine"
@@ -561,7 +576,7 @@ def _prepare(
     sq_orig = np.empty(m)
 
     def norms(s: int) -> np.ndarray:
-        r64 = R[s : s + step].astype(np.float64)
+        r64 = rows_of(slice(s, s + step)).astype(np.float64)
         sq_orig[s : s + step] = np.einsum("ij,ij->i", r64, r64)
         return r64.sum(axis=0)
 
@@ -592,7 +607,7 @@ def _prepare(
         gram = np.zeros((d, d))
 
         def moments(s: int) -> tuple[np.ndarray, np.ndarray]:
-            c64 = centred(R[pick[s : s + step]], sq_orig[pick[s : s + step]])
+            c64 = centred(rows_of(pick[s : s + step]), sq_orig[pick[s : s + step]])
             return c64.sum(axis=0), c64.T @ c64
 
         for part_sum, part_gram in _each_chunk(moments, len(pick), step, n_threads):
@@ -612,7 +627,7 @@ def _prepare(
     P = np.empty((m, k))
 
     def project(s: int) -> None:
-        c64 = centred(R[s : s + step], sq_orig[s : s + step])
+        c64 = centred(rows_of(slice(s, s + step)), sq_orig[s : s + step])
         P[s : s + step] = c64 if k == d else c64 @ V
 
     _each_chunk(project, m, step, n_threads)
@@ -653,7 +668,7 @@ def _prepare(
 
     def factors(s: int) -> None:
         rows = order[s : s + step]
-        c64 = centred(R[rows], sq_orig[rows])
+        c64 = centred(rows_of(rows), sq_orig[rows])
         csq[s : s + step] = np.einsum("ij,ij->i", c64, c64)
         if C is not None:
             _fill_aug(C[s : s + step], c64, csq[s : s + step])
@@ -681,7 +696,7 @@ def _prepare(
     if C is None:
         in_place = {
             "R": R,
-            "src": order,
+            "src": order if subset is None else subset[order],
             "mean": None if cosine else mean,
             "sq": sq_orig[order] if cosine else None,
             # half: 600k x 512 peaked at 2.42-2.53 GiB with a 512 MiB cache (2.5 GiB target)
@@ -1662,16 +1677,14 @@ def _build_graph(
     client: Any = None,
     leaf_size: int = 30,
 ) -> _Graph:
-    first, inverse, counts, R, excluded = _distinct_rows(X, mode)
+    first, inverse, counts, excluded, subset = _distinct_rows(X, mode)
     m = len(first)
     active = np.nonzero(~excluded)[0]
     uf = None if keep_edges else _UnionFind(m)
     ei, ej = [], []
     if len(active):
-        # all rows active (always for euclidean): R itself, not a fancy-indexed full copy
-        prep = _prepare(
-            R if len(active) == m else R[active], eps, mode, X.dtype, _n_threads(n_jobs)
-        )
+        # the distinct rows (cosine zero vectors left out) read where they lie: no copy
+        prep = _prepare(X, eps, mode, X.dtype, _n_threads(n_jobs), subset)
         _check_self_pairs(prep, eps, mode, X.dtype)
         active_pos = np.full(m, -1, np.int64)
         active_pos[active] = np.arange(len(active))
@@ -1807,7 +1820,7 @@ def _cluster_counts(
     numbering, that reaches it). Memory: the tiles' working set plus O(m) per-row arrays,
     whatever the number of pairs within eps.
     """
-    first, inverse, counts, R, excluded = _distinct_rows(X, mode)
+    first, inverse, counts, excluded, subset = _distinct_rows(X, mode)
     m = len(first)
     if mode.kind == "cosine" and excluded.any() and eps >= 1.0:
         raise _Irregular  # cosine zero vectors at distance 1 <= eps from everything
@@ -1816,11 +1829,8 @@ def _cluster_counts(
     labels_rep = np.full(m, -1, np.int64)
     core_rep = np.zeros(m, bool)
     if len(active):
-        prep = _prepare(
-            R if len(active) == m else R[active], eps, mode, X.dtype, _n_threads(n_jobs)
-        )
+        prep = _prepare(X, eps, mode, X.dtype, _n_threads(n_jobs), subset)
         _check_self_pairs(prep, eps, mode, X.dtype)
-        del R
         active_pos = np.full(m, -1, np.int64)
         active_pos[active] = np.arange(len(active))
         to_rep = active[prep.order]

@@ -75,6 +75,41 @@ def test_rows_built_in_place_are_the_whole_copys_bits(monkeypatch, metric, dtype
     )
 
 
+@pytest.mark.parametrize("row_bytes", [WHOLE, NONE])
+def test_a_subset_is_prepared_as_its_copy_would_be(monkeypatch, row_bytes):
+    # Cosine input with zero vectors: the other rows are prepared where they lie (`subset`),
+    # the same bits as a prepared copy of them, whether the tiles' rows are one float32 copy
+    # or built per leaf from the input.
+    rng = np.random.default_rng(11)
+    X = noisy_input(rng, 600, 40, 0.3, 0.3, np.float32)
+    subset = np.sort(rng.choice(len(X), 450, replace=False))
+    mode = cluster_mod._resolve_mode(DBSCAN(eps=0.3, metric="cosine"), X, None)
+    monkeypatch.setattr(cluster_mod, "LEAF", 32)
+    monkeypatch.setattr(cluster_mod, "ROW_BYTES", row_bytes)
+    copy = cluster_mod._prepare(X[subset], 0.3, mode, X.dtype)
+    kept = cluster_mod._prepare(X, 0.3, mode, X.dtype, subset=subset)
+    for name in ("order", "bounds", "csq", "Alo", "Blo", "band", "band_lo", "lo", "hi"):
+        np.testing.assert_array_equal(getattr(kept, name), getattr(copy, name))
+    m = len(subset)
+    np.testing.assert_array_equal(
+        cluster_mod._rows(kept, [[0, m]], np.arange(m), 0).view(np.uint32),
+        cluster_mod._rows(copy, [[0, m]], np.arange(m), 0).view(np.uint32),
+    )
+    if row_bytes == NONE:
+        assert kept.R is X  # read in place: no copy of the rows
+        np.testing.assert_array_equal(kept.src, subset[copy.src])
+
+
+@pytest.mark.parametrize("row_bytes", [NONE, SMALL, WHOLE])
+@pytest.mark.parametrize("min_samples", [1, 4])
+def test_cosine_with_zero_vectors_in_place(row_bytes, min_samples):
+    # zero vectors among noisy copies: scikit-learn's labels, the others prepared in place
+    rng = np.random.default_rng(row_bytes % 97 + min_samples)
+    X = noisy_input(rng, 500, 32, 0.3, 0.3, np.float32)
+    X[rng.choice(len(X), 40, replace=False)] = 0.0
+    fit_in_place(X, row_bytes, eps=0.05, min_samples=min_samples, metric="cosine")
+
+
 @pytest.mark.parametrize("row_bytes", [NONE, SMALL])
 @pytest.mark.parametrize("min_samples", [1, 3])
 @pytest.mark.parametrize("share", [1, 2**40])
@@ -147,13 +182,15 @@ def test_dbscan_function_matches_sklearn_function(metric):
             np.testing.assert_array_equal(a, b)
 
 
-def test_dbscan_function_holds_no_copy_of_the_input(monkeypatch):
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_dbscan_function_holds_no_copy_of_the_input(monkeypatch, metric):
     # What a fit allocates at its peak per input row, from two sizes (fixed chunk buffers
     # cancel out): with the rows read in place, well under the row itself (256 float32,
     # 1 KiB, against ~0.5 KiB of factors, bands and projections); with the whole float32
     # working copy (the control: what this test must catch), over a row. And dbscan()
     # keeps no components_, while DBSCAN.fit keeps a copy of every core row (all of them
-    # at min_samples=1).
+    # at min_samples=1). 2% of the rows are exact copies, and with cosine 1% are zero
+    # vectors: the engine prepares the other distinct rows where they lie, not a copy of them.
     rng = np.random.default_rng(0)
     scale = np.arange(1, 257) ** -0.6
     centres = rng.standard_normal((5000, 256)) * scale
@@ -169,23 +206,27 @@ def test_dbscan_function_holds_no_copy_of_the_input(monkeypatch):
             tracemalloc.stop()
 
     seen = {}
+    p = {"eps": 0.05 if metric == "euclidean" else 0.002, "min_samples": 1, "metric": metric}
     for n in (20_000, 40_000):
         X = centres[rng.integers(0, 5000, n)] + 0.01 * rng.standard_normal((n, 256)) * scale
         X = X.astype(np.float32)
+        X[-n // 50 :] = X[: n // 50]  # exact copies: the distinct rows are not copied out
+        if metric == "cosine":
+            X[::100] = 0.0
         monkeypatch.setattr(cluster_mod, "ROW_BYTES", 1 << 20)
-        in_place, kept_fn, (_, labels) = traced(lambda X=X: dbscan(X, 0.05, min_samples=1))
-        _, kept_fit, est = traced(lambda X=X: DBSCAN(0.05, min_samples=1).fit(X))
+        in_place, kept_fn, (_, labels) = traced(lambda X=X: dbscan(X, **p))
+        _, kept_fit, est = traced(lambda X=X: DBSCAN(**p).fit(X))
         monkeypatch.setattr(cluster_mod, "ROW_BYTES", 1 << 40)
-        whole, _, (_, labels_whole) = traced(lambda X=X: dbscan(X, 0.05, min_samples=1))
+        whole, _, (_, labels_whole) = traced(lambda X=X: dbscan(X, **p))
         np.testing.assert_array_equal(labels, est.labels_)
         np.testing.assert_array_equal(labels, labels_whole)
         assert kept_fn < 0.1 * X.nbytes < X.nbytes <= kept_fit, (kept_fn, kept_fit)
         seen[n] = (in_place, whole, X.nbytes)
-    np.testing.assert_array_equal(labels, SkDBSCAN(eps=0.05, min_samples=1).fit(X).labels_)
+    np.testing.assert_array_equal(labels, SkDBSCAN(**p).fit(X).labels_)
     (p1, w1, x1), (p2, w2, x2) = seen[20_000], seen[40_000]
     assert (p2 - p1) / (x2 - x1) < 0.75, seen
     assert (w2 - w1) / (x2 - x1) > 1.0, seen
-    assert not hasattr(DBSCAN(0.05)._fit(X, None, None, components=False), "components_")
+    assert not hasattr(DBSCAN(**p)._fit(X, None, None, components=False), "components_")
 
 
 @pytest.mark.parametrize("min_samples", [1, 3])
