@@ -550,8 +550,8 @@ def _prepare(
     the projection tree.
 
     ``subset`` (ascending row numbers of ``R``): prepare those rows only, read in place
-    (row ``q`` of the prepared input is ``R[subset[q]]``): cosine input with zero vectors
-    leaves them out without a copy of the others.
+    (row ``q`` of the prepared input is ``R[subset[q]]``): the distinct rows of an input
+    with exact copies, less any cosine zero vectors, without a copy of them.
 
     Memory: one float32 copy of R (``C``, in leaf order), (m, k) float64 projections (k = 32;
     freed once the leaves are built) and two (m, k+2) float32 factors. Every float64 working
@@ -2018,8 +2018,9 @@ class DBSCAN(ClusterMixin, BaseEstimator):
     -----
     Memory and complexity: peak memory is O(n d) plus a few tiles per thread, independent of
     how many pairs lie within ``eps``, for every ``min_samples``. Identical rows collapse first
-    (8 bytes per row for the hashes, plus a copy of the m distinct rows when there are
-    copies: then that copy is the only one); the tiles need the rows' projections on 32
+    (8 bytes per row for the hashes; the m distinct rows are read where they lie, never
+    copied out, and so are the rows left when cosine zero vectors are set aside); the tiles
+    need the rows' projections on 32
     principal directions ((m, 32) float64 while the tree is built, then two (m, 34) float32
     factors), ~10 float64 values per row, and a few 512 x ~2048 float32 blocks per thread
     (leaves of 512 rows against groups of ~2048 columns, the low-rank bound 512 columns at a
