@@ -29,6 +29,7 @@ def fit_both(
     leaf_scale=None,
     split_gain=None,
     screen_chunk=None,
+    sub_product=None,
     **params,
 ):
     """Our labels and core rows equal scikit-learn's, with FUSED_SHARE = ``share``, the
@@ -38,7 +39,9 @@ def fit_both(
     found among ``root_sample`` of its rows' roots (1: the first row's, often not the largest)
     and left out when that saves 1/``split_gain`` of the block (1: never; 2**40: always), and
     leaves of ``leaf_scale`` * 32 rows, the screen's products ``screen_chunk`` columns at a
-    time (chunks that pass nothing leave their part of the mask empty)."""
+    time (chunks that pass nothing leave their part of the mask empty), and the survivors'
+    values from one product of their rows and columns (``sub_product`` 2**40) or one dot
+    per survivor (0)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cluster_mod, "FUSED_SHARE", share)
         if row_bytes is not None:
@@ -51,6 +54,8 @@ def fit_both(
             mp.setattr(cluster_mod, "_SPLIT_GAIN", split_gain)
         if screen_chunk is not None:
             mp.setattr(cluster_mod, "SCREEN_CHUNK", screen_chunk)
+        if sub_product is not None:
+            mp.setattr(cluster_mod, "SUB_PRODUCT_SHARE", sub_product)
         if screen is not None:
             mp.setattr(cluster_mod, "_screen_pays", lambda prep, work: screen)
         mp.setattr(cluster_mod, "LEAF", 32)
@@ -97,6 +102,7 @@ def isotropic_with_copies(rng, n, d, dense_share, noise, dtype):
             "leaf_scale": st.sampled_from([1, 2, 3]),
             "split_gain": st.sampled_from([None, 1, 2**40]),
             "screen_chunk": st.sampled_from([None, 7, 32]),
+            "sub_product": st.sampled_from([None, 0, 2**40]),
         }
     ),
 )
@@ -111,15 +117,18 @@ def test_flat_spectra_and_dense_groups(
         fit_both(X, share, **knobs, eps=eps, min_samples=min_samples, metric=metric)
 
 
-@pytest.mark.parametrize(("share", "screen"), [(GATHERED, True), (FUSED, True), (16, False)])
+@pytest.mark.parametrize(
+    ("share", "screen", "sub_product"),
+    [(GATHERED, True, 0), (GATHERED, True, 2**40), (FUSED, True, None), (16, False, None)],
+)
 @pytest.mark.parametrize("min_samples", [1, 3])
 @pytest.mark.parametrize("d", [16, 40])
-def test_ties_exactly_at_eps(share, screen, min_samples, d):
+def test_ties_exactly_at_eps(share, screen, sub_product, min_samples, d):
     # Integer points: squared distances are exact integers, so many pairs sit exactly at eps.
     rng = np.random.default_rng(d + min_samples)
     X = rng.integers(0, 3, size=(500, d)).astype(np.float32)
     for eps in (2.0, float(np.sqrt(5.0)), 3.0):
-        fit_both(X, share, screen, eps=eps, min_samples=min_samples)
+        fit_both(X, share, screen, sub_product=sub_product, eps=eps, min_samples=min_samples)
 
 
 def test_fused_path_taken_only_where_the_screen_does_not_pay(monkeypatch):
