@@ -187,6 +187,11 @@ def _distinct_rows(X: np.ndarray, mode: Any) -> tuple[np.ndarray, ...]:
     return first, inverse, counts, excluded, None if len(subset) == X.shape[0] else subset
 
 
+#: Rows per chunk of :func:`_unique_rows` (its hash's product and its verifying gather each
+#: take one): 8 MiB of them.
+_HASH_CHUNK_BYTES = 8 << 20
+
+
 def _unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(first, inverse)``: representative row indices (the lowest index of each group of
     bitwise-identical rows, ascending) and each row's representative number.
@@ -196,22 +201,8 @@ def _unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     n = X.shape[0]
     raw = np.ascontiguousarray(X).view(np.uint8).reshape(n, -1)
-    width = raw.shape[1]
-    pad = (-width) % 8
-    rng = np.random.default_rng(0x5EED)
-    mult = rng.integers(1, 2**63, size=(width + pad) // 8, dtype=np.uint64) | np.uint64(1)
-    h = np.empty(n, dtype=np.uint64)
-    # 8 MiB of rows per chunk: the product below and the verifying gather each take one
-    step = max(1, (8 << 20) // max(1, width + pad))
-    with np.errstate(over="ignore"):
-        for s in range(0, n, step):
-            block = raw[s : s + step]
-            if pad:
-                block = np.concatenate([block, np.zeros((len(block), pad), np.uint8)], axis=1)
-            words = np.ascontiguousarray(block).view(np.uint64)
-            acc = (words * mult).sum(axis=1, dtype=np.uint64)
-            acc ^= acc >> np.uint64(29)
-            h[s : s + step] = acc
+    step = max(1, _HASH_CHUNK_BYTES // max(1, raw.shape[1] + 8))
+    h = _row_hashes(raw, step)
     _, first_of_hash, inverse = np.unique(h, return_index=True, return_inverse=True)
     # np.unique orders groups by hash; renumber them by their first row so that representative
     # k is the k-th new vector in input order.
@@ -221,14 +212,37 @@ def _unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     first = first_of_hash[order]
     inverse = rank[inverse.ravel()]
     for s in range(0, n, step):
-        rows = raw[s : s + step]
-        if not np.array_equal(rows, raw[first[inverse[s : s + step]]]):
+        # a row that is its own representative (the first of its hash) has nothing to verify:
+        # an input without copies is not gathered again (0.36 of 0.56 s at 200k x 512)
+        rep = first[inverse[s : s + step]]
+        later = np.flatnonzero(rep != np.arange(s, s + len(rep)))
+        if len(later) and not np.array_equal(raw[s + later], raw[rep[later]]):
             _, first, inverse = np.unique(raw, axis=0, return_index=True, return_inverse=True)
             order = np.argsort(first, kind="stable")
             rank = np.empty_like(order)
             rank[order] = np.arange(len(order))
             return first[order], rank[inverse.ravel()]
     return first, inverse
+
+
+def _row_hashes(raw: np.ndarray, step: int) -> np.ndarray:
+    """(n,) uint64 hash of each row of ``raw`` (n, width) uint8, ``step`` rows at a time:
+    a random odd multiplier per 8-byte word, summed, then mixed."""
+    n, width = raw.shape
+    pad = (-width) % 8
+    rng = np.random.default_rng(0x5EED)
+    mult = rng.integers(1, 2**63, size=(width + pad) // 8, dtype=np.uint64) | np.uint64(1)
+    h = np.empty(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for s in range(0, n, step):
+            block = raw[s : s + step]
+            if pad:
+                block = np.concatenate([block, np.zeros((len(block), pad), np.uint8)], axis=1)
+            words = np.ascontiguousarray(block).view(np.uint64)
+            acc = (words * mult).sum(axis=1, dtype=np.uint64)
+            acc ^= acc >> np.uint64(29)
+            h[s : s + step] = acc
+    return h
 
 
 # --------------------------------------------------------------------------------------------

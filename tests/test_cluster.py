@@ -327,6 +327,42 @@ def test_estimator_surface():
         DBSCAN(eps=0.5).fit(np.array([[np.nan, 1.0]]))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 300),
+    d=st.integers(1, 9),
+    n_distinct=st.integers(1, 40),
+    weak_hash=st.booleans(),
+    chunk=st.sampled_from([None, 1, 100]),
+)
+def test_unique_rows_exact(seed, n, d, n_distinct, weak_hash, chunk):
+    # Representatives are each group's first row, ascending, whatever the hash: with a weak
+    # hash (byte sum mod 3) distinct rows collide and the exact fallback must answer; -0.0
+    # and 0.0 differ bit for bit, so they are distinct rows.
+    rng = np.random.default_rng(seed)
+    pool = rng.choice(np.array([0.0, -0.0, 1.0, 2.5]), size=(n_distinct, d))
+    X = pool[rng.integers(0, n_distinct, n)].astype(np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        if weak_hash:
+            mp.setattr(
+                cluster_mod, "_row_hashes", lambda raw, step: raw.sum(axis=1).astype(np.uint64) % 3
+            )
+        if chunk is not None:  # hash and verify one row or a few at a time
+            mp.setattr(cluster_mod, "_HASH_CHUNK_BYTES", chunk)
+        first, inverse = cluster_mod._unique_rows(X)
+    seen: dict[bytes, int] = {}
+    want_first, want_inverse = [], []
+    for r in range(n):
+        key = X[r].tobytes()
+        if key not in seen:
+            seen[key] = len(want_first)
+            want_first.append(r)
+        want_inverse.append(seen[key])
+    np.testing.assert_array_equal(first, want_first)
+    np.testing.assert_array_equal(inverse, want_inverse)
+
+
 # ------------------------------------------------------------------------------------------
 # eps_graph against brute force
 # ------------------------------------------------------------------------------------------
