@@ -12,7 +12,7 @@ per-row counts and labels) plus a few KB per block.
    become the new row blocks (~16 MiB each), so that blocks are spatially compact: each input
    block is cut into one piece per cell on its worker, and each cell's pieces are moved to one
    worker and concatenated there. Each block then builds, on its worker, what
-   ``cluster._prepare`` builds for the whole input: leaves of <= LEAF rows, low-rank factors,
+   ``cluster._prepare`` builds for the whole input: leaves of <= LEAF_ROWS rows, low-rank factors,
    rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
    are farther apart than ``eps`` plus every rounding bound are never scheduled.
 2. A tile task runs the in-process engine's own tile code (``cluster._tile_task``: leaf boxes,
@@ -56,6 +56,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import wraps
 from types import SimpleNamespace
 from typing import Any
 
@@ -66,10 +67,12 @@ from .cluster import (
     _U32,
     _U64,
     LEAF,
+    LEAF_SCALE,
     N_BOUND_DIMS,
     SPLIT_CELLS,
     _border_min,
     _cat,
+    _fill_aug,
     _float32_band,
     _forest,
     _Irregular,
@@ -93,7 +96,7 @@ __all__ = ["BLOCK_BYTES", "ClusteredRows", "clustered_rows", "fit_dask", "sample
 log = logging.getLogger(__name__)
 
 #: Target bytes of a reordered row block (float32 rows). A tile task holds its two prepared
-#: blocks, their float32 working rows and a few LEAF x TILE products: ~80 MiB at 16 MiB blocks.
+#: blocks, their float32 working rows and a few LEAF_ROWS x TILE products: ~80 MiB at 16 MiB blocks.
 #: Larger blocks mean fewer, larger tiles (the in-process engine's GEMMs get wider and the
 #: per-tile costs are amortised: 8 MiB blocks ran ~1.5x the in-process tile time on one
 #: worker at 50k x 256, 32 MiB ~1.1x) but fewer tasks to balance over the workers.
@@ -105,6 +108,12 @@ IN_FLIGHT_PER_THREAD = 2
 # at most _GRAM_BYTES of them (at 2048-d a gram is 32 MiB: two at a time).
 _GRAM_FANIN = 8
 _GRAM_BYTES = 64 << 20
+#: Rows per leaf of a block's tree: the in-process engine's (``cluster._prepare``), so that a
+#: tile makes the same number of leaf-pair blocks as the in-process tiles do on those rows.
+#: With LEAF (256) rows, 100k x 256 on one thread made 7,087 blocks in 1,826 leaf tasks
+#: against the in-process engine's 3,167 in 256: the per-block work (component roots,
+#: restrictions, forests) doubled and the products were half as wide.
+LEAF_ROWS = LEAF_SCALE * LEAF
 # Rows centred at once in float64 (a block's float64 copy is twice its size: 2048 rows at
 # 768-d are 12 MiB).
 _CENTRE_ROWS = 2048
@@ -160,7 +169,7 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None, *, client: Any = None)
     bounds), since the fit takes over the blocks ``load`` left on the workers
     (:func:`dedup_batch.load.take_blocks`) and frees each once it is cut (an X persisted by
     the caller stays held by the caller: twice), plus, per thread, one tile (two blocks'
-    float32 working rows and a few LEAF x TILE products). Time: the in-process engine's work
+    float32 working rows and a few LEAF_ROWS x TILE products). Time: the in-process engine's work
     on the block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
     workers: X once by the reorder (its pieces), then one prepared block per tile whose two
     blocks live on different workers.
@@ -211,6 +220,23 @@ def _not_covered(est: Any, X: Any, mode: _Mode | None, client: Any) -> str | Non
 # --------------------------------------------------------------------------------------------
 
 
+def _one_blas_thread(task: Callable[..., Any]) -> Callable[..., Any]:
+    """A task run with one BLAS thread: a Dask worker thread is this engine's unit of
+    parallelism, and OpenBLAS's own threads on a block's skinny products (rows x d x 32,
+    a sample's d x d gram) oversubscribe the cores the other worker threads use (as
+    ``cluster._each_chunk`` measured in process: 2-3x slower on a loaded 2-core machine).
+    Pickled by reference like the task itself (``wraps`` keeps its name)."""
+
+    @wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            return task(*args, **kwargs)
+
+    return run
+
+
 def _block_sum(x: np.ndarray) -> tuple[np.ndarray, int]:
     """Dask task: ``(column sum in float64, number of all-zero rows)`` of a block."""
     zero = int((~np.any(x != 0, axis=1)).sum())
@@ -252,6 +278,7 @@ def _add_grams(*parts: tuple) -> tuple:
     return tuple(sum(p[i] for p in parts) for i in range(3))
 
 
+@_one_blas_thread
 def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tuple:
     """Dask task: ``(sum of c c^T, sum of c, rows)`` over the block's sampled rows: the
     pieces of the sample covariance whose leading eigenvectors bound distances (d x d)."""
@@ -259,12 +286,14 @@ def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tu
     return c64.T @ c64, c64.sum(axis=0), len(c64)
 
 
+@_one_blas_thread
 def _block_projections(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> np.ndarray:
     """Dask task: the sampled rows projected on the splitting directions (s, n_split)."""
     c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
     return c64 @ g.V[:, : g.n_split]
 
 
+@_one_blas_thread
 def _block_cells(x: np.ndarray, g: SimpleNamespace, tree: tuple[np.ndarray, ...]) -> np.ndarray:
     """Dask task: the cell (new block) of each row, by the client's median-split tree."""
     P = np.empty((len(x), g.n_split))
@@ -338,10 +367,11 @@ def _cut(x: np.ndarray, cells: np.ndarray, used: np.ndarray) -> Any:
     return tuple(x[o] for o in np.split(order, ends[:-1]))
 
 
+@_one_blas_thread
 def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     """Dask task: a block prepared for tiles from its cell's ``pieces`` (rows of each input
     block in this cell, in input order), as ``cluster._prepare`` prepares the whole
-    input: its rows in leaf order (leaves of <= LEAF rows by median splits of the
+    input: its rows in leaf order (leaves of <= LEAF_ROWS rows by median splits of the
     projections), the low-rank factors, the error bands and the leaves' boxes.
 
     Memory (held with the block): the raw rows in leaf order (the block's size) and per row
@@ -367,7 +397,7 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
         diff = c64 - centre
         radius = max(radius, float(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
     radius = math.sqrt(radius)
-    cells = _descend(_median_tree(P[:, : g.n_split], LEAF), P[:, : g.n_split])
+    cells = _descend(_median_tree(P[:, : g.n_split], LEAF_ROWS), P[:, : g.n_split])
     order = np.argsort(cells, kind="stable")
     bounds = np.zeros(int(cells.max(initial=-1)) + 2, np.int64)
     bounds[1:] = np.cumsum(np.bincount(cells, minlength=len(bounds) - 1))
@@ -463,7 +493,7 @@ def _tile(
     Returns ``(i, j, band_i, band_j)`` in positions: for ``min_samples=1`` and ``"core"`` a
     spanning forest of the edges; for ``"count"`` ``(rows, neighbours)``; for ``"border"``
     ``(rows, smallest core label)``; and the pairs still within scikit-learn's rounding of
-    eps after a float64 look. Memory: the two blocks' float32 working rows plus a few (LEAF x
+    eps after a float64 look. Memory: the two blocks' float32 working rows plus a few (LEAF_ROWS x
     TILE) products.
     """
     from threadpoolctl import threadpool_limits
@@ -475,12 +505,14 @@ def _tile(
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(b, name) for b in parts])
 
-    # the float32 working rows, filled a chunk at a time (cast as ``astype`` would)
-    C = np.empty((sum(len(b.x) for b in parts), A.x.shape[1]), np.float32)
+    # the float32 working rows, augmented ``[c, 1, csq]`` as the in-process engine's (one
+    # product per block is then the squared distance: no passes adding the norms, see
+    # ``cluster._a_form``), filled a chunk at a time (cast as ``astype`` would)
+    C = np.empty((sum(len(b.x) for b in parts), A.x.shape[1] + 2), np.float32)
     at = 0
     for b in parts:
         for s, e, c64, _ in _centred_chunks(b.x, g):
-            C[at + s : at + e] = c64
+            _fill_aug(C[at + s : at + e], c64, b.csq[s:e])
         at += len(b.x)
     bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
     band, band_lo = cat("band"), cat("band_lo")
@@ -488,18 +520,19 @@ def _tile(
     prep = _Prepared(
         C, cat("csq"), cat("Alo"), cat("Blo"), band, band_lo, cat("sk_err"), g.threshold,
         np.arange(len(C)), bounds, cat("lo"), cat("hi"), leaf_band,
-        np.maximum.reduceat(band_lo, bounds[:-1]), max(b.slack for b in parts),
+        np.maximum.reduceat(band_lo, bounds[:-1]), max(b.slack for b in parts), aug=True,
     )  # fmt: skip
     na = len(A.bounds) - 1
     # the leaves of B (or of A from a on, inside one block) whose boxes may hold a pair
     reach = math.sqrt(g.threshold + float(band.max(initial=0.0)) * 2) + prep.slack
     luf, live = None, None
     if roots is not None:
+        # each row's parent is the first row of its component here: a valid union-find
+        # forest as it stands (every component's first row is its own parent), set directly
+        # rather than merged edge by edge (a sparse connected-components per tile)
         luf = _UnionFind(len(C))
-        _, first = np.unique(roots, return_inverse=True)
-        rep = np.full(first.max(initial=-1) + 1, len(C))
-        np.minimum.at(rep, first, np.arange(len(C)))
-        luf.union(np.arange(len(C)), rep[first])
+        _, first_of, inv = np.unique(roots, return_index=True, return_inverse=True)
+        luf.parent = first_of[inv.ravel()].astype(np.int64)
         live = _LiveRoots(luf.parent)
     out: list[tuple[np.ndarray, ...]] = []
     with threadpool_limits(limits=1, user_api="blas"):
@@ -776,16 +809,20 @@ class _DaskFit:
         k = min(N_BOUND_DIMS, d)
         if k < d and total >= 2:
             from scipy.linalg import eigh
+            from threadpoolctl import threadpool_limits
 
             # the scatter matrix about the sample's mean, in place (its eigenvectors are the
             # covariance's), and only its k leading eigenvectors: the client holds one d x d
-            # float64 (8 MiB at 1024-d), not the four of a full eigendecomposition
+            # float64 (8 MiB at 1024-d), not the four of a full eigendecomposition. One BLAS
+            # thread, as ``cluster._prepare`` (LAPACK's threads on a 256-512 square matrix
+            # measured 5-7x slower there on the loaded 2-core machine)
             cov = gram if gram.flags.writeable else gram.copy()
             del gram
             cov -= np.outer(ssum / total, ssum)
-            _, vecs = eigh(
-                cov, subset_by_index=[d - k, d - 1], overwrite_a=True, check_finite=False
-            )
+            with threadpool_limits(limits=1, user_api="blas"):
+                _, vecs = eigh(
+                    cov, subset_by_index=[d - k, d - 1], overwrite_a=True, check_finite=False
+                )
             g.V = np.ascontiguousarray(vecs[:, ::-1])
             del cov, vecs
         else:
@@ -795,11 +832,13 @@ class _DaskFit:
             "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
         )
         # Cells: median splits of the sample's projections, one cell per new block.
-        rows = max(LEAF, BLOCK_BYTES // (4 * d))
+        rows = max(LEAF_ROWS, BLOCK_BYTES // (4 * d))
         n_cells = max(1, -(-n // rows))
         # split along as many leading directions as the in-process engine's tree over all rows
         # would (see cluster.SPLIT_CELLS): cells, then each block's leaves, cut the same grid
-        g.n_split = max(1, min(k, int(math.log(max(2, n // LEAF)) / math.log(SPLIT_CELLS) + 1e-9)))
+        g.n_split = max(
+            1, min(k, int(math.log(max(2, n // LEAF_ROWS)) / math.log(SPLIT_CELLS) + 1e-9))
+        )
         # The geometry (mean, directions: d x 33 floats) as a literal of the graph, computed
         # once and held by the fit: every later task (cells, the reorder, each tile of each
         # pass) depends on this one key. Not scattered: scattered data has no lineage, and
