@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from . import executor, progress
+from ._malloc import heap_kept
 from .cluster import (
     _U32,
     _U64,
@@ -220,18 +221,27 @@ def _not_covered(est: Any, X: Any, mode: _Mode | None, client: Any) -> str | Non
 # --------------------------------------------------------------------------------------------
 
 
-def _one_blas_thread(task: Callable[..., Any]) -> Callable[..., Any]:
-    """A task run with one BLAS thread: a Dask worker thread is this engine's unit of
-    parallelism, and OpenBLAS's own threads on a block's skinny products (rows x d x 32,
-    a sample's d x d gram) oversubscribe the cores the other worker threads use (as
-    ``cluster._each_chunk`` measured in process: 2-3x slower on a loaded 2-core machine).
+def _on_worker(task: Callable[..., Any]) -> Callable[..., Any]:
+    """A per-block task as it runs on a worker: with one BLAS thread and the heap kept.
+
+    One BLAS thread: a Dask worker thread is this engine's unit of parallelism, and
+    OpenBLAS's own threads on a block's skinny products (rows x d x 32, a sample's d x d
+    gram, a tile's leaf x TILE products) oversubscribe the cores the other worker threads
+    use (``cluster._each_chunk`` measured 2-3x slower in process on a loaded 2-core machine;
+    the preparation at one thread: 3.1 s with them, 1.1 s without, 100k x 256).
+
+    The heap kept (:func:`dedup_batch._malloc.heap_kept`): the tasks allocate and free
+    arrays of a few MB by the thousand, which Dask's nanny setting made fresh mmaps: on two
+    workers, 100k x 256, half of their CPU time was system time (page faults), 4.5 s of
+    9.5 s each, and 0.8 s of 5.2 s with the heap kept.
+
     Pickled by reference like the task itself (``wraps`` keeps its name)."""
 
     @wraps(task)
     def run(*args: Any, **kwargs: Any) -> Any:
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(limits=1, user_api="blas"):
+        with heap_kept(), threadpool_limits(limits=1, user_api="blas"):
             return task(*args, **kwargs)
 
     return run
@@ -278,7 +288,7 @@ def _add_grams(*parts: tuple) -> tuple:
     return tuple(sum(p[i] for p in parts) for i in range(3))
 
 
-@_one_blas_thread
+@_on_worker
 def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tuple:
     """Dask task: ``(sum of c c^T, sum of c, rows)`` over the block's sampled rows: the
     pieces of the sample covariance whose leading eigenvectors bound distances (d x d)."""
@@ -286,14 +296,14 @@ def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tu
     return c64.T @ c64, c64.sum(axis=0), len(c64)
 
 
-@_one_blas_thread
+@_on_worker
 def _block_projections(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> np.ndarray:
     """Dask task: the sampled rows projected on the splitting directions (s, n_split)."""
     c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
     return c64 @ g.V[:, : g.n_split]
 
 
-@_one_blas_thread
+@_on_worker
 def _block_cells(x: np.ndarray, g: SimpleNamespace, tree: tuple[np.ndarray, ...]) -> np.ndarray:
     """Dask task: the cell (new block) of each row, by the client's median-split tree."""
     P = np.empty((len(x), g.n_split))
@@ -367,7 +377,7 @@ def _cut(x: np.ndarray, cells: np.ndarray, used: np.ndarray) -> Any:
     return tuple(x[o] for o in np.split(order, ends[:-1]))
 
 
-@_one_blas_thread
+@_on_worker
 def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     """Dask task: a block prepared for tiles from its cell's ``pieces`` (rows of each input
     block in this cell, in input order), as ``cluster._prepare`` prepares the whole
@@ -471,6 +481,7 @@ class _Pair:
         return out
 
 
+@_on_worker
 def _tile(
     A: SimpleNamespace,
     B: SimpleNamespace,
@@ -496,8 +507,6 @@ def _tile(
     eps after a float64 look. Memory: the two blocks' float32 working rows plus a few (LEAF_ROWS x
     TILE) products.
     """
-    from threadpoolctl import threadpool_limits
-
     same = ga == gb
     parts = [A] if same else [A, B]
     ma = len(A.x)
@@ -535,19 +544,16 @@ def _tile(
         luf.parent = first_of[inv.ravel()].astype(np.int64)
         live = _LiveRoots(luf.parent)
     out: list[tuple[np.ndarray, ...]] = []
-    with threadpool_limits(limits=1, user_api="blas"):
-        for a in range(na):
-            lo_b = a if same else na
-            gap = np.maximum(
-                0.0, np.maximum(prep.lo[lo_b:] - prep.hi[a], prep.lo[a] - prep.hi[lo_b:])
-            )
-            bs = [lo_b + int(b) for b in np.flatnonzero(np.sqrt((gap**2).sum(axis=1)) <= reach)]
-            if not bs:
-                continue
-            res = _tile_task(prep, a, bs, live, ctx)
-            if luf is not None:
-                luf.union(res[0], res[1])
-            out.append(res)
+    for a in range(na):
+        lo_b = a if same else na
+        gap = np.maximum(0.0, np.maximum(prep.lo[lo_b:] - prep.hi[a], prep.lo[a] - prep.hi[lo_b:]))
+        bs = [lo_b + int(b) for b in np.flatnonzero(np.sqrt((gap**2).sum(axis=1)) <= reach)]
+        if not bs:
+            continue
+        res = _tile_task(prep, a, bs, live, ctx)
+        if luf is not None:
+            luf.union(res[0], res[1])
+        out.append(res)
     kind = "edges" if ctx is None else ctx.kind
     si, ui, uj = (_cat([r[k] for r in out]) for k in (0, 2, 3))
     if kind in ("count", "border"):  # a row of B can come back from several leaves of A
