@@ -53,10 +53,13 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from functools import wraps
+from functools import cache, wraps
 from types import SimpleNamespace
 from typing import Any
 
@@ -115,6 +118,13 @@ _GRAM_BYTES = 64 << 20
 #: against the in-process engine's 3,167 in 256: the per-block work (component roots,
 #: restrictions, forests) doubled and the products were half as wide.
 LEAF_ROWS = LEAF_SCALE * LEAF
+#: Blocks whose float32 working rows a worker process keeps for its next tiles (most
+#: recently used): each tile used to centre both its blocks afresh (0.67 s of 8.1 s of tiles
+#: at one thread, 100k x 256; at 600k x 512 each block was centred ~2c = ~100 times). The
+#: tiles are sent so that consecutive tiles on a worker share a block (see
+#: ``_DaskFit._tiles``). Memory: two blocks' rows, ~2 x 16 MiB, held between tiles, and
+#: dropped with the blocks (the fit's end, or a replica released).
+_WORKING_BLOCKS = 2
 # Rows centred at once in float64 (a block's float64 copy is twice its size: 2048 rows at
 # 768-d are 12 MiB).
 _CENTRE_ROWS = 2048
@@ -239,12 +249,21 @@ def _on_worker(task: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(task)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from threadpoolctl import threadpool_limits
-
-        with heap_kept(), threadpool_limits(limits=1, user_api="blas"):
+        with heap_kept(), _blas().limit(limits=1, user_api="blas"):
             return task(*args, **kwargs)
 
     return run
+
+
+@cache
+def _blas() -> Any:
+    """This process's BLAS libraries (``threadpoolctl``), found once: ``threadpool_limits``
+    looks for them on every call, 5-6 ms in a worker process (0.2 s of 32 tiles; a 600k x
+    512 fit has 6,223), ``ThreadpoolController.limit`` 0.01 ms. Importing this module has
+    loaded every BLAS the tasks use (NumPy's and SciPy's OpenBLAS)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _block_sum(x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -481,6 +500,44 @@ class _Pair:
         return out
 
 
+_working: OrderedDict[int, np.ndarray] = OrderedDict()  # id(block) -> its working rows
+_working_lock = threading.Lock()  # the worker's tile threads share the cache
+
+
+def _forget(key: int) -> None:
+    with _working_lock:
+        _working.pop(key, None)
+
+
+def _working_rows(b: _Block, g: SimpleNamespace) -> np.ndarray:
+    """The float32 working rows of prepared block ``b``, augmented ``[c, 1, csq]`` as the
+    in-process engine's (one product per leaf pair is then the squared distance, with no
+    passes adding the norms: see ``cluster._a_form``), (rows, d + 2), read-only.
+
+    Kept for the worker's next tiles (the ``_WORKING_BLOCKS`` most recently used), keyed by
+    the block object, which a worker holds as one object while it keeps the block: an
+    entry goes when its block does (``weakref.finalize``), so a recomputed or fetched-again
+    block is centred afresh. Built ``_CENTRE_ROWS`` rows at a time (float64 centring, then
+    cast as ``astype`` would): the same bits however often."""
+    key = id(b)
+    with _working_lock:
+        rows = _working.get(key)
+        if rows is not None:
+            _working.move_to_end(key)
+            return rows
+    rows = np.empty((len(b.x), b.x.shape[1] + 2), np.float32)
+    for s, e, c64, _ in _centred_chunks(b.x, g):
+        _fill_aug(rows[s:e], c64, b.csq[s:e])
+    rows.flags.writeable = False
+    with _working_lock:
+        if key not in _working:
+            weakref.finalize(b, _forget, key)
+        _working[key] = rows
+        while len(_working) > _WORKING_BLOCKS:
+            _working.popitem(last=False)
+    return rows
+
+
 @_on_worker
 def _tile(
     A: SimpleNamespace,
@@ -514,15 +571,9 @@ def _tile(
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(b, name) for b in parts])
 
-    # the float32 working rows, augmented ``[c, 1, csq]`` as the in-process engine's (one
-    # product per block is then the squared distance: no passes adding the norms, see
-    # ``cluster._a_form``), filled a chunk at a time (cast as ``astype`` would)
-    C = np.empty((sum(len(b.x) for b in parts), A.x.shape[1] + 2), np.float32)
-    at = 0
-    for b in parts:
-        for s, e, c64, _ in _centred_chunks(b.x, g):
-            _fill_aug(C[at + s : at + e], c64, b.csq[s:e])
-        at += len(b.x)
+    rows = [_working_rows(b, g) for b in parts]
+    C = rows[0] if same else np.concatenate(rows)
+    del rows
     bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
     band, band_lo = cat("band"), cat("band_lo")
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
@@ -941,8 +992,27 @@ class _DaskFit:
         worker thread in flight. ``extra(a, b)`` gives the tile's ``(roots, ctx)`` when it is
         submitted (read after the previous results were merged), or ``None`` to skip it."""
         client = self.client
-        slots = IN_FLIGHT_PER_THREAD * executor.total_threads(client)
+        nthreads = client.nthreads()
+        cap = {w: IN_FLIGHT_PER_THREAD * max(1, t) for w, t in nthreads.items()}
+        slots = max(1, sum(cap.values()))
+        # where each prepared block is now (its first holder; None if being recomputed)
+        held = client.who_has(self.blocks)
+        owner = [(held.get(f.key) or [None])[0] for f in self.blocks]
+        size = np.diff(self.starts)
+        load = dict.fromkeys(cap, 0)  # tiles in flight sent to each worker
+        sent_to: dict[Any, str] = {}
         todo = iter(work)
+
+        def worker_for(a: int, b: int) -> str | None:
+            """The holder of the larger block (its rows do not move; its working rows are
+            likely kept from the previous tile there: the work is in order of block a), or
+            of the other, while it has fewer than its share of tiles in flight; else the
+            least loaded worker: balance first."""
+            for k in sorted({a, b}, key=lambda k: -size[k]):
+                w = owner[k]
+                if w in load and load[w] < cap[w]:
+                    return w
+            return min(load, key=lambda w: load[w] / cap[w]) if load else None
 
         def submit_next() -> Any:
             for a, b in todo:
@@ -954,11 +1024,21 @@ class _DaskFit:
                 ga, gb = int(self.starts[a]), int(self.starts[b])
                 A, B = self.blocks[a], self.blocks[b]
                 self.stats["tiles"] += 1
-                return client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False)
+                w = worker_for(a, b)
+                # a loose restriction: another worker runs it if this one is gone or busy
+                where = {} if w is None else {"workers": [w], "allow_other_workers": True}
+                f = client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False, **where)
+                if w is not None:
+                    load[w] += 1
+                    sent_to[f.key] = w
+                return f
             return None
 
         running = {f for f in (submit_next() for _ in range(slots)) if f}
         for f in executor.finished(client, running, what=_WHAT):
+            w = sent_to.pop(f.key, None)
+            if w is not None:
+                load[w] -= 1
             out = f.result()
             f.release()
             yield out
