@@ -118,6 +118,10 @@ _GRAM_BYTES = 64 << 20
 #: against the in-process engine's 3,167 in 256: the per-block work (component roots,
 #: restrictions, forests) doubled and the products were half as wide.
 LEAF_ROWS = LEAF_SCALE * LEAF
+#: Tiles of the work looked at when choosing the next one for a worker (its blocks' holder):
+#: far enough to find one, near enough that the work's order (diagonal first, then by
+#: block) mostly stays, and that a choice costs a few microseconds.
+_LOOKAHEAD = 64
 #: Blocks whose float32 working rows a worker process keeps for its next tiles (most
 #: recently used): each tile used to centre both its blocks afresh (0.67 s of 8.1 s of tiles
 #: at one thread, 100k x 256; at 600k x 512 each block was centred ~2c = ~100 times). The
@@ -990,32 +994,50 @@ class _DaskFit:
     ) -> Iterator[tuple[np.ndarray, ...]]:
         """Each tile's result as it finishes, with at most ``IN_FLIGHT_PER_THREAD`` tasks per
         worker thread in flight. ``extra(a, b)`` gives the tile's ``(roots, ctx)`` when it is
-        submitted (read after the previous results were merged), or ``None`` to skip it."""
+        submitted (read after the previous results were merged), or ``None`` to skip it.
+
+        Each worker is sent tiles of its own as its earlier ones finish (:func:`take`): a
+        tile goes where its blocks are, rather than where the scheduler finds room (which
+        moved 0.8 blocks per tile whose blocks live apart at 100k x 256, against the cost
+        model's (W - 1) / W, and made tiles fetch both their blocks)."""
         client = self.client
-        nthreads = client.nthreads()
-        cap = {w: IN_FLIGHT_PER_THREAD * max(1, t) for w, t in nthreads.items()}
-        slots = max(1, sum(cap.values()))
-        # where each prepared block is now (its first holder; None if being recomputed)
+        # None: no worker known (not one joined yet): the tiles go where the scheduler says
+        cap = {w: IN_FLIGHT_PER_THREAD * max(1, t) for w, t in client.nthreads().items()}
+        cap = cap or {None: IN_FLIGHT_PER_THREAD}
+        # where each prepared block is (its first holder; None while being recomputed)
         held = client.who_has(self.blocks)
         owner = [(held.get(f.key) or [None])[0] for f in self.blocks]
-        size = np.diff(self.starts)
-        load = dict.fromkeys(cap, 0)  # tiles in flight sent to each worker
-        sent_to: dict[Any, str] = {}
-        todo = iter(work)
+        pending: list[tuple[int, int] | None] = list(work)
+        first = 0  # every tile before it is taken
+        last: dict[Any, tuple[int, int]] = {}  # the blocks of the tile last sent to a worker
+        sent_to: dict[Any, Any] = {}  # future key -> the worker it was sent to
 
-        def worker_for(a: int, b: int) -> str | None:
-            """The holder of the larger block (its rows do not move; its working rows are
-            likely kept from the previous tile there: the work is in order of block a), or
-            of the other, while it has fewer than its share of tiles in flight; else the
-            least loaded worker: balance first."""
-            for k in sorted({a, b}, key=lambda k: -size[k]):
-                w = owner[k]
-                if w in load and load[w] < cap[w]:
-                    return w
-            return min(load, key=lambda w: load[w] / cap[w]) if load else None
+        def take(w: Any) -> tuple[int, int] | None:
+            """The tile to send to worker ``w`` among the next ``_LOOKAHEAD`` of the work:
+            the first of those whose blocks ``w`` holds (2 points a block) or used in its
+            last tile (1 point: their working rows are kept there): fewer blocks move and
+            fewer are centred again, and the work's order (diagonal first) mostly stays."""
+            nonlocal first
+            near = last.get(w, ())
+            best, best_score = -1, -1
+            for i in range(first, min(len(pending), first + _LOOKAHEAD)):
+                t = pending[i]
+                if t is None:
+                    continue
+                a, b = t
+                score = 2 * ((owner[a] == w) + (owner[b] == w)) + (a in near) + (b in near)
+                if score > best_score:
+                    best, best_score = i, score
+            if best < 0:
+                return None
+            t, pending[best] = pending[best], None
+            while first < len(pending) and pending[first] is None:
+                first += 1
+            return t
 
-        def submit_next() -> Any:
-            for a, b in todo:
+        def submit_to(w: Any) -> Any:
+            while (t := take(w)) is not None:
+                a, b = t
                 args = extra(a, b)
                 progress.advance(1, total=n_passes * len(work))
                 if args is None:
@@ -1024,25 +1046,26 @@ class _DaskFit:
                 ga, gb = int(self.starts[a]), int(self.starts[b])
                 A, B = self.blocks[a], self.blocks[b]
                 self.stats["tiles"] += 1
-                w = worker_for(a, b)
-                # a loose restriction: another worker runs it if this one is gone or busy
+                # a loose restriction: another worker runs it if this one is gone
                 where = {} if w is None else {"workers": [w], "allow_other_workers": True}
                 f = client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False, **where)
-                if w is not None:
-                    load[w] += 1
-                    sent_to[f.key] = w
+                sent_to[f.key] = w
+                last[w] = (a, b)
                 return f
             return None
 
-        running = {f for f in (submit_next() for _ in range(slots)) if f}
+        # each worker's share of tiles in flight; a finished tile's slot is its worker's
+        running = set()
+        for k in range(max(cap.values())):
+            for w in cap:
+                if k < cap[w] and (f := submit_to(w)) is not None:
+                    running.add(f)
         for f in executor.finished(client, running, what=_WHAT):
-            w = sent_to.pop(f.key, None)
-            if w is not None:
-                load[w] -= 1
+            w = sent_to.pop(f.key)
             out = f.result()
             f.release()
             yield out
-            nxt = submit_next()
+            nxt = submit_to(w)
             if nxt is not None:
                 running.add(nxt)
 
