@@ -12,8 +12,8 @@ per-row counts and labels) plus a few KB per block.
    become the new row blocks (~16 MiB each), so that blocks are spatially compact: each input
    block is cut into one piece per cell on its worker, and each cell's pieces are moved to one
    worker and concatenated there. Each block then builds, on its worker, what
-   ``cluster._prepare`` builds for the whole input: leaves of <= LEAF_ROWS rows, low-rank factors,
-   rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
+   ``cluster._prepare`` builds for the whole input: leaves of <= LEAF_ROWS rows, low-rank
+   factors, rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
    are farther apart than ``eps`` plus every rounding bound are never scheduled.
 2. A tile task runs the in-process engine's own tile code (``cluster._tile_task``: leaf boxes,
    the low-rank screen, the full float32 product for the pairs that pass it, the rigorous
@@ -24,8 +24,9 @@ per-row counts and labels) plus a few KB per block.
 3. Those pairs are decided by scikit-learn's own computation (``cluster._SkDecider``,
    ``cluster._recheck``), fetching only the rows it needs: two 256-row chunks per pair for
    euclidean, a padded row subset for cosine.
-4. Tasks go out in bounded waves (two per worker thread in flight); each submission carries
-   the current component roots of its two blocks (``min_samples=1`` and the core pass), so a
+4. Tasks go out in bounded waves (two per worker thread in flight), each worker sent tiles
+   whose blocks it holds as its own earlier tiles finish; each submission carries the
+   current component roots of its two blocks (``min_samples=1`` and the core pass), so a
    tile already one component is skipped, and a task-local union-find skips what merges inside
    the task.
 
@@ -100,7 +101,8 @@ __all__ = ["BLOCK_BYTES", "ClusteredRows", "clustered_rows", "fit_dask", "sample
 log = logging.getLogger(__name__)
 
 #: Target bytes of a reordered row block (float32 rows). A tile task holds its two prepared
-#: blocks, their float32 working rows and a few LEAF_ROWS x TILE products: ~80 MiB at 16 MiB blocks.
+#: blocks, their float32 working rows and a few LEAF_ROWS x TILE products: ~80 MiB at 16 MiB
+#: blocks.
 #: Larger blocks mean fewer, larger tiles (the in-process engine's GEMMs get wider and the
 #: per-tile costs are amortised: 8 MiB blocks ran ~1.5x the in-process tile time on one
 #: worker at 50k x 256, 32 MiB ~1.1x) but fewer tasks to balance over the workers.
@@ -184,10 +186,11 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None, *, client: Any = None)
     bounds), since the fit takes over the blocks ``load`` left on the workers
     (:func:`dedup_batch.load.take_blocks`) and frees each once it is cut (an X persisted by
     the caller stays held by the caller: twice), plus, per thread, one tile (two blocks'
-    float32 working rows and a few LEAF_ROWS x TILE products). Time: the in-process engine's work
-    on the block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
-    workers: X once by the reorder (its pieces), then one prepared block per tile whose two
-    blocks live on different workers.
+    float32 working rows and a few LEAF_ROWS x TILE products) and the working rows of the
+    ``_WORKING_BLOCKS`` blocks its tiles used last. Time: the in-process engine's work on the
+    block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
+    workers: X once by the reorder (its pieces), then at most one prepared block per tile
+    whose two blocks live on different workers (a tile runs where one of them is).
 
     A worker lost mid-fit changes nothing but the time: every prepared block is a key of a
     graph the scheduler keeps until the fit ends (its pieces, their input blocks, the shards'
@@ -565,8 +568,9 @@ def _tile(
     Returns ``(i, j, band_i, band_j)`` in positions: for ``min_samples=1`` and ``"core"`` a
     spanning forest of the edges; for ``"count"`` ``(rows, neighbours)``; for ``"border"``
     ``(rows, smallest core label)``; and the pairs still within scikit-learn's rounding of
-    eps after a float64 look. Memory: the two blocks' float32 working rows plus a few (LEAF_ROWS x
-    TILE) products.
+    eps after a float64 look. Memory: the two blocks' float32 working rows (kept for the next
+    tiles, see :func:`_working_rows`; their concatenation when A is not B) plus a few
+    (LEAF_ROWS x TILE) products.
     """
     same = ga == gb
     parts = [A] if same else [A, B]
