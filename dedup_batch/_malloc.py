@@ -82,22 +82,25 @@ def keep_heap() -> bool:
 
 
 @contextmanager
-def heap_kept() -> Iterator[None]:
-    """Inside: freed memory is reused by the next allocation, as in a process started
-    without the nanny's setting. When the last block open in this process (threads of one
-    worker) ends, the process's own thresholds (``MALLOC_TRIM_THRESHOLD_`` and
-    ``MALLOC_MMAP_THRESHOLD_``, or glibc's static 128 KiB) are set again and every free
-    page is given back (``malloc_trim(0)``): between tasks the worker holds what it held
-    before. Nothing is changed where the environment sets no threshold (glibc adapts them
-    itself) or after :func:`keep_heap`. Memory inside: the task's own peak, plus what the
-    heap's fragmentation keeps (freed pages are reused, not given back, until the end)."""
+def heap_kept(mmap_bytes: int = MMAP_THRESHOLD_BYTES) -> Iterator[None]:
+    """Inside: freed memory below ``mmap_bytes`` a piece is reused by the next allocation,
+    as in a process started without the nanny's setting (at most twice that kept free at
+    the heap's top); larger arrays are still mapped and given back when freed.
+
+    When the last block open in this process (threads of one worker) ends, the process's
+    own thresholds (``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_``, or glibc's
+    static 128 KiB) are set again and every free page is given back (``malloc_trim(0)``):
+    between tasks the worker holds what it held before. Nothing is changed where the
+    environment sets no threshold (glibc adapts them itself) or after :func:`keep_heap`.
+    Memory inside: the task's own peak, plus what the heap's fragmentation keeps (freed
+    pages are reused, not given back, until the end)."""
     env = os.environ
     fixed = "MALLOC_TRIM_THRESHOLD_" in env or "MALLOC_MMAP_THRESHOLD_" in env
     with _lock:
         act = fixed and not _state["kept"] and _libc() is not None
         if act:
-            if _state["inside"] == 0:
-                _set(MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES)
+            if _state["inside"] == 0:  # the first block in sets them for all
+                _set(mmap_bytes, 2 * mmap_bytes)
             _state["inside"] += 1
     try:
         yield

@@ -125,12 +125,20 @@ LEAF_ROWS = LEAF_SCALE * LEAF
 #: block) mostly stays, and that a choice costs a few microseconds.
 _LOOKAHEAD = 64
 #: Blocks whose float32 working rows a worker process keeps for its next tiles (most
-#: recently used): each tile used to centre both its blocks afresh (0.67 s of 8.1 s of tiles
-#: at one thread, 100k x 256; at 600k x 512 each block was centred ~2c = ~100 times). The
-#: tiles are sent so that consecutive tiles on a worker share a block (see
-#: ``_DaskFit._tiles``). Memory: two blocks' rows, ~2 x 16 MiB, held between tiles, and
-#: dropped with the blocks (the fit's end, or a replica released).
-_WORKING_BLOCKS = 2
+#: recently used; a tile keeps its first block's, A, and writes its other block's straight
+#: into its own rows): each tile used to centre both its blocks afresh (0.67 s of 8.1 s of
+#: tiles at one thread, 100k x 256; at 600k x 512 ~10,000 block centrings of ~25 ms). The
+#: work is in order of block A and a worker is sent tiles that share its last tile's A (see
+#: ``_DaskFit._tiles``). Memory: one block's rows (~17 MB at 16 MiB blocks, 512-d), held
+#: between tiles and dropped with the block. Keeping two (A and B) and concatenating them
+#: per tile took the 600k x 512 workers' tile peaks from 0.60-0.65 to 0.74-0.78 GiB (with
+#: the heap kept at a 32 MiB mmap threshold), against a 900 MB limit.
+_WORKING_BLOCKS = 1
+#: Arrays above this are mapped afresh and given back when freed, also while a task keeps
+#: its heap (:func:`dedup_batch._malloc.heap_kept`): the tiles' products (up to ~2,560 x 512
+#: float32, 5 MiB) and masks reuse the heap, but blocks, their working rows and received
+#: replicas (12-34 MB) never sit in it, where they kept freed memory around them.
+_TASK_MMAP_BYTES = 8 << 20
 # Rows centred at once in float64 (a block's float64 copy is twice its size: 2048 rows at
 # 768-d are 12 MiB).
 _CENTRE_ROWS = 2048
@@ -187,7 +195,7 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None, *, client: Any = None)
     (:func:`dedup_batch.load.take_blocks`) and frees each once it is cut (an X persisted by
     the caller stays held by the caller: twice), plus, per thread, one tile (two blocks'
     float32 working rows and a few LEAF_ROWS x TILE products) and the working rows of the
-    ``_WORKING_BLOCKS`` blocks its tiles used last. Time: the in-process engine's work on the
+    block its tiles used last. Time: the in-process engine's work on the
     block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
     workers: X once by the reorder (its pieces), then at most one prepared block per tile
     whose two blocks live on different workers (a tile runs where one of them is).
@@ -256,7 +264,7 @@ def _on_worker(task: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(task)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with heap_kept(), _blas().limit(limits=1, user_api="blas"):
+        with heap_kept(_TASK_MMAP_BYTES), _blas().limit(limits=1, user_api="blas"):
             return task(*args, **kwargs)
 
     return run
@@ -516,16 +524,22 @@ def _forget(key: int) -> None:
         _working.pop(key, None)
 
 
-def _working_rows(b: _Block, g: SimpleNamespace) -> np.ndarray:
-    """The float32 working rows of prepared block ``b``, augmented ``[c, 1, csq]`` as the
-    in-process engine's (one product per leaf pair is then the squared distance, with no
-    passes adding the norms: see ``cluster._a_form``), (rows, d + 2), read-only.
+def _fill_working(out: np.ndarray, b: _Block, g: SimpleNamespace) -> None:
+    """``out`` (rows of ``b``, d + 2) float32 := the block's working rows, augmented ``[c, 1,
+    csq]`` as the in-process engine's (one product per leaf pair is then the squared
+    distance, with no passes adding the norms: see ``cluster._a_form``). Built
+    ``_CENTRE_ROWS`` rows at a time (float64 centring, then cast as ``astype`` would): the
+    same bits however often."""
+    for s, e, c64, _ in _centred_chunks(b.x, g):
+        _fill_aug(out[s:e], c64, b.csq[s:e])
 
-    Kept for the worker's next tiles (the ``_WORKING_BLOCKS`` most recently used), keyed by
-    the block object, which a worker holds as one object while it keeps the block: an
-    entry goes when its block does (``weakref.finalize``), so a recomputed or fetched-again
-    block is centred afresh. Built ``_CENTRE_ROWS`` rows at a time (float64 centring, then
-    cast as ``astype`` would): the same bits however often."""
+
+def _working_rows(b: _Block, g: SimpleNamespace) -> np.ndarray:
+    """The working rows of prepared block ``b`` (:func:`_fill_working`), (rows, d + 2)
+    float32, read-only, kept for the worker's next tiles (the ``_WORKING_BLOCKS`` most
+    recently used), keyed by the block object, which a worker holds as one object while it
+    keeps the block: an entry goes when its block does (``weakref.finalize``), so a
+    recomputed or fetched-again block is centred afresh."""
     key = id(b)
     with _working_lock:
         rows = _working.get(key)
@@ -533,8 +547,7 @@ def _working_rows(b: _Block, g: SimpleNamespace) -> np.ndarray:
             _working.move_to_end(key)
             return rows
     rows = np.empty((len(b.x), b.x.shape[1] + 2), np.float32)
-    for s, e, c64, _ in _centred_chunks(b.x, g):
-        _fill_aug(rows[s:e], c64, b.csq[s:e])
+    _fill_working(rows, b, g)
     rows.flags.writeable = False
     with _working_lock:
         if key not in _working:
@@ -568,9 +581,8 @@ def _tile(
     Returns ``(i, j, band_i, band_j)`` in positions: for ``min_samples=1`` and ``"core"`` a
     spanning forest of the edges; for ``"count"`` ``(rows, neighbours)``; for ``"border"``
     ``(rows, smallest core label)``; and the pairs still within scikit-learn's rounding of
-    eps after a float64 look. Memory: the two blocks' float32 working rows (kept for the next
-    tiles, see :func:`_working_rows`; their concatenation when A is not B) plus a few
-    (LEAF_ROWS x TILE) products.
+    eps after a float64 look. Memory: the two blocks' float32 working rows (A's also kept for
+    the next tiles, see :func:`_working_rows`) plus a few (LEAF_ROWS x TILE) products.
     """
     same = ga == gb
     parts = [A] if same else [A, B]
@@ -579,9 +591,15 @@ def _tile(
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(b, name) for b in parts])
 
-    rows = [_working_rows(b, g) for b in parts]
-    C = rows[0] if same else np.concatenate(rows)
-    del rows
+    # A's working rows are kept for the worker's next tiles (which mostly share A); B's are
+    # written into the tile's own rows
+    C = _working_rows(A, g)
+    if not same:
+        rows_a = C
+        C = np.empty((ma + len(B.x), rows_a.shape[1]), np.float32)
+        C[:ma] = rows_a
+        del rows_a
+        _fill_working(C[ma:], B, g)
     bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
     band, band_lo = cat("band"), cat("band_lo")
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
@@ -1013,23 +1031,24 @@ class _DaskFit:
         owner = [(held.get(f.key) or [None])[0] for f in self.blocks]
         pending: list[tuple[int, int] | None] = list(work)
         first = 0  # every tile before it is taken
-        last: dict[Any, tuple[int, int]] = {}  # the blocks of the tile last sent to a worker
+        last: dict[Any, int] = {}  # block A of the tile last sent to each worker
         sent_to: dict[Any, Any] = {}  # future key -> the worker it was sent to
 
         def take(w: Any) -> tuple[int, int] | None:
             """The tile to send to worker ``w`` among the next ``_LOOKAHEAD`` of the work:
-            the first of those whose blocks ``w`` holds (2 points a block) or used in its
-            last tile (1 point: their working rows are kept there): fewer blocks move and
-            fewer are centred again, and the work's order (diagonal first) mostly stays."""
+            the first of those whose blocks ``w`` holds (2 points a block) or whose block A
+            was its last tile's (1 point: its working rows are kept there): fewer blocks
+            move and fewer are centred again, and the work's order (diagonal first) mostly
+            stays."""
             nonlocal first
-            near = last.get(w, ())
+            kept = last.get(w)
             best, best_score = -1, -1
             for i in range(first, min(len(pending), first + _LOOKAHEAD)):
                 t = pending[i]
                 if t is None:
                     continue
                 a, b = t
-                score = 2 * ((owner[a] == w) + (owner[b] == w)) + (a in near) + (b in near)
+                score = 2 * ((owner[a] == w) + (owner[b] == w)) + (a == kept)
                 if score > best_score:
                     best, best_score = i, score
             if best < 0:
@@ -1054,7 +1073,7 @@ class _DaskFit:
                 where = {} if w is None else {"workers": [w], "allow_other_workers": True}
                 f = client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False, **where)
                 sent_to[f.key] = w
-                last[w] = (a, b)
+                last[w] = a
                 return f
             return None
 

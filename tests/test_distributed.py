@@ -509,7 +509,7 @@ def test_a_workers_kept_working_rows_are_the_blocks_own_and_go_with_the_block():
     """The tiles' working rows kept per worker (cluster_dask._working_rows): the augmented
     rows ``[c, 1, csq]`` of the block as the tile would build them, read-only (a tile that
     wrote into them would change every later tile's values), one entry per live block, at
-    most _WORKING_BLOCKS of them, dropped when the block is."""
+    most _WORKING_BLOCKS of them, the same bits when built again, dropped with the block."""
     import gc
 
     import dedup_batch.cluster_dask as cd
@@ -527,10 +527,12 @@ def test_a_workers_kept_working_rows_are_the_blocks_own_and_go_with_the_block():
     np.testing.assert_array_equal(rows[:, -1], blocks[0].csq.astype(np.float32))
     assert not rows.flags.writeable
     assert cd._working_rows(blocks[0], g) is rows  # kept: not centred again
-    for b in blocks[1:]:
-        cd._working_rows(b, g)
-    assert len(cd._working) == cd._WORKING_BLOCKS == 2  # the least recently used went
-    assert id(blocks[0]) not in cd._working
-    del blocks[2], b
+    assert cd._WORKING_BLOCKS == 1
+    other = cd._working_rows(blocks[1], g)
+    assert list(cd._working) == [id(blocks[1])]  # the least recently used went
+    assert cd._working_rows(blocks[0], g) is not rows  # so it is built again
+    np.testing.assert_array_equal(cd._working_rows(blocks[0], g), rows)  # the same bits
+    cd._working_rows(blocks[2], g)
+    del blocks[2], other
     gc.collect()
-    assert list(cd._working) == [id(blocks[1])]  # its block gone, so is its entry
+    assert list(cd._working) == []  # its block gone, so is its entry
