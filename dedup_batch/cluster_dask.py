@@ -12,8 +12,8 @@ per-row counts and labels) plus a few KB per block.
    become the new row blocks (~16 MiB each), so that blocks are spatially compact: each input
    block is cut into one piece per cell on its worker, and each cell's pieces are moved to one
    worker and concatenated there. Each block then builds, on its worker, what
-   ``cluster._prepare`` builds for the whole input: leaves of <= LEAF rows, low-rank factors,
-   rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
+   ``cluster._prepare`` builds for the whole input: leaves of <= LEAF_ROWS rows, low-rank
+   factors, rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
    are farther apart than ``eps`` plus every rounding bound are never scheduled.
 2. A tile task runs the in-process engine's own tile code (``cluster._tile_task``: leaf boxes,
    the low-rank screen, the full float32 product for the pairs that pass it, the rigorous
@@ -24,8 +24,9 @@ per-row counts and labels) plus a few KB per block.
 3. Those pairs are decided by scikit-learn's own computation (``cluster._SkDecider``,
    ``cluster._recheck``), fetching only the rows it needs: two 256-row chunks per pair for
    euclidean, a padded row subset for cosine.
-4. Tasks go out in bounded waves (two per worker thread in flight); each submission carries
-   the current component roots of its two blocks (``min_samples=1`` and the core pass), so a
+4. Tasks go out in bounded waves (two per worker thread in flight), each worker sent tiles
+   whose blocks it holds as its own earlier tiles finish; each submission carries the
+   current component roots of its two blocks (``min_samples=1`` and the core pass), so a
    tile already one component is skipped, and a task-local union-find skips what merges inside
    the task.
 
@@ -53,23 +54,30 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from functools import cache, wraps
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from . import executor, progress
+from ._malloc import heap_kept
 from .cluster import (
     _U32,
     _U64,
     LEAF,
+    LEAF_SCALE,
     N_BOUND_DIMS,
     SPLIT_CELLS,
     _border_min,
     _cat,
+    _fill_aug,
     _float32_band,
     _forest,
     _Irregular,
@@ -93,7 +101,8 @@ __all__ = ["BLOCK_BYTES", "ClusteredRows", "clustered_rows", "fit_dask", "sample
 log = logging.getLogger(__name__)
 
 #: Target bytes of a reordered row block (float32 rows). A tile task holds its two prepared
-#: blocks, their float32 working rows and a few LEAF x TILE products: ~80 MiB at 16 MiB blocks.
+#: blocks, their float32 working rows and a few LEAF_ROWS x TILE products: ~80 MiB at 16 MiB
+#: blocks.
 #: Larger blocks mean fewer, larger tiles (the in-process engine's GEMMs get wider and the
 #: per-tile costs are amortised: 8 MiB blocks ran ~1.5x the in-process tile time on one
 #: worker at 50k x 256, 32 MiB ~1.1x) but fewer tasks to balance over the workers.
@@ -105,6 +114,31 @@ IN_FLIGHT_PER_THREAD = 2
 # at most _GRAM_BYTES of them (at 2048-d a gram is 32 MiB: two at a time).
 _GRAM_FANIN = 8
 _GRAM_BYTES = 64 << 20
+#: Rows per leaf of a block's tree: the in-process engine's (``cluster._prepare``), so that a
+#: tile makes the same number of leaf-pair blocks as the in-process tiles do on those rows.
+#: With LEAF (256) rows, 100k x 256 on one thread made 7,087 blocks in 1,826 leaf tasks
+#: against the in-process engine's 3,167 in 256: the per-block work (component roots,
+#: restrictions, forests) doubled and the products were half as wide.
+LEAF_ROWS = LEAF_SCALE * LEAF
+#: Tiles of the work looked at when choosing the next one for a worker (its blocks' holder):
+#: far enough to find one, near enough that the work's order (diagonal first, then by
+#: block) mostly stays, and that a choice costs a few microseconds.
+_LOOKAHEAD = 64
+#: Blocks whose float32 working rows a worker process keeps for its next tiles (most
+#: recently used; a tile keeps its first block's, A, and writes its other block's straight
+#: into its own rows): each tile used to centre both its blocks afresh (0.67 s of 8.1 s of
+#: tiles at one thread, 100k x 256; at 600k x 512 ~10,000 block centrings of ~25 ms). The
+#: work is in order of block A and a worker is sent tiles that share its last tile's A (see
+#: ``_DaskFit._tiles``). Memory: one block's rows (~17 MB at 16 MiB blocks, 512-d), held
+#: between tiles and dropped with the block. Keeping two (A and B) and concatenating them
+#: per tile took the 600k x 512 workers' tile peaks from 0.60-0.65 to 0.74-0.78 GiB (with
+#: the heap kept at a 32 MiB mmap threshold), against a 900 MB limit.
+_WORKING_BLOCKS = 1
+#: Arrays above this are mapped afresh and given back when freed, also while a task keeps
+#: its heap (:func:`dedup_batch._malloc.heap_kept`): the tiles' products (up to ~2,560 x 512
+#: float32, 5 MiB) and masks reuse the heap, but blocks, their working rows and received
+#: replicas (12-34 MB) never sit in it, where they kept freed memory around them.
+_TASK_MMAP_BYTES = 8 << 20
 # Rows centred at once in float64 (a block's float64 copy is twice its size: 2048 rows at
 # 768-d are 12 MiB).
 _CENTRE_ROWS = 2048
@@ -160,10 +194,11 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None, *, client: Any = None)
     bounds), since the fit takes over the blocks ``load`` left on the workers
     (:func:`dedup_batch.load.take_blocks`) and frees each once it is cut (an X persisted by
     the caller stays held by the caller: twice), plus, per thread, one tile (two blocks'
-    float32 working rows and a few LEAF x TILE products). Time: the in-process engine's work
-    on the block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
-    workers: X once by the reorder (its pieces), then one prepared block per tile whose two
-    blocks live on different workers.
+    float32 working rows and a few LEAF_ROWS x TILE products) and the working rows of the
+    block its tiles used last. Time: the in-process engine's work on the
+    block pairs that survive pruning, plus O(n d k) preparation. Bytes moved between
+    workers: X once by the reorder (its pieces), then at most one prepared block per tile
+    whose two blocks live on different workers (a tile runs where one of them is).
 
     A worker lost mid-fit changes nothing but the time: every prepared block is a key of a
     graph the scheduler keeps until the fit ends (its pieces, their input blocks, the shards'
@@ -211,6 +246,41 @@ def _not_covered(est: Any, X: Any, mode: _Mode | None, client: Any) -> str | Non
 # --------------------------------------------------------------------------------------------
 
 
+def _on_worker(task: Callable[..., Any]) -> Callable[..., Any]:
+    """A per-block task as it runs on a worker: with one BLAS thread and the heap kept.
+
+    One BLAS thread: a Dask worker thread is this engine's unit of parallelism, and
+    OpenBLAS's own threads on a block's skinny products (rows x d x 32, a sample's d x d
+    gram, a tile's leaf x TILE products) oversubscribe the cores the other worker threads
+    use (``cluster._each_chunk`` measured 2-3x slower in process on a loaded 2-core machine;
+    the preparation at one thread: 3.1 s with them, 1.1 s without, 100k x 256).
+
+    The heap kept (:func:`dedup_batch._malloc.heap_kept`): the tasks allocate and free
+    arrays of a few MB by the thousand, which Dask's nanny setting made fresh mmaps: on two
+    workers, 100k x 256, half of their CPU time was system time (page faults), 4.5 s of
+    9.5 s each, and 0.8 s of 5.2 s with the heap kept.
+
+    Pickled by reference like the task itself (``wraps`` keeps its name)."""
+
+    @wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with heap_kept(_TASK_MMAP_BYTES), _blas().limit(limits=1, user_api="blas"):
+            return task(*args, **kwargs)
+
+    return run
+
+
+@cache
+def _blas() -> Any:
+    """This process's BLAS libraries (``threadpoolctl``), found once: ``threadpool_limits``
+    looks for them on every call, 5-6 ms in a worker process (0.2 s of 32 tiles; a 600k x
+    512 fit has 6,223), ``ThreadpoolController.limit`` 0.01 ms. Importing this module has
+    loaded every BLAS the tasks use (NumPy's and SciPy's OpenBLAS)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _block_sum(x: np.ndarray) -> tuple[np.ndarray, int]:
     """Dask task: ``(column sum in float64, number of all-zero rows)`` of a block."""
     zero = int((~np.any(x != 0, axis=1)).sum())
@@ -252,6 +322,7 @@ def _add_grams(*parts: tuple) -> tuple:
     return tuple(sum(p[i] for p in parts) for i in range(3))
 
 
+@_on_worker
 def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tuple:
     """Dask task: ``(sum of c c^T, sum of c, rows)`` over the block's sampled rows: the
     pieces of the sample covariance whose leading eigenvectors bound distances (d x d)."""
@@ -259,12 +330,14 @@ def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tu
     return c64.T @ c64, c64.sum(axis=0), len(c64)
 
 
+@_on_worker
 def _block_projections(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> np.ndarray:
     """Dask task: the sampled rows projected on the splitting directions (s, n_split)."""
     c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
     return c64 @ g.V[:, : g.n_split]
 
 
+@_on_worker
 def _block_cells(x: np.ndarray, g: SimpleNamespace, tree: tuple[np.ndarray, ...]) -> np.ndarray:
     """Dask task: the cell (new block) of each row, by the client's median-split tree."""
     P = np.empty((len(x), g.n_split))
@@ -338,10 +411,11 @@ def _cut(x: np.ndarray, cells: np.ndarray, used: np.ndarray) -> Any:
     return tuple(x[o] for o in np.split(order, ends[:-1]))
 
 
+@_on_worker
 def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     """Dask task: a block prepared for tiles from its cell's ``pieces`` (rows of each input
     block in this cell, in input order), as ``cluster._prepare`` prepares the whole
-    input: its rows in leaf order (leaves of <= LEAF rows by median splits of the
+    input: its rows in leaf order (leaves of <= LEAF_ROWS rows by median splits of the
     projections), the low-rank factors, the error bands and the leaves' boxes.
 
     Memory (held with the block): the raw rows in leaf order (the block's size) and per row
@@ -367,7 +441,7 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
         diff = c64 - centre
         radius = max(radius, float(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
     radius = math.sqrt(radius)
-    cells = _descend(_median_tree(P[:, : g.n_split], LEAF), P[:, : g.n_split])
+    cells = _descend(_median_tree(P[:, : g.n_split], LEAF_ROWS), P[:, : g.n_split])
     order = np.argsort(cells, kind="stable")
     bounds = np.zeros(int(cells.max(initial=-1)) + 2, np.int64)
     bounds[1:] = np.cumsum(np.bincount(cells, minlength=len(bounds) - 1))
@@ -441,6 +515,50 @@ class _Pair:
         return out
 
 
+_working: OrderedDict[int, np.ndarray] = OrderedDict()  # id(block) -> its working rows
+_working_lock = threading.Lock()  # the worker's tile threads share the cache
+
+
+def _forget(key: int) -> None:
+    with _working_lock:
+        _working.pop(key, None)
+
+
+def _fill_working(out: np.ndarray, b: _Block, g: SimpleNamespace) -> None:
+    """``out`` (rows of ``b``, d + 2) float32 := the block's working rows, augmented ``[c, 1,
+    csq]`` as the in-process engine's (one product per leaf pair is then the squared
+    distance, with no passes adding the norms: see ``cluster._a_form``). Built
+    ``_CENTRE_ROWS`` rows at a time (float64 centring, then cast as ``astype`` would): the
+    same bits however often."""
+    for s, e, c64, _ in _centred_chunks(b.x, g):
+        _fill_aug(out[s:e], c64, b.csq[s:e])
+
+
+def _working_rows(b: _Block, g: SimpleNamespace) -> np.ndarray:
+    """The working rows of prepared block ``b`` (:func:`_fill_working`), (rows, d + 2)
+    float32, read-only, kept for the worker's next tiles (the ``_WORKING_BLOCKS`` most
+    recently used), keyed by the block object, which a worker holds as one object while it
+    keeps the block: an entry goes when its block does (``weakref.finalize``), so a
+    recomputed or fetched-again block is centred afresh."""
+    key = id(b)
+    with _working_lock:
+        rows = _working.get(key)
+        if rows is not None:
+            _working.move_to_end(key)
+            return rows
+    rows = np.empty((len(b.x), b.x.shape[1] + 2), np.float32)
+    _fill_working(rows, b, g)
+    rows.flags.writeable = False
+    with _working_lock:
+        if key not in _working:
+            weakref.finalize(b, _forget, key)
+        _working[key] = rows
+        while len(_working) > _WORKING_BLOCKS:
+            _working.popitem(last=False)
+    return rows
+
+
+@_on_worker
 def _tile(
     A: SimpleNamespace,
     B: SimpleNamespace,
@@ -463,11 +581,9 @@ def _tile(
     Returns ``(i, j, band_i, band_j)`` in positions: for ``min_samples=1`` and ``"core"`` a
     spanning forest of the edges; for ``"count"`` ``(rows, neighbours)``; for ``"border"``
     ``(rows, smallest core label)``; and the pairs still within scikit-learn's rounding of
-    eps after a float64 look. Memory: the two blocks' float32 working rows plus a few (LEAF x
-    TILE) products.
+    eps after a float64 look. Memory: the two blocks' float32 working rows (A's also kept for
+    the next tiles, see :func:`_working_rows`) plus a few (LEAF_ROWS x TILE) products.
     """
-    from threadpoolctl import threadpool_limits
-
     same = ga == gb
     parts = [A] if same else [A, B]
     ma = len(A.x)
@@ -475,46 +591,46 @@ def _tile(
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(b, name) for b in parts])
 
-    # the float32 working rows, filled a chunk at a time (cast as ``astype`` would)
-    C = np.empty((sum(len(b.x) for b in parts), A.x.shape[1]), np.float32)
-    at = 0
-    for b in parts:
-        for s, e, c64, _ in _centred_chunks(b.x, g):
-            C[at + s : at + e] = c64
-        at += len(b.x)
+    # A's working rows are kept for the worker's next tiles (which mostly share A); B's are
+    # written into the tile's own rows
+    C = _working_rows(A, g)
+    if not same:
+        rows_a = C
+        C = np.empty((ma + len(B.x), rows_a.shape[1]), np.float32)
+        C[:ma] = rows_a
+        del rows_a
+        _fill_working(C[ma:], B, g)
     bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
     band, band_lo = cat("band"), cat("band_lo")
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
     prep = _Prepared(
         C, cat("csq"), cat("Alo"), cat("Blo"), band, band_lo, cat("sk_err"), g.threshold,
         np.arange(len(C)), bounds, cat("lo"), cat("hi"), leaf_band,
-        np.maximum.reduceat(band_lo, bounds[:-1]), max(b.slack for b in parts),
+        np.maximum.reduceat(band_lo, bounds[:-1]), max(b.slack for b in parts), aug=True,
     )  # fmt: skip
     na = len(A.bounds) - 1
     # the leaves of B (or of A from a on, inside one block) whose boxes may hold a pair
     reach = math.sqrt(g.threshold + float(band.max(initial=0.0)) * 2) + prep.slack
     luf, live = None, None
     if roots is not None:
+        # each row's parent is the first row of its component here: a valid union-find
+        # forest as it stands (every component's first row is its own parent), set directly
+        # rather than merged edge by edge (a sparse connected-components per tile)
         luf = _UnionFind(len(C))
-        _, first = np.unique(roots, return_inverse=True)
-        rep = np.full(first.max(initial=-1) + 1, len(C))
-        np.minimum.at(rep, first, np.arange(len(C)))
-        luf.union(np.arange(len(C)), rep[first])
+        _, first_of, inv = np.unique(roots, return_index=True, return_inverse=True)
+        luf.parent = first_of[inv.ravel()].astype(np.int64)
         live = _LiveRoots(luf.parent)
     out: list[tuple[np.ndarray, ...]] = []
-    with threadpool_limits(limits=1, user_api="blas"):
-        for a in range(na):
-            lo_b = a if same else na
-            gap = np.maximum(
-                0.0, np.maximum(prep.lo[lo_b:] - prep.hi[a], prep.lo[a] - prep.hi[lo_b:])
-            )
-            bs = [lo_b + int(b) for b in np.flatnonzero(np.sqrt((gap**2).sum(axis=1)) <= reach)]
-            if not bs:
-                continue
-            res = _tile_task(prep, a, bs, live, ctx)
-            if luf is not None:
-                luf.union(res[0], res[1])
-            out.append(res)
+    for a in range(na):
+        lo_b = a if same else na
+        gap = np.maximum(0.0, np.maximum(prep.lo[lo_b:] - prep.hi[a], prep.lo[a] - prep.hi[lo_b:]))
+        bs = [lo_b + int(b) for b in np.flatnonzero(np.sqrt((gap**2).sum(axis=1)) <= reach)]
+        if not bs:
+            continue
+        res = _tile_task(prep, a, bs, live, ctx)
+        if luf is not None:
+            luf.union(res[0], res[1])
+        out.append(res)
     kind = "edges" if ctx is None else ctx.kind
     si, ui, uj = (_cat([r[k] for r in out]) for k in (0, 2, 3))
     if kind in ("count", "border"):  # a row of B can come back from several leaves of A
@@ -776,16 +892,20 @@ class _DaskFit:
         k = min(N_BOUND_DIMS, d)
         if k < d and total >= 2:
             from scipy.linalg import eigh
+            from threadpoolctl import threadpool_limits
 
             # the scatter matrix about the sample's mean, in place (its eigenvectors are the
             # covariance's), and only its k leading eigenvectors: the client holds one d x d
-            # float64 (8 MiB at 1024-d), not the four of a full eigendecomposition
+            # float64 (8 MiB at 1024-d), not the four of a full eigendecomposition. One BLAS
+            # thread, as ``cluster._prepare`` (LAPACK's threads on a 256-512 square matrix
+            # measured 5-7x slower there on the loaded 2-core machine)
             cov = gram if gram.flags.writeable else gram.copy()
             del gram
             cov -= np.outer(ssum / total, ssum)
-            _, vecs = eigh(
-                cov, subset_by_index=[d - k, d - 1], overwrite_a=True, check_finite=False
-            )
+            with threadpool_limits(limits=1, user_api="blas"):
+                _, vecs = eigh(
+                    cov, subset_by_index=[d - k, d - 1], overwrite_a=True, check_finite=False
+                )
             g.V = np.ascontiguousarray(vecs[:, ::-1])
             del cov, vecs
         else:
@@ -795,11 +915,13 @@ class _DaskFit:
             "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
         )
         # Cells: median splits of the sample's projections, one cell per new block.
-        rows = max(LEAF, BLOCK_BYTES // (4 * d))
+        rows = max(LEAF_ROWS, BLOCK_BYTES // (4 * d))
         n_cells = max(1, -(-n // rows))
         # split along as many leading directions as the in-process engine's tree over all rows
         # would (see cluster.SPLIT_CELLS): cells, then each block's leaves, cut the same grid
-        g.n_split = max(1, min(k, int(math.log(max(2, n // LEAF)) / math.log(SPLIT_CELLS) + 1e-9)))
+        g.n_split = max(
+            1, min(k, int(math.log(max(2, n // LEAF_ROWS)) / math.log(SPLIT_CELLS) + 1e-9))
+        )
         # The geometry (mean, directions: d x 33 floats) as a literal of the graph, computed
         # once and held by the fit: every later task (cells, the reorder, each tile of each
         # pass) depends on this one key. Not scattered: scattered data has no lineage, and
@@ -894,13 +1016,51 @@ class _DaskFit:
     ) -> Iterator[tuple[np.ndarray, ...]]:
         """Each tile's result as it finishes, with at most ``IN_FLIGHT_PER_THREAD`` tasks per
         worker thread in flight. ``extra(a, b)`` gives the tile's ``(roots, ctx)`` when it is
-        submitted (read after the previous results were merged), or ``None`` to skip it."""
-        client = self.client
-        slots = IN_FLIGHT_PER_THREAD * executor.total_threads(client)
-        todo = iter(work)
+        submitted (read after the previous results were merged), or ``None`` to skip it.
 
-        def submit_next() -> Any:
-            for a, b in todo:
+        Each worker is sent tiles of its own as its earlier ones finish (:func:`take`): a
+        tile goes where its blocks are, rather than where the scheduler finds room (which
+        moved 0.8 blocks per tile whose blocks live apart at 100k x 256, against the cost
+        model's (W - 1) / W, and made tiles fetch both their blocks)."""
+        client = self.client
+        # None: no worker known (not one joined yet): the tiles go where the scheduler says
+        cap = {w: IN_FLIGHT_PER_THREAD * max(1, t) for w, t in client.nthreads().items()}
+        cap = cap or {None: IN_FLIGHT_PER_THREAD}
+        # where each prepared block is (its first holder; None while being recomputed)
+        held = client.who_has(self.blocks)
+        owner = [(held.get(f.key) or [None])[0] for f in self.blocks]
+        pending: list[tuple[int, int] | None] = list(work)
+        first = 0  # every tile before it is taken
+        last: dict[Any, int] = {}  # block A of the tile last sent to each worker
+        sent_to: dict[Any, Any] = {}  # future key -> the worker it was sent to
+
+        def take(w: Any) -> tuple[int, int] | None:
+            """The tile to send to worker ``w`` among the next ``_LOOKAHEAD`` of the work:
+            the first of those whose blocks ``w`` holds (2 points a block) or whose block A
+            was its last tile's (1 point: its working rows are kept there): fewer blocks
+            move and fewer are centred again, and the work's order (diagonal first) mostly
+            stays."""
+            nonlocal first
+            kept = last.get(w)
+            best, best_score = -1, -1
+            for i in range(first, min(len(pending), first + _LOOKAHEAD)):
+                t = pending[i]
+                if t is None:
+                    continue
+                a, b = t
+                score = 2 * ((owner[a] == w) + (owner[b] == w)) + (a == kept)
+                if score > best_score:
+                    best, best_score = i, score
+            if best < 0:
+                return None
+            t, pending[best] = pending[best], None
+            while first < len(pending) and pending[first] is None:
+                first += 1
+            return t
+
+        def submit_to(w: Any) -> Any:
+            while (t := take(w)) is not None:
+                a, b = t
                 args = extra(a, b)
                 progress.advance(1, total=n_passes * len(work))
                 if args is None:
@@ -909,15 +1069,26 @@ class _DaskFit:
                 ga, gb = int(self.starts[a]), int(self.starts[b])
                 A, B = self.blocks[a], self.blocks[b]
                 self.stats["tiles"] += 1
-                return client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False)
+                # a loose restriction: another worker runs it if this one is gone
+                where = {} if w is None else {"workers": [w], "allow_other_workers": True}
+                f = client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False, **where)
+                sent_to[f.key] = w
+                last[w] = a
+                return f
             return None
 
-        running = {f for f in (submit_next() for _ in range(slots)) if f}
+        # each worker's share of tiles in flight; a finished tile's slot is its worker's
+        running = set()
+        for k in range(max(cap.values())):
+            for w in cap:
+                if k < cap[w] and (f := submit_to(w)) is not None:
+                    running.add(f)
         for f in executor.finished(client, running, what=_WHAT):
+            w = sent_to.pop(f.key)
             out = f.result()
             f.release()
             yield out
-            nxt = submit_next()
+            nxt = submit_to(w)
             if nxt is not None:
                 running.add(nxt)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -502,3 +503,36 @@ def test_plan_is_the_same_in_process_and_distributed(tmp_path, scheduler, client
     assert len(gathered) == info["images"] and (~gathered["keep"]).sum() > 10  # it deletes
     pd.testing.assert_frame_equal(gathered, spread)
     assert pd.read_parquet(tmp_path / "always" / "plan.parquet").equals(spread)
+
+
+def test_a_workers_kept_working_rows_are_the_blocks_own_and_go_with_the_block():
+    """The tiles' working rows kept per worker (cluster_dask._working_rows): the augmented
+    rows ``[c, 1, csq]`` of the block as the tile would build them, read-only (a tile that
+    wrote into them would change every later tile's values), one entry per live block, at
+    most _WORKING_BLOCKS of them, the same bits when built again, dropped with the block."""
+    import gc
+
+    import dedup_batch.cluster_dask as cd
+
+    X = _data("groups")[:600]
+    g = SimpleNamespace(cosine=False, mean=X.mean(axis=0, dtype=np.float64))
+    g.V = np.linalg.qr(np.random.default_rng(0).standard_normal((X.shape[1], 4)))[0]
+    g.n_split, g.threshold, g.kind = 1, 4.0, "brute"
+    blocks = [cd._block_prep([X[s : s + 200]], g) for s in (0, 200, 400)]
+    cd._working.clear()
+    rows = cd._working_rows(blocks[0], g)
+    c64 = blocks[0].x.astype(np.float64) - g.mean
+    np.testing.assert_array_equal(rows[:, :-2], c64.astype(np.float32))
+    np.testing.assert_array_equal(rows[:, -2], 1.0)
+    np.testing.assert_array_equal(rows[:, -1], blocks[0].csq.astype(np.float32))
+    assert not rows.flags.writeable
+    assert cd._working_rows(blocks[0], g) is rows  # kept: not centred again
+    assert cd._WORKING_BLOCKS == 1
+    other = cd._working_rows(blocks[1], g)
+    assert list(cd._working) == [id(blocks[1])]  # the least recently used went
+    assert cd._working_rows(blocks[0], g) is not rows  # so it is built again
+    np.testing.assert_array_equal(cd._working_rows(blocks[0], g), rows)  # the same bits
+    cd._working_rows(blocks[2], g)
+    del blocks[2], other
+    gc.collect()
+    assert list(cd._working) == []  # its block gone, so is its entry

@@ -14,13 +14,10 @@ run embeds only what the shards do not already hold.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import dataclasses
-import functools
 import itertools
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .._malloc import keep_heap
 from ..errors import ConfigError, StorageError
 from ..progress import StageTimer
 from ..storage import Store
@@ -410,41 +408,12 @@ class _BatchTask:
 _COLUMNS = ("path", "size", "mtime", "etag", "width", "height")
 
 
-#: glibc malloc settings for processes that embed (``mallopt`` parameter numbers).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: Allocations below this come from the heap, not from a fresh mmap: 32 MiB (glibc's maximum).
-MMAP_THRESHOLD_BYTES = 32 << 20
-#: Free memory at the top of the heap kept for the next image rather than given back: 64 MiB.
-TRIM_THRESHOLD_BYTES = 64 << 20
-
-
-@functools.cache
-def _tune_malloc() -> bool:
-    """Let a worker reuse the few MB each image needs instead of mapping them afresh.
-
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's
-    mmap threshold at 128 KiB: every array of an image (PDQ's float luma buffers, 1-2 MB each)
-    is then a new mmap, page-faulted in and unmapped again, which doubled the hash time per
-    image on the workers (measured: 30 ms -> 15 ms for a 4 MP JPEG). Raising both thresholds
-    once per process costs at most ``TRIM_THRESHOLD_BYTES`` of freed memory kept by a worker.
-    glibc only; elsewhere nothing is changed. Returns whether the settings were applied.
-    """
-    if sys.platform != "linux":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl, ...: other allocators
-            return False
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
-        return libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1 and ok
-    except (OSError, AttributeError):
-        return False
-
-
 def _embed_batch(task: _BatchTask, seq: int, rows: Sequence[tuple]) -> dict[str, Any]:
     """Read, decode and embed ``rows`` (``(fs_path, path, size, mtime, etag)``); write one
     shard. Runs on a worker. Bad objects become error rows; a failed write raises."""
-    _tune_malloc()
+    # freed memory reused from image to image (see dedup_batch._malloc: PDQ's 1-2 MB buffers
+    # as fresh mmaps under Dask's nanny doubled the hash time per image)
+    keep_heap()
     model = get_model(task.model)
     extras: dict[str, list] = {name: [] for name in model.extra_columns}
     cols: dict[str, list] = {k: [] for k in _COLUMNS}
