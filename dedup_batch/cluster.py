@@ -50,8 +50,8 @@ TILE = 2048
 #: Leaves of the projection tree hold at most this many representatives: small leaves give
 #: tight boxes (more tile pairs skipped); a task multiplies one leaf by up to TILE columns.
 LEAF = 256
-#: The in-process tree's leaves (:func:`_prepare`) hold at most LEAF_SCALE * LEAF rows (512;
-#: the distributed engine, :mod:`dedup_batch.cluster_dask`, builds its own tree with LEAF).
+#: The tree's leaves hold at most LEAF_SCALE * LEAF rows (512), in :func:`_prepare` and in
+#: each block of the distributed engine (:mod:`dedup_batch.cluster_dask`'s ``LEAF_ROWS``).
 #: On copies200k twice the rows per leaf halve the tile blocks (45k -> 21k), and with them
 #: the per-block work (roots, forests, index arrays), and give each product twice the rows,
 #: for 1% more pairs through the screen (10.70G vs 10.56G: the box bounds prune about half
@@ -310,7 +310,7 @@ class _Prepared:
 
     Every per-row array except ``sk_err`` is stored in *leaf order*: row ``q`` here is input row
     ``order[q]``, and leaf ``l`` is the contiguous range ``bounds[l]:bounds[l + 1]`` (<=
-    LEAF_SCALE * LEAF rows in-process, <= LEAF from :mod:`dedup_batch.cluster_dask`), so tile
+    LEAF_SCALE * LEAF rows, in-process and in :mod:`dedup_batch.cluster_dask`'s blocks), so tile
     tasks slice instead of gathering. ``lo``/``hi`` (n_leaves, k) are the leaves' boxes in the
     projected space; ``leaf_band``/``leaf_band_lo`` (n_leaves,) each leaf's largest
     ``band``/``band_lo``.
