@@ -468,7 +468,10 @@ def _some_rows(
     ``idx`` when the positions ``pos`` need at most half of its rows: those rows alone are
     built, row by row the same bits (:func:`_centre` and :func:`_fill_aug` work per row).
     Measured on 60,000 rows of copies200k with nothing cached: whole leaves per block cost
-    2.2x the fit's CPU time, most blocks' screen passing a few pairs."""
+    2.2x the fit's CPU time, most blocks' screen passing a few pairs. With the whole copy
+    ``C``: its rows, gathered."""
+    if prep.C is not None:
+        return prep.C[idx[pos]]
     u, inv = np.unique(pos, return_inverse=True)
     if 2 * len(u) > len(idx):
         return _rows(prep, runs, idx, caller)[pos]
@@ -1079,7 +1082,7 @@ def _pairs_block(
             s32 = _survivor_values(prep, runs_b, ib, a, arows, r, c)
         else:
             # the survivors' rows only (built from the input when rows are read in place)
-            xb = prep.C[ib[c]] if prep.C is not None else _some_rows(prep, runs_b, ib, c, a)
+            xb = _some_rows(prep, runs_b, ib, c, a)
             dots = np.einsum("ij,ij->i", prep.C[ia[r]], xb)
             s32 = (prep.csq[ia[r]] + prep.csq[ib[c]]).astype(np.float32) - 2.0 * dots
             del dots, xb
@@ -1142,12 +1145,12 @@ def _survivor_values(
     seen_c[c] = True
     ur, uc = np.flatnonzero(seen_r), np.flatnonzero(seen_c)
     if len(ur) * len(uc) <= SUB_PRODUCT_SHARE * len(r):
-        xb = prep.C[ib[uc]] if prep.C is not None else _some_rows(prep, runs_b, ib, uc, a)
+        xb = _some_rows(prep, runs_b, ib, uc, a)
         at_r = np.cumsum(seen_r) - 1  # block row -> its place among the distinct rows
         at_c = np.cumsum(seen_c) - 1
         return (xb @ arows[ur].T)[at_c[c], at_r[r]]
     # the survivors' rows only (built from the input when rows are read in place)
-    xb = prep.C[ib[c]] if prep.C is not None else _some_rows(prep, runs_b, ib, c, a)
+    xb = _some_rows(prep, runs_b, ib, c, a)
     return np.einsum("ij,ij->i", arows[r], xb)
 
 
