@@ -21,6 +21,10 @@ measured here ever held the generator's temporaries. Each side runs in its own s
 - ``--compare TREE``: the distributed side again with another checkout's code (e.g. the main
   branch), same data, same run.
 
+``--repeat R`` (default 3; 1 for ``--case 600k``): R runs of each side, alternating, each in
+fresh processes; each run's seconds and ratio, then the median ratio, and the details below of
+the run with the median ratio.
+
 Printed: seconds of each side and their ratio (target: distributed <= 1.2x in-process); peak
 RSS of the in-process side and of the distributed client; each worker's peak RSS per stage of
 the fit (sampled every 0.1 s with psutil: load, sums, grams, cells, reorder+prepare, tiles)
@@ -51,7 +55,7 @@ sys.path.insert(0, os.environ.get("BENCH_TREE") or os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 #: issue 14's target case: 600k x 512 float32 (1.2 GB) on 3 workers limited to 900 MB each
-CASES = {"600k": {"n": 600_000, "d": 512, "workers": 3, "memory_limit": "900MB"}}
+CASES = {"600k": {"n": 600_000, "d": 512, "workers": 3, "memory_limit": "900MB", "repeat": 1}}
 #: the fit's own debug lines that end each stage, and the stage they end
 STAGES = [
     ("sums at", "persist+sums"),
@@ -291,6 +295,9 @@ def main() -> None:
     ap.add_argument("--compare", metavar="TREE", help="also run this checkout's distributed path")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of each side, alternating (default 3)"
+    )
+    ap.add_argument(
         "--scheduler-process",
         action="store_true",
         help="run the scheduler and workers as `dask scheduler`/`dask worker` processes, so "
@@ -313,11 +320,16 @@ def main() -> None:
         gen = [sys.executable, __file__, "--child", "generate", tmp]
         subprocess.run([*gen, str(a.n), str(a.d), str(a.shard_rows)], check=True)
         load0 = os.getloadavg()[0]
-        ours = _run(["in-process", tmp, str(a.eps)], a.timeout)
         dist_args = ["distributed", tmp, str(a.eps), str(a.workers), a.memory_limit]
         dist_args.append("1" if a.scheduler_process else "0")
-        dist = _run(dist_args, a.timeout)
-        other = _run(dist_args, a.timeout, a.compare) if a.compare else None
+        # the sides alternate, each run in fresh processes: on a shared machine one run of
+        # each can differ by 1.5x from the next, so the medians are the figures to read
+        runs = []
+        for _ in range(a.repeat):
+            ours = _run(["in-process", tmp, str(a.eps)], a.timeout)
+            dist = _run(dist_args, a.timeout)
+            other = _run(dist_args, a.timeout, a.compare) if a.compare else None
+            runs.append((ours, dist, other))
         load1 = os.getloadavg()[0]
     gib = 1 << 30
     print(
@@ -327,6 +339,20 @@ def main() -> None:
         f"{'in a process of its own' if a.scheduler_process else 'in the client (LocalCluster)'}"
     )
     print(f"machine: {os.cpu_count()} cores, load average {load0:.1f} -> {load1:.1f}")
+    for k, (ours, dist, other) in enumerate(runs, 1):
+        line = f"run {k}: in-process {ours['seconds']:.2f} s, distributed {dist['seconds']:.2f} s"
+        line += f" ({dist['seconds'] / ours['seconds']:.2f}x)"
+        if other is not None:
+            secs = other["seconds"]
+            line += f", {a.compare} {secs:.2f} s ({secs / ours['seconds']:.2f}x)"
+        same = all(np.array_equal(ours["labels"], r["labels"]) for r in (dist, other) if r)
+        print(line + f"; labels identical: {same}")
+    # the details of the run whose ratio is the median one
+    ours, dist, other = sorted(runs, key=lambda r: r[1]["seconds"] / r[0]["seconds"])[
+        (len(runs) - 1) // 2
+    ]
+    med = np.median([d["seconds"] / o["seconds"] for o, d, _ in runs])
+    print(f"median ratio over {len(runs)} runs: {med:.2f}x (target 1.2x); the median run:")
     print(f"in-process : {ours['seconds']:8.2f} s  peak RSS {ours['peak_rss'] / gib:.2f} GiB")
     _report("distributed", dist, ours, a)
     if other is not None:

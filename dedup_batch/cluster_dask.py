@@ -6,10 +6,10 @@ row, a tile task reads two blocks (Dask moves a block from worker to worker when
 apart), and the client holds O(n) small integers (a union-find, the reorder's permutation,
 per-row counts and labels) plus a few KB per block.
 
-1. Preparation, on the workers: the column sum (the euclidean centre), the principal
-   directions of a ~20,000-row sample (d x d grams summed over blocks), and a median-split tree
-   over the sample's projections (built on the client from ~20,000 x 2 numbers) whose cells
-   become the new row blocks (~16 MiB each), so that blocks are spatially compact: each input
+1. Preparation: the column sum (the euclidean centre) and a ~20,000-row sample (at most 32
+   MiB), gathered in one round trip; on the client, the sample's principal directions and a
+   median-split tree over its projections, whose cells become the new row blocks (~16 MiB
+   each), so that blocks are spatially compact: each input
    block is cut into one piece per cell on its worker, and each cell's pieces are moved to one
    worker and concatenated there. Each block then builds, on its worker, what
    ``cluster._prepare`` builds for the whole input: leaves of <= LEAF_ROWS rows, low-rank
@@ -60,6 +60,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache, wraps
 from types import SimpleNamespace
 from typing import Any
@@ -110,10 +111,10 @@ BLOCK_BYTES = 16 << 20
 #: Tiles in flight per worker thread: enough to hide the client's merge between results,
 #: few enough that finished results never pile up (each is O(rows of two blocks)).
 IN_FLIGHT_PER_THREAD = 2
-# Grams summed per task on the workers (each d x d float64: 2 MiB at 512-d, 4.7 MiB at 768-d),
-# at most _GRAM_BYTES of them (at 2048-d a gram is 32 MiB: two at a time).
-_GRAM_FANIN = 8
-_GRAM_BYTES = 64 << 20
+#: The sample the principal directions and the cells come from is gathered on the client:
+#: 20,000 rows, or as many as fit in this many bytes (float32; 20,000 rows up to 419-d, 8,192
+#: at 1024-d, 4,096 at 2048-d), never concatenated there.
+_SAMPLE_BYTES = 32 << 20
 #: Rows per leaf of a block's tree: the in-process engine's (``cluster._prepare``), so that a
 #: tile makes the same number of leaf-pair blocks as the in-process tiles do on those rows.
 #: With LEAF (256) rows, 100k x 256 on one thread made 7,087 blocks in 1,826 leaf tasks
@@ -125,14 +126,15 @@ LEAF_ROWS = LEAF_SCALE * LEAF
 #: block) mostly stays, and that a choice costs a few microseconds.
 _LOOKAHEAD = 64
 #: Blocks whose float32 working rows a worker process keeps for its next tiles (most
-#: recently used; a tile keeps its first block's, A, and writes its other block's straight
-#: into its own rows): each tile used to centre both its blocks afresh (0.67 s of 8.1 s of
-#: tiles at one thread, 100k x 256; at 600k x 512 ~10,000 block centrings of ~25 ms). The
-#: work is in order of block A and a worker is sent tiles that share its last tile's A (see
-#: ``_DaskFit._tiles``). Memory: one block's rows (~17 MB at 16 MiB blocks, 512-d), held
-#: between tiles and dropped with the block. Keeping two (A and B) and concatenating them
-#: per tile took the 600k x 512 workers' tile peaks from 0.60-0.65 to 0.74-0.78 GiB (with
-#: the heap kept at a 32 MiB mmap threshold), against a 900 MB limit.
+#: recently used; a tile keeps its first block's, A, and writes its other block's after them
+#: in the same buffer, see :func:`_tile_rows`): each tile used to centre both its blocks
+#: afresh (0.67 s of 8.1 s of tiles at one thread, 100k x 256; at 600k x 512 ~10,000 block
+#: centrings of ~25 ms). The work is in order of block A and a worker is sent tiles that
+#: share its last tile's A (see ``_DaskFit._tiles``). Memory: one buffer of two blocks' rows
+#: (~34 MB at 16 MiB blocks, 512-d: what one tile used to allocate for its rows), held
+#: between tiles and dropped with the block. Keeping B's rows too, and concatenating A's
+#: and B's per tile, took the 600k x 512 workers' tile peaks from 0.60-0.65 to 0.74-0.78
+#: GiB (with the heap kept at a 32 MiB mmap threshold), against a 900 MB limit.
 _WORKING_BLOCKS = 1
 #: Arrays above this are mapped afresh and given back when freed, also while a task keeps
 #: its heap (:func:`dedup_batch._malloc.heap_kept`): the tiles' products (up to ~2,560 x 512
@@ -188,8 +190,8 @@ def fit_dask(est: Any, X: Any, sample_weight: Any = None, *, client: Any = None)
 
     Memory on the client: O(n) small integers (8 bytes per row for the union-find, 16 for the
     reorder's permutation and its inverse, 8 more for counts with ``min_samples > 1``), a
-    20,000-row sample's projections on the splitting directions, d x d float64 for the
-    principal directions, and the results of the tiles in flight. Per worker: its share of X
+    20,000-row sample during the preparation (float32, at most 32 MiB) and d x d float64 for
+    its principal directions, and the results of the tiles in flight. Per worker: its share of X
     once at rest (the prepared blocks: raw rows plus ~330 bytes per row of factors and
     bounds), since the fit takes over the blocks ``load`` left on the workers
     (:func:`dedup_batch.load.take_blocks`) and frees each once it is cut (an X persisted by
@@ -281,10 +283,39 @@ def _blas() -> Any:
     return ThreadpoolController()
 
 
-def _block_sum(x: np.ndarray) -> tuple[np.ndarray, int]:
-    """Dask task: ``(column sum in float64, number of all-zero rows)`` of a block."""
+@_on_worker
+def _block_first(x: np.ndarray, seed: int, frac: float) -> tuple[np.ndarray, int, np.ndarray]:
+    """Dask task: ``(column sum in float64, number of all-zero rows, the block's rows in the
+    sample)``: the preparation's one look at the input blocks before the cells."""
     zero = int((~np.any(x != 0, axis=1)).sum())
-    return x.sum(axis=0, dtype=np.float64), zero
+    return x.sum(axis=0, dtype=np.float64), zero, x[_sample(len(x), frac, seed)]
+
+
+def _directions(S: list[np.ndarray], g: SimpleNamespace, k: int) -> np.ndarray:
+    """(d, k) orthonormal: the k leading principal directions of the sample rows (``S``, in
+    parts), centred as the tiles centre (``g``), or the first k axes when there is no
+    covariance (k = d, or fewer than two rows): any orthonormal basis gives exact bounds.
+
+    The scatter about the sample's mean is accumulated ``_CENTRE_ROWS`` rows at a time (no
+    float64 copy of the sample), and only its k leading eigenvectors are computed: the
+    client holds one d x d float64 (8 MiB at 1024-d), not the four of a full
+    eigendecomposition. One BLAS thread for LAPACK, as ``cluster._prepare`` (its threads on a
+    256-512 square matrix measured 5-7x slower there on the loaded 2-core machine)."""
+    d, m = S[0].shape[1], sum(len(part) for part in S)
+    if k >= d or m < 2:
+        return np.eye(d)[:, :k]
+    from scipy.linalg import eigh
+    from threadpoolctl import threadpool_limits
+
+    cov, ssum = np.zeros((d, d)), np.zeros(d)
+    for part in S:
+        for _, _, c64, _ in _centred_chunks(part, g):
+            cov += c64.T @ c64
+            ssum += c64.sum(axis=0)
+    cov -= np.outer(ssum / m, ssum)
+    with threadpool_limits(limits=1, user_api="blas"):
+        _, vecs = eigh(cov, subset_by_index=[d - k, d - 1], overwrite_a=True, check_finite=False)
+    return np.ascontiguousarray(vecs[:, ::-1])
 
 
 def _centred(x: np.ndarray, g: SimpleNamespace) -> tuple[np.ndarray, np.ndarray]:
@@ -315,26 +346,6 @@ def _sample(m: int, frac: float, seed: int) -> np.ndarray:
     """The rows of a block in the global sample (the same rows in every pass)."""
     k = min(m, max(1, round(m * frac))) if m else 0
     return np.sort(np.random.default_rng(seed).choice(m, size=k, replace=False))
-
-
-def _add_grams(*parts: tuple) -> tuple:
-    """Dask task: the sum of :func:`_block_gram` results (d x d, d, rows)."""
-    return tuple(sum(p[i] for p in parts) for i in range(3))
-
-
-@_on_worker
-def _block_gram(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> tuple:
-    """Dask task: ``(sum of c c^T, sum of c, rows)`` over the block's sampled rows: the
-    pieces of the sample covariance whose leading eigenvectors bound distances (d x d)."""
-    c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
-    return c64.T @ c64, c64.sum(axis=0), len(c64)
-
-
-@_on_worker
-def _block_projections(x: np.ndarray, seed: int, g: SimpleNamespace, frac: float) -> np.ndarray:
-    """Dask task: the sampled rows projected on the splitting directions (s, n_split)."""
-    c64, _ = _centred(x[_sample(len(x), frac, seed)], g)
-    return c64 @ g.V[:, : g.n_split]
 
 
 @_on_worker
@@ -368,22 +379,28 @@ def _median_tree(P: np.ndarray, cap: int) -> tuple[np.ndarray, ...]:
     stack = [(np.arange(len(P)), 0)]
     axis.append(0), thr.append(0.0), left.append(-1), right.append(-1), leaf.append(-1)
     n_leaves = 0
+    # columns contiguous: a node's widths are reductions along rows (along the columns of an
+    # (n, 2) array they were half of the tree's time)
+    PT = np.ascontiguousarray(P.T)
     while stack:
         idx, node = stack.pop()
-        sub = P[idx]
-        width = sub.max(axis=0) - sub.min(axis=0) if len(idx) else np.zeros(P.shape[1])
+        if len(idx) > cap:
+            sub = PT[:, idx]
+            width = sub.max(axis=1) - sub.min(axis=1)
         if len(idx) <= cap or not (width > 0).any():
             leaf[node] = n_leaves
             n_leaves += 1
             continue
         ax = int(np.argmax(width))
-        order = np.argsort(sub[:, ax], kind="stable")
+        col = sub[ax]
         half = len(idx) // 2
-        t = float(sub[order[half - 1], ax])
-        lo, hi = idx[sub[:, ax] <= t], idx[sub[:, ax] > t]
-        if len(hi) == 0:  # many equal values at the median: split below them
+        # the half-th smallest value (a partition, not a sort: ~1/3 of the time)
+        t = float(np.partition(col, half - 1)[half - 1])
+        below = col <= t
+        if below.all():  # many equal values at the median: split below them
             t = float(np.nextafter(t, -np.inf))
-            lo, hi = idx[sub[:, ax] <= t], idx[sub[:, ax] > t]
+            below = col <= t
+        lo, hi = idx[below], idx[~below]
         axis[node], thr[node] = ax, t
         for part, side in ((hi, right), (lo, left)):
             side[node] = len(leaf)
@@ -428,16 +445,16 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     m, d = x.shape
     k = g.V.shape[1]
     P, sq, csq = np.empty((m, k)), np.empty(m), np.empty(m)
-    total = np.zeros(d)
+    # The block's ball: any centre will do (the radius is measured from it, and rounded up).
+    # Its first chunk's mean, so that the rows are centred once (a second pass for the
+    # block's own mean was ~12% of a block's preparation).
+    centre, radius = np.zeros(d), 0.0
     for s, e, c64, sq_rows in _centred_chunks(x, g):
         sq[s:e] = sq_rows
         P[s:e] = c64 @ g.V
         csq[s:e] = np.einsum("ij,ij->i", c64, c64)
-        total += c64.sum(axis=0)
-    # the block's ball: any centre will do (the radius is measured from it, and rounded up)
-    centre = total / max(m, 1)
-    radius = 0.0
-    for _, _, c64, _ in _centred_chunks(x, g):
+        if s == 0:
+            centre = c64.mean(axis=0)
         diff = c64 - centre
         radius = max(radius, float(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
     radius = math.sqrt(radius)
@@ -515,7 +532,17 @@ class _Pair:
         return out
 
 
-_working: OrderedDict[int, np.ndarray] = OrderedDict()  # id(block) -> its working rows
+class _Kept:
+    """A block's float32 working rows kept by a worker process for its next tiles, at the
+    start of a buffer with room after them for a tile's other block (``lock``: the tile
+    using that room)."""
+
+    def __init__(self, buf: np.ndarray) -> None:
+        self.buf = buf
+        self.lock = threading.Lock()
+
+
+_working: OrderedDict[int, _Kept] = OrderedDict()  # id(block) -> its kept working rows
 _working_lock = threading.Lock()  # the worker's tile threads share the cache
 
 
@@ -527,35 +554,68 @@ def _forget(key: int) -> None:
 def _fill_working(out: np.ndarray, b: _Block, g: SimpleNamespace) -> None:
     """``out`` (rows of ``b``, d + 2) float32 := the block's working rows, augmented ``[c, 1,
     csq]`` as the in-process engine's (one product per leaf pair is then the squared
-    distance, with no passes adding the norms: see ``cluster._a_form``). Built
-    ``_CENTRE_ROWS`` rows at a time (float64 centring, then cast as ``astype`` would): the
-    same bits however often."""
-    for s, e, c64, _ in _centred_chunks(b.x, g):
-        _fill_aug(out[s:e], c64, b.csq[s:e])
+    distance, with no passes adding the norms: see ``cluster._a_form``). The same bits
+    however often: float64 centring, then the cast ``astype`` makes (euclidean: one ufunc
+    pass, computed in float64 and cast as it is written, 9 vs 12 ms for 12,500 x 256 through
+    a float64 chunk; cosine: ``_CENTRE_ROWS`` rows at a time through float64)."""
+    d = b.x.shape[1]
+    if g.cosine:
+        for s, e, c64, _ in _centred_chunks(b.x, g):
+            _fill_aug(out[s:e], c64, b.csq[s:e])
+        return
+    np.subtract(b.x, g.mean, out=out[:, :d], dtype=np.float64, casting="unsafe")
+    out[:, d] = 1.0
+    out[:, d + 1] = b.csq
 
 
-def _working_rows(b: _Block, g: SimpleNamespace) -> np.ndarray:
-    """The working rows of prepared block ``b`` (:func:`_fill_working`), (rows, d + 2)
-    float32, read-only, kept for the worker's next tiles (the ``_WORKING_BLOCKS`` most
-    recently used), keyed by the block object, which a worker holds as one object while it
-    keeps the block: an entry goes when its block does (``weakref.finalize``), so a
-    recomputed or fetched-again block is centred afresh."""
-    key = id(b)
+@contextmanager
+def _tile_rows(A: _Block, B: _Block | None, g: SimpleNamespace) -> Iterator[np.ndarray]:
+    """The working rows of a tile (:func:`_fill_working`): A's rows, then B's (unless B is
+    None: a diagonal tile), (rows, d + 2) float32, for the ``with`` block's duration.
+
+    A's rows are kept for the worker's next tiles (the ``_WORKING_BLOCKS`` most recently
+    used blocks A; the work is in order of A), keyed by the block object, which a worker
+    holds as one object while it keeps the block: an entry goes when its block does
+    (``weakref.finalize``), so a recomputed or fetched-again block is centred afresh. B's
+    rows are written after them, in the kept buffer itself: an off-diagonal tile neither
+    copies A's rows nor maps a fresh (A + B)-row array (page faults on each first touch: a
+    tile's concatenation and A's copy were ~15 ms a tile at 100k x 256). A tile whose A
+    is in use by another thread of the worker gets a private copy. A's rows are never
+    written once built (every later tile reads them)."""
+    key, ma = id(A), len(A.x)
+    mb = 0 if B is None else len(B.x)
     with _working_lock:
-        rows = _working.get(key)
-        if rows is not None:
+        kept = _working.get(key)
+        if kept is not None:
             _working.move_to_end(key)
-            return rows
-    rows = np.empty((len(b.x), b.x.shape[1] + 2), np.float32)
-    _fill_working(rows, b, g)
-    rows.flags.writeable = False
-    with _working_lock:
-        if key not in _working:
-            weakref.finalize(b, _forget, key)
-        _working[key] = rows
-        while len(_working) > _WORKING_BLOCKS:
-            _working.popitem(last=False)
-    return rows
+    if kept is None:  # with room for a B as large as A (blocks are about equal)
+        buf = np.empty((ma + max(ma, mb), A.x.shape[1] + 2), np.float32)
+        _fill_working(buf[:ma], A, g)
+        kept = _Kept(buf)
+        with _working_lock:
+            if key not in _working:
+                weakref.finalize(A, _forget, key)
+            _working[key] = kept
+            while len(_working) > _WORKING_BLOCKS:
+                _working.popitem(last=False)
+    if not kept.lock.acquire(blocking=False):
+        rows = np.empty((ma + mb, kept.buf.shape[1]), np.float32)
+        rows[:ma] = kept.buf[:ma]
+        if B is not None:
+            _fill_working(rows[ma:], B, g)
+        yield rows
+        return
+    try:
+        if len(kept.buf) < ma + mb:  # room for a larger B: A's rows move to a larger buffer
+            buf = np.empty((ma + mb, kept.buf.shape[1]), np.float32)
+            buf[:ma] = kept.buf[:ma]
+            kept.buf = buf
+        rows = kept.buf[: ma + mb]
+        if B is not None:
+            _fill_working(rows[ma:], B, g)
+        yield rows
+    finally:
+        kept.lock.release()
 
 
 @_on_worker
@@ -581,9 +641,24 @@ def _tile(
     Returns ``(i, j, band_i, band_j)`` in positions: for ``min_samples=1`` and ``"core"`` a
     spanning forest of the edges; for ``"count"`` ``(rows, neighbours)``; for ``"border"``
     ``(rows, smallest core label)``; and the pairs still within scikit-learn's rounding of
-    eps after a float64 look. Memory: the two blocks' float32 working rows (A's also kept for
-    the next tiles, see :func:`_working_rows`) plus a few (LEAF_ROWS x TILE) products.
+    eps after a float64 look. Memory: the two blocks' float32 working rows (kept for the
+    next tiles, see :func:`_tile_rows`) plus a few (LEAF_ROWS x TILE) products.
     """
+    with _tile_rows(A, None if ga == gb else B, g) as C:
+        return _tile_of(A, B, C, ga, gb, g, roots, ctx)
+
+
+def _tile_of(
+    A: SimpleNamespace,
+    B: SimpleNamespace,
+    C: np.ndarray,
+    ga: int,
+    gb: int,
+    g: SimpleNamespace,
+    roots: np.ndarray | None,
+    ctx: _PassCtx | None,
+) -> tuple[np.ndarray, ...]:
+    """:func:`_tile`'s work on the tile's working rows ``C`` (A's, then B's)."""
     same = ga == gb
     parts = [A] if same else [A, B]
     ma = len(A.x)
@@ -591,15 +666,6 @@ def _tile(
     def cat(name: str) -> np.ndarray:
         return np.concatenate([getattr(b, name) for b in parts])
 
-    # A's working rows are kept for the worker's next tiles (which mostly share A); B's are
-    # written into the tile's own rows
-    C = _working_rows(A, g)
-    if not same:
-        rows_a = C
-        C = np.empty((ma + len(B.x), rows_a.shape[1]), np.float32)
-        C[:ma] = rows_a
-        del rows_a
-        _fill_working(C[ma:], B, g)
     bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
     band, band_lo = cat("band"), cat("band_lo")
     leaf_band = np.maximum.reduceat(band, bounds[:-1])
@@ -869,48 +935,26 @@ class _DaskFit:
         held = take_blocks(self.X)
         X = client.persist(self.X)
         blocks = [Future(k, client) for k in _keys(X)]
-        sums = executor.gather(client, client.map(_block_sum, blocks, pure=False), what=_WHAT)
-        if g.cosine and sum(z for _, z in sums):
+        # One round trip: each block's column sum and zero rows, and the rows of a sample
+        # (~20,000 rows, at most _SAMPLE_BYTES): the client computes the principal directions
+        # and the cells' tree from the sample itself. Sums, then grams summed on the workers,
+        # then the sample's projections were three round trips and three passes (0.5 of the
+        # 1.2 s preparation of 100k x 256 on 2 workers).
+        sample_rows = max(2, min(20000, _SAMPLE_BYTES // (4 * d)))
+        frac = min(1.0, sample_rows / n)
+        seeds = list(range(len(blocks)))
+        firsts = executor.gather(
+            client, client.map(_block_first, blocks, seeds, frac=frac, pure=False), what=_WHAT
+        )
+        if g.cosine and sum(z for _, z, _ in firsts):
             raise _NeedsGather("cosine zero vectors (distance 1 to everything, themselves too)")
         if not g.cosine:
-            g.mean = sum(s for s, _ in sums) / n
+            g.mean = sum(s for s, _, _ in firsts) / n
+        S = [rows for _, _, rows in firsts]  # the sample, block by block
+        del firsts
         log.debug("DBSCAN (distributed): sums at %.2f s", time.perf_counter() - self.t0)
-        # Principal directions of a ~20,000-row sample, accumulated on the workers (d x d).
-        frac = min(1.0, 20000 / n)
-        seeds = list(range(len(blocks)))
-        # summed on the workers, _GRAM_FANIN at a time: the client receives one d x d gram,
-        # not one per input block (39 blocks at 768-d were 184 MB on the client)
-        grams = client.map(_block_gram, blocks, seeds, g=g, frac=frac, pure=False)
-        fanin = max(2, min(_GRAM_FANIN, _GRAM_BYTES // (8 * d * d)))
-        while len(grams) > 1:
-            grams = [
-                client.submit(_add_grams, *grams[i : i + fanin], pure=False)
-                for i in range(0, len(grams), fanin)
-            ]
-        gram, ssum, total = executor.gather(client, grams, what=_WHAT)[0]
-        del grams
         k = min(N_BOUND_DIMS, d)
-        if k < d and total >= 2:
-            from scipy.linalg import eigh
-            from threadpoolctl import threadpool_limits
-
-            # the scatter matrix about the sample's mean, in place (its eigenvectors are the
-            # covariance's), and only its k leading eigenvectors: the client holds one d x d
-            # float64 (8 MiB at 1024-d), not the four of a full eigendecomposition. One BLAS
-            # thread, as ``cluster._prepare`` (LAPACK's threads on a 256-512 square matrix
-            # measured 5-7x slower there on the loaded 2-core machine)
-            cov = gram if gram.flags.writeable else gram.copy()
-            del gram
-            cov -= np.outer(ssum / total, ssum)
-            with threadpool_limits(limits=1, user_api="blas"):
-                _, vecs = eigh(
-                    cov, subset_by_index=[d - k, d - 1], overwrite_a=True, check_finite=False
-                )
-            g.V = np.ascontiguousarray(vecs[:, ::-1])
-            del cov, vecs
-        else:
-            g.V = np.eye(d)[:, :k]
-            del gram
+        g.V = _directions(S, g, k)
         log.debug(
             "DBSCAN (distributed): principal directions at %.2f s", time.perf_counter() - self.t0
         )
@@ -935,10 +979,9 @@ class _DaskFit:
             dask.delayed(g, traverse=False, name=f"dbscan-geometry-{uuid.uuid4().hex}")
         )
         if n_cells > 1:
-            projections = client.map(
-                _block_projections, blocks, seeds, g=self.g_f, frac=frac, pure=False
+            P = np.concatenate(
+                [c64 @ g.V[:, : g.n_split] for part in S for *_, c64, _ in _centred_chunks(part, g)]
             )
-            P = np.concatenate(executor.gather(client, projections, what=_WHAT))
             tree = _median_tree(P, max(1, -(-len(P) // n_cells)))
             cells_of = executor.gather(
                 client,
@@ -948,6 +991,7 @@ class _DaskFit:
             log.debug("DBSCAN (distributed): cells at %.2f s", time.perf_counter() - self.t0)
         else:  # one block's worth of rows: one block, however the input was chunked
             cells_of = [np.zeros(m, np.int32) for m in X.chunks[0]]
+        del S
         cells = np.concatenate(cells_of)
         # rows by cell, in input order within a cell: the reorder's permutation
         perm = np.argsort(cells, kind="stable")
@@ -956,13 +1000,12 @@ class _DaskFit:
         # the reorder's tasks are on the scheduler: drop every hold on the input blocks, so
         # each is freed once its pieces are cut (the scheduler keeps their tasks as lineage)
         del X, blocks, held
-        for _ in executor.finished(client, set(self.blocks), what=_WHAT):
-            pass
-        log.debug(
-            "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
-        )
+        # each block's meta is asked for with its preparation (no round trip between them)
         metas = executor.gather(
             client, client.map(_block_meta, self.blocks, pure=False), what=_WHAT
+        )
+        log.debug(
+            "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
         )
         sizes = [len(m.order) for m in metas]
         self.starts = np.zeros(len(sizes) + 1, np.int64)

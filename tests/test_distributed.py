@@ -505,34 +505,64 @@ def test_plan_is_the_same_in_process_and_distributed(tmp_path, scheduler, client
     assert pd.read_parquet(tmp_path / "always" / "plan.parquet").equals(spread)
 
 
-def test_a_workers_kept_working_rows_are_the_blocks_own_and_go_with_the_block():
-    """The tiles' working rows kept per worker (cluster_dask._working_rows): the augmented
-    rows ``[c, 1, csq]`` of the block as the tile would build them, read-only (a tile that
-    wrote into them would change every later tile's values), one entry per live block, at
-    most _WORKING_BLOCKS of them, the same bits when built again, dropped with the block."""
+@pytest.mark.parametrize("cosine", [False, True])
+def test_a_tiles_working_rows_are_its_blocks_own_kept_per_block_and_gone_with_it(cosine):
+    """A tile's working rows (cluster_dask._tile_rows): the augmented rows ``[c, 1, csq]``
+    of block A then block B, as the in-process engine builds them (float64 centring or
+    normalising, then float32). A's are kept for the worker's next tiles with room after
+    them for B's (one entry per live block, at most _WORKING_BLOCKS), never written again
+    (B's are written after them, a larger B moves them), the same bits when built again; a
+    second thread's tile with the same A gets its own rows; an entry goes with its block."""
     import gc
+    import threading
 
     import dedup_batch.cluster_dask as cd
 
-    X = _data("groups")[:600]
-    g = SimpleNamespace(cosine=False, mean=X.mean(axis=0, dtype=np.float64))
+    X = _data("groups")[:700]
+    g = SimpleNamespace(cosine=cosine, mean=None if cosine else X.mean(0, dtype=np.float64))
     g.V = np.linalg.qr(np.random.default_rng(0).standard_normal((X.shape[1], 4)))[0]
-    g.n_split, g.threshold, g.kind = 1, 4.0, "brute"
-    blocks = [cd._block_prep([X[s : s + 200]], g) for s in (0, 200, 400)]
+    g.n_split, g.threshold, g.kind = 1, 4.0, "cosine" if cosine else "brute"
+    blocks = [cd._block_prep([X[s:e]], g) for s, e in ((0, 200), (200, 400), (400, 700))]
+
+    def expected(b: SimpleNamespace) -> np.ndarray:
+        x64 = b.x.astype(np.float64)
+        c64 = x64 / np.sqrt(np.einsum("ij,ij->i", x64, x64))[:, None] if cosine else x64 - g.mean
+        return np.column_stack([c64, np.ones(len(c64)), b.csq]).astype(np.float32)
+
+    want = [expected(b) for b in blocks]
     cd._working.clear()
-    rows = cd._working_rows(blocks[0], g)
-    c64 = blocks[0].x.astype(np.float64) - g.mean
-    np.testing.assert_array_equal(rows[:, :-2], c64.astype(np.float32))
-    np.testing.assert_array_equal(rows[:, -2], 1.0)
-    np.testing.assert_array_equal(rows[:, -1], blocks[0].csq.astype(np.float32))
-    assert not rows.flags.writeable
-    assert cd._working_rows(blocks[0], g) is rows  # kept: not centred again
+    with cd._tile_rows(blocks[0], None, g) as rows:
+        np.testing.assert_array_equal(rows, want[0])
+        first = rows
+    with cd._tile_rows(blocks[0], blocks[1], g) as rows:
+        np.testing.assert_array_equal(rows, np.concatenate([want[0], want[1]]))
+        assert np.shares_memory(rows, first)  # A's kept: not centred again
+        kept = cd._working[id(blocks[0])].buf
+        # a second thread's tile on the same A while this one writes after A's rows
+        seen = []
+
+        def other(a: SimpleNamespace, b: SimpleNamespace) -> None:
+            with cd._tile_rows(a, b, g) as mine:
+                seen.append((np.shares_memory(mine, kept), mine.copy()))
+
+        t = threading.Thread(target=other, args=(blocks[0], blocks[2]))
+        t.start()
+        t.join()
+        assert not seen[0][0]
+        np.testing.assert_array_equal(seen[0][1], np.concatenate([want[0], want[2]]))
+        np.testing.assert_array_equal(rows[200:], want[1])  # untouched by the other
+    with cd._tile_rows(blocks[0], blocks[2], g) as rows:  # a larger B: A's rows move
+        np.testing.assert_array_equal(rows, np.concatenate([want[0], want[2]]))
     assert cd._WORKING_BLOCKS == 1
-    other = cd._working_rows(blocks[1], g)
+    with cd._tile_rows(blocks[1], blocks[0], g) as rows:
+        np.testing.assert_array_equal(rows, np.concatenate([want[1], want[0]]))
     assert list(cd._working) == [id(blocks[1])]  # the least recently used went
-    assert cd._working_rows(blocks[0], g) is not rows  # so it is built again
-    np.testing.assert_array_equal(cd._working_rows(blocks[0], g), rows)  # the same bits
-    cd._working_rows(blocks[2], g)
-    del blocks[2], other
+    with cd._tile_rows(blocks[0], None, g) as rows:  # so it is built again, same bits
+        assert not np.shares_memory(rows, kept)
+        np.testing.assert_array_equal(rows, want[0])
+    with cd._tile_rows(blocks[2], None, g):
+        pass
+    assert list(cd._working) == [id(blocks[2])]
+    del blocks[2]
     gc.collect()
     assert list(cd._working) == []  # its block gone, so is its entry
