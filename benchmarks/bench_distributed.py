@@ -11,10 +11,10 @@ writes it as NPZ feature shards (``--shard-rows`` rows each) and as one ``.npy``
 measured here ever held the generator's temporaries. Each side runs in its own subprocess:
 
 - ``in-process``: ``np.load`` then ``dedup_batch.cluster.DBSCAN.fit(X)`` on all cores (threads).
-- ``distributed``: a ``LocalCluster`` of ``--workers`` processes x 1 thread (``--memory-limit``
-  each), ``load_features(distributed="always")`` (the workers read the shards: the client never
-  holds X), then ``DBSCAN.fit(feats.X)`` is timed, as ``plan`` runs it: the fit takes over the
-  loaded blocks (``load.take_blocks``).
+- ``distributed``: a ``LocalCluster`` of ``--workers`` processes x ``--threads`` threads
+  (default 1; ``--memory-limit`` each), ``load_features(distributed="always")`` (the workers
+  read the shards: the client never holds X), then ``DBSCAN.fit(feats.X)`` is timed, as
+  ``plan`` runs it: the fit takes over the loaded blocks (``load.take_blocks``).
 - ``--scheduler-process``: the scheduler and the workers as ``dask scheduler`` / ``dask worker``
   processes (as ``--scheduler`` and the Helm chart run them), so that the client's peak RSS is
   the client's alone; without it the LocalCluster's scheduler runs in the client's process.
@@ -142,7 +142,7 @@ class _Sampler:
 
 
 def _distributed(
-    folder: str, eps: float, workers: int, limit: str, own_scheduler: bool, out: str
+    folder: str, eps: float, workers: int, threads: int, limit: str, own_scheduler: bool, out: str
 ) -> None:
     import contextlib
     import logging
@@ -163,13 +163,15 @@ def _distributed(
 
             logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             address = stack.enter_context(
-                dask_processes(logs, workers, worker_args=("--memory-limit", limit))
+                dask_processes(
+                    logs, workers, worker_args=("--memory-limit", limit, "--nthreads", str(threads))
+                )
             )
         else:  # the LocalCluster's scheduler runs in this process: its peak includes it
             address = stack.enter_context(
                 LocalCluster(
                     n_workers=workers,
-                    threads_per_worker=1,
+                    threads_per_worker=threads,
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",
@@ -289,6 +291,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="threads per worker (default 1)")
     ap.add_argument("--memory-limit", default="auto", help="each worker's, e.g. 900MB")
     ap.add_argument("--shard-rows", type=int, default=8192)
     ap.add_argument("--eps", type=float, default=0.6)
@@ -312,7 +315,15 @@ def main() -> None:
         elif side == "in-process":
             _in_process(folder, float(rest[0]), rest[-1])
         else:
-            _distributed(folder, float(rest[0]), int(rest[1]), rest[2], rest[3] == "1", rest[-1])
+            _distributed(
+                folder,
+                float(rest[0]),
+                int(rest[1]),
+                int(rest[2]),
+                rest[3],
+                rest[4] == "1",
+                rest[-1],
+            )
         return
     for key, value in CASES.get(a.case, {}).items():
         setattr(a, key, value)
@@ -320,7 +331,8 @@ def main() -> None:
         gen = [sys.executable, __file__, "--child", "generate", tmp]
         subprocess.run([*gen, str(a.n), str(a.d), str(a.shard_rows)], check=True)
         load0 = os.getloadavg()[0]
-        dist_args = ["distributed", tmp, str(a.eps), str(a.workers), a.memory_limit]
+        dist_args = ["distributed", tmp, str(a.eps), str(a.workers), str(a.threads)]
+        dist_args.append(a.memory_limit)
         dist_args.append("1" if a.scheduler_process else "0")
         # the sides alternate, each run in fresh processes: on a shared machine one run of
         # each can differ by 1.5x from the next, so the medians are the figures to read
@@ -334,8 +346,8 @@ def main() -> None:
     gib = 1 << 30
     print(
         f"data: make_data({a.n}, d={a.d}) float32 ({a.n * a.d * 4 / gib:.2f} GiB) in "
-        f"{len(range(0, a.n, a.shard_rows))} NPZ shards, eps {a.eps}; {a.workers} workers x 1 "
-        f"thread, memory limit {a.memory_limit}, scheduler "
+        f"{len(range(0, a.n, a.shard_rows))} NPZ shards, eps {a.eps}; {a.workers} workers x "
+        f"{a.threads} thread(s), memory limit {a.memory_limit}, scheduler "
         f"{'in a process of its own' if a.scheduler_process else 'in the client (LocalCluster)'}"
     )
     print(f"machine: {os.cpu_count()} cores, load average {load0:.1f} -> {load1:.1f}")

@@ -659,18 +659,22 @@ def _prepare(
     n_split = max(1, min(k, int(math.log(n_leaves) / math.log(SPLIT_CELLS) + 1e-9)))
     leaves = []
     stack = [np.arange(m)]
+    # the splitting columns contiguous: a node's widths are reductions along rows (along
+    # the columns of an (n, 2) gather they took ~40% of the tree's time)
+    PT = np.ascontiguousarray(P[:, :n_split].T)
     while stack:
         idx = stack.pop()
         if len(idx) <= leaf:
             leaves.append(np.sort(idx))
             continue
-        sub = P[idx, :n_split]
-        axis = int(np.argmax(sub.max(axis=0) - sub.min(axis=0)))
-        order = np.argsort(sub[:, axis], kind="stable")
+        sub = PT[:, idx]
+        axis = int(np.argmax(sub.max(axis=1) - sub.min(axis=1)))
+        order = np.argsort(sub[axis], kind="stable")
         half = len(idx) // 2
         stack.append(idx[order[half:]])
         stack.append(idx[order[:half]])
         del sub
+    del PT
     lo = np.array([P[lf].min(axis=0) for lf in leaves])
     hi = np.array([P[lf].max(axis=0) for lf in leaves])
     bounds = np.zeros(len(leaves) + 1, np.int64)

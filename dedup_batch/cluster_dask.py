@@ -577,19 +577,21 @@ def _tile_rows(A: _Block, B: _Block | None, g: SimpleNamespace) -> Iterator[np.n
     used blocks A; the work is in order of A), keyed by the block object, which a worker
     holds as one object while it keeps the block: an entry goes when its block does
     (``weakref.finalize``), so a recomputed or fetched-again block is centred afresh. B's
-    rows are written after them, in the kept buffer itself: an off-diagonal tile neither
-    copies A's rows nor maps a fresh (A + B)-row array (page faults on each first touch: a
-    tile's concatenation and A's copy were ~15 ms a tile at 100k x 256). A tile whose A
-    is in use by another thread of the worker gets a private copy. A's rows are never
-    written once built (every later tile reads them)."""
+    rows are written after them, in the kept buffer itself (room for 1.25x A's rows): an
+    off-diagonal tile neither copies A's rows nor maps a fresh (A + B)-row array (page
+    faults on each first touch: a tile's concatenation and A's copy were ~15 ms a tile at
+    100k x 256). A tile whose B does not fit, or whose A is in use by another thread of
+    the worker, gets rows of its own, A's copied. A's rows are never written once built
+    (every later tile reads them). Memory: at most what a tile with rows of its own and
+    the kept A took before, ~2.25 blocks' rows, never a second kept buffer."""
     key, ma = id(A), len(A.x)
     mb = 0 if B is None else len(B.x)
     with _working_lock:
         kept = _working.get(key)
         if kept is not None:
             _working.move_to_end(key)
-    if kept is None:  # with room for a B as large as A (blocks are about equal)
-        buf = np.empty((ma + max(ma, mb), A.x.shape[1] + 2), np.float32)
+    if kept is None:  # room for a B up to 1.25x A (cells hold equal shares of the sample)
+        buf = np.empty((ma + max(ma + ma // 4, mb), A.x.shape[1] + 2), np.float32)
         _fill_working(buf[:ma], A, g)
         kept = _Kept(buf)
         with _working_lock:
@@ -598,7 +600,8 @@ def _tile_rows(A: _Block, B: _Block | None, g: SimpleNamespace) -> Iterator[np.n
             _working[key] = kept
             while len(_working) > _WORKING_BLOCKS:
                 _working.popitem(last=False)
-    if not kept.lock.acquire(blocking=False):
+    if len(kept.buf) < ma + mb or not kept.lock.acquire(blocking=False):
+        # no room for this B, or another thread's tile is using it: rows of the tile's own
         rows = np.empty((ma + mb, kept.buf.shape[1]), np.float32)
         rows[:ma] = kept.buf[:ma]
         if B is not None:
@@ -606,10 +609,6 @@ def _tile_rows(A: _Block, B: _Block | None, g: SimpleNamespace) -> Iterator[np.n
         yield rows
         return
     try:
-        if len(kept.buf) < ma + mb:  # room for a larger B: A's rows move to a larger buffer
-            buf = np.empty((ma + mb, kept.buf.shape[1]), np.float32)
-            buf[:ma] = kept.buf[:ma]
-            kept.buf = buf
         rows = kept.buf[: ma + mb]
         if B is not None:
             _fill_working(rows[ma:], B, g)

@@ -511,8 +511,9 @@ def test_a_tiles_working_rows_are_its_blocks_own_kept_per_block_and_gone_with_it
     of block A then block B, as the in-process engine builds them (float64 centring or
     normalising, then float32). A's are kept for the worker's next tiles with room after
     them for B's (one entry per live block, at most _WORKING_BLOCKS), never written again
-    (B's are written after them, a larger B moves them), the same bits when built again; a
-    second thread's tile with the same A gets its own rows; an entry goes with its block."""
+    (B's are written after them; a B too large gets rows of its own), the same bits when
+    built again; a second thread's tile with the same A gets its own rows; an entry goes
+    with its block."""
     import gc
     import threading
 
@@ -551,8 +552,10 @@ def test_a_tiles_working_rows_are_its_blocks_own_kept_per_block_and_gone_with_it
         assert not seen[0][0]
         np.testing.assert_array_equal(seen[0][1], np.concatenate([want[0], want[2]]))
         np.testing.assert_array_equal(rows[200:], want[1])  # untouched by the other
-    with cd._tile_rows(blocks[0], blocks[2], g) as rows:  # a larger B: A's rows move
+    with cd._tile_rows(blocks[0], blocks[2], g) as rows:  # a B too large: rows of its own
         np.testing.assert_array_equal(rows, np.concatenate([want[0], want[2]]))
+        assert not np.shares_memory(rows, kept)
+    assert cd._working[id(blocks[0])].buf is kept  # the kept rows stay
     assert cd._WORKING_BLOCKS == 1
     with cd._tile_rows(blocks[1], blocks[0], g) as rows:
         np.testing.assert_array_equal(rows, np.concatenate([want[1], want[0]]))
