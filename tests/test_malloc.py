@@ -17,10 +17,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Allocates and frees 200 arrays of 2 MiB (each written, as a product would be) outside and
-# inside heap_kept, counting minor page faults; then RSS after the block ends.
+# inside heap_kept, counting minor page faults; right after the block ends (the heap still
+# kept for a next task) and once the process has run no block for IDLE_SECONDS; RSS inside
+# and then.
 _CHILD = """
-import json, resource, sys
+import json, resource, sys, time
 import numpy as np
+from dedup_batch import _malloc
 from dedup_batch._malloc import heap_kept, keep_heap
 
 def faults():
@@ -43,6 +46,15 @@ with heap_kept():
     big = [np.ones(1 << 20, np.float32) for _ in range(40)]  # 160 MiB, freed inside
     out["rss_inside"] = rss()
     del big
+out["between"] = churn()
+with heap_kept():  # a next task soon after: it finds the heap kept
+    out["next"] = churn()
+time.sleep(_malloc.IDLE_SECONDS / 2)
+with heap_kept():  # and another: the idle time counts from the last one's end
+    pass
+time.sleep(_malloc.IDLE_SECONDS / 2 + 0.05)
+out["not_yet"] = churn()
+time.sleep(_malloc.IDLE_SECONDS + 0.5)
 out["rss_after"] = rss()
 out["outside_again"] = churn()
 if sys.argv[1] == "keep":
@@ -78,7 +90,10 @@ def test_heap_kept_reuses_freed_memory_inside_and_gives_it_back_after():
     assert r["outside"] > 200 * 400, r
     # inside: the heap's freed pages are reused (a few arrays' worth of faults in all)
     assert r["inside"] < r["outside"] / 20, r
-    # after: the process's own thresholds again, and the freed 160 MiB given back
+    # blocks back to back, and the time between them, keep the heap
+    for between in ("between", "next", "not_yet"):
+        assert r[between] < r["outside"] / 20, r
+    # idle for IDLE_SECONDS: the process's own thresholds again, the freed 160 MiB given back
     assert r["outside_again"] > 200 * 400, r
     assert r["rss_inside"] - r["rss_after"] > 100 << 20, r
 
