@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tests._shards as sh
 from dedup_batch.errors import InputError
@@ -569,3 +571,36 @@ def test_a_tiles_working_rows_are_its_blocks_own_kept_per_block_and_gone_with_it
     del blocks[2]
     gc.collect()
     assert list(cd._working) == []  # its block gone, so is its entry
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    parts=st.integers(1, 80),
+    cols=st.integers(1, 3),
+    levels=st.sampled_from([None, 1, 3, 50]),
+    seed=st.integers(0, 2**16),
+)
+def test_split_tree_cuts_equal_shares_and_descend_finds_them(n, parts, cols, levels, seed):
+    """cluster_dask._split_tree: ``parts`` cells (fewer only where the rows left are all
+    equal) of equal shares of the rows, to within the rows tied at a split; :func:`_descend`
+    puts every row in a cell whose bounds hold it, the same cell for equal rows."""
+    from dedup_batch.cluster_dask import _descend, _split_tree
+
+    rng = np.random.default_rng(seed)
+    P = rng.standard_normal((n, cols))
+    if levels is not None:  # ties: few distinct values per column
+        P = np.round(P * levels) / levels
+    tree = _split_tree(P, parts)
+    cells = _descend(tree, P)
+    count = np.bincount(cells)
+    distinct = len(np.unique(P, axis=0))
+    assert len(count) <= min(parts, n) and (count > 0).all()
+    if levels is None:  # distinct values: exactly parts cells (or one per row), equal shares
+        assert len(count) == min(parts, n)
+        assert count.max() - count.min() <= parts.bit_length() + 1, count  # rounding a level
+    else:
+        assert len(count) >= min(parts, distinct, 2) if n > 1 else len(count) == 1
+    # equal rows, one cell
+    _, first, inv = np.unique(P, axis=0, return_index=True, return_inverse=True)
+    np.testing.assert_array_equal(cells, cells[first][inv.ravel()])
