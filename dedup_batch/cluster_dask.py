@@ -654,88 +654,75 @@ def _tile(
     next tiles, see :func:`_tile_rows`) plus a few (LEAF_ROWS x TILE) products.
     """
     with _tile_rows(A, None if ga == gb else B, g) as C:
-        return _tile_of(A, B, C, ga, gb, g, roots, ctx)
+        same = ga == gb
+        parts = [A] if same else [A, B]
+        ma = len(A.x)
 
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(b, name) for b in parts])
 
-def _tile_of(
-    A: SimpleNamespace,
-    B: SimpleNamespace,
-    C: np.ndarray,
-    ga: int,
-    gb: int,
-    g: SimpleNamespace,
-    roots: np.ndarray | None,
-    ctx: _PassCtx | None,
-) -> tuple[np.ndarray, ...]:
-    """:func:`_tile`'s work on the tile's working rows ``C`` (A's, then B's)."""
-    same = ga == gb
-    parts = [A] if same else [A, B]
-    ma = len(A.x)
-
-    def cat(name: str) -> np.ndarray:
-        return np.concatenate([getattr(b, name) for b in parts])
-
-    bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
-    band, band_lo = cat("band"), cat("band_lo")
-    leaf_band = np.maximum.reduceat(band, bounds[:-1])
-    prep = _Prepared(
-        C, cat("csq"), cat("Alo"), cat("Blo"), band, band_lo, cat("sk_err"), g.threshold,
-        np.arange(len(C)), bounds, cat("lo"), cat("hi"), leaf_band,
-        np.maximum.reduceat(band_lo, bounds[:-1]), max(b.slack for b in parts), aug=True,
-    )  # fmt: skip
-    na = len(A.bounds) - 1
-    # the leaves of B (or of A from a on, inside one block) whose boxes may hold a pair
-    reach = math.sqrt(g.threshold + float(band.max(initial=0.0)) * 2) + prep.slack
-    luf, live = None, None
-    if roots is not None:
-        # each row's parent is the first row of its component here: a valid union-find
-        # forest as it stands (every component's first row is its own parent), set directly
-        # rather than merged edge by edge (a sparse connected-components per tile)
-        luf = _UnionFind(len(C))
-        _, first_of, inv = np.unique(roots, return_index=True, return_inverse=True)
-        luf.parent = first_of[inv.ravel()].astype(np.int64)
-        live = _LiveRoots(luf.parent)
-    out: list[tuple[np.ndarray, ...]] = []
-    for a in range(na):
-        lo_b = a if same else na
-        gap = np.maximum(0.0, np.maximum(prep.lo[lo_b:] - prep.hi[a], prep.lo[a] - prep.hi[lo_b:]))
-        bs = [lo_b + int(b) for b in np.flatnonzero(np.sqrt((gap**2).sum(axis=1)) <= reach)]
-        if not bs:
-            continue
-        res = _tile_task(prep, a, bs, live, ctx)
-        if luf is not None:
-            luf.union(res[0], res[1])
-        out.append(res)
-    kind = "edges" if ctx is None else ctx.kind
-    si, ui, uj = (_cat([r[k] for r in out]) for k in (0, 2, 3))
-    if kind in ("count", "border"):  # a row of B can come back from several leaves of A
-        sj = np.concatenate([r[1] for r in out]) if out else np.empty(0, np.int64)
-        si, sj = _per_row(si, sj, "sum" if kind == "count" else "min")
-    else:
-        sj = _cat([r[1] for r in out])
-    if len(ui):  # a second look in float64 from the original rows: most pairs settle here
-        idx = np.arange(len(C))
-        surely, undecided = _refine(_Pair(parts), idx, ui, uj, prep, idx, _Mode(g.kind))
-        ri, rj = ui[surely], uj[surely]
-        ui, uj = ui[undecided], uj[undecided]
-        if kind == "count":
-            si, sj = _per_row(
-                np.concatenate([si, ri, rj]), np.concatenate([sj, np.ones(2 * len(ri))]), "sum"
-            )
-        elif kind == "border":
-            bi, bv = _border_min(ctx, ri, rj)
-            si, sj = _per_row(np.concatenate([si, bi]), np.concatenate([sj, bv]), "min")
+        bounds = A.bounds if same else np.concatenate([A.bounds, ma + B.bounds[1:]])
+        band, band_lo = cat("band"), cat("band_lo")
+        leaf_band = np.maximum.reduceat(band, bounds[:-1])
+        prep = _Prepared(
+            C, cat("csq"), cat("Alo"), cat("Blo"), band, band_lo, cat("sk_err"), g.threshold,
+            np.arange(len(C)), bounds, cat("lo"), cat("hi"), leaf_band,
+            np.maximum.reduceat(band_lo, bounds[:-1]), max(b.slack for b in parts), aug=True,
+        )  # fmt: skip
+        na = len(A.bounds) - 1
+        # the leaves of B (or of A from a on, inside one block) whose boxes may hold a pair
+        reach = math.sqrt(g.threshold + float(band.max(initial=0.0)) * 2) + prep.slack
+        luf, live = None, None
+        if roots is not None:
+            # each row's parent is the first row of its component here: a valid union-find
+            # forest as it stands (every component's first row is its own parent), set directly
+            # rather than merged edge by edge (a sparse connected-components per tile)
+            luf = _UnionFind(len(C))
+            _, first_of, inv = np.unique(roots, return_index=True, return_inverse=True)
+            luf.parent = first_of[inv.ravel()].astype(np.int64)
+            live = _LiveRoots(luf.parent)
+        out: list[tuple[np.ndarray, ...]] = []
+        lo, hi = prep.lo, prep.hi
+        for a in range(na):
+            lo_b = a if same else na
+            gap = np.maximum(0.0, np.maximum(lo[lo_b:] - hi[a], lo[a] - hi[lo_b:]))
+            bs = [lo_b + int(b) for b in np.flatnonzero(np.sqrt((gap**2).sum(axis=1)) <= reach)]
+            if not bs:
+                continue
+            res = _tile_task(prep, a, bs, live, ctx)
+            if luf is not None:
+                luf.union(res[0], res[1])
+            out.append(res)
+        kind = "edges" if ctx is None else ctx.kind
+        si, ui, uj = (_cat([r[k] for r in out]) for k in (0, 2, 3))
+        if kind in ("count", "border"):  # a row of B can come back from several leaves of A
+            sj = np.concatenate([r[1] for r in out]) if out else np.empty(0, np.int64)
+            si, sj = _per_row(si, sj, "sum" if kind == "count" else "min")
         else:
-            si, sj = np.concatenate([si, ri]), np.concatenate([sj, rj])
-    if kind in ("edges", "core"):
-        si, sj = _forest(si, sj)
+            sj = _cat([r[1] for r in out])
+        if len(ui):  # a second look in float64 from the original rows: most pairs settle here
+            idx = np.arange(len(C))
+            surely, undecided = _refine(_Pair(parts), idx, ui, uj, prep, idx, _Mode(g.kind))
+            ri, rj = ui[surely], uj[surely]
+            ui, uj = ui[undecided], uj[undecided]
+            if kind == "count":
+                si, sj = _per_row(
+                    np.concatenate([si, ri, rj]), np.concatenate([sj, np.ones(2 * len(ri))]), "sum"
+                )
+            elif kind == "border":
+                bi, bv = _border_min(ctx, ri, rj)
+                si, sj = _per_row(np.concatenate([si, bi]), np.concatenate([sj, bv]), "min")
+            else:
+                si, sj = np.concatenate([si, ri]), np.concatenate([sj, rj])
+        if kind in ("edges", "core"):
+            si, sj = _forest(si, sj)
 
-    def pos(q: np.ndarray) -> np.ndarray:
-        return np.where(q < ma, ga + q, gb + q - ma).astype(np.int64)
+        def pos(q: np.ndarray) -> np.ndarray:
+            return np.where(q < ma, ga + q, gb + q - ma).astype(np.int64)
 
-    if kind in ("count", "border"):
-        return pos(si), sj, pos(ui), pos(uj)
-    return pos(si), pos(sj), pos(ui), pos(uj)
+        if kind in ("count", "border"):
+            return pos(si), sj, pos(ui), pos(uj)
+        return pos(si), pos(sj), pos(ui), pos(uj)
 
 
 # --------------------------------------------------------------------------------------------
