@@ -27,7 +27,7 @@ the run with the median ratio.
 
 Printed: seconds of each side and their ratio (target: distributed <= 1.2x in-process); peak
 RSS of the in-process side and of the distributed client; each worker's peak RSS per stage of
-the fit (sampled every 0.1 s with psutil: load, sums, grams, cells, reorder+prepare, tiles)
+the fit (sampled every 0.1 s with psutil: load, sums, directions, cells, reorder+prepare, tiles)
 and at rest once the blocks are prepared; the bytes the workers sent each other during the fit
 (``Worker.transfer_outgoing_bytes_total``, summed) against the cost model of docs/scaling.md;
 the fit's statistics (blocks, block pairs scheduled, tiles run); whether the labels are
@@ -59,7 +59,7 @@ CASES = {"600k": {"n": 600_000, "d": 512, "workers": 3, "memory_limit": "900MB",
 #: the fit's own debug lines that end each stage, and the stage they end
 STAGES = [
     ("sums at", "persist+sums"),
-    ("principal directions at", "grams"),
+    ("principal directions at", "directions"),
     ("cells at", "cells"),
     ("reordered and prepared at", "reorder+prepare"),
     ("prepared in", "block pairs"),
