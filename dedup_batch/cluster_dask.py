@@ -610,21 +610,20 @@ def _tile_rows(A: _Block, B: _Block | None, g: SimpleNamespace) -> Iterator[np.n
             _working[key] = kept
             while len(_working) > _WORKING_BLOCKS:
                 _working.popitem(last=False)
-    if len(kept.buf) < ma + mb or not kept.lock.acquire(blocking=False):
-        # no room for this B, or another thread's tile is using it: rows of the tile's own
-        rows = np.empty((ma + mb, kept.buf.shape[1]), np.float32)
-        rows[:ma] = kept.buf[:ma]
-        if B is not None:
-            _fill_working(rows[ma:], B, g)
-        yield rows
-        return
+    # no room for this B, or another thread's tile is using it: rows of the tile's own
+    own = len(kept.buf) < ma + mb or not kept.lock.acquire(blocking=False)
     try:
-        rows = kept.buf[: ma + mb]
+        if own:
+            rows = np.empty((ma + mb, kept.buf.shape[1]), np.float32)
+            rows[:ma] = kept.buf[:ma]
+        else:
+            rows = kept.buf[: ma + mb]
         if B is not None:
             _fill_working(rows[ma:], B, g)
         yield rows
     finally:
-        kept.lock.release()
+        if not own:
+            kept.lock.release()
 
 
 @_on_worker
