@@ -25,7 +25,11 @@ measured here ever held the generator's temporaries. Each side runs in its own s
 fresh processes; each run's seconds and ratio, then the median ratio, and the details below of
 the run with the median ratio.
 
-Printed: seconds of each side and their ratio (target: distributed <= 1.2x in-process); peak
+Printed: seconds of each side and their ratio (target: distributed <= 1.2x in-process); the
+CPU seconds each side's fit used (in-process: its process; distributed: each worker's, the
+client's with a LocalCluster's scheduler, and a scheduler process's), and the ratio the
+distributed side could reach at best with that CPU spread over all the machine's cores and
+none idle (on one machine the client, the scheduler and the workers share the cores); peak
 RSS of the in-process side and of the distributed client; each worker's peak RSS per stage of
 the fit (sampled every 0.1 s with psutil: load, sums, directions, cells, reorder+prepare, tiles)
 and at rest once the blocks are prepared; the bytes the workers sent each other during the fit
@@ -70,6 +74,29 @@ def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) this process has used: all its threads (in the
+    distributed child, the client and a LocalCluster's scheduler)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _worker_cpu(dask_worker: object) -> tuple[float, dict[int, float]]:
+    """On a worker: ``(CPU seconds of the process, {thread id: CPU seconds})`` for the threads
+    of its task executor (the tasks themselves); the rest is Dask's own (its event loop:
+    messages, transfers, heartbeats, monitors)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    for t in getattr(dask_worker.executors["default"], "_threads", ()):
+        try:
+            with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # not Linux, or the thread has ended
+            continue
+        threads[t.native_id] = (int(fields[11]) + int(fields[12])) / tick
+    return _cpu(), threads
+
+
 def _generate(n: int, d: int, shard_rows: int, folder: str) -> None:
     """Child: the data as NPZ shards (``folder/shards``) and ``folder/X.npy``."""
     from bench_cluster import make_data
@@ -89,12 +116,12 @@ def _in_process(folder: str, eps: float, out: str) -> None:
     from dedup_batch.cluster import DBSCAN
 
     X = np.load(os.path.join(folder, "X.npy"))
-    t = time.perf_counter()
+    cpu, t = _cpu(), time.perf_counter()
     labels = DBSCAN(eps=eps, min_samples=1).fit(X).labels_
-    secs = time.perf_counter() - t
+    secs, cpu = time.perf_counter() - t, _cpu() - cpu
     np.save(out + ".npy", labels)
     with open(out, "w") as f:
-        json.dump({"seconds": secs, "peak_rss": _peak()}, f)
+        json.dump({"seconds": secs, "cpu": cpu, "peak_rss": _peak()}, f)
 
 
 class _Sampler:
@@ -207,9 +234,19 @@ def _distributed(
             return int(dask_worker.transfer_outgoing_bytes_total)
 
         before = sum(client.run(sent).values())
-        t = time.perf_counter()
+        # CPU of the fit: the workers', this process's (the client, with a LocalCluster's
+        # scheduler) and a scheduler process's: the cores all of it shares set the floor
+        workers0 = client.run(_worker_cpu)
+        sched0 = client.run_on_scheduler(_cpu) if own_scheduler else 0.0
+        cpu, t = _cpu(), time.perf_counter()
         est = DBSCAN(eps=eps, min_samples=1).fit(feats.X, client=client)
-        secs = time.perf_counter() - t
+        secs, cpu = time.perf_counter() - t, _cpu() - cpu
+        workers_cpu, tasks_cpu = [], []
+        for w, (total, threads) in client.run(_worker_cpu).items():
+            total0, threads0 = workers0.get(w, (total, {}))
+            workers_cpu.append(total - total0)
+            tasks_cpu.append(sum(v - threads0.get(k, 0.0) for k, v in threads.items()))
+        sched_cpu = client.run_on_scheduler(_cpu) - sched0 if own_scheduler else 0.0
         sampler.stop()
         moved = sum(client.run(sent).values()) - before
     np.save(out + ".npy", est.labels_)
@@ -217,6 +254,12 @@ def _distributed(
         json.dump(
             {
                 "seconds": secs,
+                "cpu": {
+                    "workers": workers_cpu,
+                    "tasks": tasks_cpu,
+                    "client": cpu,
+                    "scheduler": sched_cpu,
+                },
                 "load_seconds": load_secs,
                 "peak_rss": _peak(),
                 "stage_peaks": sampler.peaks,
@@ -262,6 +305,16 @@ def _model_bytes(n: int, d: int, workers: int, stats: dict) -> float:
     return cross * n * d * 4 + cross * off_diag * block
 
 
+def _floor(dist: dict, ours: dict) -> tuple[float, float]:
+    """``(CPU seconds of the distributed fit, the ratio it could reach at best)``: all its
+    processes' CPU spread over every core of the machine with none idle, against the
+    in-process side's seconds. On one machine the client, the scheduler and the workers
+    share the cores, so no scheduling brings the ratio below this."""
+    c = dist["cpu"]
+    total = sum(c["workers"]) + c["client"] + c["scheduler"]
+    return total, total / (os.cpu_count() or 1) / ours["seconds"]
+
+
 def _report(name: str, dist: dict, ours: dict, a: argparse.Namespace) -> None:
     gib = 1 << 30
     st = dist["stats"]
@@ -270,6 +323,19 @@ def _report(name: str, dist: dict, ours: dict, a: argparse.Namespace) -> None:
         f"{name}: {dist['seconds']:8.2f} s (load {dist['load_seconds']:.1f} s)  client peak "
         f"{dist['peak_rss'] / gib:.2f} GiB; "
         f"ratio to in-process {dist['seconds'] / ours['seconds']:.2f}x (target 1.2x)"
+    )
+    c = dist["cpu"]
+    total, floor = _floor(dist, ours)
+    tasks = sum(c["tasks"])
+    print(
+        f"    CPU seconds of the fit: {total:.2f} against {ours['cpu']:.2f} in process "
+        f"({total / ours['cpu']:.2f}x); on {os.cpu_count()} cores with none idle the ratio "
+        f"could be {floor:.2f}x at best. The workers' tasks {tasks:.2f} ("
+        + ", ".join(f"{w:.2f}" for w in c["tasks"])
+        + f"); the rest {total - tasks:.2f}: the workers' Dask event loops "
+        f"{sum(c['workers']) - tasks:.2f}, the client {c['client']:.2f} (the fit's merging, "
+        f"Dask's client and a LocalCluster's scheduler), a scheduler process "
+        f"{c['scheduler']:.2f}"
     )
     for stage, peaks in dist["stage_peaks"].items():
         print(f"    worker peak RSS, {stage:16s}: " + ", ".join(f"{p / gib:.2f}" for p in peaks))
@@ -353,7 +419,8 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load average {load0:.1f} -> {load1:.1f}")
     for k, (ours, dist, other) in enumerate(runs, 1):
         line = f"run {k}: in-process {ours['seconds']:.2f} s, distributed {dist['seconds']:.2f} s"
-        line += f" ({dist['seconds'] / ours['seconds']:.2f}x)"
+        line += f" ({dist['seconds'] / ours['seconds']:.2f}x; CPU {_floor(dist, ours)[0]:.1f} s"
+        line += f" against {ours['cpu']:.1f} s, best possible {_floor(dist, ours)[1]:.2f}x)"
         if other is not None:
             secs = other["seconds"]
             line += f", {a.compare} {secs:.2f} s ({secs / ours['seconds']:.2f}x)"
@@ -364,7 +431,11 @@ def main() -> None:
         (len(runs) - 1) // 2
     ]
     med = np.median([d["seconds"] / o["seconds"] for o, d, _ in runs])
-    print(f"median ratio over {len(runs)} runs: {med:.2f}x (target 1.2x); the median run:")
+    best = np.median([_floor(d, o)[1] for o, d, _ in runs])
+    print(
+        f"median ratio over {len(runs)} runs: {med:.2f}x (target 1.2x); median of the best "
+        f"possible (the fit's CPU over all cores): {best:.2f}x; the median run:"
+    )
     print(f"in-process : {ours['seconds']:8.2f} s  peak RSS {ours['peak_rss'] / gib:.2f} GiB")
     _report("distributed", dist, ours, a)
     if other is not None:
