@@ -108,6 +108,11 @@ log = logging.getLogger(__name__)
 #: per-tile costs are amortised: 8 MiB blocks ran ~1.5x the in-process tile time on one
 #: worker at 50k x 256, 32 MiB ~1.1x) but fewer tasks to balance over the workers.
 BLOCK_BYTES = 16 << 20
+#: Input bytes one reorder task cuts at once (a few of a worker's consecutive input blocks,
+#: see :func:`_reorder`): each cut task makes one piece (a task and a key) per cell, so
+#: batches of blocks make fewer of them; while it runs, the task holds its pieces besides
+#: its input blocks, which the worker holds until they are cut anyway.
+_CUT_BYTES = 4 * BLOCK_BYTES
 #: Tiles in flight per worker thread: enough to hide the client's merge between results,
 #: few enough that finished results never pile up (each is O(rows of two blocks)).
 IN_FLIGHT_PER_THREAD = 2
@@ -433,6 +438,32 @@ def _cut(x: np.ndarray, cells: np.ndarray, used: np.ndarray) -> Any:
     order = np.argsort(cells, kind="stable")
     ends = np.searchsorted(cells[order], used, side="right")
     return tuple(x[o] for o in np.split(order, ends[:-1]))
+
+
+def _cut_batch(xs: list[np.ndarray], cells: np.ndarray, used: np.ndarray) -> Any:
+    """Dask task: :func:`_cut` of the rows of the blocks ``xs`` one after the other (one
+    worker's consecutive input blocks, ``cells`` for all their rows): per cell, the first
+    block's rows in it, then the second's, and so on."""
+    return _cut(xs[0] if len(xs) == 1 else np.concatenate(xs), cells, used)
+
+
+def _batches(sizes: list[int], owner: list[str | None], cap: int) -> list[list[int]]:
+    """The input blocks (their indices, ascending within a batch) cut together: each batch's
+    blocks held by one worker, at most ``cap`` bytes in all unless a block alone is larger; a
+    block whose holder is unknown is a batch of its own."""
+    out: list[list[int]] = []
+    open_: dict[str, tuple[list[int], int]] = {}  # worker -> (its batch being filled, bytes)
+    for i, (size, w) in enumerate(zip(sizes, owner, strict=True)):
+        if w is None:
+            out.append([i])
+            continue
+        batch, total = open_.get(w, ([], 0))
+        if batch and total + size > cap:
+            out.append(batch)
+            batch, total = [], 0
+        open_[w] = ([*batch, i], total + size)
+    out.extend(batch for batch, _ in open_.values())
+    return sorted(out)
 
 
 @_on_worker
@@ -821,12 +852,22 @@ def _decide(decider: _SkDecider, rows: _Rows, bi: np.ndarray, bj: np.ndarray) ->
     return _recheck(bi, bj, _Singletons(), decider)
 
 
-def _reorder(client: Any, blocks: list[Any], cells_of: list[np.ndarray], g_f: Any) -> list[Any]:
-    """The prepared blocks (futures, in cell order), by a reorder the scheduler keeps as
-    their lineage: each input block (``blocks``: futures) is cut into one piece per cell it
-    has rows in, on its worker; each cell's pieces are moved to one worker, concatenated and
-    prepared there (:func:`_block_prep`). Pieces are the only copy in flight: no reordered
-    block is held apart from its prepared form.
+def _reorder(
+    client: Any, blocks: list[Any], cells_of: list[np.ndarray], g_f: Any, row_bytes: int
+) -> tuple[list[Any], np.ndarray]:
+    """``(the prepared blocks (futures, in cell order), the input row at each of their rows)``,
+    by a reorder the scheduler keeps as their lineage: each worker's input blocks
+    (``blocks``: futures) are cut, a few at a time (:func:`_batches`), into one piece per
+    cell they have rows in, on that worker; each cell's pieces are moved to one worker,
+    concatenated and prepared there (:func:`_block_prep`). Pieces are the only copy in
+    flight: no reordered block is held apart from its prepared form.
+
+    Cutting a batch of blocks rather than each block: every piece is a task and a key of its
+    own, and there is one per input block and cell it has rows in (91 of the 173 tasks of a
+    100k x 256 fit, 13 shards x 7 cells; ~5,500 at 600k x 512), each costing the client, the
+    scheduler and a worker ~2-3 ms of CPU. A batch holds at most ``_CUT_BYTES`` of input
+    (and its pieces while it is cut), so a worker's memory during the reorder stays what it
+    was, plus that.
 
     Each cell is prepared on the worker that :func:`_placement` gives it (a loose
     restriction: another worker takes it if that one is gone or busy): left to the scheduler,
@@ -836,13 +877,22 @@ def _reorder(client: Any, blocks: list[Any], cells_of: list[np.ndarray], g_f: An
     import dask
 
     n_cells = 1 + max((int(c.max(initial=-1)) for c in cells_of), default=-1)
+    who = client.who_has(blocks)
+    owner = [(who.get(f.key) or [None])[0] for f in blocks]
+    starts = np.zeros(len(cells_of) + 1, np.int64)
+    starts[1:] = np.cumsum([len(c) for c in cells_of])
     pieces: dict[int, list[Any]] = {}
-    for fut, c in zip(blocks, cells_of, strict=True):
+    rows_in_order = []  # the input rows, batch after batch: the order the pieces keep
+    for batch in _batches([row_bytes * len(c) for c in cells_of], owner, _CUT_BYTES):
+        c = np.concatenate([cells_of[i] for i in batch])
         used = np.unique(c)
         if len(used) == 0:
             continue
+        rows_in_order += [np.arange(starts[i], starts[i + 1]) for i in batch]
         many = len(used) > 1
-        cut = dask.delayed(_cut, nout=len(used) if many else None)(fut, c, used)
+        cut = dask.delayed(_cut_batch, nout=len(used) if many else None)(
+            [blocks[i] for i in batch], c, used
+        )
         for a, piece in zip(used, cut if many else [cut], strict=True):
             pieces.setdefault(int(a), []).append(piece)
     cells = sorted(pieces)
@@ -852,8 +902,6 @@ def _reorder(client: Any, blocks: list[Any], cells_of: list[np.ndarray], g_f: An
     held = client.compute([p for a in cells for p in pieces[a]])
     del pieces
     rows = np.stack([np.bincount(c, minlength=n_cells) for c in cells_of])
-    who = client.who_has(blocks)
-    owner = [(who.get(f.key) or [None])[0] for f in blocks]
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     place = _placement(rows, owner, workers)
     out, at = [], 0
@@ -869,7 +917,11 @@ def _reorder(client: Any, blocks: list[Any], cells_of: list[np.ndarray], g_f: An
             )
         )
         at += k
-    return out
+    # rows by cell, and within a cell in the pieces' order: batch by batch, each batch's
+    # blocks in input order
+    order = np.concatenate(rows_in_order) if rows_in_order else np.zeros(0, np.int64)
+    cells_all = np.concatenate(cells_of) if cells_of else np.zeros(0, np.int32)
+    return out, order[np.argsort(cells_all[order], kind="stable")]
 
 
 def _placement(rows: np.ndarray, owner: list[str | None], workers: list[str]) -> list[str]:
@@ -987,11 +1039,9 @@ class _DaskFit:
         else:  # one block's worth of rows: one block, however the input was chunked
             cells_of = [np.zeros(m, np.int32) for m in X.chunks[0]]
         del S
-        cells = np.concatenate(cells_of)
-        # rows by cell, in input order within a cell: the reorder's permutation
-        perm = np.argsort(cells, kind="stable")
-
-        self.blocks = _reorder(client, blocks, cells_of, self.g_f)
+        # perm: the input row at each row of the reordered blocks
+        row_bytes = X.dtype.itemsize * d
+        self.blocks, perm = _reorder(client, blocks, cells_of, self.g_f, row_bytes)
         # the reorder's tasks are on the scheduler: drop every hold on the input blocks, so
         # each is freed once its pieces are cut (the scheduler keeps their tasks as lineage)
         del X, blocks, held

@@ -604,3 +604,65 @@ def test_split_tree_cuts_equal_shares_and_descend_finds_them(n, parts, cols, lev
     # equal rows, one cell
     _, first, inv = np.unique(P, axis=0, return_index=True, return_inverse=True)
     np.testing.assert_array_equal(cells, cells[first][inv.ravel()])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    blocks=st.lists(
+        st.tuples(st.integers(0, 100), st.sampled_from([None, "w0", "w1", "w2"])), max_size=40
+    ),
+    cap=st.integers(1, 250),
+)
+def test_reorder_batches_cover_each_block_once_on_one_worker(blocks, cap):
+    """cluster_dask._batches: every input block in exactly one batch; a batch's blocks on one
+    worker, ascending, within ``cap`` bytes unless it is one block; an unknown holder's
+    block alone; batches in order of their first block (the order the pieces keep)."""
+    from dedup_batch.cluster_dask import _batches
+
+    sizes = [s for s, _ in blocks]
+    owner = [w for _, w in blocks]
+    out = _batches(sizes, owner, cap)
+    assert sorted(i for b in out for i in b) == list(range(len(blocks)))
+    assert out == sorted(out)
+    for b in out:
+        assert b == sorted(b) and len({owner[i] for i in b}) == 1
+        assert len(b) == 1 or (owner[b[0]] is not None and sum(sizes[i] for i in b) <= cap)
+
+
+def test_reorder_in_batches_keeps_labels_with_blocks_interleaved_across_workers(tmp_path):
+    """A worker's input blocks are cut a batch at a time: with the shards spread over two
+    workers in turn (so a batch's blocks are not consecutive in the input) and a cut size
+    that makes several batches per worker, the reordered rows still map to their input rows:
+    labels equal scikit-learn's."""
+    import dask.array as da
+    from distributed import Client, LocalCluster
+    from sklearn.cluster import DBSCAN as SkDBSCAN
+
+    import dedup_batch.cluster_dask as cd
+    from dedup_batch.cluster import DBSCAN
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((300, 16)).astype(np.float32)
+    X = centres[rng.integers(0, 300, 3000)] + 0.05 * rng.standard_normal((3000, 16)).astype(
+        np.float32
+    )
+    want = SkDBSCAN(eps=0.5, min_samples=1).fit(X).labels_
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as lc,
+        Client(lc) as client,
+    ):
+        workers = sorted(client.scheduler_info()["workers"])
+        parts = [
+            client.persist(da.from_array(X[s : s + 250], chunks=(250, 16)), workers=workers[k % 2])
+            for k, s in enumerate(range(0, 3000, 250))
+        ]
+        Xd = da.concatenate(parts)
+        old = (cd._CUT_BYTES, cd.BLOCK_BYTES)
+        cd._CUT_BYTES, cd.BLOCK_BYTES = 2 * 250 * 16 * 4, 400 * 16 * 4  # 2 shards, 8 cells
+        try:
+            got = DBSCAN(eps=0.5, min_samples=1).fit(Xd, client=client).labels_
+        finally:
+            cd._CUT_BYTES, cd.BLOCK_BYTES = old
+    np.testing.assert_array_equal(got, want)
