@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
     "JOURNAL_DIR",
     "MANIFEST_FILE",
     "PARTS_FILE",
+    "PART_NAME",
     "PART_ROWS",
     "PLAN_DATASET",
     "PLAN_FILE",
@@ -76,6 +78,9 @@ PARTS_FILE = f"{PLAN_DATASET}/_parts.json"
 #: (whole clusters each): a part is ~200 bytes a row in pandas, so ~200 MB to read, where the
 #: whole plan of 100M rows would be 20 GB. Read when a plan is written, so a test can lower it.
 PART_ROWS = 1_000_000
+#: The names of a dataset's parts (:meth:`PlanDir.write_part`): the only files in ``plan/``,
+#: besides ``_parts.json``, that a plan replaces or removes.
+PART_NAME = re.compile(r"part-[0-9]{5,}\.parquet")
 _PARTS_VERSION = 1
 
 
@@ -448,17 +453,20 @@ class PlanDir:
 
     def _remove_plan(self, *, dataset: bool) -> None:
         """Remove ``plan.parquet``, or the dataset (``_parts.json`` first, so that what is left
-        of it is never read as a plan), by exact name."""
+        of it is never read as a plan), by exact name: only the names a plan writes
+        (:data:`PART_NAME`). Anything else in ``plan/`` is not the plan's (a folder of the
+        user's that happens to be called ``plan``, in an ``--out`` that is an image folder)
+        and stays: writing a plan deletes nothing else."""
         store = self.store()
         if not dataset:
             if self.exists(PLAN_FILE):
                 store.delete_exact([store.resolve(PLAN_FILE)])
             return
         folder = store.resolve(PLAN_DATASET)
-        files = store.list_files(folder)
         manifest = store.resolve(PARTS_FILE)
+        files = store.list_files(folder)
         store.delete_exact([f for f in files if f == manifest])
-        store.delete_exact([f for f in files if f != manifest])
+        store.delete_exact([f for f in files if PART_NAME.fullmatch(f.rsplit("/", 1)[-1])])
 
     # -- summary.json ------------------------------------------------------------------------
     def read_summary(self) -> dict[str, Any]:

@@ -386,6 +386,53 @@ def test_changed_keeper_skips_its_cluster(tmp_path, how):
     assert (root / "d.jpg").read_bytes() == b"dup"
 
 
+# -- 10. writing a plan deletes nothing of the user's ------------------------------------------
+_USER_NAME = st.text(
+    st.characters(codec="utf-8", exclude_characters="/\\\x00"), min_size=1, max_size=40
+).filter(lambda n: n not in (".", "..") and len(n.encode()) <= 200)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    # PART_ROWS is set for each plan written, so the fixture's state between inputs is moot
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    names=st.lists(_USER_NAME, min_size=1, max_size=6, unique=True),
+    layouts=st.lists(st.sampled_from(["file", "dataset"]), min_size=1, max_size=3),
+    out_is_root=st.booleans(),
+)
+def test_writing_plans_deletes_nothing_of_the_users(monkeypatch, names, layouts, out_is_root):
+    """A plan (a dry run) replaces only what a plan writes (``plan.parquet``, or ``plan/`` with
+    ``_parts.json`` and ``part-NNNNN.parquet``): files of the user's in ``--out`` and in a
+    folder of theirs called ``plan`` (an ``--out`` that is the image folder itself) stay,
+    byte for byte, through plans written one over another in either layout."""
+    reserved = {"plan", "plan.parquet", "summary.json", "job.yaml", "report.html", "journal"}
+    names = [n for n in names if n not in reserved and not plandir.PART_NAME.fullmatch(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "photos")
+        write(os.path.join(root, "a.jpg"), b"A")
+        write(os.path.join(root, "b.jpg"), b"A copy")
+        out = root if out_is_root else os.path.join(tmp, "work")
+        mine = {}
+        for k, n in enumerate(names):
+            for folder in ("plan", "plan/sub") if k % 2 else ("plan", "."):
+                path = os.path.normpath(os.path.join(out, folder, n))
+                mine[path] = f"the user's own {n!r}".encode()
+                write(path, mine[path])
+        feats = os.path.join(tmp, "f.parquet")
+        write_features(feats, [("a.jpg", vec(0)), ("b.jpg", vec(0, 0.1)), ("c.jpg", vec(1))])
+        for layout in layouts:  # dataset: one row a part
+            monkeypatch.setattr(plandir, "PART_ROWS", 1 if layout == "dataset" else 10**6)
+            plan = plan_job(root, feats, out)
+            assert PlanDir(out).plan_layout() == layout
+            assert len(PlanDir(out).read_plan()) == len(plan) == 3
+        for path, data in mine.items():
+            with open(path, "rb") as f:
+                assert f.read() == data, path
+
+
 # -- timeouts ----------------------------------------------------------------------------------
 @pytest.fixture
 def silent_endpoint() -> Iterator[str]:
