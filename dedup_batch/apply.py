@@ -455,7 +455,16 @@ def restore(
     log.info("restore: %d object(s), plan in %d part(s)", len(trashed), scan.parts)
 
     def to_restore(batches: list[_Batch]) -> list[_Batch]:
-        """The apply's batches cut to their trashed paths (same ids: the journal's)."""
+        """The apply's batches cut to their trashed paths (same ids: the journal's). A batch
+        the apply never journaled (killed after moving objects, before writing its journal
+        file) is looked for in the trash as a resumed apply would: what lies there as the
+        plan saw it is restored too, not left in the trash unreported."""
+        scope = manifest.get("trash_scope")
+        lost = [it for b in batches if b.id not in applied for it in b.items]
+        if lost and scope is not None:
+            found = _in_trash_many(store, trash_store, scope, lost)
+            trashed.update(found)
+            result.planned += len(found)
         out = [
             _Batch(
                 b.id,
@@ -815,16 +824,27 @@ def _trash_path(store: Store, trash_store: Store, scope: str | None, it: _Item) 
 def _in_trash(store: Store, trash_store: Store, scope: str | None, it: _Item) -> _Record | None:
     """The ``trashed`` record of ``it`` if this plan's trash folder holds it as the plan saw
     it (a task that copied and deleted it, then died before journaling), else None."""
-    dst = _trash_path(store, trash_store, scope, it)
-    cur = trash_store.stat_many([(dst,)]).get(dst)
-    if cur is None or cur.kind != "file":
-        return None
-    if it.size is not None and int(cur.size or 0) != int(it.size):
-        return None
-    if it.etag and md5_of_etag(it.etag) and md5_of_etag(cur.etag) != md5_of_etag(it.etag):
-        return None
-    size, checksum = int(cur.size or 0), trash_store.checksum(dst, cur)
-    return _Record(it.path, TRASHED, "", "already in the trash", size, checksum)
+    return _in_trash_many(store, trash_store, scope, [it]).get(it.path)
+
+
+def _in_trash_many(
+    store: Store, trash_store: Store, scope: str | None, items: Sequence[_Item]
+) -> dict[str, _Record]:
+    """:func:`_in_trash` of each of ``items`` (one listing request for all), by path."""
+    dst = {it.path: _trash_path(store, trash_store, scope, it) for it in items}
+    stats = trash_store.stat_many([(p,) for p in dst.values()])
+    out = {}
+    for it in items:
+        cur = stats.get(dst[it.path])
+        if cur is None or cur.kind != "file":
+            continue
+        if it.size is not None and int(cur.size or 0) != int(it.size):
+            continue
+        if it.etag and md5_of_etag(it.etag) and md5_of_etag(cur.etag) != md5_of_etag(it.etag):
+            continue
+        size, checksum = int(cur.size or 0), trash_store.checksum(dst[it.path], cur)
+        out[it.path] = _Record(it.path, TRASHED, "", "already in the trash", size, checksum)
+    return out
 
 
 def _same_object(a: Store, pa: str, b: Store, pb: str) -> bool:
@@ -1261,9 +1281,11 @@ def _read_manifest(
             "after an apply started); nothing was deleted: use a new plan directory"
         )
     recorded = manifest.get("root")
-    if recorded is not None and recorded not in (_root_id(store), store._scrub(store.root)):
+    if recorded is not None and recorded != _root_id(store):
         # The same plan digest under another root (a backup copy, another bucket) would
-        # delete there objects this plan never listed.
+        # delete there objects this plan never listed. Compared as the root resolves now,
+        # never as it is spelled: the same spelling may lead elsewhere since the journal began
+        # (a root that has become a link to a backup copy).
         raise SafetyError(
             f"the journal in {plan_dir}/{JOURNAL_DIR} was written for root {recorded!r}, not "
             f"{_root_id(store)!r}; nothing was deleted: resume with the plan's root (see "

@@ -14,6 +14,7 @@ real apply:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ from hypothesis import strategies as st
 from dedup_batch import pipeline, plandir
 from dedup_batch.apply import apply_plan, restore
 from dedup_batch.config import JobSpec
-from dedup_batch.errors import SafetyError, ScopeError, StorageError
+from dedup_batch.errors import ConfigError, SafetyError, ScopeError, StorageError
 from dedup_batch.plandir import PlanDir
 from dedup_batch.storage import Store, trash_key
 
@@ -368,6 +369,76 @@ def test_resume_against_another_root_is_refused(tmp_path):
     with pytest.raises(SafetyError, match="was written for root"):
         apply_plan(str(tmp_path / "p"), store=Store(str(backup)), batch_size=1)
     assert snapshot(str(backup)) == {"k.jpg": b"k.jpg", "a.jpg": b"a.jpg", "b.jpg": b"b.jpg"}
+
+
+@pytest.mark.parametrize("how", ["root is now a link", "a parent is now a link", "link retargeted"])
+def test_resume_where_the_root_now_resolves_elsewhere_is_refused(tmp_path, how):
+    """The journal's root is compared as the root resolves now, not as it is spelled: the
+    same spelling leading to a backup copy since the apply began is another root."""
+    real = tmp_path / "disk" / "root"
+    for n in ("k.jpg", "a.jpg", "b.jpg"):
+        write(real / n, n.encode())
+    backup = tmp_path / "backup" / "root"
+    shutil.copytree(real, backup, copy_function=shutil.copy2)  # same sizes and mtimes
+    spelled = tmp_path / "via" if how == "link retargeted" else real
+    if how == "link retargeted":
+        os.symlink(real, spelled)
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("k.jpg", vec(0)), ("a.jpg", vec(0, 0.1)), ("b.jpg", vec(0, 0.2))])
+    plan_job(str(spelled), feats, str(tmp_path / "p"), keep="first-path")
+    apply_plan(str(tmp_path / "p"), store=Store(str(spelled)), batch_size=1)
+    os.remove(sorted((tmp_path / "p" / "journal").glob("batch-*.json"))[-1])  # interrupted
+    if how == "root is now a link":
+        os.rename(real, tmp_path / "disk" / "old")
+        os.symlink(backup, real)
+    elif how == "a parent is now a link":
+        os.rename(tmp_path / "disk", tmp_path / "old-disk")
+        os.symlink(tmp_path / "backup", tmp_path / "disk")
+    else:
+        os.remove(spelled)
+        os.symlink(backup, spelled)
+    for op in (apply_plan, restore):
+        kw = {"trash": str(tmp_path / "t")} if op is restore else {"batch_size": 1}
+        with pytest.raises((SafetyError, ConfigError)):
+            op(str(tmp_path / "p"), store=Store(str(spelled)), **kw)
+    assert snapshot(str(backup)) == {"k.jpg": b"k.jpg", "a.jpg": b"a.jpg", "b.jpg": b"b.jpg"}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(n_dups=st.integers(1, 5), killed_after=st.integers(0, 5), batch=st.integers(1, 3))
+def test_restore_after_an_apply_killed_before_journaling_puts_everything_back(
+    monkeypatch, n_dups, killed_after, batch
+):
+    """An apply with a trash killed after moving a batch's objects and before journaling it
+    (after ``killed_after`` batches were journaled): ``restore`` puts back every object the
+    apply moved, byte for byte, and the trash is left empty."""
+    import dedup_batch.apply as apply_mod
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, trash = os.path.join(tmp, "root"), os.path.join(tmp, "trash")
+        names = ["a.jpg"] + [f"d{k}.jpg" for k in range(n_dups)]
+        for n in names:
+            write(os.path.join(root, n), f"bytes of {n}".encode())
+        before = snapshot(root)
+        feats = os.path.join(tmp, "f.parquet")
+        write_features(feats, [(n, vec(0, 0.01 * k)) for k, n in enumerate(names)])
+        plan_job(root, feats, os.path.join(tmp, "p"), keep="first-path")
+        journal, done = apply_mod._journal, []
+
+        def killed(*args, **kwargs):
+            if len(done) == killed_after:
+                raise KeyboardInterrupt("killed after a batch, before its journal file")
+            done.append(1)
+            return journal(*args, **kwargs)
+
+        monkeypatch.setattr(apply_mod, "_journal", killed)
+        with contextlib.suppress(KeyboardInterrupt):  # all journaled when killed_after is large
+            apply_plan(os.path.join(tmp, "p"), store=Store(root), trash=trash, batch_size=batch)
+        monkeypatch.setattr(apply_mod, "_journal", journal)
+        back = restore(os.path.join(tmp, "p"), store=Store(root), trash=trash)
+        assert back.ok, back.counts
+        assert snapshot(root) == before
+        assert [f for _, _, fs in os.walk(trash) for f in fs] == []
 
 
 # -- 9. a keeper replaced since the plan -------------------------------------------------------
