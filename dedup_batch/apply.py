@@ -752,7 +752,9 @@ def _check_and_restore(
                     "a different object now exists at the path: trash copy kept",
                 )
         else:
-            r = trash_store.copy_exact(t, store, it.fs)
+            # streamed, written only where nothing is (If-None-Match): an object the user
+            # uploads there meanwhile is never overwritten
+            r = trash_store.copy_exact(t, store, it.fs, server_side=False)
             if r.status == "copied" or (
                 r.status == "exists" and _same_object(store, it.fs, trash_store, t)
             ):

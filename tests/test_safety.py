@@ -266,6 +266,95 @@ def test_keys_that_differ_only_by_slashes_never_share_a_trash_file(s3, s3fs_clie
         assert sync(s3fs_client.loop, got["Body"].read) == f"<{n}>".encode()
 
 
+def _s3_put(client, key: str, body: bytes, how: str) -> None:
+    """``key`` in bucket ``bkt`` by PutObject, or by a one-part multipart upload (an ETag
+    ``<hex>-1``, no MD5 of the object)."""
+    if how == "put":
+        client.call_s3("put_object", Bucket="bkt", Key=key, Body=body)
+        return
+    up = client.call_s3("create_multipart_upload", Bucket="bkt", Key=key)
+    part = client.call_s3(
+        "upload_part", Bucket="bkt", Key=key, UploadId=up["UploadId"], PartNumber=1, Body=body
+    )
+    client.call_s3(
+        "complete_multipart_upload",
+        Bucket="bkt",
+        Key=key,
+        UploadId=up["UploadId"],
+        MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
+    )
+
+
+def _s3_get(client, key: str) -> bytes | None:
+    try:
+        got = client.call_s3("get_object", Bucket="bkt", Key=key)
+    except FileNotFoundError:
+        return None
+    return sync(client.loop, got["Body"].read)
+
+
+@pytest.mark.parametrize("how", ["put", "multipart"])
+@pytest.mark.parametrize("tamper", [False, True])
+def test_s3_trash_copy_restores_byte_for_byte_or_not_at_all(s3, s3fs_client, tmp_path, how, tamper):
+    """A duplicate moved to an S3 trash in the same bucket (a server-side copy) comes back
+    byte for byte, however it was uploaded; a trash copy changed since (same size) is never
+    put back. A multipart object's ETag is no MD5: its copy is read once for the checksum
+    the restore verifies."""
+    s3fs_client.mkdir("bkt")
+    _s3_put(s3fs_client, "lib/a.jpg", b"keeper bytes AAA", "put")
+    _s3_put(s3fs_client, "lib/b.jpg", b"original bytes B", how)
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("a.jpg", vec(0)), ("b.jpg", vec(0, 0.1))])
+    out, store = str(tmp_path / "plan"), Store("s3://bkt/lib", s3)
+    plan_job("s3://bkt/lib", feats, out, s3, keep="first-path")
+    assert apply_plan(out, store=store, trash="s3://bkt/trash").counts == {"trashed": 1}
+    (copy,) = s3fs_client.find("bkt/trash")
+    if tamper:
+        _s3_put(s3fs_client, copy.split("/", 1)[1], b"TAMPERED bytes!!", "put")
+    back = restore(out, store=store, trash="s3://bkt/trash")
+    if tamper:
+        assert back.counts == {"failed": 1}
+        assert _s3_get(s3fs_client, "lib/b.jpg") is None
+    else:
+        assert back.counts == {"restored": 1}
+        assert _s3_get(s3fs_client, "lib/b.jpg") == b"original bytes B"
+        left = s3fs_client.call_s3("list_objects_v2", Bucket="bkt", Prefix="trash/")
+        assert left.get("KeyCount") == 0
+
+
+@pytest.mark.parametrize("trash", ["s3://bkt/trash", "local"])
+def test_s3_restore_never_overwrites_an_object_uploaded_while_it_runs(
+    s3, s3fs_client, tmp_path, monkeypatch, trash
+):
+    """An object uploaded at the original key after restore found the key free, before its
+    copy is written: the upload stays, the trash copy is kept (``skipped_exists``)."""
+    import dedup_batch.storage.s3 as s3mod
+
+    s3fs_client.mkdir("bkt")
+    _s3_put(s3fs_client, "lib/a.jpg", b"keeper", "put")
+    _s3_put(s3fs_client, "lib/b.jpg", b"copy of the keeper", "put")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("a.jpg", vec(0)), ("b.jpg", vec(0, 0.1))])
+    out, store = str(tmp_path / "plan"), Store("s3://bkt/lib", s3)
+    trash = trash if trash.startswith("s3://") else str(tmp_path / "trash")
+    plan_job("s3://bkt/lib", feats, out, s3, keep="first-path")
+    assert apply_plan(out, store=store, trash=trash).counts == {"trashed": 1}
+
+    def racing(real):
+        def call(*args, **kwargs):
+            if "bkt/lib/b.jpg" in args:  # the user uploads just before the write lands
+                _s3_put(s3fs_client, "lib/b.jpg", b"NEW photo from the user", "put")
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("copy_object", "put_if_absent"):
+        monkeypatch.setattr(s3mod, name, racing(getattr(s3mod, name)))
+    back = restore(out, store=store, trash=trash)
+    assert back.counts == {"skipped_exists": 1}
+    assert _s3_get(s3fs_client, "lib/b.jpg") == b"NEW photo from the user"
+
+
 @pytest.mark.parametrize(
     "keys",
     [

@@ -155,6 +155,8 @@ def put_if_absent(store: Store, full: str, body: bytes) -> bool:
     bucket, key = split_key(full)
     try:
         call(store, "put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+    except FileExistsError:  # s3fs's translation of 412 PreconditionFailed
+        return False
     except Exception as exc:  # s3fs or botocore, by version: recognised by its code only
         if "PreconditionFailed" in str(exc) or "412" in str(exc):
             return False

@@ -508,7 +508,9 @@ class Store:
             return KeyResult("failed", code, self._scrub(one_line(exc)))
         return KeyResult("deleted", "", "")
 
-    def copy_exact(self, src: str, dst_store: Store, dst: str) -> KeyResult:
+    def copy_exact(
+        self, src: str, dst_store: Store, dst: str, *, server_side: bool = True
+    ) -> KeyResult:
         """Copy the object at exactly ``src`` to exactly ``dst`` in ``dst_store``, then verify.
 
         Never overwrites: when an object already exists at ``dst`` nothing is written and the
@@ -521,7 +523,16 @@ class Store:
         Local sources and destinations are reached without following symbolic links. Memory:
         one object is streamed through this process in 1 MiB blocks (S3 destinations: held
         whole, up to the object's size) unless both ends are on the same S3 endpoint
-        (server-side ``CopyObject``).
+        (server-side ``CopyObject``) and ``server_side``.
+
+        ``server_side=False`` where an object may appear at ``dst`` while this runs (a
+        restore into the user's bucket): a ``CopyObject`` is not conditional on the
+        destination's absence (not every store honours ``If-None-Match`` on it; moto does
+        not), so an object written between the check and the copy would be overwritten. The
+        streamed copy's ``PutObject`` is (``If-None-Match: *``).
+
+        A server-side copy of an object whose ETag is no MD5 (multipart) is read back once
+        for its MD5: the checksum a restore verifies the trash copy against.
         """
         src_stat = self._stat_one(src)
         if src_stat is None or src_stat.kind not in ("file", "link"):
@@ -531,11 +542,14 @@ class Store:
         try:
             if dst_store._stat_one(dst) is not None:
                 return KeyResult("exists", "ObjectExists", "an object already exists there")
-            if self.is_s3 and dst_store.is_s3 and self.storage_options == dst_store.storage_options:
+            same = self.storage_options == dst_store.storage_options
+            if server_side and self.is_s3 and dst_store.is_s3 and same:
                 # exactly the version we looked at: a concurrent overwrite fails the copy
                 s3.copy_object(self, src, dst_store, dst, src_stat.etag)
                 got = dst_store._stat_one(dst)
                 digest = None
+                if got is not None and md5_of_etag(src_stat.etag) is None:
+                    digest = dst_store.md5(dst)
             else:
                 digest = self._stream_copy(src, dst_store, dst)
                 if digest is None:
