@@ -18,9 +18,13 @@ below holds per part) and deletes exactly its
    listings of keys that lie close together, one HEAD otherwise), skips every duplicate whose
    keeper is gone (``skipped_keeper_missing``) or that changed since the plan (ETag, or size and
    mtime: ``skipped_changed``), reports absent ones as ``already_absent``, optionally copies the
-   rest to the trash and verifies the copies, deletes them by exact key (S3: DeleteObjects with
-   per-key results and retries, see :meth:`~dedup_batch.storage.Store.delete_exact`), then
-   writes ``plan_dir/journal/batch-NNNNNN.json`` atomically.
+   rest to the trash and verifies the copies, records them (with their checksums) in
+   ``plan_dir/journal/moving-NNNNNN.json`` before deleting anything, deletes them by exact key
+   (S3: DeleteObjects with per-key results and retries, see
+   :meth:`~dedup_batch.storage.Store.delete_exact`), then writes
+   ``plan_dir/journal/batch-NNNNNN.json`` atomically. Whatever happens after the copies (the
+   process killed, a delete whose answer is lost, a keeper gone before a resume), every object
+   that may have left its path has a verified copy that :func:`restore` finds.
 4. **Resume**: finished batches (every path deleted, trashed or already absent) are skipped; the
    rest are run again, which is safe because every step is idempotent (a task may also run
    twice when a Dask worker dies). At the end ``plan_dir/completion-report.csv`` lists every
@@ -48,6 +52,7 @@ Nothing here logs or writes storage options; error messages are scrubbed of secr
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -97,6 +102,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 JOURNAL_VERSION = 1
+#: A delete request that failed as a whole after it was sent: its objects may be gone or not.
+DELETE_UNANSWERED = "DeleteUnanswered"
+#: Codes of paths whose whole request failed (the store down, or refusing us).
+_WHOLE_REQUEST = frozenset({"RequestFailed", DELETE_UNANSWERED})
 
 DELETED = "deleted"
 TRASHED = "trashed"
@@ -353,6 +362,8 @@ def apply_plan(
         )
         batch_size = int(manifest["batch_size"])
     journal = _load_journal(plan_store, "batch-", scan.digest) if manifest is not None else {}
+    # what earlier runs recorded as moving to the trash, batch by batch (see _check_and_delete)
+    intents = _load_journal(plan_store, "moving-", scan.digest) if manifest is not None else {}
     result = ApplyResult(
         plan_dir=plan_dir,
         dry_run=dry_run,
@@ -371,7 +382,15 @@ def apply_plan(
         result.guard,
     )
     todo = _todo_by_part(
-        pdir, store, int(batch_size), scan.part_digests, journal, DONE_APPLY, records, result
+        pdir,
+        store,
+        int(batch_size),
+        scan.part_digests,
+        journal,
+        DONE_APPLY,
+        records,
+        result,
+        select=lambda bs: [b._replace(took=tuple(intents.get(b.id, ()))) for b in bs],
     )
     if dry_run:
         would: list[_Item] = []
@@ -390,6 +409,10 @@ def apply_plan(
             # plan's (or another run's) copies.
             "trash_scope": _new_trash_scope() if trash_store is not None else None,
             "root": _root_id(store),
+            # where the trash and the root resolve, and through which endpoint: a resume or
+            # a restore must find the same ones, however they are spelled then
+            "trash_id": _root_id(trash_store) if trash_store is not None else None,
+            "endpoint": _endpoint_id(store),
         }
         _write_json(plan_store, MANIFEST_FILE, manifest)
     scope = (manifest or {}).get("trash_scope")
@@ -435,13 +458,20 @@ def restore(
     )
     if manifest is None:
         raise InputError(f"no apply journal in {plan_dir!r}: nothing was moved to the trash")
-    if manifest.get("trash") != trash_store.root:
+    if not _same_trash(manifest, trash_store):
         raise ConfigError(
-            f"the apply in {plan_dir!r} used trash {manifest.get('trash')!r}, not {trash!r}: "
-            "pass that trash URL"
+            f"the apply in {plan_dir!r} used trash "
+            f"{manifest.get('trash_id') or manifest.get('trash')!r}, not {trash!r} (here "
+            f"{_root_id(trash_store)!r}): pass that trash URL"
         )
     applied = _load_journal(plan_store, "batch-", scan.digest)
-    trashed = {r.path: r for recs in applied.values() for r in recs if r.status == TRASHED}
+    # Every object an apply may have taken from its path: what a batch recorded as moving to
+    # the trash before deleting (a batch killed before its journal file, a delete whose answer
+    # was lost, a keeper gone before the resume), then what the batches journaled as trashed.
+    # Each with the checksum its verified copy had.
+    moving = _load_journal(plan_store, "moving-", scan.digest)
+    trashed = {r.path: r for recs in moving.values() for r in recs}
+    trashed.update((r.path, r) for recs in applied.values() for r in recs if r.status == TRASHED)
     journal = _load_journal(plan_store, "restore-", scan.digest)
     result = ApplyResult(
         plan_dir=plan_dir,
@@ -455,16 +485,7 @@ def restore(
     log.info("restore: %d object(s), plan in %d part(s)", len(trashed), scan.parts)
 
     def to_restore(batches: list[_Batch]) -> list[_Batch]:
-        """The apply's batches cut to their trashed paths (same ids: the journal's). A batch
-        the apply never journaled (killed after moving objects, before writing its journal
-        file) is looked for in the trash as a resumed apply would: what lies there as the
-        plan saw it is restored too, not left in the trash unreported."""
-        scope = manifest.get("trash_scope")
-        lost = [it for b in batches if b.id not in applied for it in b.items]
-        if lost and scope is not None:
-            found = _in_trash_many(store, trash_store, scope, lost)
-            trashed.update(found)
-            result.planned += len(found)
+        """The apply's batches cut to the paths it took (same ids: the journal's)."""
         out = [
             _Batch(
                 b.id,
@@ -531,7 +552,7 @@ def _run_and_record(
                 run += 1
                 for r in recs:
                     records[r.path] = r
-                down = bool(recs) and all(r.code == "RequestFailed" for r in recs)
+                down = bool(recs) and all(r.code in _WHOLE_REQUEST for r in recs)
                 worked = worked or not down
                 if down and not worked:
                     return _Stopped(run, recs[0].message)
@@ -555,6 +576,10 @@ def _stop(message: str, records: Mapping[str, _Record], acted: frozenset[str], r
         raise IncompleteError(
             f"stopped: {message}; part of the plan was already done (see {report}): {hint}"
         )
+    if any(r.code == DELETE_UNANSWERED for r in records.values()):
+        raise IncompleteError(
+            f"stopped: {message}; part of the plan may already be done (see {report}): {hint}"
+        )
     raise StorageError(f"{message}; nothing was deleted or moved: {hint}")
 
 
@@ -573,7 +598,21 @@ def _apply_batch(
     gets a record (``failed`` with the reason where the store refused or could not be reached),
     so that one bad object or a flaky endpoint never stops the rest of the apply.
     """
-    out = _every_path(_check_and_delete, store, trash_store, scope, batch)
+
+    def moving(records: list[_Record]) -> None:
+        _write_json(
+            plan_store,
+            f"{JOURNAL_DIR}/moving-{batch.id:06d}.json",
+            {
+                "version": JOURNAL_VERSION,
+                "plan_digest": digest,
+                "batch": batch.id,
+                "records": records,
+            },
+        )
+
+    check = functools.partial(_check_and_delete, moving=moving)
+    out = _every_path(check, store, trash_store, scope, batch)
     return _journal(plan_store, "batch", digest, batch, [out[it.path] for it in batch.items])
 
 
@@ -600,15 +639,32 @@ def _check_and_delete(
     scope: str | None,
     batch: _Batch,
     out: dict[str, _Record],
+    *,
+    moving: Callable[[list[_Record]], None],
 ) -> None:
+    """One batch's checks, copies to the trash and deletes, each path's record into ``out``.
+
+    With a trash: the verified copies are recorded (``moving``: path, size, checksum, with
+    those earlier runs recorded, ``batch.took``) before any delete is sent, so an object never
+    leaves its path without a record of its copy. A resumed batch takes an object found
+    absent and in the trash as trashed (a run that copied and deleted it, then died), whatever
+    its keeper has become since, if the copy is what was recorded."""
     # S3 reports LastModified at different resolutions in HEAD and in listings: there the
     # ETag alone says whether an object changed.
     mtimes = not store.is_s3
     stats = store.stat_many(batch.groups)
+    took = {r.path: r for r in batch.took}
+    in_trash = {}
+    if trash_store is not None:
+        gone = [it for it in batch.items if stats.get(it.fs) is None]
+        in_trash = _in_trash_many(store, trash_store, scope, gone, took) if gone else {}
     act: list[tuple[_Item, int]] = []
     for it in batch.items:
         cur = stats.get(it.fs)
         keeper = stats.get(it.keeper_fs)
+        if it.path in in_trash:
+            out[it.path] = in_trash[it.path]
+            continue
         if keeper is None or keeper.kind not in ("file", "link"):
             out[it.path] = _Record(
                 it.path,
@@ -627,12 +683,9 @@ def _check_and_delete(
                 f"({why or 'not observed at plan time'}): duplicate left alone",
             )
         elif cur is None:
-            if trash_store is not None and (rec := _in_trash(store, trash_store, scope, it)):
-                out[it.path] = rec
-            else:
-                out[it.path] = _Record(
-                    it.path, ALREADY_ABSENT, "NoSuchKey", "not found before deleting"
-                )
+            out[it.path] = _Record(
+                it.path, ALREADY_ABSENT, "NoSuchKey", "not found before deleting"
+            )
         elif (why := it.seen.differs(cur, compare_mtime=mtimes)) is not None:
             out[it.path] = _Record(it.path, SKIPPED_CHANGED, "Changed", why)
         elif trash_store is not None and cur.kind == "link":
@@ -668,12 +721,30 @@ def _check_and_delete(
             else:
                 out[it.path] = _Record(it.path, FAILED, r.code, f"copy to trash: {r.message}")
         act = copied
+        if act:
+            now = {
+                it.path: _Record(it.path, TRASHED, "", "moving to the trash", size, sums[it.path])
+                for it, size in act
+            }
+            moving(list({**took, **now}.values()))
     done_status = TRASHED if trash_store is not None else DELETED
-    results = store.delete_exact(
-        [it.fs for it, _ in act],
-        etags={it.fs: it.etag for it, _ in act if it.etag},
-        expect={it.fs: it.seen for it, _ in act},
-    )
+    try:
+        results = store.delete_exact(
+            [it.fs for it, _ in act],
+            etags={it.fs: it.etag for it, _ in act if it.etag},
+            expect={it.fs: it.seen for it, _ in act},
+        )
+    except Exception as exc:  # sent, but no answer: the objects may be gone or not
+        msg = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
+        msg = store._scrub(" ".join(msg.split()))
+        for it, _ in act:
+            out[it.path] = _Record(
+                it.path,
+                FAILED,
+                DELETE_UNANSWERED,
+                f"the delete request failed and may have been carried out: {msg}",
+            )
+        return
     for it, size in act:
         r = results[it.fs]
         if r.status == "deleted":
@@ -823,16 +894,18 @@ def _trash_path(store: Store, trash_store: Store, scope: str | None, it: _Item) 
     return trash_store.resolve(f"{scope}/{trash_key(rel)}")
 
 
-def _in_trash(store: Store, trash_store: Store, scope: str | None, it: _Item) -> _Record | None:
-    """The ``trashed`` record of ``it`` if this plan's trash folder holds it as the plan saw
-    it (a task that copied and deleted it, then died before journaling), else None."""
-    return _in_trash_many(store, trash_store, scope, [it]).get(it.path)
-
-
 def _in_trash_many(
-    store: Store, trash_store: Store, scope: str | None, items: Sequence[_Item]
+    store: Store,
+    trash_store: Store,
+    scope: str | None,
+    items: Sequence[_Item],
+    took: Mapping[str, _Record],
 ) -> dict[str, _Record]:
-    """:func:`_in_trash` of each of ``items`` (one listing request for all), by path."""
+    """The ``trashed`` records of those of ``items`` that this plan's trash folder holds as
+    they were taken (a task that copied and deleted them, then died before journaling), by
+    path; one listing request for all. ``took``: the copies recorded before the deletes
+    (size and checksum): a copy must match its record. Without one (journals written before
+    those records), as the plan saw the object (size, and an ETag's MD5)."""
     dst = {it.path: _trash_path(store, trash_store, scope, it) for it in items}
     stats = trash_store.stat_many([(p,) for p in dst.values()])
     out = {}
@@ -840,11 +913,17 @@ def _in_trash_many(
         cur = stats.get(dst[it.path])
         if cur is None or cur.kind != "file":
             continue
-        if it.size is not None and int(cur.size or 0) != int(it.size):
-            continue
-        if it.etag and md5_of_etag(it.etag) and md5_of_etag(cur.etag) != md5_of_etag(it.etag):
-            continue
-        size, checksum = int(cur.size or 0), trash_store.checksum(dst[it.path], cur)
+        size = int(cur.size or 0)
+        if (rec := took.get(it.path)) is not None:
+            if size != int(rec.bytes) or trash_store.checksum(dst[it.path], cur) != rec.checksum:
+                continue
+            checksum = rec.checksum
+        else:
+            if it.size is not None and size != int(it.size):
+                continue
+            if it.etag and md5_of_etag(it.etag) and md5_of_etag(cur.etag) != md5_of_etag(it.etag):
+                continue
+            checksum = trash_store.checksum(dst[it.path], cur)
         out[it.path] = _Record(it.path, TRASHED, "", "already in the trash", size, checksum)
     return out
 
@@ -1259,6 +1338,23 @@ def _root_id(store: Store) -> str:
     return store._scrub(store.url(store.root_path))
 
 
+def _endpoint_id(store: Store) -> str | None:
+    """The endpoint an S3 store's requests go to (without secrets), None elsewhere: one
+    bucket name on two endpoints (a mirror, a MinIO beside AWS) is two roots."""
+    if not store.is_s3:
+        return None
+    return store._scrub(str(store.fs.s3.meta.endpoint_url))
+
+
+def _same_trash(manifest: Mapping[str, Any], trash_store: Store | None) -> bool:
+    """Whether ``trash_store`` is the trash the journaled apply used: compared where it
+    resolves (``trash_id``: a relative trash from another working folder is another trash),
+    or as spelled for journals written before that was recorded."""
+    if "trash_id" in manifest:
+        return manifest["trash_id"] == (_root_id(trash_store) if trash_store else None)
+    return manifest.get("trash") == (trash_store.root if trash_store is not None else None)
+
+
 def _read_manifest(
     plan_store: Store,
     digest: str,
@@ -1293,13 +1389,19 @@ def _read_manifest(
             f"{_root_id(store)!r}; nothing was deleted: resume with the plan's root (see "
             "job.yaml), or make a new plan for this root"
         )
-    want = trash_store.root if trash_store is not None else None
-    if check_trash and manifest.get("trash") != want:
+    if manifest.get("endpoint") is not None and manifest["endpoint"] != _endpoint_id(store):
+        raise SafetyError(
+            f"the journal in {plan_dir}/{JOURNAL_DIR} was written for {recorded!r} at endpoint "
+            f"{manifest['endpoint']!r}, not {_endpoint_id(store)!r}; nothing was deleted: "
+            "resume with the plan's endpoint, or make a new plan for this one"
+        )
+    if check_trash and not _same_trash(manifest, trash_store):
         # Finishing a trashed run without the trash (or the other way round) would leave part
         # of the duplicates restorable and part gone for good.
         raise SafetyError(
-            f"the apply journaled in {plan_dir} used trash={manifest.get('trash')!r}; re-run "
-            "with the same trash setting"
+            f"the apply journaled in {plan_dir} used trash="
+            f"{manifest.get('trash_id') or manifest.get('trash')!r}; re-run with the same trash "
+            "setting"
         )
     return manifest
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from test_apply import TRICKY, in_trash, read_report, tricky_names, write_plan
 
 import dedup_batch.storage as storage_mod
 from dedup_batch.apply import apply_plan, restore
-from dedup_batch.errors import StorageError
+from dedup_batch.errors import SafetyError, StorageError
 from dedup_batch.storage import Store
 
 pytestmark = pytest.mark.s3
@@ -275,9 +276,16 @@ def test_secrets_never_written_or_logged(s3_server, s3fs_client, tmp_path, caplo
         {**opts, "endpoint_url": "http://127.0.0.1:9", "config_kwargs": no_retry},
     )
     bad.fs.retries = 1
-    with pytest.raises(StorageError) as err:
+    # resuming on another endpoint is refused (another root), naming both endpoints
+    with pytest.raises(SafetyError, match="endpoint") as refused:
         apply_plan(str(plan_dir), store=bad, trash="s3://trash-bkt/t")
-    texts = [caplog.text, str(err.value), json.dumps(res.to_dict()), repr(store), repr(res)]
+    # the same plan, never applied, against the unreachable endpoint: its error message
+    fresh = tmp_path / "fresh-plan"
+    shutil.copytree(plan_dir, fresh, ignore=shutil.ignore_patterns("journal"))
+    with pytest.raises(StorageError) as err:
+        apply_plan(str(fresh), store=bad, trash="s3://trash-bkt/t")
+    texts = [caplog.text, str(err.value), str(refused.value), json.dumps(res.to_dict())]
+    texts += [repr(store), repr(res)]
     for d, _, files in os.walk(plan_dir):
         for f in files:
             with open(os.path.join(d, f), "rb") as fh:

@@ -295,11 +295,16 @@ def _s3_get(client, key: str) -> bytes | None:
 
 @pytest.mark.parametrize("how", ["put", "multipart"])
 @pytest.mark.parametrize("tamper", [False, True])
-def test_s3_trash_copy_restores_byte_for_byte_or_not_at_all(s3, s3fs_client, tmp_path, how, tamper):
+@pytest.mark.parametrize("killed", [False, True])
+def test_s3_trash_copy_restores_byte_for_byte_or_not_at_all(
+    s3, s3fs_client, tmp_path, monkeypatch, how, tamper, killed
+):
     """A duplicate moved to an S3 trash in the same bucket (a server-side copy) comes back
-    byte for byte, however it was uploaded; a trash copy changed since (same size) is never
-    put back. A multipart object's ETag is no MD5: its copy is read once for the checksum
-    the restore verifies."""
+    byte for byte, however it was uploaded, also when the apply was killed before its
+    journal file; a trash copy changed since (same size) is never put back. A multipart
+    object's ETag is no MD5: its copy is read once for the checksum the restore verifies."""
+    import dedup_batch.apply as apply_mod
+
     s3fs_client.mkdir("bkt")
     _s3_put(s3fs_client, "lib/a.jpg", b"keeper bytes AAA", "put")
     _s3_put(s3fs_client, "lib/b.jpg", b"original bytes B", how)
@@ -307,7 +312,18 @@ def test_s3_trash_copy_restores_byte_for_byte_or_not_at_all(s3, s3fs_client, tmp
     write_features(feats, [("a.jpg", vec(0)), ("b.jpg", vec(0, 0.1))])
     out, store = str(tmp_path / "plan"), Store("s3://bkt/lib", s3)
     plan_job("s3://bkt/lib", feats, out, s3, keep="first-path")
-    assert apply_plan(out, store=store, trash="s3://bkt/trash").counts == {"trashed": 1}
+    if killed:
+
+        def die(*args, **kwargs):
+            raise KeyboardInterrupt("killed after the delete, before the journal file")
+
+        monkeypatch.setattr(apply_mod, "_journal", die)
+        with contextlib.suppress(KeyboardInterrupt):
+            apply_plan(out, store=store, trash="s3://bkt/trash", concurrency=1)
+        monkeypatch.undo()
+        assert _s3_get(s3fs_client, "lib/b.jpg") is None
+    else:
+        assert apply_plan(out, store=store, trash="s3://bkt/trash").counts == {"trashed": 1}
     (copy,) = s3fs_client.find("bkt/trash")
     if tamper:
         _s3_put(s3fs_client, copy.split("/", 1)[1], b"TAMPERED bytes!!", "put")
@@ -353,6 +369,72 @@ def test_s3_restore_never_overwrites_an_object_uploaded_while_it_runs(
     back = restore(out, store=store, trash=trash)
     assert back.counts == {"skipped_exists": 1}
     assert _s3_get(s3fs_client, "lib/b.jpg") == b"NEW photo from the user"
+
+
+def test_s3_resume_on_another_endpoint_is_refused(s3, s3fs_client, tmp_path, monkeypatch):
+    """The journal records the endpoint beside the root: an interrupted apply resumed with
+    another ``endpoint_url`` (a mirror of the bucket on a second server: same keys, same
+    bytes, same ETags) is refused, and nothing is deleted on the mirror."""
+    import subprocess
+    import sys
+
+    import s3fs
+
+    import dedup_batch.apply as apply_mod
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        backup = {**s3, "endpoint_url": f"http://127.0.0.1:{port}"}
+        mirror = s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": backup["endpoint_url"]},
+            key=s3["key"],
+            secret=s3["secret"],
+            skip_instance_cache=True,
+        )
+        for _ in range(200):  # the second server starting
+            try:
+                mirror.mkdir("bkt")
+                break
+            except Exception:
+                time.sleep(0.1)
+        bodies = {"a.jpg": b"keeper", "d1.jpg": b"dup one", "d2.jpg": b"dup two"}
+        s3fs_client.mkdir("bkt")
+        for n, b in bodies.items():
+            s3fs_client.pipe(f"bkt/lib/{n}", b)
+            mirror.pipe(f"bkt/lib/{n}", b)
+        feats = str(tmp_path / "f.parquet")
+        write_features(feats, [(n, vec(0, 0.01 * k)) for k, n in enumerate(bodies)])
+        out = str(tmp_path / "plan")
+        plan_job("s3://bkt/lib", feats, out, s3, keep="first-path")
+        journal, done = apply_mod._journal, []
+
+        def killed(*args, **kwargs):
+            if done:
+                raise KeyboardInterrupt("killed")
+            done.append(1)
+            return journal(*args, **kwargs)
+
+        monkeypatch.setattr(apply_mod, "_journal", killed)
+        with contextlib.suppress(KeyboardInterrupt):
+            apply_plan(out, store=Store("s3://bkt/lib", s3), batch_size=1, concurrency=1)
+        monkeypatch.setattr(apply_mod, "_journal", journal)
+        with pytest.raises(SafetyError, match="endpoint"):
+            apply_plan(out, store=Store("s3://bkt/lib", backup), batch_size=1)
+        mirror.invalidate_cache()
+        assert sorted(p.rsplit("/", 1)[-1] for p in mirror.find("bkt/lib")) == sorted(bodies)
+        # the plan's own endpoint still resumes
+        res = apply_plan(out, store=Store("s3://bkt/lib", s3), batch_size=1)
+        assert res.ok, res.counts
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 @pytest.mark.parametrize(
@@ -528,6 +610,162 @@ def test_restore_after_an_apply_killed_before_journaling_puts_everything_back(
         assert back.ok, back.counts
         assert snapshot(root) == before
         assert [f for _, _, fs in os.walk(trash) for f in fs] == []
+
+
+def _trash_files(trash: str) -> list[str]:
+    return sorted(f for _, _, fs in os.walk(trash) for f in fs)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    n_dups=st.integers(1, 4),
+    batch=st.integers(1, 2),
+    killed_after=st.integers(0, 3),
+    lost_answer=st.booleans(),
+    then=st.sampled_from(["nothing", "keeper removed", "path reused", "copy tampered"]),
+    resume=st.booleans(),
+)
+def test_trashed_objects_always_come_back_or_are_reported(
+    monkeypatch, n_dups, batch, killed_after, lost_answer, then, resume
+):
+    """An apply to a trash stopped after ``killed_after`` journaled batches (killed before
+    its next journal file, or a delete whose answer is lost), then a change (the keeper
+    removed, a duplicate's path reused by a new file, a trash copy altered at the same size),
+    then maybe a resumed apply, then ``restore``. Whatever the order: every duplicate's bytes
+    are back at its path or still in the trash with restore saying so (``skipped_exists``,
+    ``failed``); a new file at a reused path is never overwritten; an altered copy is never
+    put back; nothing left the root without a copy."""
+    import dedup_batch.apply as apply_mod
+    from dedup_batch.errors import IncompleteError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, trash, plan = (os.path.join(tmp, n) for n in ("root", "trash", "p"))
+        names = ["a.jpg"] + [f"d{k}.jpg" for k in range(n_dups)]
+        for n in names:
+            write(os.path.join(root, n), f"bytes of {n}".encode())
+        before = snapshot(root)
+        feats = os.path.join(tmp, "f.parquet")
+        write_features(feats, [(n, vec(0, 0.01 * k)) for k, n in enumerate(names)])
+        plan_job(root, feats, plan, keep="first-path")
+        journal, delete, done = apply_mod._journal, Store.delete_exact, []
+
+        def killed(*args, **kwargs):
+            if len(done) == killed_after:
+                raise KeyboardInterrupt("killed after a batch's deletes, before its journal")
+            done.append(1)
+            return journal(*args, **kwargs)
+
+        def answer_lost(self, paths, **kwargs):
+            out = delete(self, paths, **kwargs)
+            if paths and self.root_path == os.path.realpath(root):
+                raise StorageError("DeleteObjects: read timeout")
+            return out
+
+        if lost_answer:
+            monkeypatch.setattr(Store, "delete_exact", answer_lost)
+        else:
+            monkeypatch.setattr(apply_mod, "_journal", killed)
+        with contextlib.suppress(KeyboardInterrupt, IncompleteError, StorageError):
+            # one batch at a time: a kill stops the apply, with no other batch in flight
+            apply_plan(plan, store=Store(root), trash=trash, batch_size=batch, concurrency=1)
+        monkeypatch.setattr(apply_mod, "_journal", journal)
+        monkeypatch.setattr(Store, "delete_exact", delete)
+        gone = sorted(set(before) - set(snapshot(root)))
+        assert set(gone) <= set(_trash_files(trash))  # nothing left its path without a copy
+        new = {}
+        if then == "keeper removed":
+            os.remove(os.path.join(root, "a.jpg"))
+            before.pop("a.jpg")
+        elif then == "path reused" and gone:
+            new[gone[0]] = b"a new photo saved at that name"
+            write(os.path.join(root, gone[0]), new[gone[0]])
+        elif then == "copy tampered" and gone:
+            (copy,) = [
+                os.path.join(d, f) for d, _, fs in os.walk(trash) for f in fs if f == gone[0]
+            ]
+            with open(copy, "r+b") as f:
+                f.write(b"X")
+        if resume:
+            with contextlib.suppress(IncompleteError):
+                apply_plan(plan, store=Store(root), trash=trash, batch_size=batch)
+        back = restore(plan, store=Store(root), trash=trash)
+        after = snapshot(root)
+        for name, data in new.items():
+            assert after[name] == data  # never overwritten
+        for name, data in before.items():
+            if after.get(name) == data or name in new:
+                continue
+            # not back: then restore says so, and it was an altered copy, or not yet moved
+            assert not back.ok, (name, back.counts)
+            assert then == "copy tampered" and name == gone[0], (name, back.counts)
+        for name in new:  # the original of a reused path is still in the trash
+            assert name in _trash_files(trash), back.counts
+
+
+def test_resume_with_a_relative_trash_from_another_folder_is_refused(tmp_path, monkeypatch):
+    """A relative ``--trash`` is journaled where it resolves: resumed (or restored) from
+    another working folder it names another trash, and is refused."""
+    import dedup_batch.apply as apply_mod
+
+    root = tmp_path / "root"
+    for n in ("a.jpg", "d1.jpg", "d2.jpg"):
+        write(root / n, n.encode())
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("a.jpg", vec(0)), ("d1.jpg", vec(0, 0.1)), ("d2.jpg", vec(0, 0.2))])
+    plan, store = str(tmp_path / "p"), Store(str(root))
+    plan_job(str(root), feats, plan, keep="first-path")
+    for cwd in ("one", "two"):
+        os.makedirs(tmp_path / cwd)
+    monkeypatch.chdir(tmp_path / "one")
+    journal, done = apply_mod._journal, []
+
+    def killed(*args, **kwargs):
+        if done:
+            raise KeyboardInterrupt("killed")
+        done.append(1)
+        return journal(*args, **kwargs)
+
+    monkeypatch.setattr(apply_mod, "_journal", killed)
+    with contextlib.suppress(KeyboardInterrupt):
+        apply_plan(plan, store=store, trash="trash", batch_size=1, concurrency=1)
+    monkeypatch.setattr(apply_mod, "_journal", journal)
+    monkeypatch.chdir(tmp_path / "two")
+    with pytest.raises(SafetyError, match="same trash setting"):
+        apply_plan(plan, store=store, trash="trash", batch_size=1)
+    with pytest.raises(ConfigError, match="pass that trash URL"):
+        restore(plan, store=store, trash="trash")
+    monkeypatch.chdir(tmp_path / "one")
+    assert restore(plan, store=store, trash="trash").counts == {"restored": 2}
+    assert snapshot(str(root)) == {n: n.encode() for n in ("a.jpg", "d1.jpg", "d2.jpg")}
+
+
+def test_memory_restore_never_overwrites_an_object_written_while_it_runs(monkeypatch):
+    """memory:// (any fsspec backend with exclusive create): an object written at the path
+    after restore found it free, before its copy lands, is kept (``skipped_exists``)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"/restore-race-{time.monotonic_ns()}"
+    fs.pipe({f"{base}/root/a.jpg": b"keeper", f"{base}/root/b.jpg": b"copy of the keeper"})
+    feats = f"memory://{base}/f.parquet"
+    write_features(feats, [("a.jpg", vec(0)), ("b.jpg", vec(0, 0.1))])
+    out, root, trash = f"memory://{base}/plan", f"memory://{base}/root", f"memory://{base}/t"
+    plan_job(root, feats, out, keep="first-path")
+    store = Store(root)
+    assert apply_plan(out, store=store, trash=trash).counts == {"trashed": 1}
+    real, reads = Store.open_exact, []
+
+    def racing(self, full):
+        if full.startswith(f"{base}/t/"):
+            reads.append(full)
+            if len(reads) == 2:  # the copy back, after restore checked the path is free
+                fs.pipe_file(f"{base}/root/b.jpg", b"NEW photo from the user")
+        return real(self, full)
+
+    monkeypatch.setattr(Store, "open_exact", racing)
+    back = restore(out, store=store, trash=trash)
+    assert back.counts == {"skipped_exists": 1}
+    assert fs.cat_file(f"{base}/root/b.jpg") == b"NEW photo from the user"
 
 
 # -- 9. a keeper replaced since the plan -------------------------------------------------------

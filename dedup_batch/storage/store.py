@@ -613,7 +613,18 @@ class Store:
                     return None
                 return md5.hexdigest()
             dst_store.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-            with dst_store.fs.open(dst, "wb") as fout:
+            # exclusive create ("xb": fsspec's memory://, local, ...), so that an object written
+            # there since the caller's check is never overwritten; where a backend has none,
+            # the check is made again just before writing (a narrower window, not none)
+            try:
+                fout = dst_store.fs.open(dst, "xb")
+            except FileExistsError:
+                return None
+            except (ValueError, NotImplementedError, TypeError):
+                if dst_store.fs.exists(dst):
+                    return None
+                fout = dst_store.fs.open(dst, "wb")
+            with fout:
                 while block := fin.read(COPY_BLOCK_BYTES):
                     md5.update(block)
                     fout.write(block)
