@@ -768,6 +768,24 @@ def test_memory_restore_never_overwrites_an_object_written_while_it_runs(monkeyp
     assert fs.cat_file(f"{base}/root/b.jpg") == b"NEW photo from the user"
 
 
+@pytest.mark.parametrize("missing", [0, 3, 30])
+def test_delete_fraction_is_of_the_images_that_exist(tmp_path, missing):
+    """``--max-delete-fraction`` weighs what would go against the images there are: feature
+    rows with no object (``exists = false``) do not dilute it."""
+    root = tmp_path / "root"
+    for n in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        write(root / n, n.encode())
+    rows = [("a.jpg", vec(0)), ("b.jpg", vec(0, 0.1)), ("c.jpg", vec(0, 0.2)), ("d.jpg", vec(1))]
+    rows += [(f"gone-{k}.jpg", vec(2 + k)) for k in range(missing)]
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, rows)
+    plan = plan_job(str(root), feats, str(tmp_path / "p"), keep="first-path")
+    assert int((~plan["keep"]).sum()) == 2 and int((~plan["exists"]).sum()) == missing
+    with pytest.raises(SafetyError, match="deletes 2 of 4 objects"):
+        apply_plan(str(tmp_path / "p"), store=Store(str(root)), max_delete_fraction=0.4)
+    assert snapshot(str(root)) == {n: n.encode() for n in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")}
+
+
 # -- 9. a keeper replaced since the plan -------------------------------------------------------
 @pytest.mark.parametrize("how", ["other size", "same size"])
 def test_changed_keeper_skips_its_cluster(tmp_path, how):
