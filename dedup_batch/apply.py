@@ -610,6 +610,9 @@ def _apply_batch(
                 "records": records,
             },
         )
+        # a restore of this batch (after an earlier run was stopped) is void once its objects
+        # are moved again: the next restore must look at them afresh, not trust its journal
+        plan_store.delete_exact([plan_store.resolve(f"{JOURNAL_DIR}/restore-{batch.id:06d}.json")])
 
     check = functools.partial(_check_and_delete, moving=moving)
     out = _every_path(check, store, trash_store, scope, batch)

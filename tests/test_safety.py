@@ -371,6 +371,50 @@ def test_s3_restore_never_overwrites_an_object_uploaded_while_it_runs(
     assert _s3_get(s3fs_client, "lib/b.jpg") == b"NEW photo from the user"
 
 
+@pytest.mark.parametrize("stopped", ["killed before its journal", "delete answer lost"])
+def test_s3_restore_resume_restore_ends_with_everything_back(
+    s3, s3fs_client, tmp_path, monkeypatch, stopped
+):
+    """An apply to an S3 trash stopped after its delete (killed before its journal, or the
+    delete's answer lost: exit 4, "re-run to resume"); restore; the apply resumed as told
+    (the restored object is unchanged by ETag, so it is moved again); restore again: the
+    object is back at its path, not reported restored from the first restore's journal."""
+    import dedup_batch.apply as apply_mod
+    from dedup_batch.errors import IncompleteError
+
+    s3fs_client.mkdir("bkt")
+    s3fs_client.pipe({"bkt/r/a.jpg": b"bytes of a.jpg", "bkt/r/d.jpg": b"bytes of d.jpg"})
+    root, trash, plan = "s3://bkt/r", "s3://bkt/trash", str(tmp_path / "p")
+    feats = str(tmp_path / "f.parquet")
+    write_features(feats, [("a.jpg", vec(0)), ("d.jpg", vec(0, 0.1))])
+    plan_job(root, feats, plan, s3, keep="first-path")
+    delete = Store.delete_exact
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the deletes, before the batch journal")
+
+    def answer_lost(self, paths, **kwargs):
+        out = delete(self, paths, **kwargs)
+        if paths and all(p.startswith("bkt/r/") for p in paths):
+            raise StorageError("DeleteObjects: read timeout")
+        return out
+
+    if stopped == "killed before its journal":
+        monkeypatch.setattr(apply_mod, "_journal", killed)
+    else:
+        monkeypatch.setattr(Store, "delete_exact", answer_lost)
+    with contextlib.suppress(KeyboardInterrupt, IncompleteError):
+        apply_plan(plan, store=Store(root, s3), trash=trash, concurrency=1)
+    monkeypatch.undo()
+    assert _s3_get(s3fs_client, "r/d.jpg") is None
+    assert restore(plan, store=Store(root, s3), trash=trash).counts == {"restored": 1}
+    assert apply_plan(plan, store=Store(root, s3), trash=trash).counts == {"trashed": 1}
+    back = restore(plan, store=Store(root, s3), trash=trash)
+    assert back.counts == {"restored": 1}
+    assert _s3_get(s3fs_client, "r/d.jpg") == b"bytes of d.jpg"
+    assert s3fs_client.call_s3("list_objects_v2", Bucket="bkt", Prefix="trash/")["KeyCount"] == 0
+
+
 def test_s3_resume_on_another_endpoint_is_refused(s3, s3fs_client, tmp_path, monkeypatch):
     """The journal records the endpoint beside the root: an interrupted apply resumed with
     another ``endpoint_url`` (a mirror of the bucket on a second server: same keys, same
