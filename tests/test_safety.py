@@ -90,6 +90,28 @@ def write(path, data: bytes) -> None:
         f.write(data)
 
 
+def apply_killed(monkeypatch, after: int, plan: str, store: Store, **kw) -> None:
+    """``apply_plan(plan, store=store, **kw)`` killed (KeyboardInterrupt) once ``after``
+    batches are journaled, before the next batch's journal file (its deletes done), one batch
+    at a time so that no other is in flight; the apply as it was afterwards."""
+    import dedup_batch.apply as apply_mod
+
+    journal, done = apply_mod._journal, []
+
+    def killed(*args, **kwargs):
+        if len(done) >= after:
+            raise KeyboardInterrupt("killed before a batch's journal file")
+        done.append(1)
+        return journal(*args, **kwargs)
+
+    monkeypatch.setattr(apply_mod, "_journal", killed)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # none if every batch is journaled first
+            apply_plan(plan, store=store, concurrency=1, **kw)
+    finally:
+        monkeypatch.setattr(apply_mod, "_journal", journal)
+
+
 # -- 1. alias spellings of one object ----------------------------------------------------------
 @pytest.mark.parametrize("alias", ["x//a.jpg", "x/./a.jpg", "x/a.jpg/", "./x/a.jpg"])
 def test_alias_spelling_never_deletes_the_keeper_local(tmp_path, alias):
@@ -303,8 +325,6 @@ def test_s3_trash_copy_restores_byte_for_byte_or_not_at_all(
     byte for byte, however it was uploaded, also when the apply was killed before its
     journal file; a trash copy changed since (same size) is never put back. A multipart
     object's ETag is no MD5: its copy is read once for the checksum the restore verifies."""
-    import dedup_batch.apply as apply_mod
-
     s3fs_client.mkdir("bkt")
     _s3_put(s3fs_client, "lib/a.jpg", b"keeper bytes AAA", "put")
     _s3_put(s3fs_client, "lib/b.jpg", b"original bytes B", how)
@@ -313,14 +333,7 @@ def test_s3_trash_copy_restores_byte_for_byte_or_not_at_all(
     out, store = str(tmp_path / "plan"), Store("s3://bkt/lib", s3)
     plan_job("s3://bkt/lib", feats, out, s3, keep="first-path")
     if killed:
-
-        def die(*args, **kwargs):
-            raise KeyboardInterrupt("killed after the delete, before the journal file")
-
-        monkeypatch.setattr(apply_mod, "_journal", die)
-        with contextlib.suppress(KeyboardInterrupt):
-            apply_plan(out, store=store, trash="s3://bkt/trash", concurrency=1)
-        monkeypatch.undo()
+        apply_killed(monkeypatch, 0, out, store, trash="s3://bkt/trash")
         assert _s3_get(s3fs_client, "lib/b.jpg") is None
     else:
         assert apply_plan(out, store=store, trash="s3://bkt/trash").counts == {"trashed": 1}
@@ -379,7 +392,6 @@ def test_s3_restore_resume_restore_ends_with_everything_back(
     delete's answer lost: exit 4, "re-run to resume"); restore; the apply resumed as told
     (the restored object is unchanged by ETag, so it is moved again); restore again: the
     object is back at its path, not reported restored from the first restore's journal."""
-    import dedup_batch.apply as apply_mod
     from dedup_batch.errors import IncompleteError
 
     s3fs_client.mkdir("bkt")
@@ -390,9 +402,6 @@ def test_s3_restore_resume_restore_ends_with_everything_back(
     plan_job(root, feats, plan, s3, keep="first-path")
     delete = Store.delete_exact
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt("killed after the deletes, before the batch journal")
-
     def answer_lost(self, paths, **kwargs):
         out = delete(self, paths, **kwargs)
         if paths and all(p.startswith("bkt/r/") for p in paths):
@@ -400,12 +409,12 @@ def test_s3_restore_resume_restore_ends_with_everything_back(
         return out
 
     if stopped == "killed before its journal":
-        monkeypatch.setattr(apply_mod, "_journal", killed)
+        apply_killed(monkeypatch, 0, plan, Store(root, s3), trash=trash)
     else:
         monkeypatch.setattr(Store, "delete_exact", answer_lost)
-    with contextlib.suppress(KeyboardInterrupt, IncompleteError):
-        apply_plan(plan, store=Store(root, s3), trash=trash, concurrency=1)
-    monkeypatch.undo()
+        with contextlib.suppress(IncompleteError):
+            apply_plan(plan, store=Store(root, s3), trash=trash)
+        monkeypatch.undo()
     assert _s3_get(s3fs_client, "r/d.jpg") is None
     assert restore(plan, store=Store(root, s3), trash=trash).counts == {"restored": 1}
     assert apply_plan(plan, store=Store(root, s3), trash=trash).counts == {"trashed": 1}
@@ -423,8 +432,6 @@ def test_s3_resume_on_another_endpoint_is_refused(s3, s3fs_client, tmp_path, mon
     import sys
 
     import s3fs
-
-    import dedup_batch.apply as apply_mod
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -457,18 +464,7 @@ def test_s3_resume_on_another_endpoint_is_refused(s3, s3fs_client, tmp_path, mon
         write_features(feats, [(n, vec(0, 0.01 * k)) for k, n in enumerate(bodies)])
         out = str(tmp_path / "plan")
         plan_job("s3://bkt/lib", feats, out, s3, keep="first-path")
-        journal, done = apply_mod._journal, []
-
-        def killed(*args, **kwargs):
-            if done:
-                raise KeyboardInterrupt("killed")
-            done.append(1)
-            return journal(*args, **kwargs)
-
-        monkeypatch.setattr(apply_mod, "_journal", killed)
-        with contextlib.suppress(KeyboardInterrupt):
-            apply_plan(out, store=Store("s3://bkt/lib", s3), batch_size=1, concurrency=1)
-        monkeypatch.setattr(apply_mod, "_journal", journal)
+        apply_killed(monkeypatch, 1, out, Store("s3://bkt/lib", s3), batch_size=1)
         with pytest.raises(SafetyError, match="endpoint"):
             apply_plan(out, store=Store("s3://bkt/lib", backup), batch_size=1)
         mirror.invalidate_cache()
@@ -619,43 +615,6 @@ def test_resume_where_the_root_now_resolves_elsewhere_is_refused(tmp_path, how):
     assert snapshot(str(backup)) == {"k.jpg": b"k.jpg", "a.jpg": b"a.jpg", "b.jpg": b"b.jpg"}
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-@given(n_dups=st.integers(1, 5), killed_after=st.integers(0, 5), batch=st.integers(1, 3))
-def test_restore_after_an_apply_killed_before_journaling_puts_everything_back(
-    monkeypatch, n_dups, killed_after, batch
-):
-    """An apply with a trash killed after moving a batch's objects and before journaling it
-    (after ``killed_after`` batches were journaled): ``restore`` puts back every object the
-    apply moved, byte for byte, and the trash is left empty."""
-    import dedup_batch.apply as apply_mod
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root, trash = os.path.join(tmp, "root"), os.path.join(tmp, "trash")
-        names = ["a.jpg"] + [f"d{k}.jpg" for k in range(n_dups)]
-        for n in names:
-            write(os.path.join(root, n), f"bytes of {n}".encode())
-        before = snapshot(root)
-        feats = os.path.join(tmp, "f.parquet")
-        write_features(feats, [(n, vec(0, 0.01 * k)) for k, n in enumerate(names)])
-        plan_job(root, feats, os.path.join(tmp, "p"), keep="first-path")
-        journal, done = apply_mod._journal, []
-
-        def killed(*args, **kwargs):
-            if len(done) == killed_after:
-                raise KeyboardInterrupt("killed after a batch, before its journal file")
-            done.append(1)
-            return journal(*args, **kwargs)
-
-        monkeypatch.setattr(apply_mod, "_journal", killed)
-        with contextlib.suppress(KeyboardInterrupt):  # all journaled when killed_after is large
-            apply_plan(os.path.join(tmp, "p"), store=Store(root), trash=trash, batch_size=batch)
-        monkeypatch.setattr(apply_mod, "_journal", journal)
-        back = restore(os.path.join(tmp, "p"), store=Store(root), trash=trash)
-        assert back.ok, back.counts
-        assert snapshot(root) == before
-        assert [f for _, _, fs in os.walk(trash) for f in fs] == []
-
-
 def _trash_files(trash: str) -> list[str]:
     return sorted(f for _, _, fs in os.walk(trash) for f in fs)
 
@@ -679,7 +638,6 @@ def test_trashed_objects_always_come_back_or_are_reported(
     are back at its path or still in the trash with restore saying so (``skipped_exists``,
     ``failed``); a new file at a reused path is never overwritten; an altered copy is never
     put back; nothing left the root without a copy."""
-    import dedup_batch.apply as apply_mod
     from dedup_batch.errors import IncompleteError
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -691,13 +649,7 @@ def test_trashed_objects_always_come_back_or_are_reported(
         feats = os.path.join(tmp, "f.parquet")
         write_features(feats, [(n, vec(0, 0.01 * k)) for k, n in enumerate(names)])
         plan_job(root, feats, plan, keep="first-path")
-        journal, delete, done = apply_mod._journal, Store.delete_exact, []
-
-        def killed(*args, **kwargs):
-            if len(done) == killed_after:
-                raise KeyboardInterrupt("killed after a batch's deletes, before its journal")
-            done.append(1)
-            return journal(*args, **kwargs)
+        delete = Store.delete_exact
 
         def answer_lost(self, paths, **kwargs):
             out = delete(self, paths, **kwargs)
@@ -707,13 +659,13 @@ def test_trashed_objects_always_come_back_or_are_reported(
 
         if lost_answer:
             monkeypatch.setattr(Store, "delete_exact", answer_lost)
+            with contextlib.suppress(IncompleteError, StorageError):  # one batch in flight
+                apply_plan(plan, store=Store(root), trash=trash, batch_size=batch, concurrency=1)
+            monkeypatch.setattr(Store, "delete_exact", delete)
         else:
-            monkeypatch.setattr(apply_mod, "_journal", killed)
-        with contextlib.suppress(KeyboardInterrupt, IncompleteError, StorageError):
-            # one batch at a time: a kill stops the apply, with no other batch in flight
-            apply_plan(plan, store=Store(root), trash=trash, batch_size=batch, concurrency=1)
-        monkeypatch.setattr(apply_mod, "_journal", journal)
-        monkeypatch.setattr(Store, "delete_exact", delete)
+            apply_killed(
+                monkeypatch, killed_after, plan, Store(root), trash=trash, batch_size=batch
+            )
         gone = sorted(set(before) - set(snapshot(root)))
         assert set(gone) <= set(_trash_files(trash))  # nothing left its path without a copy
         new = {}
@@ -749,7 +701,6 @@ def test_trashed_objects_always_come_back_or_are_reported(
 def test_resume_with_a_relative_trash_from_another_folder_is_refused(tmp_path, monkeypatch):
     """A relative ``--trash`` is journaled where it resolves: resumed (or restored) from
     another working folder it names another trash, and is refused."""
-    import dedup_batch.apply as apply_mod
 
     root = tmp_path / "root"
     for n in ("a.jpg", "d1.jpg", "d2.jpg"):
@@ -761,18 +712,7 @@ def test_resume_with_a_relative_trash_from_another_folder_is_refused(tmp_path, m
     for cwd in ("one", "two"):
         os.makedirs(tmp_path / cwd)
     monkeypatch.chdir(tmp_path / "one")
-    journal, done = apply_mod._journal, []
-
-    def killed(*args, **kwargs):
-        if done:
-            raise KeyboardInterrupt("killed")
-        done.append(1)
-        return journal(*args, **kwargs)
-
-    monkeypatch.setattr(apply_mod, "_journal", killed)
-    with contextlib.suppress(KeyboardInterrupt):
-        apply_plan(plan, store=store, trash="trash", batch_size=1, concurrency=1)
-    monkeypatch.setattr(apply_mod, "_journal", journal)
+    apply_killed(monkeypatch, 1, plan, store, trash="trash", batch_size=1)
     monkeypatch.chdir(tmp_path / "two")
     with pytest.raises(SafetyError, match="same trash setting"):
         apply_plan(plan, store=store, trash="trash", batch_size=1)
