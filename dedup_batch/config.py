@@ -464,7 +464,7 @@ class JobSpec:
             Flag(
                 ("apply", "run"),
                 "refuse the whole apply (exit 3) if it deletes more than this fraction "
-                "of the plan's paths (default 0.5; 1 allows any)",
+                "of the plan's images that exist (default 0.5; 1 allows any)",
                 group="apply",
                 metavar="F",
                 type=float,
