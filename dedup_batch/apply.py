@@ -628,12 +628,17 @@ def _every_path(
     try:
         fn(store, other, scope, batch, out)
     except Exception as exc:  # a whole request failed: report the batch's rest, go on
-        msg = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
-        msg = store._scrub(" ".join(msg.split()))
+        msg = _failure(store, exc)
         for it in batch.items:
             if it.path not in out:
                 out[it.path] = _Record(it.path, FAILED, "RequestFailed", msg)
     return out
+
+
+def _failure(store: Store, exc: BaseException) -> str:
+    """A failed whole request's reason as a path's record gives it: one line, no secrets."""
+    msg = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
+    return store._scrub(" ".join(msg.split()))
 
 
 def _check_and_delete(
@@ -738,8 +743,7 @@ def _check_and_delete(
             expect={it.fs: it.seen for it, _ in act},
         )
     except Exception as exc:  # sent, but no answer: the objects may be gone or not
-        msg = str(exc) if isinstance(exc, DedupError) else f"{type(exc).__name__}: {exc}"
-        msg = store._scrub(" ".join(msg.split()))
+        msg = _failure(store, exc)
         for it, _ in act:
             out[it.path] = _Record(
                 it.path,
