@@ -146,9 +146,11 @@ _WORKING_BLOCKS = 1
 #: float32, 5 MiB) and masks reuse the heap, but blocks, their working rows and received
 #: replicas (12-34 MB) never sit in it, where they kept freed memory around them.
 _TASK_MMAP_BYTES = 8 << 20
-# Rows centred at once in float64 (a block's float64 copy is twice its size: 2048 rows at
-# 768-d are 12 MiB).
-_CENTRE_ROWS = 2048
+# Bytes of rows centred at once in float64 (a block's float64 copy is twice its size): 2048
+# rows at 256-d, 512 at 1024-d. A chunk, its difference from the block's centre and
+# ``_centred``'s temporaries are alive together: at 2048 rows whatever the width, they were
+# ~50 MiB of a 1024-d block's preparation, on 600 MB workers.
+_CENTRE_BYTES = 4 << 20
 
 
 # What a stalled wait names (see executor.finished).
@@ -301,7 +303,7 @@ def _directions(S: list[np.ndarray], g: SimpleNamespace, k: int) -> np.ndarray:
     parts), centred as the tiles centre (``g``), or the first k axes when there is no
     covariance (k = d, or fewer than two rows): any orthonormal basis gives exact bounds.
 
-    The scatter about the sample's mean is accumulated ``_CENTRE_ROWS`` rows at a time (no
+    The scatter about the sample's mean is accumulated ``_CENTRE_BYTES`` at a time (no
     float64 copy of the sample), and only its k leading eigenvectors are computed: the
     client holds one d x d float64 (8 MiB at 1024-d), not the four of a full
     eigendecomposition. One BLAS thread for LAPACK, as ``cluster._prepare`` (its threads on a
@@ -339,10 +341,12 @@ def _centred_chunks(
     x: np.ndarray, g: SimpleNamespace
 ) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
     """``(start, end, c64, sq)`` of :func:`_centred` over ``x`` in chunks of
-    ``_CENTRE_ROWS`` rows: the float64 copy of a whole block (2x its size) is never held.
+    ``_CENTRE_BYTES`` (in float64): the float64 copy of a whole block (2x its size) is never
+    held.
     Row by row the values are :func:`_centred`'s (each row's are computed from it alone)."""
-    for s in range(0, len(x), _CENTRE_ROWS):
-        e = min(len(x), s + _CENTRE_ROWS)
+    step = max(1, _CENTRE_BYTES // (8 * max(1, x.shape[1])))
+    for s in range(0, len(x), step):
+        e = min(len(x), s + step)
         c64, sq = _centred(x[s:e], g)
         yield s, e, c64, sq
 
@@ -440,11 +444,19 @@ def _cut(x: np.ndarray, cells: np.ndarray, used: np.ndarray) -> Any:
     return tuple(x[o] for o in np.split(order, ends[:-1]))
 
 
-def _cut_batch(xs: list[np.ndarray], cells: np.ndarray, used: np.ndarray) -> Any:
-    """Dask task: :func:`_cut` of the rows of the blocks ``xs`` one after the other (one
-    worker's consecutive input blocks, ``cells`` for all their rows): per cell, the first
-    block's rows in it, then the second's, and so on."""
-    return _cut(xs[0] if len(xs) == 1 else np.concatenate(xs), cells, used)
+def _take_rows(xs: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Dask task: rows ``rows`` (ascending) of the blocks ``xs`` one after the other (one
+    worker's input blocks cut together): a reorder's piece. The blocks are never
+    concatenated: the piece is filled from them in place."""
+    offs = np.cumsum([0] + [len(x) for x in xs])
+    piece = np.empty((len(rows), xs[0].shape[1]), xs[0].dtype)
+    at = 0
+    parts = np.split(rows, np.searchsorted(rows, offs[1:-1]))
+    for x, off, part in zip(xs, offs[:-1], parts, strict=True):
+        # mode="clip": the rows are in range; "raise" would buffer ``out`` (a copy more)
+        np.take(x, part - off, axis=0, out=piece[at : at + len(part)], mode="clip")
+        at += len(part)
+    return piece
 
 
 def _batches(sizes: list[int], owner: list[str | None], cap: int) -> list[list[int]]:
@@ -477,25 +489,29 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     Memory (held with the block): the raw rows in leaf order (the block's size) and per row
     two (k + 2) float32 factors and six float64 values (~330 bytes at k = 32). The float32
     working rows are recomputed by each tile (O(rows x d), against the tile's O(rows^2 x d)).
-    While it runs: the pieces, their concatenation and its copy in leaf order (3x the
-    block) plus ``_CENTRE_ROWS`` rows in float64: the centred rows are never held whole.
+    While it runs: the pieces and their rows in leaf order (2x the block; the pieces are
+    never concatenated) plus ``_CENTRE_BYTES`` of rows in float64, a few times: the
+    centred rows are never held whole.
     """
-    x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    m, d = x.shape
+    m, d = sum(len(p) for p in pieces), pieces[0].shape[1]
     k = g.V.shape[1]
     P, sq, csq = np.empty((m, k)), np.empty(m), np.empty(m)
     # The block's ball: any centre will do (the radius is measured from it, and rounded up).
     # Its first chunk's mean, so that the rows are centred once (a second pass for the
     # block's own mean was ~12% of a block's preparation).
-    centre, radius = np.zeros(d), 0.0
-    for s, e, c64, sq_rows in _centred_chunks(x, g):
-        sq[s:e] = sq_rows
-        P[s:e] = c64 @ g.V
-        csq[s:e] = np.einsum("ij,ij->i", c64, c64)
-        if s == 0:
-            centre = c64.mean(axis=0)
-        diff = c64 - centre
-        radius = max(radius, float(np.einsum("ij,ij->i", diff, diff).max(initial=0.0)))
+    centre, radius, at = None, 0.0, 0
+    for piece in pieces:
+        for s, e, c64, sq_rows in _centred_chunks(piece, g):
+            s, e = at + s, at + e
+            sq[s:e] = sq_rows
+            P[s:e] = c64 @ g.V
+            csq[s:e] = np.einsum("ij,ij->i", c64, c64)
+            if centre is None:
+                centre = c64.mean(axis=0)
+            c64 -= centre
+            radius = max(radius, float(np.einsum("ij,ij->i", c64, c64).max(initial=0.0)))
+        at += len(piece)
+    centre = np.zeros(d) if centre is None else centre
     radius = math.sqrt(radius)
     # leaves of equal shares, as few as hold at most LEAF_ROWS rows each
     tree = _split_tree(P[:, : g.n_split], -(-m // LEAF_ROWS))
@@ -517,8 +533,17 @@ def _block_prep(pieces: list[np.ndarray], g: SimpleNamespace) -> _Block:
     Blo[:, :k], Blo[:, k], Blo[:, k + 1] = -2.0 * P, 1.0, psq
     starts = bounds[:-1]
     slack = 1e-9 * (1.0 + float(np.sqrt(csq.max(initial=0.0))))
+    # the rows in leaf order, taken from the pieces in place (row ``order[i]`` of their
+    # concatenation goes to row i)
+    x = np.empty((m, d), pieces[0].dtype)
+    where = np.empty(m, np.int64)
+    where[order] = np.arange(m)
+    at = 0
+    for piece in pieces:
+        x[where[at : at + len(piece)]] = piece
+        at += len(piece)
     return _Block(
-        x=np.ascontiguousarray(x[order]),
+        x=x,
         order=order.astype(np.int32),
         csq=csq,
         Alo=Alo,
@@ -598,7 +623,7 @@ def _fill_working(out: np.ndarray, b: _Block, g: SimpleNamespace) -> None:
     distance, with no passes adding the norms: see ``cluster._a_form``). The same bits
     however often: float64 centring, then the cast ``astype`` makes (euclidean: one ufunc
     pass, computed in float64 and cast as it is written, 9 vs 12 ms for 12,500 x 256 through
-    a float64 chunk; cosine: ``_CENTRE_ROWS`` rows at a time through float64)."""
+    a float64 chunk; cosine: ``_CENTRE_BYTES`` at a time through float64)."""
     d = b.x.shape[1]
     if g.cosine:
         for s, e, c64, _ in _centred_chunks(b.x, g):
@@ -853,14 +878,15 @@ def _decide(decider: _SkDecider, rows: _Rows, bi: np.ndarray, bj: np.ndarray) ->
 
 
 def _reorder(
-    client: Any, blocks: list[Any], cells_of: list[np.ndarray], g_f: Any, row_bytes: int
-) -> tuple[list[Any], np.ndarray]:
-    """``(the prepared blocks (futures, in cell order), the input row at each of their rows)``,
-    by a reorder the scheduler keeps as their lineage: each worker's input blocks
-    (``blocks``: futures) are cut, a few at a time (:func:`_batches`), into one piece per
-    cell they have rows in, on that worker; each cell's pieces are moved to one worker,
-    concatenated and prepared there (:func:`_block_prep`). Pieces are the only copy in
-    flight: no reordered block is held apart from its prepared form.
+    client: Any, blocks: list[Any], cells_of: list[np.ndarray], row_bytes: int
+) -> tuple[dict[int, list[Any]], list[str], np.ndarray]:
+    """``(each cell's pieces (futures), the worker to prepare each cell on, the input row at
+    each row of the reordered blocks)``: the cut half of a reorder the scheduler keeps as
+    the prepared blocks' lineage (:func:`_prepare_blocks` is the other). Each worker's input
+    blocks (``blocks``: futures) are cut, a few at a time (:func:`_batches`), into one piece
+    per cell they have rows in, on that worker; each cell's pieces are then moved to one
+    worker, concatenated and prepared there. Pieces are the only copy in flight: no
+    reordered block is held apart from its prepared form.
 
     Cutting a batch of blocks rather than each block: every piece is a task and a key of its
     own, and there is one per input block and cell it has rows in (91 of the 173 tasks of a
@@ -885,50 +911,73 @@ def _reorder(
     rows_in_order = []  # the input rows, batch after batch: the order the pieces keep
     for batch in _batches([row_bytes * len(c) for c in cells_of], owner, _CUT_BYTES):
         c = np.concatenate([cells_of[i] for i in batch])
-        used = np.unique(c)
-        if len(used) == 0:
-            continue
         rows_in_order += [np.arange(starts[i], starts[i + 1]) for i in batch]
-        many = len(used) > 1
-        cut = dask.delayed(_cut_batch, nout=len(used) if many else None)(
-            [blocks[i] for i in batch], c, used
-        )
-        # the pieces as futures (their keys and lineage are the graph's), so that each
-        # cell's task can be placed on its own; cut where the batch's blocks are (a loose
-        # restriction: left to the scheduler, an idle worker took batches and fetched their
-        # blocks, 324 against 180 MiB moved at 100k x 256); dropped on return, once the
-        # preparations hold them
-        cut_pieces = list(cut) if many else [cut]
+        order = np.argsort(c, kind="stable")  # by cell, and within a cell ascending
+        used, first = np.unique(c[order], return_index=True)
+        xs = [blocks[i] for i in batch]
+        # cut where the batch's blocks are (a loose restriction: left to the scheduler, an
+        # idle worker took batches and fetched their blocks, 324 against 180 MiB moved at
+        # 100k x 256)
         w = owner[batch[0]]
         where = {} if w is None else {"workers": [w], "allow_other_workers": True}
-        got = client.compute(cut_pieces, **where)
-        for a, piece in zip(used, got, strict=True):
+        # a task per piece (no task returning the batch's pieces together: that one key,
+        # the batch's size, was spilled by a worker at its memory target and read back
+        # whole for each piece), one submission per batch
+        cut = [dask.delayed(_take_rows)(xs, rows) for rows in np.split(order, first[1:])]
+        for a, piece in zip(used, client.compute(cut, **where), strict=True):
             pieces.setdefault(int(a), []).append(piece)
-    cells = sorted(pieces)
-    counts = [len(pieces[a]) for a in cells]
-    held = [p for a in cells for p in pieces[a]]
-    del pieces
     rows = np.stack([np.bincount(c, minlength=n_cells) for c in cells_of])
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    place = _placement(rows, owner, workers)
-    out, at = [], 0
-    for a, k in zip(cells, counts, strict=True):
-        out.append(
-            client.submit(
-                _block_prep,
-                held[at : at + k],
-                g_f,
-                workers=[place[a]],
-                allow_other_workers=True,
-                pure=False,
-            )
-        )
-        at += k
+    place = _placement(rows, owner, sorted(client.nthreads()))
     # rows by cell, and within a cell in the pieces' order: batch by batch, each batch's
     # blocks in input order
     order = np.concatenate(rows_in_order) if rows_in_order else np.zeros(0, np.int64)
     cells_all = np.concatenate(cells_of) if cells_of else np.zeros(0, np.int32)
-    return out, order[np.argsort(cells_all[order], kind="stable")]
+    return pieces, place, order[np.argsort(cells_all[order], kind="stable")]
+
+
+def _prepare_blocks(
+    client: Any, pieces: dict[int, list[Any]], place: list[str], g_f: Any
+) -> tuple[list[Any], list[SimpleNamespace]]:
+    """``(the prepared blocks (futures, in cell order), each one's meta)``: each cell's
+    ``pieces`` (taken from the dict: the client's hold on them goes with the submission, so
+    each is freed once its block is prepared) prepared (:func:`_block_prep`) on the worker
+    ``place`` gives it.
+
+    Each worker is sent ``IN_FLIGHT_PER_THREAD`` preparations per thread at a time, the next
+    as one finishes. A worker fetches the pieces of every task it has been given: given all
+    of them at once, each worker gathered the pieces of all its cells while still holding
+    the pieces of its input bound for the others, up to twice its share of X (workers
+    peaked at 0.47-0.51 GiB against a restart at 0.53 GiB in the memory test, 600 MB
+    workers). In waves, the pieces received are those of the preparations in flight, and
+    the pieces held for others shrink as the prepared blocks grow: its share, plus a few
+    blocks."""
+    cells = sorted(pieces)
+    nthreads = client.nthreads()
+    queue: dict[str, list[int]] = {}  # worker -> its cells' places in ``cells``, in order
+    for i, a in enumerate(cells):
+        queue.setdefault(place[a], []).append(i)
+    out: list[Any] = [None] * len(cells)
+    metas: list[Any] = [None] * len(cells)
+    running, sent = set(), {}
+
+    def submit(w: str) -> None:
+        if queue[w]:
+            i = queue[w].pop(0)
+            where = {"workers": [w], "allow_other_workers": True}
+            out[i] = client.submit(_block_prep, pieces.pop(cells[i]), g_f, pure=False, **where)
+            # the meta asked for with its preparation (no round trip between them)
+            m = client.submit(_block_meta, out[i], pure=False)
+            sent[m.key] = (i, w)
+            running.add(m)
+
+    for w in queue:
+        for _ in range(IN_FLIGHT_PER_THREAD * max(1, nthreads.get(w, 1))):
+            submit(w)
+    for m in executor.finished(client, running, what=_WHAT):
+        i, w = sent.pop(m.key)
+        metas[i] = m.result()
+        submit(w)
+    return out, metas
 
 
 def _placement(rows: np.ndarray, owner: list[str | None], workers: list[str]) -> list[str]:
@@ -1048,14 +1097,11 @@ class _DaskFit:
         del S
         # perm: the input row at each row of the reordered blocks
         row_bytes = X.dtype.itemsize * d
-        self.blocks, perm = _reorder(client, blocks, cells_of, self.g_f, row_bytes)
-        # the reorder's tasks are on the scheduler: drop every hold on the input blocks, so
-        # each is freed once its pieces are cut (the scheduler keeps their tasks as lineage)
+        pieces, place, perm = _reorder(client, blocks, cells_of, row_bytes)
+        # the cuts are on the scheduler: drop every hold on the input blocks, so each is
+        # freed once its pieces are cut (the scheduler keeps their tasks as lineage)
         del X, blocks, held
-        # each block's meta is asked for with its preparation (no round trip between them)
-        metas = executor.gather(
-            client, client.map(_block_meta, self.blocks, pure=False), what=_WHAT
-        )
+        self.blocks, metas = _prepare_blocks(client, pieces, place, self.g_f)
         log.debug(
             "DBSCAN (distributed): reordered and prepared at %.2f s", time.perf_counter() - self.t0
         )

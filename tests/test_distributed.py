@@ -334,8 +334,10 @@ def test_a_cluster_whose_workers_stay_paused_ends_the_stage_with_an_error(tmp_pa
 #: not twice, and a tile's working memory stays ~0.1 GB). At 128,000 rows and 500 MB a worker
 #: peaked at 0.35-0.40 GiB against the nanny's restart at 0.44 GiB: alone the test passed, but
 #: in the whole suite a worker was restarted three times (the plan still completed); at 600 MB
-#: the restart is at 0.53 GiB, for ~0.02 GiB more of X per worker. Few rows of many dimensions: X
-#: stays above a worker's limit while the per-row work (paths, listing, select) stays small.
+#: the restart is at 0.53 GiB, for ~0.02 GiB more of X per worker. There the reorder peaked at
+#: 0.47-0.51 GiB until its spilled transients were cut (docs/scaling.md): 0.43-0.49 GiB. Few
+#: rows of many dimensions: X stays above a worker's limit while the per-row work (paths,
+#: listing, select) stays small.
 BIG_N, BIG_D, BIG_LIMIT, BIG_SHARD = 150_000, 1024, 600_000_000, 4096
 #: The memory test's workers do not pause. Dask pauses a worker at 80% of its limit to stop it
 #: taking new work while its managed data grows; the threshold is sized for real workers (the
@@ -627,6 +629,26 @@ def test_reorder_batches_cover_each_block_once_on_one_worker(blocks, cap):
     for b in out:
         assert b == sorted(b) and len({owner[i] for i in b}) == 1
         assert len(b) == 1 or (owner[b[0]] is not None and sum(sizes[i] for i in b) <= cap)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    lens=st.lists(st.integers(0, 30), min_size=1, max_size=5),
+    frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_a_piece_is_the_rows_of_its_blocks_concatenated(lens, frac, seed):
+    """cluster_dask._take_rows fills a reorder's piece from a batch's blocks in place: the
+    same rows, in the same order, as indexing their concatenation (which it never makes)."""
+    from dedup_batch.cluster_dask import _take_rows
+
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal((m, 3)).astype(np.float32) for m in lens]
+    whole = np.concatenate(xs)
+    rows = np.flatnonzero(rng.random(len(whole)) < frac)
+    got = _take_rows(xs, rows)
+    assert got.dtype == whole.dtype
+    np.testing.assert_array_equal(got, whole[rows])
 
 
 def test_reorder_in_batches_keeps_labels_with_blocks_interleaved_across_workers(tmp_path):
