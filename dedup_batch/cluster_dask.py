@@ -459,6 +459,43 @@ def _take_rows(xs: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return piece
 
 
+def _each_block(fn: Callable[..., Any], xs: list[Any], per: list[Any] | None, *common: Any) -> list:
+    """Dask task: ``fn(x, p, *common)`` (``fn(x, *common)`` without ``per``) for each block
+    ``x`` of a batch (:func:`_map_batches`), in order."""
+    if per is None:
+        return [fn(x, *common) for x in xs]
+    return [fn(x, p, *common) for x, p in zip(xs, per, strict=True)]
+
+
+def _map_batches(
+    client: Any,
+    fn: Callable[..., Any],
+    blocks: list[Any],
+    owner: list[str | None],
+    sizes: list[int],
+    per: list[Any] | None,
+    *common: Any,
+) -> list[Any]:
+    """``fn`` (a per-block task: ``fn(x, p, *common)``) of each input block, gathered in
+    block order: a few of a worker's blocks per task (:func:`_batches`, as the reorder cuts
+    them), run where they are (a loose restriction). A task costs the client, the
+    scheduler and a worker ~2-3 ms of CPU whatever it does: a task per block was 26 of the
+    83 tasks of a 100k x 256 fit, for two passes of a few ms per block."""
+    batches = _batches(sizes, owner, _CUT_BYTES)
+    futures = []
+    for batch in batches:
+        w = owner[batch[0]]
+        where = {} if w is None else {"workers": [w], "allow_other_workers": True}
+        mine = None if per is None else [per[i] for i in batch]
+        xs = [blocks[i] for i in batch]
+        futures.append(client.submit(_each_block, fn, xs, mine, *common, pure=False, **where))
+    out: list[Any] = [None] * len(blocks)
+    for batch, got in zip(batches, executor.gather(client, futures, what=_WHAT), strict=True):
+        for i, r in zip(batch, got, strict=True):
+            out[i] = r
+    return out
+
+
 def _batches(sizes: list[int], owner: list[str | None], cap: int) -> list[list[int]]:
     """The input blocks (their indices, ascending within a batch) cut together: each batch's
     blocks held by one worker, at most ``cap`` bytes in all unless a block alone is larger; a
@@ -878,15 +915,19 @@ def _decide(decider: _SkDecider, rows: _Rows, bi: np.ndarray, bj: np.ndarray) ->
 
 
 def _reorder(
-    client: Any, blocks: list[Any], cells_of: list[np.ndarray], row_bytes: int
+    client: Any,
+    blocks: list[Any],
+    owner: list[str | None],
+    cells_of: list[np.ndarray],
+    row_bytes: int,
 ) -> tuple[dict[int, list[Any]], list[str], np.ndarray]:
     """``(each cell's pieces (futures), the worker to prepare each cell on, the input row at
     each row of the reordered blocks)``: the cut half of a reorder the scheduler keeps as
     the prepared blocks' lineage (:func:`_prepare_blocks` is the other). Each worker's input
-    blocks (``blocks``: futures) are cut, a few at a time (:func:`_batches`), into one piece
-    per cell they have rows in, on that worker; each cell's pieces are then moved to one
-    worker, concatenated and prepared there. Pieces are the only copy in flight: no
-    reordered block is held apart from its prepared form.
+    blocks (``blocks``: futures, held by ``owner``) are cut, a few at a time
+    (:func:`_batches`), into one piece per cell they have rows in, on that worker; each
+    cell's pieces are then moved to one worker and prepared there. Pieces are the only copy
+    in flight: no reordered block is held apart from its prepared form.
 
     Cutting a batch of blocks rather than each block: every piece is a task and a key of its
     own, and there is one per input block and cell it has rows in (91 of the 173 tasks of a
@@ -903,8 +944,6 @@ def _reorder(
     import dask
 
     n_cells = 1 + max((int(c.max(initial=-1)) for c in cells_of), default=-1)
-    who = client.who_has(blocks)
-    owner = [(who.get(f.key) or [None])[0] for f in blocks]
     starts = np.zeros(len(cells_of) + 1, np.int64)
     starts[1:] = np.cumsum([len(c) for c in cells_of])
     pieces: dict[int, list[Any]] = {}
@@ -1046,9 +1085,10 @@ class _DaskFit:
         sample_rows = max(2, min(20000, _SAMPLE_BYTES // (4 * d)))
         frac = min(1.0, sample_rows / n)
         seeds = list(range(len(blocks)))
-        firsts = executor.gather(
-            client, client.map(_block_first, blocks, seeds, frac=frac, pure=False), what=_WHAT
-        )
+        who = client.who_has(blocks)
+        owner = [(who.get(f.key) or [None])[0] for f in blocks]
+        sizes = [X.dtype.itemsize * d * m for m in X.chunks[0]]
+        firsts = _map_batches(client, _block_first, blocks, owner, sizes, seeds, frac)
         if g.cosine and sum(z for _, z, _ in firsts):
             raise _NeedsGather("cosine zero vectors (distance 1 to everything, themselves too)")
         if not g.cosine:
@@ -1086,10 +1126,8 @@ class _DaskFit:
                 [c64 @ g.V[:, : g.n_split] for part in S for *_, c64, _ in _centred_chunks(part, g)]
             )
             tree = _split_tree(P, n_cells)
-            cells_of = executor.gather(
-                client,
-                client.map(_block_cells, blocks, g=self.g_f, tree=tree, pure=False),
-                what=_WHAT,
+            cells_of = _map_batches(
+                client, _block_cells, blocks, owner, sizes, None, self.g_f, tree
             )
             log.debug("DBSCAN (distributed): cells at %.2f s", time.perf_counter() - self.t0)
         else:  # one block's worth of rows: one block, however the input was chunked
@@ -1097,7 +1135,7 @@ class _DaskFit:
         del S
         # perm: the input row at each row of the reordered blocks
         row_bytes = X.dtype.itemsize * d
-        pieces, place, perm = _reorder(client, blocks, cells_of, row_bytes)
+        pieces, place, perm = _reorder(client, blocks, owner, cells_of, row_bytes)
         # the cuts are on the scheduler: drop every hold on the input blocks, so each is
         # freed once its pieces are cut (the scheduler keeps their tasks as lineage)
         del X, blocks, held

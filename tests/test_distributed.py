@@ -651,6 +651,45 @@ def test_a_piece_is_the_rows_of_its_blocks_concatenated(lens, frac, seed):
     np.testing.assert_array_equal(got, whole[rows])
 
 
+def _first_rows(x: np.ndarray, k: int, scale: float) -> np.ndarray:
+    return x[:k] * scale
+
+
+def test_per_block_tasks_in_batches_answer_in_block_order():
+    """cluster_dask._map_batches runs a per-block task a few blocks at a time on the worker
+    holding them: with blocks spread over two workers in turn, unknown holders among them
+    and several batches per worker, each block's answer comes back at its block's place."""
+    from distributed import Client, LocalCluster
+
+    import dedup_batch.cluster_dask as cd
+
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((int(rng.integers(1, 40)), 4)) for _ in range(11)]
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as lc,
+        Client(lc) as client,
+    ):
+        workers = sorted(client.scheduler_info()["workers"])
+        blocks = [client.scatter(x, workers=[workers[i % 2]]) for i, x in enumerate(xs)]
+        who = client.who_has(blocks)
+        owner = [(who.get(f.key) or [None])[0] for f in blocks]
+        assert owner == [workers[i % 2] for i in range(11)]
+        owner[4] = owner[7] = None  # holder unknown: a batch of its own
+        sizes = [x.nbytes for x in xs]
+        ks = list(range(11))
+        old = cd._CUT_BYTES
+        cd._CUT_BYTES = 3 * 40 * 4 * 8  # a few blocks per batch
+        try:
+            got = cd._map_batches(client, _first_rows, blocks, owner, sizes, ks, 2.0)
+        finally:
+            cd._CUT_BYTES = old
+    assert len(got) == len(xs)
+    for x, k, g in zip(xs, ks, got, strict=True):
+        np.testing.assert_array_equal(g, x[:k] * 2.0)
+
+
 def test_reorder_in_batches_keeps_labels_with_blocks_interleaved_across_workers(tmp_path):
     """A worker's input blocks are cut a batch at a time: with the shards spread over two
     workers in turn (so a batch's blocks are not consecutive in the input) and a cut size
