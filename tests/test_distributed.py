@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -651,6 +653,21 @@ def test_a_piece_is_the_rows_of_its_blocks_concatenated(lens, frac, seed):
     np.testing.assert_array_equal(got, whole[rows])
 
 
+@contextmanager
+def _two_workers() -> Iterator[tuple[Any, list[str]]]:
+    """A LocalCluster of two one-thread workers in this process: its client and the workers'
+    addresses, sorted (tests place blocks on each in turn)."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as lc,
+        Client(lc) as client,
+    ):
+        yield client, sorted(client.scheduler_info()["workers"])
+
+
 def _first_rows(x: np.ndarray, k: int, scale: float) -> np.ndarray:
     return x[:k] * scale
 
@@ -659,19 +676,11 @@ def test_per_block_tasks_in_batches_answer_in_block_order():
     """cluster_dask._map_batches runs a per-block task a few blocks at a time on the worker
     holding them: with blocks spread over two workers in turn, unknown holders among them
     and several batches per worker, each block's answer comes back at its block's place."""
-    from distributed import Client, LocalCluster
-
     import dedup_batch.cluster_dask as cd
 
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal((int(rng.integers(1, 40)), 4)) for _ in range(11)]
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as lc,
-        Client(lc) as client,
-    ):
-        workers = sorted(client.scheduler_info()["workers"])
+    with _two_workers() as (client, workers):
         blocks = [client.scatter(x, workers=[workers[i % 2]]) for i, x in enumerate(xs)]
         who = client.who_has(blocks)
         owner = [(who.get(f.key) or [None])[0] for f in blocks]
@@ -696,7 +705,6 @@ def test_reorder_in_batches_keeps_labels_with_blocks_interleaved_across_workers(
     that makes several batches per worker, the reordered rows still map to their input rows:
     labels equal scikit-learn's."""
     import dask.array as da
-    from distributed import Client, LocalCluster
     from sklearn.cluster import DBSCAN as SkDBSCAN
 
     import dedup_batch.cluster_dask as cd
@@ -708,13 +716,7 @@ def test_reorder_in_batches_keeps_labels_with_blocks_interleaved_across_workers(
         np.float32
     )
     want = SkDBSCAN(eps=0.5, min_samples=1).fit(X).labels_
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as lc,
-        Client(lc) as client,
-    ):
-        workers = sorted(client.scheduler_info()["workers"])
+    with _two_workers() as (client, workers):
         parts = [
             client.persist(da.from_array(X[s : s + 250], chunks=(250, 16)), workers=workers[k % 2])
             for k, s in enumerate(range(0, 3000, 250))
