@@ -9,9 +9,9 @@ per-row counts and labels) plus a few KB per block.
 1. Preparation: the column sum (the euclidean centre) and a ~20,000-row sample (at most 32
    MiB), gathered in one round trip; on the client, the sample's principal directions and a
    tree of quantile splits over its projections, whose cells become the new row blocks (16 MiB
-   each), so that blocks are spatially compact: each input
-   block is cut into one piece per cell on its worker, and each cell's pieces are moved to one
-   worker and concatenated there. Each block then builds, on its worker, what
+   each), so that blocks are spatially compact: a few input blocks at a time are cut on
+   their worker into one piece per cell (a task per piece), and each cell's pieces are moved
+   to one worker (preparations sent in waves). Each block then builds, on its worker, what
    ``cluster._prepare`` builds for the whole input: leaves of <= LEAF_ROWS rows, low-rank
    factors, rounding bands and leaf boxes. Block pairs whose balls (full space) or boxes (projected)
    are farther apart than ``eps`` plus every rounding bound are never scheduled.
