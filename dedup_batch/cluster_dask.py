@@ -950,6 +950,8 @@ def _reorder(
     rows_in_order = []  # the input rows, batch after batch: the order the pieces keep
     for batch in _batches([row_bytes * len(c) for c in cells_of], owner, _CUT_BYTES):
         c = np.concatenate([cells_of[i] for i in batch])
+        if len(c) == 0:  # blocks of no rows: no pieces
+            continue
         rows_in_order += [np.arange(starts[i], starts[i + 1]) for i in batch]
         order = np.argsort(c, kind="stable")  # by cell, and within a cell ascending
         used, first = np.unique(c[order], return_index=True)
@@ -983,13 +985,12 @@ def _prepare_blocks(
     ``place`` gives it.
 
     Each worker is sent ``IN_FLIGHT_PER_THREAD`` preparations per thread at a time, the next
-    as one finishes. A worker fetches the pieces of every task it has been given: given all
-    of them at once, each worker gathered the pieces of all its cells while still holding
-    the pieces of its input bound for the others, up to twice its share of X (workers
-    peaked at 0.47-0.51 GiB against a restart at 0.53 GiB in the memory test, 600 MB
-    workers). In waves, the pieces received are those of the preparations in flight, and
-    the pieces held for others shrink as the prepared blocks grow: its share, plus a few
-    blocks."""
+    as one finishes, as tiles are: a worker fetches the pieces of every task it has been
+    given, so it receives only those of the preparations in flight while the pieces it
+    holds for others shrink as their blocks are prepared. In the memory test (4 workers of
+    600 MB) the workers' peaks were the same as with every preparation sent at once
+    (0.43-0.49 against 0.44-0.46 GiB, within noise) and the stage was faster (16-20 s
+    against 20-24 s, three alternated runs each)."""
     cells = sorted(pieces)
     nthreads = client.nthreads()
     queue: dict[str, list[int]] = {}  # worker -> its cells' places in ``cells``, in order
