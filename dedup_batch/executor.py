@@ -15,6 +15,8 @@ Stages take the client as an argument; nothing here looks for a "current" client
 from __future__ import annotations
 
 import concurrent.futures
+import gc
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -238,6 +240,31 @@ def run_batches(
     )
 
 
+# The thread running a garbage collection, while it runs (see :func:`_may_wait`).
+_collecting: int | None = None
+
+
+def _note_collection(phase: str, info: dict[str, Any]) -> None:
+    global _collecting
+    _collecting = threading.get_ident() if phase == "start" else None
+
+
+gc.callbacks.append(_note_collection)
+
+
+def _may_wait(owner: int) -> bool:
+    """Whether a task generator's cleanup may wait for its running tasks here: only in the
+    thread that iterated it, and not in a garbage collection's pass. A generator the caller
+    left unfinished (its loop ended by an error held in a reference cycle) is closed by
+    whichever thread's allocation starts a collection, anywhere: in one of the pool's own
+    threads, waiting is waiting for itself, and in a thread being started, inside
+    ``threading``'s own lock, joining the pool's threads needs that same lock (a CI run hung
+    there for good). Not waiting changes nothing for the tasks: those running still finish
+    (the pool's threads are not daemons) and queued ones are cancelled either way."""
+    me = threading.get_ident()
+    return me == owner and _collecting != me
+
+
 def _run_threads(
     fn: Callable[..., Any],
     items: Sequence[Any],
@@ -253,6 +280,7 @@ def _run_threads(
     )
     pending: dict[Any, int] = {}
     queue = iter(range(len(items)))
+    owner = threading.get_ident()
     try:
         for i in _take(queue, limit):
             pending[pool.submit(fn, *args, items[i])] = i
@@ -267,8 +295,11 @@ def _run_threads(
                 for j in _take(queue, 1):
                     pending[pool.submit(fn, *args, items[j])] = j
     finally:
-        # Tasks already running finish (a delete batch journals itself); queued ones never start.
-        pool.shutdown(wait=True, cancel_futures=True)
+        # Tasks already running finish (a delete batch journals itself); queued ones never
+        # start. Waited for where that is safe (:func:`_may_wait`).
+        pool.shutdown(wait=False, cancel_futures=True)
+        if _may_wait(owner):
+            pool.shutdown(wait=True)
 
 
 def _run_dask(

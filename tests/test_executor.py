@@ -66,6 +66,51 @@ def test_errors_surface_at_result_and_stop_new_work() -> None:
     assert _running["started"] <= 3
 
 
+@pytest.mark.parametrize("collector", ["another thread", "the thread that iterated"])
+def test_a_loop_left_in_a_reference_cycle_is_collected_without_waiting(collector) -> None:
+    """A caller's loop ended by an error that a reference cycle holds leaves the task
+    generator to whichever thread's allocation starts the next garbage collection. That
+    collection must not wait for the pool's running tasks (in a CI run it waited inside
+    ``threading``'s own lock and hung for good), yet the running task still finishes and
+    the queued ones never start."""
+    import gc
+
+    release, done, started = threading.Event(), [], []
+
+    def task(x: int) -> int:
+        started.append(x)
+        if x == 1:
+            release.wait(30)
+        done.append(x)
+        return x
+
+    gc.disable()  # the collection is this test's, at the moment it chooses
+    try:
+        tasks = run_tasks(task, list(range(6)), threads=2, max_in_flight=2)
+        assert next(tasks)[0] == 0  # task 1 is running and blocked, 2-5 wait their turn
+        cycle: list = [tasks]
+        cycle.append(cycle)  # the generator is now reachable only through a cycle
+        del tasks, cycle
+        if collector == "another thread":
+            t = threading.Thread(target=gc.collect)
+            t.start()
+            t.join(10)
+            assert not t.is_alive(), "the collection waited for the running task"
+        else:
+            t0 = time.monotonic()
+            gc.collect()
+            assert time.monotonic() - t0 < 10
+    finally:
+        release.set()
+        gc.enable()
+    deadline = time.monotonic() + 10
+    while 1 not in done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert 1 in done  # the running task finished after all
+    time.sleep(0.1)
+    assert set(started) <= {0, 1}  # nothing queued started once the loop was left
+
+
 def test_no_items_no_tasks() -> None:
     assert list(run_tasks(_square, [], 0)) == []
     assert scatter(None, [1, 2]) == [1, 2]
