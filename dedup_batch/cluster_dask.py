@@ -459,6 +459,12 @@ def _take_rows(xs: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return piece
 
 
+def _loosely_on(w: str | None) -> dict[str, Any]:
+    """Submission keywords for a task meant for worker ``w``: a loose restriction (another
+    worker runs it if ``w`` is gone or busy); none when the worker is not known."""
+    return {} if w is None else {"workers": [w], "allow_other_workers": True}
+
+
 def _each_block(fn: Callable[..., Any], xs: list[Any], per: list[Any] | None, *common: Any) -> list:
     """Dask task: ``fn(x, p, *common)`` (``fn(x, *common)`` without ``per``) for each block
     ``x`` of a batch (:func:`_map_batches`), in order."""
@@ -485,7 +491,7 @@ def _map_batches(
     futures = []
     for batch in batches:
         w = owner[batch[0]]
-        where = {} if w is None else {"workers": [w], "allow_other_workers": True}
+        where = _loosely_on(w)
         mine = None if per is None else [per[i] for i in batch]
         xs = [blocks[i] for i in batch]
         futures.append(client.submit(_each_block, fn, xs, mine, *common, pure=False, **where))
@@ -960,7 +966,7 @@ def _reorder(
         # idle worker took batches and fetched their blocks, 324 against 180 MiB moved at
         # 100k x 256)
         w = owner[batch[0]]
-        where = {} if w is None else {"workers": [w], "allow_other_workers": True}
+        where = _loosely_on(w)
         # a task per piece (no task returning the batch's pieces together: that one key,
         # the batch's size, was spilled by a worker at its memory target and read back
         # whole for each piece), one submission per batch
@@ -1003,7 +1009,7 @@ def _prepare_blocks(
     def submit(w: str) -> None:
         if queue[w]:
             i = queue[w].pop(0)
-            where = {"workers": [w], "allow_other_workers": True}
+            where = _loosely_on(w)
             out[i] = client.submit(_block_prep, pieces.pop(cells[i]), g_f, pure=False, **where)
             # the meta asked for with its preparation (no round trip between them)
             m = client.submit(_block_meta, out[i], pure=False)
@@ -1250,7 +1256,7 @@ class _DaskFit:
                 A, B = self.blocks[a], self.blocks[b]
                 self.stats["tiles"] += 1
                 # a loose restriction: another worker runs it if this one is gone
-                where = {} if w is None else {"workers": [w], "allow_other_workers": True}
+                where = _loosely_on(w)
                 f = client.submit(_tile, A, B, ga, gb, self.g_f, roots, ctx, pure=False, **where)
                 sent_to[f.key] = w
                 last[w] = a
