@@ -12,7 +12,8 @@ measured here ever held the generator's temporaries. Each side runs in its own s
 
 - ``in-process``: ``np.load`` then ``dedup_batch.cluster.DBSCAN.fit(X)`` on all cores (threads).
 - ``distributed``: a ``LocalCluster`` of ``--workers`` processes x ``--threads`` threads
-  (default 1; ``--memory-limit`` each), ``load_features(distributed="always")`` (the workers
+  (default 1; ``--memory-limit`` each), with the Dask settings of the one a job starts
+  (``pipeline.local_cluster``), ``load_features(distributed="always")`` (the workers
   read the shards: the client never holds X), then ``DBSCAN.fit(feats.X)`` is timed, as
   ``plan`` runs it: the fit takes over the loaded blocks (``load.take_blocks``).
 - ``--scheduler-process``: the scheduler and the workers as ``dask scheduler`` / ``dask worker``
@@ -195,8 +196,12 @@ def _distributed(
                 )
             )
         else:  # the LocalCluster's scheduler runs in this process: its peak includes it
-            address = stack.enter_context(
-                LocalCluster(
+            # the LocalCluster a job starts (its Dask settings), where the tree measured has one
+            from dedup_batch import pipeline
+
+            local_cluster = getattr(pipeline, "local_cluster", None)
+            if local_cluster is None:
+                cluster = LocalCluster(
                     n_workers=workers,
                     threads_per_worker=threads,
                     processes=True,
@@ -204,7 +209,9 @@ def _distributed(
                     dashboard_address="127.0.0.1:0",
                     memory_limit=limit,
                 )
-            )
+            else:
+                cluster = local_cluster(workers, threads, memory_limit=limit)
+            address = stack.enter_context(cluster)
         client = stack.enter_context(Client(address))
         # the workers import the engine (scikit-learn, SciPy) before the clock starts, as the
         # in-process side has imported it before its clock starts

@@ -43,7 +43,17 @@ from .storage import Store
 if TYPE_CHECKING:
     from .sweep import SweepResult
 
-__all__ = ["PlanResult", "apply", "dask_client", "plan", "report", "restore", "run", "sweep"]
+__all__ = [
+    "PlanResult",
+    "apply",
+    "dask_client",
+    "local_cluster",
+    "plan",
+    "report",
+    "restore",
+    "run",
+    "sweep",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +93,51 @@ class PlanResult:
     embedded: Any = None
 
 
+#: Dask settings for the LocalCluster dedup-batch starts, where the user's Dask config (its
+#: YAML files, ``DASK_*`` variables) does not set them. Both only cost CPU on the cores the
+#: job's tasks run on (docs/scaling.md, "Dask's own CPU"):
+#: - the workers' statistical profiler, which feeds the dashboard's profile page, samples
+#:   every thread's stack every 10 ms;
+#: - the event loops' tick, a watchdog for a blocked loop (warned about after 3 s), runs every
+#:   20 ms in the scheduler and each worker.
+LOCAL_CLUSTER_CONFIG: dict[str, Any] = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+}
+
+
+def local_cluster_config() -> dict[str, Any]:
+    """:data:`LOCAL_CLUSTER_CONFIG` less the keys the user's own Dask config sets."""
+    users = dask.config.collect()  # the YAML files and DASK_* variables, without defaults
+    unset = object()
+    return {
+        k: v
+        for k, v in LOCAL_CLUSTER_CONFIG.items()
+        if dask.config.get(k, default=unset, config=users) is unset
+    }
+
+
+@contextmanager
+def local_cluster(n_workers: int, threads_per_worker: int, **kwargs: Any) -> Iterator[Any]:
+    """The ``LocalCluster`` of worker processes a job starts on this machine (on loopback,
+    the dashboard on a free port), with :func:`local_cluster_config`'s settings. The workers
+    take the settings with them when they start; the caller's config is left as it was."""
+    from distributed import LocalCluster
+
+    with dask.config.set(local_cluster_config()):
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            # port 0: never collide with another cluster on 8787 (served without bokeh too)
+            dashboard_address="127.0.0.1:0",
+            **kwargs,
+        )
+    with cluster:
+        yield cluster
+
+
 @contextmanager
 def dask_client(spec: JobSpec, *, local: bool = True) -> Iterator[Any]:
     """A ``distributed.Client`` for the job (the one place a client is made).
@@ -93,7 +148,7 @@ def dask_client(spec: JobSpec, *, local: bool = True) -> Iterator[Any]:
     With ``local=False`` and no scheduler it yields ``None``: the stage runs on a thread pool
     (the report, whose reads do not pay for starting worker processes).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     address = spec.scheduler_address()
     if not address and not local:
@@ -121,18 +176,7 @@ def dask_client(spec: JobSpec, *, local: bool = True) -> Iterator[Any]:
     cpus = os.cpu_count() or 1
     n_workers = spec.n_workers or max(1, min(cpus, 8))
     threads = spec.threads_per_worker or 2  # I/O-bound stages (reads, deletes) overlap waits
-    # port 0: never collide with another cluster on 8787 (the HTTP server runs without bokeh too)
-    dashboard = "127.0.0.1:0"
-    with (
-        LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=dashboard,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(n_workers, threads) as cluster, Client(cluster) as client:
         log.info("dask: LocalCluster with %d workers x %d threads", n_workers, threads)
         log_dashboard(client)
         yield client

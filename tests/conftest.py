@@ -78,17 +78,11 @@ def s3fs_client(s3: dict):
 
 @pytest.fixture(scope="session")
 def dask_client() -> Iterator:
-    """A real ``distributed.Client`` on a 2-worker ``LocalCluster`` (processes), per session."""
-    from distributed import Client, LocalCluster
+    """A real ``distributed.Client`` on a 2-worker ``LocalCluster`` (processes), per session:
+    the one a job starts (``pipeline.local_cluster``), with 1 thread per worker."""
+    from distributed import Client
 
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address="127.0.0.1:0",
-            host="127.0.0.1",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    from dedup_batch.pipeline import local_cluster
+
+    with local_cluster(2, 1) as cluster, Client(cluster) as client:
         yield client

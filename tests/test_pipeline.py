@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -323,3 +324,38 @@ def test_report_and_sweep_are_pipeline_calls(demo: dict, tmp_path: Path) -> None
     assert summary["sweep"]["dir"] == "sweep" and summary["report"]["pages"] == made.pages
     # the chain guard can only keep more than DBSCAN's one keeper per cluster
     assert swept.table["deletions"].iloc[-1] >= planned.summary["counts"]["delete"]
+
+
+def _cluster_settings(dask_worker) -> tuple:
+    return (
+        "profile" in dask_worker.periodic_callbacks,
+        dask_worker._tick_interval,
+        dask.config.get("distributed.worker.profile.enabled"),
+    )
+
+
+def test_the_jobs_local_cluster_runs_without_the_profiler_and_a_1s_tick():
+    from distributed import Client
+
+    from dedup_batch.pipeline import LOCAL_CLUSTER_CONFIG, local_cluster
+
+    before = {k: dask.config.get(k) for k in LOCAL_CLUSTER_CONFIG}
+    with local_cluster(2, 1) as cluster, Client(cluster) as client:
+        assert set(client.run(_cluster_settings).values()) == {(False, 1.0, False)}
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler._tick_interval) == 1
+    # the caller's own config is left as it was
+    assert {k: dask.config.get(k) for k in LOCAL_CLUSTER_CONFIG} == before
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "kept"),
+    [
+        ("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "True", "distributed.admin.tick.interval"),
+        ("DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL", "20ms", "distributed.worker.profile.enabled"),
+    ],
+)
+def test_a_setting_in_the_users_dask_config_wins(monkeypatch, variable, value, kept):
+    from dedup_batch.pipeline import local_cluster_config
+
+    monkeypatch.setenv(variable, value)
+    assert set(local_cluster_config()) == {kept}
