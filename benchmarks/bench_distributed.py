@@ -22,9 +22,9 @@ measured here ever held the generator's temporaries. Each side runs in its own s
 - ``--compare TREE``: the distributed side again with another checkout's code (e.g. the main
   branch), same data, same run.
 
-``--repeat R`` (default 3; 1 for ``--case 600k``): R runs of each side, alternating, each in
-fresh processes; each run's seconds and ratio, then the median ratio, and the details below of
-the run with the median ratio.
+``--repeat R`` (default 3; 1 for ``--case 600k``): R runs of each side, alternating (the
+sides' order turns from one run to the next), each in fresh processes; each run's seconds and
+ratio, then the median ratio, and the details below of the run with the median ratio.
 
 Printed: seconds of each side and their ratio (target: distributed <= 1.2x in-process); the
 CPU seconds each side's fit used (in-process: its process; distributed: each worker's, the
@@ -408,13 +408,21 @@ def main() -> None:
         dist_args.append(a.memory_limit)
         dist_args.append("1" if a.scheduler_process else "0")
         # the sides alternate, each run in fresh processes: on a shared machine one run of
-        # each can differ by 1.5x from the next, so the medians are the figures to read
+        # each can differ by 1.5x from the next, so the medians are the figures to read. Their
+        # order turns from run to run: no side always runs first, or right after another.
+        sides = [
+            lambda: _run(["in-process", tmp, str(a.eps)], a.timeout),
+            lambda: _run(dist_args, a.timeout),
+        ]
+        if a.compare:
+            sides.append(lambda: _run(dist_args, a.timeout, a.compare))
         runs = []
-        for _ in range(a.repeat):
-            ours = _run(["in-process", tmp, str(a.eps)], a.timeout)
-            dist = _run(dist_args, a.timeout)
-            other = _run(dist_args, a.timeout, a.compare) if a.compare else None
-            runs.append((ours, dist, other))
+        for k in range(a.repeat):
+            out: dict[int, dict] = {}
+            for i in range(len(sides)):
+                j = (i + k) % len(sides)
+                out[j] = sides[j]()
+            runs.append((out[0], out[1], out.get(2)))
         load1 = os.getloadavg()[0]
     gib = 1 << 30
     print(
