@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from distributed import Client, LocalCluster
+    from distributed import Client
     from moto.server import ThreadedMotoServer
 
     from dedup_batch.apply import apply_plan
+    from dedup_batch.pipeline import local_cluster
     from dedup_batch.storage import Store
 
     port = _free_port()
@@ -151,13 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             _write_plan(plan_dir, clusters, store)
             print(f"plan written (one listing of the bucket) in {time.perf_counter() - t:.1f}s")
             with (
-                LocalCluster(
-                    n_workers=args.workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=None,
-                    host="127.0.0.1",
-                ) as cluster,
+                local_cluster(args.workers, 1) as cluster,
                 Client(cluster) as client,
             ):
                 t = time.perf_counter()

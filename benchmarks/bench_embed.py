@@ -131,19 +131,14 @@ def sequential_loop(
 
 def dask_run(root: Path, workers: int, repeat: int) -> tuple[float, dict[str, float]]:
     """Best embed-stage images/s on a LocalCluster of ``workers`` processes, and its split."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from dedup_batch.embed import embed_images, get_model
+    from dedup_batch.pipeline import local_cluster
 
     best, split = 0.0, {}
     with (
-        LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        ) as cluster,
+        local_cluster(workers, 1) as cluster,
         Client(cluster) as client,
     ):
         client.run(get_model, "pdq")  # imports (Pillow, pdqhash) are not what is measured

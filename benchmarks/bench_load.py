@@ -143,9 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per method; best is kept (1)")
     args = ap.parse_args(argv)
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from dedup_batch.load import load_features
+    from dedup_batch.pipeline import local_cluster
     from dedup_batch.storage import Store
 
     port = _free_port()
@@ -192,13 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
         with (
-            LocalCluster(
-                n_workers=args.workers,
-                threads_per_worker=args.threads,
-                processes=True,
-                dashboard_address=":0",
-                host="127.0.0.1",
-            ) as cluster,
+            local_cluster(args.workers, args.threads) as cluster,
             Client(cluster) as client,
         ):
             # Workers import the reader stack once, as this process already has.
